@@ -1,0 +1,1 @@
+"""shardex's index on storage and its serving: store + manifest, shard searcher, router."""

@@ -1,0 +1,25 @@
+"""The small exception hierarchy. Messages name the file, row, field or shard."""
+
+
+class ShardexError(Exception):
+    """Base class: the CLI prints these as one line and exits non-zero."""
+
+
+class ConfigError(ShardexError):
+    """An invalid option or config value; the message names the field and the fix."""
+
+
+class CorpusError(ShardexError):
+    """Bad input data: names the file and row, or the column."""
+
+
+class StorageError(ShardexError):
+    """A missing or unreadable object in the index root or corpus location."""
+
+
+class IntegrityError(ShardexError):
+    """A published file or merge result that does not check out (sha256, ntotal, ids)."""
+
+
+class SearchError(ShardexError):
+    """A query that cannot be answered: wrong dimension, k out of range, shard failure."""

@@ -1,0 +1,158 @@
+"""The manifest of one published version, and the CURRENT pointer.
+
+INDEX_ROOT/CURRENT names the live version; versions/<v>/manifest.json says
+everything needed to load and check that version.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timezone
+
+from pydantic import BaseModel, Field
+
+from .errors import IntegrityError, StorageError
+from .store import Store
+
+FORMAT = "shardex-index/1"
+CURRENT = "CURRENT"
+
+
+class EncoderInfo(BaseModel):
+    name: str                       # model name or path; "precomputed" for a vector column
+    revision: str | None = None     # sha256 of the weights
+    dim: int
+    normalize: bool
+    metric: str                     # "ip" | "l2"
+    query_prefix: str = ""
+    document_prefix: str = ""
+    max_seq_length: int | None = None
+
+
+class FileInfo(BaseModel):
+    file: str
+    sha256: str
+    bytes: int
+    ntotal: int | None = None
+
+
+class SourceInfo(BaseModel):
+    uri: str
+    fingerprint: str
+    documents: int                  # valid documents, all in the index exactly once
+    rejected: int = 0               # rows sent to quarantine (--bad-rows skip)
+    quarantine: str | None = None   # file in this version holding them, with a reason
+
+
+class IndexInfo(BaseModel):
+    factory: str
+    metric: str
+    auto_reason: str | None = None  # why --factory auto chose this factory
+    nlist: int | None = None
+    train_vectors: int = 0
+
+
+class ShardingInfo(BaseModel):
+    mode: str = "hash"
+    shards: int
+
+
+class DocsInfo(BaseModel):
+    files: list[str]
+    fields: list[str]
+    id_kind: str = "int"            # "int", or "str" when string ids were mapped to int64
+
+
+class SearchDefaults(BaseModel):
+    nprobe: int | None = None
+    recall_at_10: float | None = None
+    eval_queries: int = 0
+
+
+class Manifest(BaseModel):
+    format: str = FORMAT
+    version: str
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    source: SourceInfo
+    encoder: EncoderInfo
+    index: IndexInfo
+    sharding: ShardingInfo
+    trained: FileInfo
+    shards: list[FileInfo]
+    docs: DocsInfo
+    search: SearchDefaults = SearchDefaults()
+    timings: dict[str, float] = {}
+
+    @property
+    def ntotal(self) -> int:
+        return sum(s.ntotal or 0 for s in self.shards)
+
+    def files(self) -> list[FileInfo]:
+        return [self.trained, *self.shards]
+
+
+def vdir(version: str) -> str:
+    return f"versions/{version}"
+
+
+def new_version_name(run_id: str) -> str:
+    """Sortable by time; the run, then a random tag, so two publishes never share a name:
+    v20261122-053000-ab12cd-9f3e."""
+    return datetime.now(timezone.utc).strftime("v%Y%m%d-%H%M%S-") + f"{run_id[:6]}-{uuid.uuid4().hex[:4]}"
+
+
+def write_manifest(store: Store, m: Manifest) -> None:
+    store.write_text(f"{vdir(m.version)}/manifest.json", m.model_dump_json(indent=2))
+
+
+def load_manifest(store: Store, version: str) -> Manifest:
+    rel = f"{vdir(version)}/manifest.json"
+    try:
+        m = Manifest.model_validate_json(store.read_bytes(rel))
+    except FileNotFoundError:
+        raise StorageError(f"{store.uri(rel)}: no such version {version!r}") from None
+    if m.format != FORMAT:
+        raise StorageError(f"{store.uri(rel)}: format {m.format!r}, this shardex reads {FORMAT!r}")
+    return m
+
+
+def verify(store: Store, m: Manifest) -> None:
+    """Re-read every file the manifest lists; raise unless sizes and sha256 match."""
+    for f in m.files():
+        rel = f"{vdir(m.version)}/{f.file}"
+        got = store.size(rel)
+        if got != f.bytes or store.sha256(rel) != f.sha256:
+            raise IntegrityError(f"{store.uri(rel)}: size or sha256 differs from the manifest")
+
+
+def current_version(store: Store) -> str:
+    try:
+        v = store.read_text(CURRENT).strip()
+    except FileNotFoundError:
+        raise StorageError(f"{store.uri(CURRENT)}: no published version under {store.root}") from None
+    return v
+
+
+def set_current(store: Store, version: str) -> None:
+    """Point CURRENT at a version whose manifest exists. The one write that publishes."""
+    load_manifest(store, version)
+    store.write_text(CURRENT, version + "\n")
+
+
+def list_versions(store: Store) -> list[dict]:
+    live = store.read_text(CURRENT).strip() if store.exists(CURRENT) else None
+    out = []
+    for v in store.ls("versions"):
+        if not store.exists(f"{vdir(v)}/manifest.json"):
+            continue  # an unfinished publish: never CURRENT, safe to delete
+        m = load_manifest(store, v)
+        out.append({"version": v, "current": v == live, "created": m.created,
+                    "documents": m.source.documents, "shards": len(m.shards),
+                    "factory": m.index.factory, "encoder": m.encoder.name})
+    return out
+
+
+def summary(m: Manifest) -> dict:
+    """What GET /version and `shardex versions` show."""
+    return json.loads(m.model_dump_json(include={"version", "created", "source", "encoder",
+                                                  "index", "sharding", "search"}))

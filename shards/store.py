@@ -1,0 +1,180 @@
+"""Any fsspec URI (a path, file://, s3://) as storage, with atomic writes.
+
+Writes go to a temporary name and are renamed into place. On S3 a PUT is
+already atomic, so the object is written under its final key directly: a
+reader sees the old object or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass, field
+
+IO_RETRIES = 3          # attempts for one storage call before the error is raised
+IO_RETRY_SLEEP_S = 0.5  # first back-off; doubled on each retry
+CHUNK = 8 << 20         # bytes per read when hashing or copying
+
+
+def storage_options(s3_endpoint: str | None = None) -> dict:
+    """fsspec options for s3://; the endpoint also comes from AWS_ENDPOINT_URL."""
+    ep = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    # No region_name in client_kwargs: moto and MinIO reject the signature with it.
+    return {"client_kwargs": {"endpoint_url": ep}} if ep else {}
+
+
+def _retry(fn, *a, **kw):
+    delay = IO_RETRY_SLEEP_S
+    for attempt in range(IO_RETRIES):
+        try:
+            return fn(*a, **kw)
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            raise  # not transient
+        except OSError:
+            if attempt == IO_RETRIES - 1:
+                raise
+            time.sleep(delay)
+            delay *= 2
+
+
+@dataclass
+class Store:
+    """A root URI plus the filesystem that serves it. Paths are relative to the root."""
+
+    root: str
+    s3_endpoint: str | None = None
+    fs: object = field(init=False, repr=False)
+    base: str = field(init=False)
+
+    def __post_init__(self):
+        import fsspec
+
+        self.root = self.root.rstrip("/") or "/"
+        opts = storage_options(self.s3_endpoint) if self.root.startswith("s3://") else {}
+        self.fs, self.base = fsspec.core.url_to_fs(self.root, **opts)
+        self.local = "file" in _protocols(self.fs)
+
+    def __reduce__(self):  # Ray ships Stores to workers by URI, not by filesystem object
+        return (Store, (self.root, self.s3_endpoint))
+
+    def path(self, rel: str = "") -> str:
+        return posixpath.join(self.base, rel) if rel else self.base
+
+    def uri(self, rel: str = "") -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def child(self, rel: str) -> "Store":
+        return Store(self.uri(rel), self.s3_endpoint)
+
+    def exists(self, rel: str) -> bool:
+        return _retry(self.fs.exists, self.path(rel))
+
+    def size(self, rel: str) -> int:
+        return _retry(self.fs.size, self.path(rel))
+
+    def ls(self, rel: str = "") -> list[str]:
+        """Names (not paths) directly under rel; [] when it does not exist."""
+        p = self.path(rel)
+        if not _retry(self.fs.exists, p):
+            return []
+        return sorted(posixpath.basename(x.rstrip("/")) for x in _retry(self.fs.ls, p, detail=False))
+
+    def open(self, rel: str, mode: str = "rb"):
+        return self.fs.open(self.path(rel), mode)
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            return _retry(self.fs.cat_file, self.path(rel))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.uri(rel)}: not found") from None
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode()
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        p = self.path(rel)
+        if not self.local:
+            _retry(self.fs.pipe_file, p, data)
+            return
+        self.fs.makedirs(posixpath.dirname(p), exist_ok=True)
+        tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode())
+
+    def write_table(self, rel: str, table) -> None:
+        """A pyarrow Table as one Parquet object, written atomically."""
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.write_bytes(rel, buf.getvalue())
+
+    def read_table(self, rel: str, columns=None):
+        import pyarrow.parquet as pq
+
+        with self.open(rel) as f:
+            return pq.read_table(f, columns=columns)
+
+    def copy(self, src_rel: str, dst_rel: str) -> None:
+        """Copy within the store (server-side on S3); atomic at the destination."""
+        src, dst = self.path(src_rel), self.path(dst_rel)
+        if not self.local:
+            _retry(self.fs.copy, src, dst)
+            return
+        self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+        tmp = f"{dst}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            os.link(src, tmp)  # same filesystem: no bytes move
+        except OSError:
+            self.fs.copy(src, tmp)
+        os.replace(tmp, dst)
+
+    def rm(self, rel: str, recursive: bool = False) -> None:
+        p = self.path(rel)
+        if _retry(self.fs.exists, p):
+            _retry(self.fs.rm, p, recursive=recursive)
+
+    def sha256(self, rel: str) -> str:
+        h = hashlib.sha256()
+        with self.open(rel) as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def fetch(self, rel: str, local_dir: str) -> str:
+        """A local path for rel: the file itself when local, else a download into local_dir."""
+        if self.local:
+            return self.path(rel)
+        dst = os.path.join(local_dir, rel.replace("/", "__"))
+        if not os.path.exists(dst):
+            tmp = f"{dst}.tmp-{uuid.uuid4().hex[:8]}"
+            _retry(self.fs.get_file, self.path(rel), tmp)
+            os.replace(tmp, dst)
+        return dst
+
+    def put_file(self, local_path: str, rel: str) -> None:
+        """Upload (or move into place) a finished local file, atomically at the destination."""
+        p = self.path(rel)
+        if not self.local:
+            _retry(self.fs.put_file, local_path, p)
+            return
+        self.fs.makedirs(posixpath.dirname(p), exist_ok=True)
+        tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+        import shutil
+
+        shutil.copyfile(local_path, tmp)
+        os.replace(tmp, p)
+
+
+def _protocols(fs) -> tuple:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
