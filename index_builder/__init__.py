@@ -1,0 +1,1 @@
+"""shardex's batch pipeline: plan, encode, train, add, merge, publish."""

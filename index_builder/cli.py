@@ -1,0 +1,187 @@
+"""The `shardex` command. Build options come from BuildConfig, so flags and YAML keys never drift apart."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import typing
+
+from shards.errors import ShardexError
+
+HELP = {
+    "id_column": "int64 ids, or strings (mapped to stable int64 ids, kept in docs/)",
+    "text_column": "encode this column",
+    "vector_column": "take precomputed vectors from this column (no encoding)",
+    "dim": "expected vector dimension for --vector-column (default: the column's first vector)",
+    "fields": "comma-separated stored fields returned with results (default: the text column)",
+    "model": "sentence-transformers model name or path (default: bundled all-MiniLM-L6-v2, offline)",
+    "query_prefix": "prefix for queries, for instruction models (e.g. 'query: ')",
+    "document_prefix": "prefix for documents (e.g. 'passage: ')",
+    "factory": "faiss index_factory string, or auto to choose from N, d and --memory-budget",
+    "memory_budget": "budget for the served index, used by --factory auto (e.g. 512M, 4G)",
+    "shards": "number of serving shards",
+    "sharding": "hash: ids spread evenly; every query goes to every shard",
+    "actors": "encoder actors (default: one per GPU, or sized to the CPUs)",
+    "gpus_per_actor": "GPUs per encoder actor (default: 1 when the cluster has GPUs, else 0)",
+    "batch_size": "encoder batch size",
+    "bad_rows": "error: stop at the first bad row; skip: quarantine it with a reason and go on",
+    "metric": "ip or l2 (default: ip for normalised encoders, l2 otherwise)",
+    "s3_endpoint": "S3 endpoint URL (also read from AWS_ENDPOINT_URL)",
+    "part_rows": "documents per input shard: the unit of encode and add work",
+    "target_recall": "the default nprobe is the smallest that reaches this recall@10",
+    "seed": "seed for sampling",
+}
+
+
+def _add_build_options(p: argparse.ArgumentParser) -> None:
+    from .config import BuildConfig
+
+    for name, f in BuildConfig.model_fields.items():
+        if name in ("source", "index_root"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        args = typing.get_args(f.annotation)
+        typ = next((a for a in (int, float) if a is f.annotation or a in args), str)
+        choices = next((typing.get_args(a) for a in (f.annotation, *args) if typing.get_origin(a) is typing.Literal),
+                       None)
+        p.add_argument(flag, dest=name, type=typ, choices=choices, default=None,
+                       help=f"{HELP.get(name, '')} (default: {f.default})")
+
+
+def _config_from(args) -> "object":
+    from .config import BuildConfig, make
+
+    opts = {k: v for k, v in vars(args).items() if k in BuildConfig.model_fields and v is not None}
+    if args.config:
+        return BuildConfig.from_yaml(args.config, **opts)
+    return make(BuildConfig, opts, where="shardex build")
+
+
+def cmd_build(args) -> int:
+    from .pipeline import as_dict, build
+
+    s = build(_config_from(args))
+    print(json.dumps(as_dict(s), indent=2) if args.json else "\n".join(s.lines()))
+    return 0
+
+
+def cmd_search(args) -> int:
+    import numpy as np
+
+    from shards.router import Router
+
+    if not args.query and not args.vectors:
+        raise ShardexError("search: give one or more QUERY strings, or --vectors FILE.npy")
+    r = Router(args.index_root, s3_endpoint=args.s3_endpoint, backend="local" if args.local else "ray")
+    q = np.load(args.vectors) if args.vectors else args.query
+    hits = r.search(q, k=args.k, nprobe=args.nprobe)
+    if args.json:
+        print(json.dumps({"version": r.version, "results": [[h.as_dict() for h in hs] for hs in hits]}))
+        return 0
+    for text, hs in zip(args.query or [f"vector {i}" for i in range(len(q))], hits):
+        print(f"\n{text}")
+        for h in hs:
+            print(f"  {h.score:8.4f}  {h.id}  {_snippet(h.fields)}")
+    return 0
+
+
+def _snippet(fields: dict, width: int = 90) -> str:
+    text = " ".join(str(v) for v in fields.values() if v is not None)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def cmd_versions(args) -> int:
+    from shards.manifest import list_versions
+    from shards.store import Store
+
+    vs = list_versions(Store(args.index_root, args.s3_endpoint))
+    if args.json:
+        print(json.dumps(vs, indent=2))
+        return 0
+    for v in vs:
+        mark = "*" if v["current"] else " "
+        print(f"{mark} {v['version']}  {v['created']}  {v['documents']:>10,} docs  {v['shards']} shard(s)  "
+              f"{v['factory']}  {v['encoder']}")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from shards.manifest import set_current
+    from shards.store import Store
+
+    set_current(Store(args.index_root, args.s3_endpoint), args.version)
+    print(f"CURRENT -> {args.version}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out, args.limit, args.shards)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shardex", description="Distributed batch indexing on Ray: "
+                                "Parquet corpus -> sharded IVF-PQ index -> exact top-k router.")
+    p.add_argument("--debug", action="store_true", help="print the full traceback on errors")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("build", help="build and publish a new index version from a Parquet corpus")
+    b.add_argument("source", nargs="?", help="Parquet file, directory or glob (local or s3://)")
+    b.add_argument("index_root", nargs="?", help="index root (local path or s3://)")
+    b.add_argument("--config", help="YAML file with the same keys (CLI options override it)")
+    b.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_build_options(b)
+    b.set_defaults(fn=cmd_build)
+
+    s = sub.add_parser("search", help="search the CURRENT version")
+    s.add_argument("index_root")
+    s.add_argument("query", nargs="*", help="text queries, encoded with the index's own encoder")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--nprobe", type=int, default=None, help="default: the one stored at publish")
+    s.add_argument("--vectors", help="a .npy file of query vectors [nq, d]")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--local", action="store_true", help="search in this process, without Ray actors")
+    s.add_argument("--s3-endpoint", default=None)
+    s.set_defaults(fn=cmd_search)
+
+    v = sub.add_parser("versions", help="list the versions and which one is CURRENT")
+    v.add_argument("index_root")
+    v.add_argument("--json", action="store_true")
+    v.add_argument("--s3-endpoint", default=None)
+    v.set_defaults(fn=cmd_versions)
+
+    r = sub.add_parser("rollback", help="make an earlier version CURRENT")
+    r.add_argument("index_root")
+    r.add_argument("version")
+    r.add_argument("--s3-endpoint", default=None)
+    r.set_defaults(fn=cmd_rollback)
+
+    d = sub.add_parser("demo", help="build and query a 2-shard index of the Python standard library's docstrings")
+    d.add_argument("--out", default="data/demo", help="where the corpus and index go")
+    d.add_argument("--limit", type=int, default=5000, help="documents")
+    d.add_argument("--shards", type=int, default=2)
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.cmd == "build" and not args.config and not (args.source and args.index_root):
+        parser().error("build: give SOURCE and INDEX_ROOT, or --config FILE.yaml")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return args.fn(args)
+    except (ShardexError, FileNotFoundError, PermissionError) as e:
+        if args.debug:
+            raise
+        print(f"shardex: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("shardex: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The one typed config of a build, shared by the CLI, YAML job configs and the Python API.
+
+Keys are the CLI's argument and option names with underscores. Every check
+fails with the field's name and what to do about it.
+"""
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from shards.errors import ConfigError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.I)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(s: str | int) -> int:
+    """'4G' -> 4294967296. Plain integers are bytes."""
+    if isinstance(s, int):
+        return s
+    m = _SIZE.match(str(s))
+    if not m:
+        raise ValueError(f"{s!r} is not a size; write it like 512M, 4G or 1.5T")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+class BuildConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    source: str
+    index_root: str
+    id_column: str = "id"
+    text_column: str = "text"
+    vector_column: str | None = None
+    dim: int | None = None                  # expected vector dim; default: the column's first vector
+    fields: list[str] | None = None         # stored fields; default: the text column
+    model: str | None = None                # default: the bundled all-MiniLM-L6-v2
+    query_prefix: str = ""
+    document_prefix: str = ""
+    factory: str = "auto"
+    memory_budget: str = "4G"
+    shards: int = 1
+    sharding: Literal["hash"] = "hash"
+    actors: int | None = None               # encoder actors; default: one per GPU, or sized to the CPUs
+    gpus_per_actor: float | None = None     # default: 1 when the cluster has GPUs, else 0
+    batch_size: int = 64
+    bad_rows: Literal["error", "skip"] = "error"
+    metric: Literal["ip", "l2"] | None = None
+    s3_endpoint: str | None = None
+    part_rows: int = 20_000                 # documents per input shard (one unit of encode/add work)
+    target_recall: float = 0.95             # the default nprobe is the smallest that reaches this
+    seed: int = 0
+
+    @field_validator("fields", mode="before")
+    @classmethod
+    def _split_fields(cls, v):
+        if isinstance(v, str):
+            v = [x.strip() for x in v.split(",") if x.strip()]
+        return v
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget(cls, v):
+        parse_bytes(v)
+        return v
+
+    @field_validator("shards", "batch_size", "part_rows")
+    @classmethod
+    def _positive(cls, v, info):
+        if v < 1:
+            raise ValueError(f"must be at least 1, got {v}")
+        return v
+
+    @field_validator("actors")
+    @classmethod
+    def _actors(cls, v):
+        if v is not None and v < 1:
+            raise ValueError(f"must be at least 1, got {v}; leave it out to size the pool to the cluster")
+        return v
+
+    @field_validator("target_recall")
+    @classmethod
+    def _recall(cls, v):
+        if not 0 < v <= 1:
+            raise ValueError(f"must be in (0, 1], got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _columns(self):
+        if self.vector_column and self.model:
+            raise ValueError("give --model or --vector-column, not both: precomputed vectors are not re-encoded")
+        if self.id_column in (self.stored_fields if self.fields else []):
+            raise ValueError(f"fields: {self.id_column!r} is the id column; it is always returned as 'id'")
+        return self
+
+    @property
+    def budget_bytes(self) -> int:
+        return parse_bytes(self.memory_budget)
+
+    @property
+    def stored_fields(self) -> list[str]:
+        if self.fields is not None:
+            return self.fields
+        return [] if self.vector_column else [self.text_column]
+
+    @classmethod
+    def from_yaml(cls, path: str, **overrides) -> "BuildConfig":
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of option names to values")
+        return make(cls, {**data, **{k: v for k, v in overrides.items() if v is not None}}, where=path)
+
+
+def make(cls, data: dict, where: str = "config"):
+    """Build a config model; turn pydantic's errors into one ConfigError naming each field."""
+    try:
+        return cls(**data)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: " + "; ".join(_explain(err) for err in e.errors())) from None
+
+
+def _explain(err: dict) -> str:
+    field = ".".join(str(x) for x in err["loc"]) or "config"
+    if err["type"] == "extra_forbidden":
+        return f"{field}: unknown option (check the spelling; see `shardex build --help`)"
+    if err["type"] == "missing":
+        return f"{field}: required"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{field}: {msg}"

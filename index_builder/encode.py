@@ -1,0 +1,173 @@
+"""encode: turn each input shard into an embeddings part, a docs part and (skip mode) a rejects part.
+
+Layout under INDEX_ROOT/embeddings/<fp>/ (fp: corpus + encoder + columns):
+  part-N.parquet           (id int64, vector fixed_size_list<float32>[d])   written last: the commit
+  docs/part-N.parquet      (id, [source_id], stored fields), sorted by id
+  rejected/part-N.parquet  (file, row, id, reason) for rows that were quarantined
+
+A part whose part-N.parquet exists is finished and never redone: every write is
+atomic, so a killed run leaves only whole files behind.
+
+Why an actor pool and not Ray Data: each part must commit as one unit for the
+exactly-once guarantee, and one part's rows fit in memory, so a plain pool of
+long-lived actors (the model loads once per actor) with one queue of parts is
+the simplest design that keeps the devices busy.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from shards.errors import CorpusError
+from shards.store import Store
+
+from .config import BuildConfig
+from .corpus import InputShard, int_ids, open_parquet
+
+
+@dataclass
+class PartResult:
+    part: int
+    rows: int          # valid documents written
+    rejected: int      # rows quarantined (including the id check's)
+    seconds: float
+    reused: bool
+
+
+def part_rel(fp: str, part: int, kind: str = "") -> str:
+    sub = f"{kind}/" if kind else ""
+    return f"embeddings/{fp}/{sub}part-{part:05d}.parquet"
+
+
+def read_shard(shard: InputShard, columns: list[str], s3_endpoint: str | None) -> pa.Table:
+    """Rows [start, stop) of the shard's file, reading only the row groups that hold them."""
+    f = open_parquet(shard.file, s3_endpoint)
+    md = f.metadata
+    groups, first, pos = [], None, 0
+    for g in range(md.num_row_groups):
+        n = md.row_group(g).num_rows
+        if pos + n > shard.start and pos < shard.stop:
+            groups.append(g)
+            first = pos if first is None else first
+        pos += n
+    try:
+        t = f.read_row_groups(groups, columns=columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CorpusError(f"{shard.file}: rows {shard.start}-{shard.stop} unreadable ({e})") from None
+    t = t.slice(shard.start - (first or 0), shard.rows)
+    return t.append_column("__row", pa.array(np.arange(shard.start, shard.stop, dtype=np.int64)))
+
+
+def _text_problems(col: pa.ChunkedArray) -> np.ndarray:
+    """A reason per row, '' where the text is fine."""
+    null = col.is_null().to_numpy(zero_copy_only=False)
+    empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(col), ""), False).to_numpy(zero_copy_only=False)
+    return np.where(null, "null text", np.where(empty, "empty text", "")).astype(object)
+
+
+def _vector_problems(col: pa.ChunkedArray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(reason per row, float32 matrix with zeros in rejected rows)."""
+    col = col.combine_chunks()
+    null = col.is_null().to_numpy(zero_copy_only=False)
+    lens = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False)
+    bad_dim = ~null & (lens != dim)
+    why = np.full(len(col), "", dtype=object)
+    why[null] = "null vector"
+    for i in np.flatnonzero(bad_dim):
+        why[i] = f"vector has {lens[i]} values, expected {dim}"
+    ok = ~null & ~bad_dim
+    x = np.zeros((len(col), dim), dtype=np.float32)
+    if ok.any():
+        vals = pc.list_flatten(col.filter(pa.array(ok))).to_numpy(zero_copy_only=False)
+        x[ok] = vals.astype(np.float32).reshape(-1, dim)
+    why[ok & ~np.isfinite(x).all(axis=1)] = "vector has NaN or inf"
+    return why, x
+
+
+def prepare(shard: InputShard, cfg: BuildConfig, fp: str, dim: int | None, kind: str, encode=None) -> PartResult:
+    """One input shard -> its committed part. encode: texts -> float32 vectors, None for a vector column."""
+    t0 = time.time()
+    store = Store(cfg.index_root, cfg.s3_endpoint)
+    emb = part_rel(fp, shard.part)
+    if store.exists(emb):
+        n = _num_rows(store, emb)
+        rej = _num_rows(store, part_rel(fp, shard.part, "rejected"))
+        return PartResult(shard.part, n, rej, 0.0, True)
+
+    data_col = cfg.vector_column or cfg.text_column
+    cols = list(dict.fromkeys([cfg.id_column, data_col, *cfg.stored_fields]))
+    t = read_shard(shard, cols, cfg.s3_endpoint)
+    rows = t.column("__row").to_numpy()
+    why = np.full(len(t), "", dtype=object)
+    for r, reason in shard.drops:
+        why[r - shard.start] = reason
+    if cfg.vector_column:
+        vwhy, x = _vector_problems(t.column(data_col), dim)
+    else:
+        vwhy, x = _text_problems(t.column(data_col)), None
+    why = np.where(why == "", vwhy, why)
+    bad = why != ""
+    if bad.any() and cfg.bad_rows == "error":
+        i = int(np.flatnonzero(bad)[0])
+        raise CorpusError(f"{shard.file} row {rows[i]}: {why[i]} (column {data_col!r}); "
+                          "fix the row, or pass --bad-rows skip to quarantine it")
+    keep = pa.array(~bad)
+    good = t.filter(keep)
+    ids = int_ids(good.column(cfg.id_column), kind)
+    if cfg.vector_column:
+        x = x[~bad]
+    else:
+        x = encode(good.column(data_col).to_pylist())
+    if bad.any():
+        store.write_table(part_rel(fp, shard.part, "rejected"), _rejects(t.filter(pa.array(bad)), shard,
+                                                                          cfg, why[bad]))
+    store.write_table(part_rel(fp, shard.part, "docs"), _docs(good, ids, cfg, kind))
+    store.write_table(emb, vectors_table(ids, x))  # last: its presence marks the part done
+    return PartResult(shard.part, len(ids), int(bad.sum()), time.time() - t0, False)
+
+
+def _num_rows(store: Store, rel: str) -> int:
+    if not store.exists(rel):
+        return 0
+    import pyarrow.parquet as pq
+
+    with store.open(rel) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def vectors_table(ids: np.ndarray, x: np.ndarray) -> pa.Table:
+    d = x.shape[1]
+    vec = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(x, dtype=np.float32).ravel()), d)
+    return pa.table({"id": pa.array(ids, pa.int64()), "vector": vec})
+
+
+def read_vectors(store: Store, rel: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64, x float32 [n, d]) of one embeddings part."""
+    t = store.read_table(rel)
+    vec = t.column("vector").combine_chunks()
+    d = vec.type.list_size
+    x = vec.values.to_numpy(zero_copy_only=False).reshape(-1, d)
+    return t.column("id").to_numpy(), np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _docs(good: pa.Table, ids: np.ndarray, cfg: BuildConfig, kind: str) -> pa.Table:
+    cols = {"id": pa.array(ids, pa.int64())}
+    if kind == "str":
+        cols["source_id"] = good.column(cfg.id_column)
+    for f in cfg.stored_fields:
+        cols[f] = good.column(f)
+    return pa.table(cols).sort_by("id")  # sorted: row-group statistics let lookups skip most groups
+
+
+def _rejects(bad: pa.Table, shard: InputShard, cfg: BuildConfig, why: np.ndarray) -> pa.Table:
+    n = len(bad)
+    return pa.table({
+        "file": pa.array([shard.file] * n),
+        "row": bad.column("__row"),
+        "id": pc.cast(bad.column(cfg.id_column), pa.string()),
+        "reason": pa.array(list(why), pa.string()),
+    })

@@ -1,0 +1,163 @@
+"""build: every stage of the pipeline, in order, on Ray. Each stage skips work a killed run finished."""
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+from shards.errors import CorpusError
+from shards.manifest import (DocsInfo, FileInfo, IndexInfo, Manifest, SearchDefaults, ShardingInfo, SourceInfo,
+                             new_version_name)
+from shards.store import Store
+
+from .add import add_task
+from .config import BuildConfig
+from .corpus import plan
+from .encode import part_rel
+from .encode_pool import encode_corpus
+from .merge import merge_task, shard_rel
+from .params import choose_factory, train_size
+from .publish import copy_files, file_info, publish, write_quarantine
+from .raytools import ensure_ray, log, node_cpus, ray_get
+from .train import train_task
+
+
+@dataclass
+class Summary:
+    version: str
+    index_root: str
+    documents: int
+    rejected: int
+    quarantine: str | None
+    factory: str
+    shards: int
+    index_bytes: int
+    nprobe: int | None
+    recall_at_10: float | None
+    seconds: dict = field(default_factory=dict)
+    rates: dict = field(default_factory=dict)     # vectors/s per stage
+    reused: dict = field(default_factory=dict)    # units of work a previous run had finished
+
+    def lines(self) -> list[str]:
+        out = [f"version      {self.version}  (CURRENT of {self.index_root})",
+               f"documents    {self.documents:,} indexed, {self.rejected:,} rejected"
+               + (f" -> {self.quarantine}" if self.quarantine else ""),
+               f"index        {self.factory}, {self.shards} shard(s), {self.index_bytes / 2**20:.1f} MiB",
+               f"search       nprobe={self.nprobe}: recall@10 {self.recall_at_10} vs exact search"]
+        for st, s in self.seconds.items():
+            rate = f"{self.rates[st]:>10,.0f} vectors/s" if st in self.rates else " " * 20
+            re = f"  ({self.reused[st]} reused)" if self.reused.get(st) else ""
+            out.append(f"  {st:<8} {s:7.1f} s {rate}{re}")
+        return out
+
+
+class Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        log(f"{name}: start")
+        t0 = time.time()
+        yield
+        self.seconds[name] = round(time.time() - t0, 2)
+        log(f"{name}: {self.seconds[name]:.1f} s")
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def build(cfg: BuildConfig) -> Summary:
+    store, t = Store(cfg.index_root, cfg.s3_endpoint), Timer()
+    with t.stage("plan"):
+        corpus = plan(cfg)  # before Ray starts: a bad corpus fails in a second
+    ensure_ray()
+    log(f"plan: {len(corpus.files)} file(s), {corpus.total_rows:,} rows, {len(corpus.shards)} part(s)")
+    with t.stage("encode"):
+        parts, enc, fp = encode_corpus(cfg, corpus, lambda info: _hash(corpus.fingerprint, info))
+    n = sum(p.rows for p in parts)
+    if n == 0:
+        raise CorpusError(f"{cfg.source}: no valid documents ({corpus.total_rows} rows, all rejected)")
+    metric = cfg.metric or enc.metric
+    enc = enc.model_copy(update={"metric": metric})
+    choice = choose_factory(n, enc.dim, cfg.budget_bytes) if cfg.factory == "auto" else None
+    factory = choice.factory if choice else cfg.factory
+    log(f"index: {factory} over {n:,} x {enc.dim} ({metric})" + (f": {choice.reason}" if choice else ""))
+    work = f"work/{_hash(fp, factory, metric, cfg.shards, cfg.sharding, cfg.seed)}"
+    emb = [part_rel(fp, p.part) for p in parts if p.rows]
+    live = [p for p in parts if p.rows]
+
+    with t.stage("train"):
+        nl_guess = _nlist_of(factory)
+        tr = ray_get(train_task.options(num_cpus=node_cpus()).remote(
+            store, [(r, p.rows) for r, p in zip(emb, live)], factory, enc.dim, metric,
+            train_size(n, factory, nl_guess), cfg.seed, f"{work}/trained.index", node_cpus()))
+    with t.stage("add"):
+        added = ray_get([add_task.options(num_cpus=1).remote(store, f"{work}/trained.index", r, p.part,
+                                                             cfg.shards, work) for r, p in zip(emb, live)])
+    with t.stage("merge"):
+        merged = ray_get([merge_task.options(num_cpus=1).remote(
+            store, f"{work}/trained.index", work, [p.part for p in live], emb, s, cfg.shards)
+            for s in range(cfg.shards)])
+    with t.stage("tune"):
+        from .tune import tune_task
+
+        best = ray_get(tune_task.options(num_cpus=node_cpus()).remote(
+            store, [shard_rel(work, s) for s in range(cfg.shards)], emb, metric, cfg.target_recall,
+            cfg.seed, node_cpus()))
+    with t.stage("publish"):
+        version = new_version_name(work.split("/")[-1])
+        copy_files(store, version, [(f"{work}/trained.index", "trained.index")]
+                   + [(shard_rel(work, s), f"shard-{s}.index") for s in range(cfg.shards)]
+                   + [(part_rel(fp, p.part, "docs"), f"docs/part-{p.part:05d}.parquet") for p in live])
+        quarantine = write_quarantine(store, version, [part_rel(fp, p.part, "rejected") for p in parts])
+        m = Manifest(
+            version=version,
+            source=SourceInfo(uri=cfg.source, fingerprint=corpus.fingerprint, documents=n,
+                              rejected=sum(p.rejected for p in parts), quarantine=quarantine),
+            encoder=enc,
+            index=IndexInfo(factory=factory, metric=metric, auto_reason=choice.reason if choice else None,
+                            nlist=tr["nlist"], train_vectors=tr["train_vectors"] or 0),
+            sharding=ShardingInfo(mode=cfg.sharding, shards=cfg.shards),
+            trained=file_info(store, version, "trained.index"),
+            shards=[_shard_info(x) for x in merged],
+            docs=DocsInfo(files=[f"docs/part-{p.part:05d}.parquet" for p in live],
+                          fields=cfg.stored_fields, id_kind=corpus.id_kind),
+            search=SearchDefaults(nprobe=best["nprobe"], recall_at_10=best["recall_at_10"],
+                                  eval_queries=best["eval_queries"]),
+            timings=dict(t.seconds))
+        publish(store, m)
+    return _summary(cfg, m, parts, added, merged, tr, t)
+
+
+def _nlist_of(factory: str) -> int | None:
+    m = re.search(r"IVF(\d+)", factory)
+    return int(m.group(1)) if m else None
+
+
+def _shard_info(x: dict) -> FileInfo:
+    return FileInfo(**{k: x[k] for k in ("file", "sha256", "bytes", "ntotal")})
+
+
+def _summary(cfg, m: Manifest, parts, added, merged, tr, t: Timer) -> Summary:
+    n = m.source.documents
+    secs = t.seconds
+    rates = {st: n / secs[st] for st in ("encode", "add", "merge") if secs.get(st)}
+    if tr["train_vectors"] and secs.get("train"):
+        rates["train"] = tr["train_vectors"] / secs["train"]
+    reused = {"encode": sum(p.reused for p in parts), "add": sum(a["reused"] for a in added),
+              "merge": sum(x["reused"] for x in merged), "train": int(tr["reused"])}
+    return Summary(version=m.version, index_root=cfg.index_root, documents=n, rejected=m.source.rejected,
+                   quarantine=(f"{cfg.index_root}/versions/{m.version}/{m.source.quarantine}"
+                               if m.source.quarantine else None),
+                   factory=m.index.factory, shards=len(m.shards), index_bytes=sum(s.bytes for s in m.shards),
+                   nprobe=m.search.nprobe, recall_at_10=m.search.recall_at_10, seconds=secs,
+                   rates={k: round(v, 1) for k, v in rates.items()}, reused=reused)
+
+
+def as_dict(s: Summary) -> dict:
+    return asdict(s)
+
