@@ -84,10 +84,19 @@ def open_parquet(uri: str, s3_endpoint: str | None) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(fs.open(path, "rb"))
     except (pa.ArrowInvalid, OSError) as e:
-        raise CorpusError(f"{uri}: not a readable Parquet file ({_first_line(e)})") from None
+        raise CorpusError(f"{uri}: not a readable Parquet file ({first_line(e)})") from None
 
 
-def _first_line(e: Exception) -> str:
+def read_columns(uri: str, f: pq.ParquetFile, columns: list[str], group: int | None = None) -> pa.Table:
+    """Read columns (of one row group), naming the file when its data pages are corrupt."""
+    try:
+        return f.read(columns=columns) if group is None else f.read_row_group(group, columns=columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        where = "" if group is None else f" row group {group}"
+        raise CorpusError(f"{uri}{where}: not a readable Parquet file ({first_line(e)})") from None
+
+
+def first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
@@ -143,7 +152,7 @@ def _infer_dim(uri: str, f: pq.ParquetFile, col: str) -> int | None:
     if pa.types.is_fixed_size_list(t):
         return t.list_size
     for i in range(f.num_row_groups):
-        for v in f.read_row_group(i, columns=[col]).column(0).to_pylist():
+        for v in read_columns(uri, f, [col], i).column(0).to_pylist():
             if v is not None:
                 return len(v)
     return None
@@ -201,7 +210,7 @@ def check_ids(files: list[str], cfg: BuildConfig, kind: str) -> dict[str, list[t
     drops: dict[str, list[tuple[int, str]]] = {}
     ids, where = [], []  # int64 ids, and (file index, row) of each
     for fi, uri in enumerate(files):
-        col = open_parquet(uri, cfg.s3_endpoint).read(columns=[cfg.id_column]).column(0)
+        col = read_columns(uri, open_parquet(uri, cfg.s3_endpoint), [cfg.id_column]).column(0)
         valid = col.is_valid().to_numpy(zero_copy_only=False)
         for r in np.flatnonzero(~valid):
             _reject(cfg, drops, uri, int(r), "null id")

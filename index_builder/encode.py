@@ -26,7 +26,7 @@ from shards.errors import CorpusError
 from shards.store import Store
 
 from .config import BuildConfig
-from .corpus import InputShard, int_ids, open_parquet
+from .corpus import InputShard, first_line, int_ids, open_parquet
 
 
 @dataclass
@@ -57,7 +57,7 @@ def read_shard(shard: InputShard, columns: list[str], s3_endpoint: str | None) -
     try:
         t = f.read_row_groups(groups, columns=columns)
     except (pa.ArrowInvalid, OSError) as e:
-        raise CorpusError(f"{shard.file}: rows {shard.start}-{shard.stop} unreadable ({e})") from None
+        raise CorpusError(f"{shard.file}: rows {shard.start}-{shard.stop}: not a readable Parquet file ({first_line(e)})") from None
     t = t.slice(shard.start - (first or 0), shard.rows)
     return t.append_column("__row", pa.array(np.arange(shard.start, shard.stop, dtype=np.int64)))
 

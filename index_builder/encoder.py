@@ -42,7 +42,9 @@ class Encoder:
                  metric: str | None = None):
         import torch
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # a weight-loading bar per actor would bury the build's own log
         if threads:
             torch.set_num_threads(threads)
         self.name = model or DEFAULT_MODEL
