@@ -61,6 +61,11 @@ class BuildConfig(BaseModel):
             v = [x.strip() for x in v.split(",") if x.strip()]
         return v
 
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _budget_int(cls, v):
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # YAML: a byte count
+
     @field_validator("memory_budget")
     @classmethod
     def _budget(cls, v):

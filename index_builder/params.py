@@ -66,8 +66,13 @@ def choose_factory(n: int, d: int, budget: int) -> Choice:
     opq = d >= OPQ_MIN_DIM
     m = pq_m(d, code, need_divisor=not opq)
     if m is None or n < PQ_TRAIN_MIN:
-        need = n * (PQ_M[-1] + ID_BYTES) * LIST_OVERHEAD
-        why = f"at least {_gb(need)}" if n >= PQ_TRAIN_MIN else f"{_gb(n * flat * LIST_OVERHEAD)} (too few vectors to train PQ)"
+        fit = [mm for mm in PQ_M if mm <= d and (opq or d % mm == 0)]  # the PQ{M} that d allows at all
+        if n < PQ_TRAIN_MIN:
+            why = f"{_gb(n * flat * LIST_OVERHEAD, up=True)} (too few vectors to train PQ)"
+        elif not fit:
+            why = f"{_gb(n * flat * LIST_OVERHEAD, up=True)} (no PQ{{M}} with M in {PQ_M} divides d={d})"
+        else:
+            why = f"at least {_gb(n * (min(fit) + ID_BYTES) * LIST_OVERHEAD, up=True)}"
         raise ConfigError(f"memory_budget: {_gb(budget)} cannot hold {n:,} vectors of d={d}; "
                           f"raise --memory-budget to {why}, or give --factory")
     if opq:
@@ -85,5 +90,10 @@ def train_size(n: int, factory: str, nlist: int | None, cap: int = 500_000) -> i
     return min(n, want, cap)
 
 
-def _gb(b: float) -> str:
-    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+def _gb(b: float, up: bool = False) -> str:
+    """Bytes as GiB or MiB; up=True rounds up, so a size shown as a fix is enough when given back."""
+    unit, places, name = (2**30, 2, "GiB") if b >= 2**30 else (2**20, 1, "MiB")
+    v = b / unit
+    if up:
+        v = math.ceil(v * 10**places) / 10**places
+    return f"{v:.{places}f} {name}"
