@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from shards.errors import CorpusError
 from shards.manifest import (DocsInfo, FileInfo, IndexInfo, Manifest, SearchDefaults, ShardingInfo, SourceInfo,
                              new_version_name)
-from shards.store import Store
+from shards.store import Store, resolve_endpoint
 
 from .add import add_task
 from .config import BuildConfig
@@ -71,6 +71,9 @@ def _hash(*parts) -> str:
 
 
 def build(cfg: BuildConfig) -> Summary:
+    if cfg.s3_endpoint is None and resolve_endpoint():
+        # The driver's AWS_ENDPOINT_URL, carried in the config to Ray workers that may not have it.
+        cfg = cfg.model_copy(update={"s3_endpoint": resolve_endpoint()})
     store, t = Store(cfg.index_root, cfg.s3_endpoint), Timer()
     with t.stage("plan"):
         corpus = plan(cfg)  # before Ray starts: a bad corpus fails in a second

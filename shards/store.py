@@ -19,9 +19,14 @@ IO_RETRY_SLEEP_S = 0.5  # first back-off; doubled on each retry
 CHUNK = 8 << 20         # bytes per read when hashing or copying
 
 
+def resolve_endpoint(s3_endpoint: str | None = None) -> str | None:
+    """The S3 endpoint: the one given, else AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) of this process."""
+    return s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+
+
 def storage_options(s3_endpoint: str | None = None) -> dict:
     """fsspec options for s3://; the endpoint also comes from AWS_ENDPOINT_URL."""
-    ep = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    ep = resolve_endpoint(s3_endpoint)
     # No region_name in client_kwargs: moto and MinIO reject the signature with it.
     return {"client_kwargs": {"endpoint_url": ep}} if ep else {}
 
@@ -53,6 +58,10 @@ class Store:
         import fsspec
 
         self.root = self.root.rstrip("/") or "/"
+        if self.root.startswith("s3://"):
+            # Fixed here, on the creating process: Ray workers get it through __reduce__, as their
+            # environment may lack the driver's AWS_ENDPOINT_URL.
+            self.s3_endpoint = resolve_endpoint(self.s3_endpoint)
         opts = storage_options(self.s3_endpoint) if self.root.startswith("s3://") else {}
         self.fs, self.base = fsspec.core.url_to_fs(self.root, **opts)
         self.local = "file" in _protocols(self.fs)
