@@ -1,0 +1,318 @@
+"""The Ray job entry point, as a user runs it:
+
+    ray start --head
+    ray job submit --working-dir . -- python -m jobs.build_index --config build.yaml
+
+against a real head started with `ray start`, plus what `--working-dir .` uploads
+(Ray's own packaging code over this repo): the packages, never venvs, data or tests.
+
+The head gets its own ports and --temp-dir, and its own process group: teardown kills
+exactly that cluster's processes (never `ray stop`, which stops every Ray on the machine).
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_vector_corpus
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent          # the venv's bin, not resolved: `ray` and `python` live here
+RAY = BIN / "ray"
+PACKAGES = ("index_builder", "shards", "jobs")
+NEVER = (".venv/", "venv/", "data/", ".git/", "tests/", "bench/", "__pycache__/", ".pytest_cache/")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _free_range(n: int) -> int:
+    """The first port of n consecutive free ones, below the kernel's ephemeral range
+    and above Ray's default worker ports (10002-19999) that other local clusters use."""
+    for _ in range(50):
+        base = random.randrange(20000, 32000 - n)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    # An activated venv: the job's `python` is the cluster's, which has shardex's dependencies.
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_AUTH_MODE"] = "disabled"
+    env.update(extra)
+    return env
+
+
+def _procs() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, pgid, cmdline), from /proc (psutil is not a dependency)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()   # after "pid (comm) ": state ppid pgrp ...
+        if fields[0] == "Z":
+            continue                                    # a zombie is already dead
+        out[int(d.name)] = (int(fields[1]), int(fields[2]), cmd)
+    return out
+
+
+def _cluster_pids(pgid: int, temp_dir: str) -> set[int]:
+    """Every process of this head: its process group (ray start's session), anything naming
+    its temp dir, and their descendants (a job's driver runs in a session of its own)."""
+    procs = _procs()
+    mine = {pid for pid, (_, g, cmd) in procs.items() if g == pgid or f"{temp_dir}/" in cmd or f"{temp_dir} " in cmd}
+    grew = True
+    while grew:
+        kids = {pid for pid, (pp, _, _) in procs.items() if pp in mine} - mine
+        mine |= kids
+        grew = bool(kids)
+    me, pid = set(), os.getpid()
+    while pid > 1:                                      # never ourselves or an ancestor
+        me.add(pid)
+        pid = procs.get(pid, (0,))[0]
+    return mine - me - {1}
+
+
+def _stop_cluster(pgid: int, temp_dir: str) -> None:
+    """A `ray stop` for this head only: SIGTERM its processes, SIGKILL what is left after 5 s."""
+    procs = _procs()
+    left = {pid: procs[pid][2] for pid in _cluster_pids(pgid, temp_dir) if pid in procs}
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.time() + wait
+        while left and time.time() < deadline:
+            time.sleep(0.2)
+            now = _procs()                              # same pid and cmdline: still ours, still alive
+            left = {pid: cmd for pid, cmd in left.items() if pid in now and now[pid][2] == cmd}
+        if not left:
+            return
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A real `ray start --head` on 2 CPUs; yields the dashboard (job API) address."""
+    if not RAY.exists():
+        pytest.skip(f"no ray CLI next to {sys.executable}")
+    # Short: Ray puts unix sockets under it (session_<date>_<pid>/sockets/plasma_store, 107-byte limit).
+    temp_dir = tempfile.mkdtemp(prefix="shx", dir="/tmp")
+    dash = _free_port()
+    workers = _free_range(64)
+    ports = {
+        "--port": _free_port(),
+        "--dashboard-port": dash,
+        "--ray-client-server-port": _free_port(),
+        "--node-manager-port": _free_port(),
+        "--object-manager-port": _free_port(),
+        "--dashboard-agent-listen-port": _free_port(),
+        "--dashboard-agent-grpc-port": _free_port(),
+        "--runtime-env-agent-port": _free_port(),
+        "--metrics-export-port": _free_port(),
+        "--min-worker-port": workers,
+        "--max-worker-port": workers + 63,
+    }
+    cmd = [str(RAY), "start", "--head", "--num-cpus", "2", "--include-dashboard", "true",
+           "--dashboard-host", "127.0.0.1", "--disable-usage-stats", "--temp-dir", temp_dir,
+           *(str(x) for kv in ports.items() for x in kv)]
+    # A session of its own: every daemon it leaves behind is in this process group.
+    start = subprocess.Popen(cmd, cwd=temp_dir, env=_env(), start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pgid = start.pid
+    try:
+        out, _ = start.communicate(timeout=180)
+        assert start.returncode == 0, f"ray start failed:\n{out[-5000:]}"
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{address}/api/version", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, f"the dashboard at {address} never answered"
+            time.sleep(0.5)
+        yield {"address": address, "temp_dir": temp_dir}
+    finally:
+        if start.poll() is None:
+            start.kill()
+        _stop_cluster(pgid, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def submit(head, config: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The README's command, from the repo root."""
+    cmd = [str(RAY), "job", "submit", "--address", head["address"], "--working-dir", ".",
+           "--", "python", "-m", "jobs.build_index", "--config", str(config)]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def write_config(path: Path, **keys) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(keys))
+    return path
+
+
+def _uploaded_dirs(temp_dir: str) -> list[Path]:
+    """The working dirs the cluster unpacked from uploads (runtime_resources/working_dir_files/_ray_pkg_*)."""
+    found = Path(temp_dir).glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*")
+    return sorted({d.resolve() for d in found if d.is_dir()})   # session_latest links to the session
+
+
+def test_job_submit_builds_and_publishes(head, tmp_path):
+    from shards.manifest import current_version, load_manifest
+    from shards.router import Router
+    from shards.store import Store
+
+    n, d = 2000, 32
+    ids, x = write_vector_corpus(str(tmp_path / "corpus"), n=n, d=d, files=2, seed=3)
+    root = tmp_path / "index"
+    cfg = write_config(tmp_path / "build.yaml", source=str(tmp_path / "corpus"), index_root=str(root),
+                       vector_column="vector", factory="IVF16,Flat", shards=2, part_rows=500)
+
+    p = submit(head, cfg)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-8000:]
+    assert "succeeded" in out
+    # The build summary, printed by the job's driver and tailed back by `ray job submit`.
+    assert f"CURRENT of {root}" in out and f"{n:,} indexed, 0 rejected" in out
+    assert "IVF16,Flat, 2 shard(s)" in out
+
+    # Published: CURRENT names a complete version that a fresh reader can search.
+    assert (root / "CURRENT").is_file()
+    store = Store(str(root))
+    m = load_manifest(store, current_version(store))
+    assert m.source.documents == n and m.ntotal == n and len(m.shards) == 2
+    assert m.version in out
+    r = Router(str(root), backend="local")
+    rows = [0, 777, n - 1]
+    hits = r.search(x[rows], k=5, nprobe=16)
+    assert [h[0].id for h in hits] == [int(ids[i]) for i in rows]
+
+    # What reached the cluster: the packages, no venvs, data, tests or git history.
+    dirs = _uploaded_dirs(head["temp_dir"])
+    assert dirs, "the cluster unpacked no working_dir upload"
+    for wd in dirs:
+        names = [f.relative_to(wd).as_posix() + ("/" if f.is_dir() else "") for f in wd.rglob("*")]
+        for pkg in PACKAGES:
+            want = {f.relative_to(REPO).as_posix() for f in (REPO / pkg).glob("*.py")}
+            assert want and want <= set(names), f"{pkg}: not uploaded: {sorted(want - set(names))}"
+        leaked = [f for f in names if f.startswith(NEVER) or f.endswith(".md")]
+        assert not leaked, f"uploaded but not needed: {leaked[:20]}"
+        size = sum(f.stat().st_size for f in wd.rglob("*") if f.is_file())
+        assert size < 1 << 20, f"working dir upload is {size:,} bytes"
+
+
+def test_failing_job_exits_non_zero_with_one_line_error(head, tmp_path):
+    missing = tmp_path / "no-such-corpus"
+    cfg = write_config(tmp_path / "build.yaml", source=str(missing), index_root=str(tmp_path / "index"),
+                       vector_column="vector", factory="Flat")
+
+    p = submit(head, cfg)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out[-8000:]
+    assert "failed" in out
+    errors = [ln for ln in out.splitlines() if ln.startswith("shardex: error:")]
+    assert errors and all(str(missing) in ln for ln in errors), out[-8000:]
+    assert "Traceback" not in out  # one clear line, not a stack
+    assert not (tmp_path / "index" / "CURRENT").exists()
+
+
+# --- what `--working-dir .` packs, with Ray's own packaging code (no cluster) -------------------
+
+def _repo_copy(dst: Path) -> Path:
+    """This repo's files (without the real venv, git history or data), plus the things a
+    working checkout has lying about: a big venv, data, git objects, tests, bench outputs."""
+    shutil.copytree(REPO, dst, ignore=shutil.ignore_patterns(
+        ".venv", "venv", ".git", "data", "__pycache__", ".pytest_cache", "out", ".venv*"))
+    rng = np.random.default_rng(0)
+
+    def blob(rel: str, size: int = 2 << 20) -> None:
+        f = dst / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(rng.bytes(size))          # incompressible: a leak shows in the zip's size
+
+    blob(".venv/lib/python3.11/site-packages/torch/lib/libtorch.so")
+    blob("data/demo/corpus/part-0.parquet")
+    blob("data/demo/index/versions/v1/shard-0.faiss")
+    blob(".git/objects/pack/pack-0.pack")
+    blob("bench/out/results.json", 4096)
+    blob("bench/.venv-gpu/lib/big.so")
+    blob("tests/fixtures/corpus.parquet")
+    blob("index_builder/__pycache__/cli.cpython-311.pyc", 4096)
+    blob("shardex.egg-info/SOURCES.txt", 4096)
+    blob("build/lib/shards/router.py", 4096)
+    blob("dist/shardex-0.1.0-py3-none-any.whl")
+    return dst
+
+
+@pytest.mark.parametrize("ray_default_excludes", [True, False], ids=["as-submitted", "repo-ignore-files-only"])
+def test_working_dir_package_holds_only_what_the_job_needs(tmp_path, monkeypatch, ray_default_excludes):
+    """as-submitted: the exact path of `ray job submit --working-dir` (upload_working_dir_if_needed
+    -> create_package, with Ray's default excludes); repo-ignore-files-only: Ray's defaults
+    turned off, so this repo's .gitignore and .rayignore alone must keep venvs and data out."""
+    from ray._private.runtime_env.packaging import create_package
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    monkeypatch.delenv("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", raising=False)
+    if not ray_default_excludes:
+        monkeypatch.setenv("RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES", "")
+    else:
+        monkeypatch.delenv("RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES", raising=False)
+    wd = _repo_copy(tmp_path / "checkout")
+    pkg = tmp_path / "pkg.zip"
+
+    def upload(working_dir, excludes, is_file=False):   # what the job SDK's upload_fn does, minus the PUT
+        assert not is_file
+        create_package(working_dir, pkg, include_gitignore=True, excludes=excludes)
+
+    env = upload_working_dir_if_needed({"working_dir": str(wd)}, include_gitignore=True, upload_fn=upload)
+    assert env["working_dir"].startswith("gcs://_ray_pkg_")
+
+    names = zipfile.ZipFile(pkg).namelist()
+    for pkg_name in PACKAGES:
+        want = {f.relative_to(REPO).as_posix() for f in (REPO / pkg_name).glob("*.py")}
+        assert want and want <= set(names), f"{pkg_name}: missing {sorted(want - set(names))}"
+    leaked = [f for f in names if f.startswith(NEVER + ("build/", "dist/")) or ".egg-info/" in f
+              or f.endswith((".md", ".pyc"))]
+    assert not leaked, f"packed but not needed: {leaked}"
+    assert pkg.stat().st_size < 1 << 20, f"{pkg.stat().st_size:,} bytes: {names}"
