@@ -9,7 +9,7 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo test test-fast bench clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,11 @@ test: venv
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+# The benchmarks under bench/ (minutes to hours; see bench/README.md) also plot.
+bench: venv
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,bench]'
+	$(BIN)/python bench/build_vs_single_process.py
 
 clean:
 	rm -rf $(VENV) data bench/out

@@ -45,7 +45,8 @@ class Summary:
                f"documents    {self.documents:,} indexed, {self.rejected:,} rejected"
                + (f" -> {self.quarantine}" if self.quarantine else ""),
                f"index        {self.factory}, {self.shards} shard(s), {self.index_bytes / 2**20:.1f} MiB",
-               f"search       nprobe={self.nprobe}: recall@10 {self.recall_at_10} vs exact search"]
+               f"search       {f'nprobe={self.nprobe}' if self.nprobe else 'no nprobe (flat)'}: "
+               f"recall@10 {self.recall_at_10} vs exact search"]
         for st, s in self.seconds.items():
             rate = f"{self.rates[st]:>10,.0f} vectors/s" if st in self.rates else " " * 20
             re = f"  ({self.reused[st]} reused)" if self.reused.get(st) else ""
