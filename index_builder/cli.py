@@ -7,7 +7,7 @@ import os
 import sys
 import typing
 
-from shards.errors import ShardexError
+from shards.errors import ShardexError, is_storage_failure, storage_message
 
 HELP = {
     "id_column": "int64 ids, or strings (mapped to stable int64 ids, kept in docs/)",
@@ -181,6 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("shardex: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.debug or not is_storage_failure(e):
+            raise
+        # Raised by a worker or the driver while reading or writing the corpus or the index root.
+        print(f"shardex: error: storage: {storage_message(e)}; check the endpoint, credentials and paths "
+              f"(--debug shows where)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

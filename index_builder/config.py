@@ -69,7 +69,8 @@ class BuildConfig(BaseModel):
     @field_validator("memory_budget")
     @classmethod
     def _budget(cls, v):
-        parse_bytes(v)
+        if parse_bytes(v) < 1 << 20:
+            raise ValueError(f"{v!r} is under 1 MiB; write it like 512M or 4G")
         return v
 
     @field_validator("shards", "batch_size", "part_rows")

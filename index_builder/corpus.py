@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shards.errors import CorpusError
+from shards.errors import CorpusError, ShardexError, StorageError, is_storage_failure, storage_message
 from shards.store import storage_options
 
 from .config import BuildConfig
@@ -64,6 +64,18 @@ def _uri(fs, path: str) -> str:
 
 def list_files(source: str, s3_endpoint: str | None = None) -> list[str]:
     """A Parquet file, a directory of them (recursive) or a glob -> sorted URIs."""
+    try:
+        return _list_files(source, s3_endpoint)
+    except (ShardexError, FileNotFoundError):
+        raise
+    except Exception as e:
+        if not is_storage_failure(e):
+            raise
+        raise StorageError(f"{source}: cannot list it ({storage_message(e)}); check the endpoint, "
+                           f"credentials and path") from None
+
+
+def _list_files(source: str, s3_endpoint: str | None) -> list[str]:
     fs, path = open_fs(source, s3_endpoint)
     if any(c in path for c in "*?["):
         paths = fs.glob(path)

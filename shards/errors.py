@@ -23,3 +23,13 @@ class IntegrityError(ShardexError):
 
 class SearchError(ShardexError):
     """A query that cannot be answered: wrong dimension, k out of range, shard failure."""
+
+
+def is_storage_failure(e: BaseException) -> bool:
+    """An OS or S3 client error: unreachable endpoint, missing credentials, denied access."""
+    return isinstance(e, OSError) or type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs")
+
+
+def storage_message(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__

@@ -234,3 +234,13 @@ def test_cli_search_missing_s3_index_is_one_clear_line(s3, tmp_path):
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("shardex: error: "), p.stderr[-3000:]
     assert "s3://indexes/nope" in lines[0]
+
+
+def test_cli_unreachable_endpoint_is_one_clear_line(s3):
+    """Nothing listens on port 9: the S3 client's connection error becomes one line naming the source."""
+    p = shardex("build", "s3://corpus/vec", "s3://indexes/never", "--vector-column", "vector",
+                "--s3-endpoint", "http://127.0.0.1:9", timeout=180)
+    assert p.returncode == 1
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("shardex: error: ")]
+    assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "s3://corpus/vec" in errors[0] and "EndpointConnectionError" in errors[0]

@@ -326,6 +326,8 @@ CONFIG_ERROR_ROWS = [
     ({"target_recall": 1.5}, ["target_recall:", "got 1.5"]),
     ({"memory_budget": "lots"}, ["memory_budget: 'lots' is not a size", "512M"]),
     ({"memory_budget": "4X"}, ["memory_budget:", "4G"]),
+    ({"memory_budget": "0"}, ["memory_budget: '0' is under 1 MiB", "4G"]),
+    ({"memory_budget": 1000}, ["memory_budget: '1000' is under 1 MiB"]),
     ({"vector_column": "vec", "model": "m"}, ["--model or --vector-column, not both"]),
     ({"fields": "id,title"}, ["fields: 'id' is the id column"]),
 ]
