@@ -31,6 +31,8 @@ HELP = {
     "part_rows": "documents per input shard: the unit of encode and add work",
     "target_recall": "the default nprobe is the smallest that reaches this recall@10",
     "seed": "seed for sampling",
+    "max_seq_length": "tokens per text, longer ones are truncated (default: the model's limit)",
+    "dtype": "encoder precision; fp16/bf16 need a GPU",
 }
 
 
@@ -55,13 +57,22 @@ def _config_from(args) -> "object":
     opts = {k: v for k, v in vars(args).items() if k in BuildConfig.model_fields and v is not None}
     if args.config:
         return BuildConfig.from_yaml(args.config, **opts)
-    return make(BuildConfig, opts, where="shardex build")
+    return make(BuildConfig, opts, where=f"shardex {args.cmd}")
 
 
 def cmd_build(args) -> int:
     from .pipeline import as_dict, build
 
     s = build(_config_from(args))
+    print(json.dumps(as_dict(s), indent=2) if args.json else "\n".join(s.lines()))
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from .embeddings import as_dict, encode
+
+    args.index_root = args.embeddings_uri
+    s = encode(_config_from(args))
     print(json.dumps(as_dict(s), indent=2) if args.json else "\n".join(s.lines()))
     return 0
 
@@ -134,6 +145,15 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the summary as JSON")
     _add_build_options(b)
     b.set_defaults(fn=cmd_build)
+
+    e = sub.add_parser("encode", help="only the encode stage: Parquet parts (id, vector, fields) that "
+                       "`build --vector-column vector` takes")
+    e.add_argument("source", help="Parquet file, directory or glob (local or s3://)")
+    e.add_argument("embeddings_uri", help="output directory (local path or s3://); a re-run resumes it")
+    e.add_argument("--config", help="YAML file with build's keys (CLI options override it)")
+    e.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_build_options(e)
+    e.set_defaults(fn=cmd_encode)
 
     s = sub.add_parser("search", help="search the CURRENT version")
     s.add_argument("index_root")

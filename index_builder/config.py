@@ -40,6 +40,8 @@ class BuildConfig(BaseModel):
     model: str | None = None                # default: the bundled all-MiniLM-L6-v2
     query_prefix: str = ""
     document_prefix: str = ""
+    max_seq_length: int | None = None       # tokens per text; default: the model's own limit
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
     factory: str = "auto"
     memory_budget: str = "4G"
     shards: int = 1
@@ -73,10 +75,10 @@ class BuildConfig(BaseModel):
             raise ValueError(f"{v!r} is under 1 MiB; write it like 512M or 4G")
         return v
 
-    @field_validator("shards", "batch_size", "part_rows")
+    @field_validator("shards", "batch_size", "part_rows", "max_seq_length")
     @classmethod
     def _positive(cls, v, info):
-        if v < 1:
+        if v is not None and v < 1:
             raise ValueError(f"must be at least 1, got {v}")
         return v
 

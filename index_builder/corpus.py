@@ -80,7 +80,9 @@ def _list_files(source: str, s3_endpoint: str | None) -> list[str]:
     if any(c in path for c in "*?["):
         paths = fs.glob(path)
     elif fs.isdir(path):
-        paths = [p for p in fs.find(path) if p.endswith(".parquet")]
+        # Hidden and underscore names (_rejected/, _SUCCESS, .tmp files) are not data, as in Spark and pyarrow.
+        paths = [p for p in fs.find(path) if p.endswith(".parquet")
+                 and not any(c.startswith(("_", ".")) for c in p[len(path.rstrip("/")) + 1:].split("/"))]
     elif fs.exists(path):
         paths = [path]
     else:

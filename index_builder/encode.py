@@ -36,11 +36,37 @@ class PartResult:
     rejected: int      # rows quarantined (including the id check's)
     seconds: float
     reused: bool
+    tokens: int = 0           # real tokens encoded
+    padded: int = 0           # tokens computed, padding included (length-sorted batches)
+    padded_unsorted: int = 0  # what input-order batches would have computed
 
 
 def part_rel(fp: str, part: int, kind: str = "") -> str:
     sub = f"{kind}/" if kind else ""
     return f"embeddings/{fp}/{sub}part-{part:05d}.parquet"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one part's files go. build: embeddings/<fp>/ with docs/ and rejected/ beside the
+    vectors. `shardex encode`: part files at the top of EMBEDDINGS_URI holding the source's
+    own id and the stored fields next to the vector, so `build --vector-column vector` reads
+    them as a corpus; rejects under _rejected/, which corpus readers skip."""
+
+    prefix: str
+    docs: str | None = "docs/"
+    rejected: str = "rejected/"
+
+    @classmethod
+    def build(cls, fp: str) -> "Layout":
+        return cls(f"embeddings/{fp}/")
+
+    @classmethod
+    def flat(cls) -> "Layout":
+        return cls("", None, "_rejected/")
+
+    def rel(self, part: int, sub: str = "") -> str:
+        return f"{self.prefix}{sub}part-{part:05d}.parquet"
 
 
 def read_shard(shard: InputShard, columns: list[str], s3_endpoint: str | None) -> pa.Table:
@@ -88,14 +114,15 @@ def _vector_problems(col: pa.ChunkedArray, dim: int) -> tuple[np.ndarray, np.nda
     return why, x
 
 
-def prepare(shard: InputShard, cfg: BuildConfig, fp: str, dim: int | None, kind: str, encode=None) -> PartResult:
+def prepare(shard: InputShard, cfg: BuildConfig, layout: Layout, dim: int | None, kind: str,
+            encode=None) -> PartResult:
     """One input shard -> its committed part. encode: texts -> float32 vectors, None for a vector column."""
     t0 = time.time()
     store = Store(cfg.index_root, cfg.s3_endpoint)
-    emb = part_rel(fp, shard.part)
+    emb = layout.rel(shard.part)
     if store.exists(emb):
         n = _num_rows(store, emb)
-        rej = _num_rows(store, part_rel(fp, shard.part, "rejected"))
+        rej = _num_rows(store, layout.rel(shard.part, layout.rejected))
         return PartResult(shard.part, n, rej, 0.0, True)
 
     data_col = cfg.vector_column or cfg.text_column
@@ -123,10 +150,14 @@ def prepare(shard: InputShard, cfg: BuildConfig, fp: str, dim: int | None, kind:
     else:
         x = encode(good.column(data_col).to_pylist())
     if bad.any():
-        store.write_table(part_rel(fp, shard.part, "rejected"), _rejects(t.filter(pa.array(bad)), shard,
-                                                                          cfg, why[bad]))
-    store.write_table(part_rel(fp, shard.part, "docs"), _docs(good, ids, cfg, kind))
-    store.write_table(emb, vectors_table(ids, x))  # last: its presence marks the part done
+        store.write_table(layout.rel(shard.part, layout.rejected),
+                          _rejects(t.filter(pa.array(bad)), shard, cfg, why[bad]))
+    if layout.docs:
+        store.write_table(layout.rel(shard.part, layout.docs), _docs(good, ids, cfg, kind))
+        out = vectors_table(ids, x)
+    else:  # the source's own ids and the stored fields travel with the vectors
+        out = vectors_table(good.column(cfg.id_column), x, {f: good.column(f) for f in cfg.stored_fields})
+    store.write_table(emb, out)  # last: its presence marks the part done
     return PartResult(shard.part, len(ids), int(bad.sum()), time.time() - t0, False)
 
 
@@ -139,10 +170,12 @@ def _num_rows(store: Store, rel: str) -> int:
         return pq.ParquetFile(f).metadata.num_rows
 
 
-def vectors_table(ids: np.ndarray, x: np.ndarray) -> pa.Table:
+def vectors_table(ids, x: np.ndarray, fields: dict | None = None) -> pa.Table:
+    """(id, vector fixed_size_list<float32>[d], *fields); ids: int64 array, or the source's id column."""
     d = x.shape[1]
     vec = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(x, dtype=np.float32).ravel()), d)
-    return pa.table({"id": pa.array(ids, pa.int64()), "vector": vec})
+    ids = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids, pa.int64())
+    return pa.table({"id": ids, "vector": vec, **(fields or {})})
 
 
 def read_vectors(store: Store, rel: str) -> tuple[np.ndarray, np.ndarray]:

@@ -7,39 +7,61 @@ written once.
 """
 from __future__ import annotations
 
+import threading
 import time
+import uuid
 
 import ray
 
+from shards.errors import ShardexError
 from shards.manifest import EncoderInfo
 
 from .config import BuildConfig
 from .corpus import Corpus, InputShard
-from .encode import PartResult, prepare
+from .encode import Layout, PartResult, prepare
 from .raytools import log, node_cpus, ray_get
 
+ACTOR_PREFIX = "shardex-encoder-"
 MAX_IN_FLIGHT = 2  # parts queued per actor: one running, one ready, so the actor never idles
 
 
-@ray.remote(max_restarts=-1, max_task_retries=3)
+# Two parts run at once in each actor, in threads: while one holds the device, the other
+# reads its rows, checks them and tokenizes (before) or writes its Parquet (after). The lock
+# keeps the device to one part at a time, and the driver's MAX_IN_FLIGHT bounds memory.
+@ray.remote(max_restarts=-1, max_task_retries=3, max_concurrency=MAX_IN_FLIGHT)
 class EncoderActor:
     def __init__(self, cfg: BuildConfig, threads: int, device: str | None):
         from .encoder import Encoder
 
         self.cfg = cfg
         self.enc = Encoder(cfg.model, device=device, threads=threads, query_prefix=cfg.query_prefix,
-                           document_prefix=cfg.document_prefix, batch_size=cfg.batch_size, metric=cfg.metric)
+                           document_prefix=cfg.document_prefix, batch_size=cfg.batch_size, metric=cfg.metric,
+                           max_seq_length=cfg.max_seq_length, dtype=cfg.dtype)
+        self.lock = threading.Lock()
 
     def info(self):
         return self.enc.info()
 
-    def run(self, shard: InputShard, fp: str, kind: str) -> PartResult:
-        return prepare(shard, self.cfg, fp, None, kind, self.enc.encode_documents)
+    def run(self, shard: InputShard, layout: Layout, kind: str) -> PartResult:
+        from .encoder import padding_of
+
+        pads = []
+
+        def encode(texts):
+            feats, order = self.enc.tokenize(texts, self.enc.document_prefix)
+            pads.append(padding_of(feats["attention_mask"].sum(1).numpy(), order, self.enc.batch_size))
+            with self.lock:
+                return self.enc.run(feats, order)
+
+        r = prepare(shard, self.cfg, layout, None, kind, encode)
+        if pads:
+            r.tokens, r.padded, r.padded_unsorted = pads[0].tokens, pads[0].padded, pads[0].padded_unsorted
+        return r
 
 
 @ray.remote(max_retries=3)
-def prepare_vectors(shard: InputShard, cfg: BuildConfig, fp: str, dim: int, kind: str) -> PartResult:
-    return prepare(shard, cfg, fp, dim, kind)
+def prepare_vectors(shard: InputShard, cfg: BuildConfig, layout: Layout, dim: int, kind: str) -> PartResult:
+    return prepare(shard, cfg, layout, dim, kind)
 
 
 def pool_shape(cfg: BuildConfig) -> tuple[int, int, float]:
@@ -66,23 +88,37 @@ def start_pool(cfg: BuildConfig) -> list:
     actors, threads, gpa = pool_shape(cfg)
     device = "cuda" if gpa > 0 else "cpu"
     log(f"encode: {actors} actor(s) x {threads} thread(s)" + (f", {gpa} GPU each" if gpa else " on CPU"))
-    return [EncoderActor.options(num_cpus=threads, num_gpus=gpa).remote(cfg, threads, device)
-            for _ in range(actors)]
+    tag = uuid.uuid4().hex[:8]  # named, so an operator (or a test) can find and kill one
+    return [EncoderActor.options(name=f"{ACTOR_PREFIX}{tag}-{i}", num_cpus=threads, num_gpus=gpa)
+            .remote(cfg, threads, device) for i in range(actors)]
 
 
 def run_parts(submit, shards: list[InputShard], workers: int, slots: int, what: str) -> list[PartResult]:
-    """Keep `slots` parts in flight per worker; log each finished part with its docs/s."""
-    queue, pending, done = list(shards), {}, []
+    """Keep `slots` parts in flight per worker; log each finished part with its docs/s.
+    A part whose worker died for good goes back on the queue for the others: parts commit
+    atomically, so the redo writes it once."""
+    queue, pending, done, dead = list(shards), {}, [], set()
     load = [0] * workers
     t0, ndocs = time.time(), 0
     while queue or pending:
-        while queue and min(load) < slots:
-            w = load.index(min(load))
+        live = [w for w in range(workers) if w not in dead]
+        if not live:
+            raise ShardexError(f"{what}: every worker died; {len(queue)} part(s) not done (see the Ray logs)")
+        while queue and min(load[w] for w in live) < slots:
+            w = min(live, key=load.__getitem__)
             load[w] += 1
-            pending[submit(queue.pop(0), w)] = w
+            s = queue.pop(0)
+            pending[submit(s, w)] = (w, s)
         ready, _ = ray.wait(list(pending), num_returns=1)
-        load[pending.pop(ready[0])] -= 1
-        r = ray_get(ready[0])
+        w, s = pending.pop(ready[0])
+        load[w] -= 1
+        try:
+            r = ray_get(ready[0])
+        except ray.exceptions.RayActorError:
+            dead.add(w)
+            queue.insert(0, s)
+            log(f"{what}: worker {w} died during part {s.part}; the part goes to another worker")
+            continue
         done.append(r)
         ndocs += r.rows
         rate = f"{r.rows / r.seconds:,.0f} docs/s" if not r.reused else "reused"
@@ -91,13 +127,38 @@ def run_parts(submit, shards: list[InputShard], workers: int, slots: int, what: 
     return sorted(done, key=lambda r: r.part)
 
 
-def encode_corpus(cfg: BuildConfig, corpus: Corpus, fp_of) -> tuple[list[PartResult], object, str]:
-    """Run the encode stage. fp_of(encoder_info) -> the embeddings fingerprint."""
+def log_padding(res: list[PartResult]) -> None:
+    tok, pad, unsorted = (sum(getattr(r, k) for r in res) for k in ("tokens", "padded", "padded_unsorted"))
+    if tok:
+        log(f"encode: {pad:,} tokens computed for {tok:,} real; batches in input order would have "
+            f"computed {unsorted:,} ({1 - pad / unsorted:.0%} saved by length sorting)")
+
+
+ENCODER_FILE = "_shardex_encoder.json"  # written by `shardex encode` beside its parts
+
+
+def precomputed_encoder(cfg: BuildConfig, corpus: Corpus) -> EncoderInfo:
+    """Vectors from `shardex encode` keep their encoder (so text queries work); others are 'precomputed'."""
+    from shards.store import Store
+
+    store = Store(cfg.source, cfg.s3_endpoint)
+    if cfg.vector_column == "vector" and store.exists(ENCODER_FILE):
+        info = EncoderInfo.model_validate_json(store.read_text(ENCODER_FILE))
+        if info.dim != corpus.dim:
+            raise ShardexError(f"{cfg.source}/{ENCODER_FILE}: encoder dim {info.dim}, vectors have {corpus.dim}")
+        return info.model_copy(update={"metric": cfg.metric or info.metric})
+    return EncoderInfo(name="precomputed", dim=corpus.dim, normalize=False, metric=cfg.metric or "l2")
+
+
+def encode_corpus(cfg: BuildConfig, corpus: Corpus, fp_of, layout_of=Layout.build):
+    """Run the encode stage -> (part results, encoder info, fingerprint).
+    fp_of(encoder_info) -> the embeddings fingerprint; layout_of(fp) -> where parts go."""
     if cfg.vector_column:
-        info = EncoderInfo(name="precomputed", dim=corpus.dim, normalize=False, metric=cfg.metric or "l2")
+        info = precomputed_encoder(cfg, corpus)
         fp = fp_of(info)
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        res = run_parts(lambda s, w: prepare_vectors.options(num_cpus=1).remote(s, cfg, fp, corpus.dim,
+        lay = layout_of(fp)
+        res = run_parts(lambda s, w: prepare_vectors.options(num_cpus=1).remote(s, cfg, lay, corpus.dim,
                                                                                 corpus.id_kind),
                         corpus.shards, cpus, 1, "vectors")
         return res, info, fp
@@ -105,8 +166,10 @@ def encode_corpus(cfg: BuildConfig, corpus: Corpus, fp_of) -> tuple[list[PartRes
     try:
         info = ray_get(pool[0].info.remote())
         fp = fp_of(info)
-        res = run_parts(lambda s, w: pool[w].run.remote(s, fp, corpus.id_kind),
+        lay = layout_of(fp)
+        res = run_parts(lambda s, w: pool[w].run.remote(s, lay, corpus.id_kind),
                         corpus.shards, len(pool), MAX_IN_FLIGHT, "encode")
+        log_padding(res)
     finally:
         for a in pool:
             ray.kill(a)

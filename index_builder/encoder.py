@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,12 +35,50 @@ def pick_device(device: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+def torch_dtype(dtype: str, device: str):
+    """auto: fp16 on CUDA (the halved memory traffic is most of the speed-up), fp32 elsewhere."""
+    import torch
+
+    if dtype == "auto":
+        dtype = "fp16" if device.startswith("cuda") else "fp32"
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype: {dtype!r} is not one of {DTYPES}")
+    if dtype != "fp32" and not device.startswith("cuda"):
+        raise ConfigError(f"dtype: {dtype} needs a CUDA device, this one is {device}; use --dtype fp32 or auto")
+    return dtype, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+
+
+@dataclass
+class Padding:
+    """Tokens a part computed (padded) against the real ones, sorted and as the input came."""
+
+    tokens: int = 0
+    padded: int = 0
+    padded_unsorted: int = 0
+
+    def add(self, o: "Padding") -> None:
+        self.tokens += o.tokens
+        self.padded += o.padded
+        self.padded_unsorted += o.padded_unsorted
+
+
+def padding_of(lens: np.ndarray, order: np.ndarray, bs: int) -> Padding:
+    """Tokens computed when batches of bs are cut in `order` (each padded to its longest) and in input order."""
+    def padded(ls):
+        return sum(int(ls[i:i + bs].max()) * len(ls[i:i + bs]) for i in range(0, len(ls), bs))
+
+    return Padding(tokens=int(lens.sum()), padded=padded(lens[order]), padded_unsorted=padded(lens))
+
+
 class Encoder:
-    """A loaded sentence-transformers model plus the prefixes that go with it."""
+    """A loaded sentence-transformers model plus the prefixes, length limit and dtype that go with it."""
 
     def __init__(self, model: str | None = None, device: str | None = None, threads: int | None = None,
                  query_prefix: str = "", document_prefix: str = "", batch_size: int = 64,
-                 metric: str | None = None):
+                 metric: str | None = None, max_seq_length: int | None = None, dtype: str = "auto"):
         import torch
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as hf_logging
@@ -49,17 +88,22 @@ class Encoder:
             torch.set_num_threads(threads)
         self.name = model or DEFAULT_MODEL
         self.device = pick_device(device)
+        self.dtype, tdt = torch_dtype(dtype, self.device)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             self.model = SentenceTransformer(resolve_model(model), device=self.device)
         except Exception as e:  # a missing or broken model: say which, and how to fix it
             raise ConfigError(f"model {self.name!r}: cannot load it ({str(e).splitlines()[0]}); "
                               "give a sentence-transformers model name or a local path") from None
-        self.revision = weights_hash(self.model)
+        self.revision = weights_hash(self.model)  # of the stored weights, before any cast
+        if max_seq_length:
+            self.model.max_seq_length = max_seq_length
+        self.model.to(tdt).eval()
         self.query_prefix, self.document_prefix = query_prefix, document_prefix
         self.batch_size = batch_size
         self.normalize = any(type(m).__name__ == "Normalize" for m in self.model)
         self.metric = metric or ("ip" if self.normalize else "l2")
+        self.padding = Padding()  # totals over every call, for the stage's report
 
     @property
     def dim(self) -> int:
@@ -71,15 +115,41 @@ class Encoder:
         return EncoderInfo(name=self.name, revision=self.revision, dim=self.dim, normalize=self.normalize,
                            metric=self.metric, query_prefix=self.query_prefix,
                            document_prefix=self.document_prefix,
-                           max_seq_length=getattr(self.model, "max_seq_length", None))
+                           max_seq_length=getattr(self.model, "max_seq_length", None), dtype=self.dtype)
+
+    def tokenize(self, texts: list[str], prefix: str = "") -> tuple[dict, np.ndarray]:
+        """Features for all texts at once, padded to the longest, and the order that sorts them
+        longest first. Kept apart from run() so a caller can tokenize one part while the device
+        encodes another."""
+        prep = getattr(self.model, "preprocess", None) or self.model.tokenize  # renamed in sentence-transformers 6
+        feats = prep([prefix + t for t in texts] if prefix else list(texts))
+        lens = feats["attention_mask"].sum(1).numpy()
+        return feats, np.argsort(-lens, kind="stable")
+
+    def run(self, feats: dict, order: np.ndarray) -> np.ndarray:
+        """Encode tokenized texts in batches of similar length; rows come back in input order."""
+        import torch
+
+        mask = feats["attention_mask"]
+        n, left = len(mask), self.model.tokenizer.padding_side == "left"
+        lens = mask.sum(1).numpy()
+        out = np.empty((n, self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            for i in range(0, n, self.batch_size):
+                idx = order[i:i + self.batch_size]
+                L = int(lens[idx].max())  # trim the part-wide padding to this batch's longest
+                batch = {k: _rows(v, idx, L, n, left) for k, v in feats.items()}
+                batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                         for k, v in batch.items()}
+                emb = self.model(batch)["sentence_embedding"]
+                out[idx] = emb.float().cpu().numpy()
+        self.padding.add(padding_of(lens, order, self.batch_size))
+        return out
 
     def _encode(self, texts: list[str], prefix: str) -> np.ndarray:
-        if prefix:
-            texts = [prefix + t for t in texts]
-        # sentence-transformers sorts each call's texts by length, so batches carry little padding.
-        x = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
-                              show_progress_bar=False)
-        return np.ascontiguousarray(x, dtype=np.float32)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.run(*self.tokenize(texts, prefix))
 
     def encode_documents(self, texts: list[str]) -> np.ndarray:
         return self._encode(texts, self.document_prefix)
@@ -93,6 +163,7 @@ class Encoder:
         if info.name == "precomputed":
             raise ConfigError("this index was built from precomputed vectors; query it with vectors "
                               "(--vectors FILE.npy or {\"vectors\": ...}), not text")
+        kw.setdefault("max_seq_length", info.max_seq_length)
         enc = cls(info.name, query_prefix=info.query_prefix, document_prefix=info.document_prefix,
                   metric=info.metric, **kw)
         if info.revision and enc.revision != info.revision:
@@ -108,3 +179,15 @@ def weights_hash(model) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _rows(v, idx: np.ndarray, L: int, n: int, left: bool):
+    """The batch's rows of a [n, L_part] feature, cut to L columns on the padded side's far end."""
+    import torch
+
+    if not (torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n):
+        return v
+    v = v[torch.from_numpy(idx)]
+    if v.dim() == 2:
+        v = v[:, -L:] if left else v[:, :L]
+    return v

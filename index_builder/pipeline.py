@@ -67,21 +67,26 @@ class Timer:
         log(f"{name}: {self.seconds[name]:.1f} s")
 
 
-def _hash(*parts) -> str:
+def short_hash(*parts) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-def build(cfg: BuildConfig) -> Summary:
+def with_endpoint(cfg: BuildConfig) -> BuildConfig:
+    """The driver's AWS_ENDPOINT_URL, carried in the config to Ray workers that may not have it."""
     if cfg.s3_endpoint is None and resolve_endpoint():
-        # The driver's AWS_ENDPOINT_URL, carried in the config to Ray workers that may not have it.
-        cfg = cfg.model_copy(update={"s3_endpoint": resolve_endpoint()})
+        return cfg.model_copy(update={"s3_endpoint": resolve_endpoint()})
+    return cfg
+
+
+def build(cfg: BuildConfig) -> Summary:
+    cfg = with_endpoint(cfg)
     store, t = Store(cfg.index_root, cfg.s3_endpoint), Timer()
     with t.stage("plan"):
         corpus = plan(cfg)  # before Ray starts: a bad corpus fails in a second
     ensure_ray()
     log(f"plan: {len(corpus.files)} file(s), {corpus.total_rows:,} rows, {len(corpus.shards)} part(s)")
     with t.stage("encode"):
-        parts, enc, fp = encode_corpus(cfg, corpus, lambda info: _hash(corpus.fingerprint, info))
+        parts, enc, fp = encode_corpus(cfg, corpus, lambda info: short_hash(corpus.fingerprint, info))
     n = sum(p.rows for p in parts)
     if n == 0:
         raise CorpusError(f"{cfg.source}: no valid documents ({corpus.total_rows} rows, all rejected)")
@@ -90,7 +95,7 @@ def build(cfg: BuildConfig) -> Summary:
     choice = choose_factory(n, enc.dim, cfg.budget_bytes) if cfg.factory == "auto" else None
     factory = choice.factory if choice else cfg.factory
     log(f"index: {factory} over {n:,} x {enc.dim} ({metric})" + (f": {choice.reason}" if choice else ""))
-    work = f"work/{_hash(fp, factory, metric, cfg.shards, cfg.sharding, cfg.seed)}"
+    work = f"work/{short_hash(fp, factory, metric, cfg.shards, cfg.sharding, cfg.seed)}"
     emb = [part_rel(fp, p.part) for p in parts if p.rows]
     live = [p for p in parts if p.rows]
 

@@ -27,6 +27,7 @@ class EncoderInfo(BaseModel):
     query_prefix: str = ""
     document_prefix: str = ""
     max_seq_length: int | None = None
+    dtype: str = "fp32"             # what the documents were encoded in: fp32, fp16 or bf16
 
 
 class FileInfo(BaseModel):

@@ -1,0 +1,176 @@
+"""The encode stage: the length-sorted loop equals sentence-transformers, `shardex encode`
+round-trips through `build --vector-column`, and a killed encoder actor loses no part and
+duplicates none."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+
+from conftest import build
+from index_builder.config import BuildConfig
+from index_builder.encoder import Encoder, padding_of
+from index_builder.textcorpus import stdlib_docstrings, write_corpus
+from shards.errors import ConfigError
+from shards.router import Router
+
+TEXTS = ["short", "a sentence of middling length about files", "word " * 400, "", "ünïcödé text",
+         "read a csv file", "x " * 30] * 10
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return Encoder(threads=2)
+
+
+# ---------------------------------------------------------------- the encoder
+
+def test_sorted_loop_equals_sentence_transformers(enc):
+    x = enc.encode_documents(TEXTS)
+    ref = enc.model.encode(TEXTS, batch_size=64, convert_to_numpy=True)
+    assert x.shape == (len(TEXTS), 384) and x.dtype == np.float32
+    np.testing.assert_allclose(x, ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("prefix,limit", [("passage: ", None), ("", 8), ("query: ", 16)])
+def test_prefix_and_max_seq_length(prefix, limit):
+    e = Encoder(threads=2, document_prefix=prefix, query_prefix="q: ", max_seq_length=limit)
+    ref = e.model.encode([prefix + t for t in TEXTS], batch_size=64, convert_to_numpy=True)
+    np.testing.assert_allclose(e.encode_documents(TEXTS), ref, atol=2e-5)
+    np.testing.assert_allclose(e.encode_queries(TEXTS[:3]), e.model.encode(["q: " + t for t in TEXTS[:3]]),
+                               atol=2e-5)
+    info = e.info()
+    assert (info.document_prefix, info.query_prefix, info.dtype) == (prefix, "q: ", "fp32")
+    assert info.max_seq_length == (limit or 256)
+    if limit:  # truncation really happened: a long text equals its own first tokens
+        long = "word " * 400
+        np.testing.assert_allclose(e.encode_documents([long]), e.encode_documents(["word " * 100]), atol=2e-5)
+
+
+def test_normalisation_is_the_models(enc):
+    x = enc.encode_documents(TEXTS[:5])
+    assert enc.normalize and enc.metric == "ip"
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+
+
+def test_half_precision_needs_a_gpu():
+    with pytest.raises(ConfigError, match="dtype: fp16 needs a CUDA device"):
+        Encoder(device="cpu", dtype="fp16")
+
+
+@pytest.mark.parametrize("lens,bs,tokens,padded,unsorted", [
+    ([5], 4, 5, 5, 5),
+    ([1, 9, 1, 9], 2, 20, 20, 36),         # sorted: (9,9)(1,1); input order: (1,9)(1,9)
+    ([3, 3, 3], 2, 9, 9, 9),
+    ([10, 1, 2, 3, 4, 5], 3, 25, 10 * 3 + 3 * 3, 10 * 3 + 5 * 3),
+])
+def test_padding_of(lens, bs, tokens, padded, unsorted):
+    lens = np.array(lens)
+    p = padding_of(lens, np.argsort(-lens, kind="stable"), bs)
+    assert (p.tokens, p.padded, p.padded_unsorted) == (tokens, padded, unsorted)
+
+
+def test_length_sorting_saves_padding_on_real_docstrings(enc):
+    texts = [r["text"] for r in stdlib_docstrings(limit=300)]
+    feats, order = enc.tokenize(texts)
+    p = padding_of(feats["attention_mask"].sum(1).numpy(), order, 64)
+    assert p.tokens <= p.padded < p.padded_unsorted
+
+
+def test_refuses_an_index_whose_encoder_it_cannot_load(enc):
+    info = enc.info().model_copy(update={"revision": "0" * 64})
+    with pytest.raises(ConfigError, match="weights .* differ"):
+        Encoder.for_index(info)
+    with pytest.raises(ConfigError, match="cannot load it"):
+        Encoder.for_index(info.model_copy(update={"name": "/no/such/model", "revision": None}))
+
+
+# ---------------------------------------------------------------- `shardex encode` and the pool
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    src = str(tmp_path_factory.mktemp("enc") / "corpus")
+    info = write_corpus(src, limit=240, files=2, row_group_rows=30)
+    return src, ds.dataset(src).to_table().to_pylist()
+
+
+def test_encode_writes_parts_build_takes(ray_session, docs, tmp_path, enc):
+    from index_builder.embeddings import encode
+
+    src, rows = docs
+    out = str(tmp_path / "emb")
+    s = encode(BuildConfig(source=src, index_root=out, fields=["title", "text"], part_rows=60))
+    assert (s.documents, s.rejected, s.parts, s.reused_parts) == (len(rows), 0, 4, 0)
+    t = ds.dataset(out).to_table()  # pyarrow skips the _-prefixed files, as build does
+    assert sorted(t.column("id").to_pylist()) == sorted(r["id"] for r in rows)
+    assert t.schema.field("vector").type.list_size == 384 and t.column_names == ["id", "vector", "title", "text"]
+    by_id = {r["id"]: r["text"] for r in rows}
+    some = t.slice(0, 5).to_pylist()
+    np.testing.assert_allclose(np.array([r["vector"] for r in some]),
+                               enc.encode_documents([by_id[r["id"]] for r in some]), atol=2e-5)
+    assert json.load(open(os.path.join(out, "_shardex_encoder.json")))["revision"] == enc.revision
+
+    again = encode(BuildConfig(source=src, index_root=out, fields=["title", "text"], part_rows=60))
+    assert again.reused_parts == 4 and again.documents == len(rows)
+
+    # build from the embeddings: the encoder travels, so text queries work on the result
+    root = str(tmp_path / "index")
+    build(ray_session, source=out, index_root=root, vector_column="vector", fields=["title"], part_rows=1000)
+    r = Router(root, backend="local")
+    hit = r.search([rows[7]["text"]], k=1)[0][0]
+    assert hit.id == rows[7]["id"] and hit.fields == {"title": rows[7]["title"]}
+    assert r.manifest.encoder.revision == enc.revision
+
+
+def test_encode_refuses_a_directory_of_other_embeddings(ray_session, docs, tmp_path):
+    from index_builder.embeddings import encode
+
+    src, _ = docs
+    out = str(tmp_path / "emb")
+    encode(BuildConfig(source=src, index_root=out, fields=["title"], part_rows=120))
+    with pytest.raises(ConfigError, match="holds embeddings of another"):
+        encode(BuildConfig(source=src, index_root=out, fields=["title"], part_rows=120, document_prefix="p: "))
+
+
+@pytest.mark.slow
+def test_killed_encoder_actor_part_is_redone_once(ray_session, docs, tmp_path, capfd):
+    """Kill one of two actors (for good) once parts are flowing: its parts go to the other,
+    and every id is in the output exactly once."""
+    import ray
+
+    from index_builder.embeddings import encode
+
+    src, rows = docs
+    out = str(tmp_path / "emb")
+    res = {}
+    th = threading.Thread(target=lambda: res.update(s=encode(BuildConfig(
+        source=src, index_root=out, fields=["title"], part_rows=20, actors=2))))
+    th.start()
+    victim = _wait_for_busy_actor(out, ray)
+    ray.kill(ray.get_actor(victim), no_restart=True)
+    th.join(timeout=600)
+    assert "s" in res, "encode did not finish"
+    ids = ds.dataset(out).to_table(columns=["id"]).column(0).to_pylist()
+    assert len(ids) == len(set(ids)) == len(rows)
+    assert set(ids) == {r["id"] for r in rows}
+    assert res["s"].documents == len(rows)
+    assert "goes to another worker" in capfd.readouterr().err  # the kill landed mid-run
+
+
+def _wait_for_busy_actor(out: str, ray, timeout: float = 300) -> str:
+    """The name of an encoder actor, once at least one part is committed (so the pool is mid-run)."""
+    from index_builder.encode_pool import ACTOR_PREFIX
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        names = [n for n in ray.util.list_named_actors() if n.startswith(ACTOR_PREFIX)]
+        done = [f for f in os.listdir(out) if f.startswith("part-")] if os.path.isdir(out) else []
+        if names and done:
+            return sorted(names)[0]
+        time.sleep(0.1)
+    raise AssertionError("no part was committed")
