@@ -43,15 +43,12 @@ class EncoderActor:
         return self.enc.info()
 
     def run(self, shard: InputShard, layout: Layout, kind: str) -> PartResult:
-        from .encoder import padding_of
-
         pads = []
 
         def encode(texts):
-            feats, order = self.enc.tokenize(texts, self.enc.document_prefix)
-            pads.append(padding_of(feats["attention_mask"].sum(1).numpy(), order, self.enc.batch_size))
-            with self.lock:
-                return self.enc.run(feats, order)
+            x, pad = self.enc.encode_part(texts, self.lock)
+            pads.append(pad)
+            return x
 
         r = prepare(shard, self.cfg, layout, None, kind, encode)
         if pads:

@@ -174,3 +174,12 @@ def _wait_for_busy_actor(out: str, ray, timeout: float = 300) -> str:
             return sorted(names)[0]
         time.sleep(0.1)
     raise AssertionError("no part was committed")
+
+
+def test_fast_tokenizer_gives_the_models_own_features(enc):
+    """The hand-padded Rust tokenizer is used for the default model, and matches its preprocessing."""
+    texts = [r["text"] for r in stdlib_docstrings(limit=200)] + TEXTS
+    assert enc.fast is not None
+    a, b = enc.fast(texts), enc._preprocess(texts)
+    for k in enc.fast.names:
+        assert a[k].shape == b[k].shape and bool((a[k] == b[k]).all()), k
