@@ -21,6 +21,7 @@ from .config import BuildConfig
 from .corpus import plan
 from .encode import Layout
 from .encode_pool import ENCODER_FILE, encode_corpus
+from .pipeline import short_hash, with_endpoint
 from .raytools import ensure_ray, log
 
 RUN_FILE = "_shardex_encode.json"  # the fingerprint of what this directory holds
@@ -54,8 +55,6 @@ class EncodeSummary:
 
 def encode(cfg: BuildConfig) -> EncodeSummary:
     """cfg.index_root is EMBEDDINGS_URI here."""
-    from .pipeline import short_hash, with_endpoint
-
     cfg = with_endpoint(cfg)
     if cfg.vector_column:
         raise ConfigError("vector_column: `shardex encode` encodes text; the vectors are already there")
@@ -89,11 +88,10 @@ def _claim(store: Store, fp: str) -> None:
             raise ConfigError(f"{store.root}: holds embeddings of another corpus, encoder or field list "
                               f"(fingerprint {have[:12]}, this run {fp[:12]}); give a new EMBEDDINGS_URI or delete it")
         return
-    if store.ls(""):
-        names = [x for x in store.ls("") if x not in (RUN_FILE,)]
-        if names:
-            raise ConfigError(f"{store.root}: not empty and not written by `shardex encode` ({names[0]}, ...); "
-                              "give a new or empty EMBEDDINGS_URI")
+    names = store.ls("")
+    if names:
+        raise ConfigError(f"{store.root}: not empty and not written by `shardex encode` ({names[0]}, ...); "
+                          "give a new or empty EMBEDDINGS_URI")
     store.write_text(RUN_FILE, json.dumps({"fingerprint": fp}))
 
 

@@ -187,8 +187,9 @@ class Encoder:
         lens = feats["attention_mask"].sum(1).numpy()
         return feats, np.argsort(-lens, kind="stable")
 
-    def run(self, feats: dict, order: np.ndarray) -> np.ndarray:
-        """Encode tokenized texts in batches of similar length; rows come back in input order."""
+    def run(self, feats: dict, order: np.ndarray) -> tuple[np.ndarray, Padding]:
+        """Encode tokenized texts in batches of similar length; rows come back in input order,
+        with the padding those batches computed."""
         import torch
 
         mask = feats["attention_mask"]
@@ -204,21 +205,21 @@ class Encoder:
                          for k, v in batch.items()}
                 emb = self.model(batch)["sentence_embedding"]
                 out[idx] = emb.float().cpu().numpy()
-        self.padding.add(padding_of(lens, order, self.batch_size))
-        return out
+        pad = padding_of(lens, order, self.batch_size)
+        self.padding.add(pad)
+        return out, pad
 
     def encode_part(self, texts: list[str], device_lock) -> tuple[np.ndarray, Padding]:
         """Documents, with only the device work under device_lock: threads that share one encoder
         tokenize (and read and write) while another thread's part holds the device."""
         feats, order = self.tokenize(texts, self.document_prefix)
-        pad = padding_of(feats["attention_mask"].sum(1).numpy(), order, self.batch_size)
         with device_lock:
-            return self.run(feats, order), pad
+            return self.run(feats, order)
 
     def _encode(self, texts: list[str], prefix: str) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return self.run(*self.tokenize(texts, prefix))
+        return self.run(*self.tokenize(texts, prefix))[0]
 
     def encode_documents(self, texts: list[str]) -> np.ndarray:
         return self._encode(texts, self.document_prefix)
