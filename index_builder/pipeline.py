@@ -108,10 +108,10 @@ def build(cfg: BuildConfig) -> Summary:
     live = [p for p in parts if p.rows]
 
     with t.stage("train"):
-        nl_guess = _nlist_of(factory)
-        tr = ray_get(train_task.options(num_cpus=node_cpus()).remote(
+        res = train_resources()
+        tr = ray_get(train_task.options(**res).remote(
             store, [(r, p.rows) for r, p in zip(emb, live)], factory, enc.dim, metric,
-            train_size(n, factory, nl_guess), cfg.seed, f"{work}/trained.index", node_cpus()))
+            train_size(n, factory, _nlist_of(factory)), cfg.seed, f"{work}/trained.index", res["num_cpus"]))
     trained = f"{work}/trained.index"
     with t.stage("add"):
         added = ray_get([add_task.options(num_cpus=1).remote(store, trained, r, p.part, cfg.shards, work,
@@ -161,6 +161,17 @@ def build(cfg: BuildConfig) -> Summary:
 def _nlist_of(factory: str) -> int | None:
     m = re.search(r"IVF(\d+)", factory)
     return int(m.group(1)) if m else None
+
+
+def train_resources() -> dict:
+    """The train task takes a whole node: a GPU node's CPUs and one GPU when the cluster has GPUs
+    (k-means runs there), else the CPUs of the largest node."""
+    import ray
+
+    gpu_nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) >= 1]
+    if gpu_nodes:
+        return {"num_cpus": int(max(n["Resources"].get("CPU", 1) for n in gpu_nodes)), "num_gpus": 1}
+    return {"num_cpus": node_cpus()}
 
 
 def merge_ram_budget(cfg: BuildConfig) -> int:
