@@ -22,6 +22,7 @@ from .encode import part_rel
 from .encode_pool import encode_corpus
 from .merge import expected_digest, merge_task, ram_budget_exceeded, shard_info, shard_rel
 from .params import choose_factory, train_size
+from .params import plan as plan_index  # noqa: I001
 from .publish import copy_files, file_info, publish, write_quarantine
 from .raytools import ensure_ray, log, node_cpus, ray_get
 from .shard_math import ivf_ranges, sum_digests
@@ -89,6 +90,10 @@ def build(cfg: BuildConfig) -> Summary:
         corpus = plan(cfg)  # before Ray starts: a bad corpus fails in a second
     ensure_ray()
     log(f"plan: {len(corpus.files)} file(s), {corpus.total_rows:,} rows, {len(corpus.shards)} part(s)")
+    ram_budget = merge_ram_budget(cfg)
+    shown = None
+    if corpus.dim:  # precomputed vectors: N and d are known before any work, so is the plan
+        shown = _show_plan(cfg, corpus.total_rows - corpus.rejected_ids, corpus.dim, cfg.metric, ram_budget)
     with t.stage("encode"):
         parts, enc, fp = encode_corpus(cfg, corpus, lambda info: short_hash(corpus.fingerprint, info))
     n = sum(p.rows for p in parts)
@@ -96,13 +101,9 @@ def build(cfg: BuildConfig) -> Summary:
         raise CorpusError(f"{cfg.source}: no valid documents ({corpus.total_rows} rows, all rejected)")
     metric = cfg.metric or enc.metric
     enc = enc.model_copy(update={"metric": metric})
-    choice = (choose_factory(n, enc.dim, cfg.budget_bytes, need_ivf=cfg.sharding == "ivf")
-              if cfg.factory == "auto" else None)
-    factory = choice.factory if choice else cfg.factory
-    if cfg.sharding == "ivf" and not _nlist_of(factory):
-        raise ConfigError(f"sharding: ivf needs an IVF index, and {factory!r} has no IVF lists; "
-                          f"give --sharding hash or an IVF factory")
-    log(f"index: {factory} over {n:,} x {enc.dim} ({metric})" + (f": {choice.reason}" if choice else ""))
+    choice, factory = _choose(cfg, n, enc.dim)
+    if shown != (n, factory):  # text: known once encoded; vectors: some rows were rejected
+        _show_plan(cfg, n, enc.dim, metric, ram_budget)
     work = f"work/{short_hash(fp, factory, metric, cfg.shards, cfg.sharding, cfg.seed)}"
     emb = [part_rel(fp, p.part) for p in parts if p.rows]
     live = [p for p in parts if p.rows]
@@ -111,7 +112,7 @@ def build(cfg: BuildConfig) -> Summary:
         res = train_resources()
         tr = ray_get(train_task.options(**res).remote(
             store, [(r, p.rows) for r, p in zip(emb, live)], factory, enc.dim, metric,
-            train_size(n, factory, _nlist_of(factory)), cfg.seed, f"{work}/trained.index", res["num_cpus"]))
+            train_size(n, enc.dim, factory, _nlist_of(factory)), cfg.seed, f"{work}/trained.index", res["num_cpus"]))
     trained = f"{work}/trained.index"
     with t.stage("add"):
         added = ray_get([add_task.options(num_cpus=1).remote(store, trained, r, p.part, cfg.shards, work,
@@ -123,7 +124,7 @@ def build(cfg: BuildConfig) -> Summary:
             subs = ray_get([split_task.options(num_cpus=1).remote(store, trained, work, p.part, ranges)
                             for p in live])
     with t.stage("merge"):
-        merged = merge_shards(cfg, store, work, live, added, subs, tr["nlist"])
+        merged = merge_shards(cfg, store, work, live, added, subs, tr["nlist"], ram_budget)
     with t.stage("tune"):
         from .tune import tune_task
 
@@ -163,6 +164,26 @@ def _nlist_of(factory: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _choose(cfg: BuildConfig, n: int, d: int):
+    """(the auto Choice or None, the factory string); ivf sharding needs an IVF factory."""
+    choice = choose_factory(n, d, cfg.budget_bytes, need_ivf=cfg.sharding == "ivf") if cfg.factory == "auto" else None
+    factory = choice.factory if choice else cfg.factory
+    if cfg.sharding == "ivf" and not _nlist_of(factory):
+        raise ConfigError(f"sharding: ivf needs an IVF index, and {factory!r} has no IVF lists; "
+                          f"give --sharding hash or an IVF factory")
+    return choice, factory
+
+
+def _show_plan(cfg: BuildConfig, n: int, d: int, metric: str | None, ram_budget: int) -> tuple[int, str]:
+    """Log what the build will make (memory per shard, disk, training sample) before it makes it."""
+    choice, factory = _choose(cfg, n, d)
+    log(f"index: {factory} over {n:,} x {d}" + (f" ({metric})" if metric else "")
+        + (f": {choice.reason}" if choice else ""))
+    for line in plan_index(n, d, factory, cfg.shards, ram_budget).lines():
+        log(line)
+    return n, factory
+
+
 def train_resources() -> dict:
     """The train task takes a whole node: a GPU node's CPUs and one GPU when the cluster has GPUs
     (k-means runs there), else the CPUs of the largest node."""
@@ -185,11 +206,11 @@ def merge_ram_budget(cfg: BuildConfig) -> int:
 
 
 def merge_shards(cfg: BuildConfig, store: Store, work: str, live, added: list[dict], subs: list[dict],
-                 nlist: int | None) -> list[dict]:
+                 nlist: int | None, budget: int) -> list[dict]:
     """One merge task per serving shard, in RAM or on disk by its size. subs: what each part put
     in each shard (the add's, or the ivf split's). First checks that the shards together hold
     every added id exactly once."""
-    S, budget = cfg.shards, merge_ram_budget(cfg)
+    S = cfg.shards
     want = [expected_digest(subs, s) for s in range(S)]
     if sum_digests(want) != sum_digests(a["digest"] for a in added):
         raise IntegrityError(f"{store.uri(work)}: the shards' sub-indexes do not add up to the parts' ids; "
