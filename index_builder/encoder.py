@@ -7,6 +7,7 @@ builds and the demo run offline.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -110,15 +111,19 @@ class FastTokenizer:
         import torch
 
         enc = self.bt.encode_batch(texts)
-        n, lens = len(enc), np.fromiter((len(e.ids) for e in enc), np.int64, len(enc))
-        L = int(lens.max()) if n else 0
+        ids = [e.ids for e in enc]
+        n, lens = len(ids), np.fromiter(map(len, ids), np.int64, len(ids))
+        L, total = (int(lens.max()), int(lens.sum())) if n else (0, 0)
+        # One boolean mask fills every row at once (row-major order = token order): a Python loop
+        # over rows cost as much as the tokenizing itself.
+        col = np.arange(L)
+        mask = col >= (L - lens)[:, None] if self.left else col < lens[:, None]
         out = {"input_ids": np.full((n, L), self.pad, np.int64), "token_type_ids": np.zeros((n, L), np.int64),
-               "attention_mask": np.zeros((n, L), np.int64)}
-        for i, e in enumerate(enc):
-            sl = slice(L - lens[i], L) if self.left else slice(0, lens[i])
-            out["input_ids"][i, sl] = e.ids
-            out["token_type_ids"][i, sl] = e.type_ids
-            out["attention_mask"][i, sl] = 1
+               "attention_mask": mask.astype(np.int64)}
+        out["input_ids"][mask] = np.fromiter(itertools.chain.from_iterable(ids), np.int64, total)
+        if "token_type_ids" in self.names:
+            out["token_type_ids"][mask] = np.fromiter(
+                itertools.chain.from_iterable(e.type_ids for e in enc), np.int64, total)
         return {**{k: torch.from_numpy(out[k]) for k in self.names}, **self.extra}
 
 
