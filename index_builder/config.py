@@ -23,8 +23,8 @@ class BuildConfig(BaseModel):
     dim: int | None = None                  # expected vector dim; default: the column's first vector
     fields: list[str] | None = None         # stored fields; default: the text column
     model: str | None = None                # default: the bundled all-MiniLM-L6-v2
-    query_prefix: str = ""
-    document_prefix: str = ""
+    query_prefix: str | None = None         # default: the model's own "query" prompt, if it has one
+    document_prefix: str | None = None      # default: its "document"/"passage"/"corpus" prompt
     max_seq_length: int | None = None       # tokens per text; default: the model's own limit
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
     factory: str = "auto"

@@ -21,6 +21,7 @@ CURRENT = "CURRENT"
 class EncoderInfo(BaseModel):
     name: str                       # model name or path; "precomputed" for a vector column
     revision: str | None = None     # sha256 of the weights
+    modules: str | None = None      # sha256 of the modules' types and configs (pooling, normalisation)
     dim: int
     normalize: bool
     metric: str                     # "ip" | "l2"
