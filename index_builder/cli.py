@@ -129,6 +129,51 @@ def cmd_rollback(args) -> int:
     return 0
 
 
+EVAL_HELP = {
+    "version": "the version to evaluate (default: CURRENT)",
+    "queries": "query file: .npy vectors, .parquet with a 'vector' or 'text' column, or text, one query a line "
+               "(default: stored vectors, each left out of its own search)",
+    "k": "recall@k and the k searched",
+    "nprobe": "comma-separated nprobe values (default: 1, 2, 4, ... nlist)",
+    "num_queries": "how many stored vectors to sample as queries (without --queries)",
+    "latency_queries": "how many queries to time one at a time for latency",
+    "target_recall": "report the smallest nprobe reaching this recall@k",
+    "out": "directory (or s3:// prefix) for eval.json and eval.png (default: ./shardex-eval-<version>)",
+    "threads": "faiss threads (default: all cores)",
+    "seed": "seed for sampling queries",
+    "s3_endpoint": "S3 endpoint URL (also read from AWS_ENDPOINT_URL)",
+}
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    from .eval import EvalConfig
+
+    for name, f in EvalConfig.model_fields.items():
+        if name == "index_root":
+            continue
+        typ = int if name in ("k", "num_queries", "latency_queries", "threads", "seed") else (
+            float if name == "target_recall" else str)
+        flag = ["-k"] if name == "k" else ["--" + name.replace("_", "-")]
+        h = EVAL_HELP.get(name, "")
+        p.add_argument(*flag, dest=name, type=typ, default=None,
+                       help=h if "default" in h else f"{h} (default: {f.default})")
+
+
+def cmd_eval(args) -> int:
+    from .eval import EvalConfig, config_from, evaluate, lines, write_report
+
+    opts = {k: v for k, v in vars(args).items() if k in EvalConfig.model_fields and v is not None}
+    cfg = config_from(opts, args.config)
+    report = evaluate(cfg)
+    js, png = write_report(report, cfg.out, cfg.s3_endpoint)
+    if args.json:
+        print(json.dumps({**report, "files": [js, png]}, indent=2))
+        return 0
+    print("\n".join(lines(report)))
+    print(f"wrote        {js}\n             {png}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -169,6 +214,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--s3-endpoint", default=None)
     s.set_defaults(fn=cmd_search)
 
+    ev = sub.add_parser("eval", help="recall@k against exact search, QPS and latency per nprobe; JSON and a plot")
+    ev.add_argument("index_root", nargs="?", help="index root (local path or s3://)")
+    ev.add_argument("--config", help="YAML file with the same keys (CLI options override it)")
+    ev.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_eval_options(ev)
+    ev.set_defaults(fn=cmd_eval)
+
     v = sub.add_parser("versions", help="list the versions and which one is CURRENT")
     v.add_argument("index_root")
     v.add_argument("--json", action="store_true")
@@ -193,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.cmd == "build" and not args.config and not (args.source and args.index_root):
         parser().error("build: give SOURCE and INDEX_ROOT, or --config FILE.yaml")
+    if args.cmd == "eval" and not args.config and not args.index_root:
+        parser().error("eval: give INDEX_ROOT, or --config FILE.yaml")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return args.fn(args)

@@ -1,48 +1,18 @@
-"""The default nprobe: the smallest that reaches the target recall@10 against exact search."""
+"""The default nprobe: the smallest that reaches the target recall@10 against exact search,
+measured on held-out vectors (eval.py: stored vectors, each left out of its own search)."""
 from __future__ import annotations
 
-import numpy as np
 import ray
 
-from shards.faissio import faiss, metric_type, nlist, set_nprobe
+from shards.faissio import faiss, nlist
 from shards.store import Store
-from shards.topk import merge_topk, recall_at_k
 
-from .encode import read_vectors
+from .eval import drop_own, exact_topk, nprobe_ladder, sample_queries, smallest_reaching, sweep
 
 K = 10
 EVAL_QUERIES = 200
 
-
-def exact_topk(store: Store, emb_rels: list[str], xq: np.ndarray, k: int, metric: str):
-    """Brute force over every stored vector, one part in memory at a time."""
-    res = []
-    for rel in emb_rels:
-        ids, x = read_vectors(store, rel)
-        flat = faiss().IndexFlat(x.shape[1], metric_type(metric))
-        flat.add(x)
-        D, I = flat.search(xq, min(k, len(x)))
-        res.append((D, np.where(I >= 0, ids[np.maximum(I, 0)], -1)))
-    return merge_topk(res, k, metric)
-
-
-def query_sample(store: Store, emb_rels: list[str], n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    picks = rng.choice(len(emb_rels), size=n)
-    xs = []
-    for p in np.unique(picks):
-        _, x = read_vectors(store, emb_rels[p])
-        xs.append(x[rng.choice(len(x), size=min(len(x), int((picks == p).sum())), replace=False)])
-    return np.concatenate(xs)
-
-
-def nprobe_ladder(nl: int) -> list[int]:
-    """1, 2, 4, ... up to nlist."""
-    out, p = [], 1
-    while p < nl:
-        out.append(p)
-        p *= 2
-    return out + [nl]
+__all__ = ["K", "EVAL_QUERIES", "nprobe_ladder", "tune_task"]
 
 
 @ray.remote
@@ -52,15 +22,10 @@ def tune_task(store: Store, work: str, S: int, emb_rels: list[str], metric: str,
 
     faiss().omp_set_num_threads(threads)
     shards = [open_merged(store, work, s) for s in range(S)]
-    xq = query_sample(store, emb_rels, EVAL_QUERIES, seed)
-    _, gt = exact_topk(store, emb_rels, xq, K, metric)
+    xq, own = sample_queries(store, emb_rels, EVAL_QUERIES, seed)
+    D, gt = exact_topk(store, emb_rels, xq, K + 1, metric)
+    _, gt = drop_own(D, gt, own, K)
     nl = nlist(shards[0])
-    best = None
-    for p in nprobe_ladder(nl) if nl else [None]:
-        for s in shards:
-            set_nprobe(s, p)
-        _, I = merge_topk([s.search(xq, K) for s in shards], K, metric)
-        best = {"nprobe": p, "recall_at_10": round(recall_at_k(I, gt, K), 4), "eval_queries": len(xq)}
-        if best["recall_at_10"] >= target:
-            break
-    return best
+    rows = sweep(shards, xq, gt, K, nprobe_ladder(nl) if nl else [None], metric, own, stop_at=target)
+    best = smallest_reaching(rows, target) or rows[-1]
+    return {"nprobe": best["nprobe"], "recall_at_10": best["recall"], "eval_queries": len(xq)}
