@@ -25,7 +25,8 @@ import uuid
 import ray
 
 from shards.errors import IntegrityError
-from shards.faissio import faiss, ivf, open_shard_file, quantizer_bytes, read_index, faiss_quiet, write_index
+from shards.faissio import (faiss, faiss_quiet, ivf, no_search_flags, open_shard_file, quantizer_bytes, read_index,
+                            write_index)
 from shards.manifest import FileInfo
 from shards.store import Store
 
@@ -66,10 +67,10 @@ def _mismatch(store: Store, rel: str, trained_rel: str, work: str) -> IntegrityE
 
 
 def merge_in_ram(store: Store, trained_rel: str, rels: list[str], work: str):
-    index = read_index(store, trained_rel)
+    index = read_index(store, trained_rel, no_search_flags())
     q = quantizer_bytes(index)
     for rel in rels:
-        sub = read_index(store, rel)
+        sub = read_index(store, rel, no_search_flags())
         if quantizer_bytes(sub) != q:
             raise _mismatch(store, rel, trained_rel, work)
         index.merge_from(sub, 0)  # add_id=0: keep the ids the part was added with
@@ -80,7 +81,7 @@ def open_mmapped(path: str):
     """(emptied index, its inverted lists): the lists stay mmapped in the file; the index,
     with empty lists in their place, is what the quantizer check compares."""
     f = faiss()
-    index = f.read_index(path, f.IO_FLAG_MMAP)
+    index = f.read_index(path, f.IO_FLAG_MMAP | no_search_flags())
     iv = ivf(index)
     lists = iv.invlists
     iv.own_invlists = False
@@ -96,7 +97,7 @@ def open_mmapped(path: str):
 def merge_on_disk(store: Store, trained_rel: str, rels: list[str], work: str, local_dir: str, name: str):
     """The shard as local_dir/<name>.index + local_dir/<name>.ivfdata; returns the index."""
     f = faiss()
-    index = read_index(store, trained_rel)
+    index = read_index(store, trained_rel, no_search_flags())
     q = quantizer_bytes(index)
     fetched = os.path.join(local_dir, "parts")
     os.makedirs(fetched, exist_ok=True)

@@ -27,6 +27,7 @@ from .publish import copy_files, file_info, publish, write_quarantine
 from .raytools import ensure_ray, log, node_cpus, ray_get
 from .shard_math import ivf_ranges, sum_digests
 from .train import train_task
+from .tune import EVAL_QUERIES, tune_task
 
 
 @dataclass
@@ -112,11 +113,12 @@ def build(cfg: BuildConfig) -> Summary:
         res = train_resources()
         tr = ray_get(train_task.options(**res).remote(
             store, [(r, p.rows) for r, p in zip(emb, live)], factory, enc.dim, metric,
-            train_size(n, enc.dim, factory, _nlist_of(factory)), cfg.seed, f"{work}/trained.index", res["num_cpus"]))
+            train_size(n, enc.dim, factory, _nlist_of(factory)), cfg.seed, f"{work}/trained.index", res["num_cpus"],
+            EVAL_QUERIES))
     trained = f"{work}/trained.index"
     with t.stage("add"):
         added = ray_get([add_task.options(num_cpus=1).remote(store, trained, r, p.part, cfg.shards, work,
-                                                             cfg.sharding) for r, p in zip(emb, live)])
+                                                             cfg.sharding, metric) for r, p in zip(emb, live)])
         ranges, subs = None, added
         if cfg.sharding == "ivf":
             ranges = ivf_ranges(np.sum([a["list_sizes"] for a in added], axis=0), cfg.shards)
@@ -126,10 +128,8 @@ def build(cfg: BuildConfig) -> Summary:
     with t.stage("merge"):
         merged = merge_shards(cfg, store, work, live, added, subs, tr["nlist"], ram_budget)
     with t.stage("tune"):
-        from .tune import tune_task
-
         best = ray_get(tune_task.options(num_cpus=node_cpus()).remote(
-            store, work, cfg.shards, emb, metric, cfg.target_recall, cfg.seed, node_cpus()))
+            store, work, cfg.shards, [p.part for p in live], metric, cfg.target_recall, node_cpus()))
     with t.stage("publish"):
         version = new_version_name(work.split("/")[-1])
         infos = [shard_info(store, work, s) for s in range(cfg.shards)]

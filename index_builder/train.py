@@ -13,7 +13,9 @@ falls back to the next device down, with a log line, rather than failing the bui
 """
 from __future__ import annotations
 
+import io
 import json
+import posixpath
 import time
 
 import numpy as np
@@ -40,18 +42,31 @@ def make_index(factory: str, d: int, metric: str):
     return index
 
 
-def sample(store: Store, parts: list[tuple[str, int]], size: int, seed: int) -> np.ndarray:
-    """`size` vectors, taken from each part in proportion to its row count; one part in memory at a time."""
+def quotas(sizes: list[int], size: int) -> np.ndarray:
+    """How many of `size` to take from each part, in proportion to its rows (remainder to the biggest)."""
+    total = sum(sizes)
+    quota = np.floor(np.array(sizes) * size / max(total, 1)).astype(int)
+    quota[np.argsort([-n for n in sizes])[: size - quota.sum()]] += 1
+    return np.minimum(quota, sizes)
+
+
+def sample(store: Store, parts: list[tuple[str, int]], size: int, seed: int, queries: int = 0):
+    """`size` training vectors taken from each part in proportion to its row count, one part in
+    memory at a time. With queries > 0, also that many (query vectors, ids) drawn the same way
+    while the parts are read anyway: tune's held-out queries. Returns xt, or (xt, xq, qids)."""
     rng = np.random.default_rng(seed)
-    total = sum(n for _, n in parts)
-    quota = np.floor(np.array([n for _, n in parts]) * size / max(total, 1)).astype(int)
-    quota[np.argsort([-n for _, n in parts])[: size - quota.sum()]] += 1  # the remainder, biggest parts first
-    xs = []
-    for (rel, n), q in zip(parts, quota):
-        if q > 0:
-            _, x = read_vectors(store, rel)
-            xs.append(x[rng.choice(len(x), size=min(q, len(x)), replace=False)])
-    return np.concatenate(xs)
+    sizes = [n for _, n in parts]
+    qt, qq = quotas(sizes, size), quotas(sizes, queries)
+    xs, xq, qids = [], [], []
+    for (rel, n), a, b in zip(parts, qt, qq):
+        if a > 0 or b > 0:
+            ids, x = read_vectors(store, rel)
+            xs.append(x[rng.choice(len(x), size=min(a, len(x)), replace=False)])
+            take = rng.choice(len(x), size=min(b, len(x)), replace=False)
+            xq.append(x[take])
+            qids.append(ids[take])
+    xt = np.concatenate(xs)
+    return (xt, np.concatenate(xq), np.concatenate(qids)) if queries else xt
 
 
 def best_device() -> str:
@@ -135,16 +150,24 @@ def _untrain(iv) -> None:
     iv.is_trained = False
 
 
+def queries_rel(work: str) -> str:
+    return f"{work}/tune-queries.npz"
+
+
 @ray.remote
 def train_task(store: Store, parts: list[tuple[str, int]], factory: str, d: int, metric: str,
-               size: int, seed: int, out_rel: str, threads: int) -> dict:
-    """Writes out_rel (the trained index) and out_rel + '.json' (how it was trained) last."""
+               size: int, seed: int, out_rel: str, threads: int, queries: int = 0) -> dict:
+    """Writes out_rel (the trained index), the tune queries beside it, and out_rel + '.json'
+    (how it was trained) last."""
     record = out_rel + ".json"
     if store.exists(record):
         return {**json.loads(store.read_text(record)), "reused": True}
     faiss().omp_set_num_threads(threads)
     t0 = time.time()
-    xt = sample(store, parts, size, seed)
+    xt, xq, qids = sample(store, parts, size, seed, queries=max(queries, 1))
+    buf = io.BytesIO()
+    np.savez(buf, xq=xq, ids=qids)
+    store.write_bytes(queries_rel(posixpath.dirname(out_rel)), buf.getvalue())
     t1 = time.time()
     index = make_index(factory, d, metric)
     device = train_index(index, xt, best_device(), seed)

@@ -74,15 +74,17 @@ def test_eval_cli_writes_json_and_png(index, tmp_path, capsys):
     assert len(rep["machine"]["loadavg"]) == 3
 
 
-def test_published_nprobe_is_what_eval_finds(index):
-    """Publish's default nprobe: the smallest reaching 0.95 on the same held-out vectors (200, seed 0)."""
+def test_published_nprobe_agrees_with_eval(index):
+    """Publish's default nprobe (measured by tune on 200 held-out vectors) is what eval finds on
+    1,000 others: within one step of the ladder, at about the same recall."""
     root, _, _ = index
     store = Store(root)
     m = load_manifest(store, current_version(store))
-    rep = evaluate(make(EvalConfig, {"index_root": root, "num_queries": 200, "latency_queries": 0}))
-    assert rep["nprobe_reaching_target"] == m.search.nprobe
+    assert m.search.recall_at_10 >= m.search.target_recall == 0.95 and m.search.eval_queries == 200
+    rep = evaluate(make(EvalConfig, {"index_root": root, "num_queries": 1000, "latency_queries": 0, "seed": 7}))
+    assert rep["nprobe_reaching_target"] in (m.search.nprobe // 2, m.search.nprobe, m.search.nprobe * 2)
     row = next(r for r in rep["results"] if r["nprobe"] == m.search.nprobe)
-    assert row["recall"] == m.search.recall_at_10 >= m.search.target_recall == 0.95
+    assert abs(row["recall"] - m.search.recall_at_10) < 0.03
 
 
 def test_eval_given_vectors(index, tmp_path):

@@ -360,3 +360,31 @@ def test_plan(n, d, factory, shards, ram, want):
 def test_plan_of_an_unknown_encoding():
     p = plan(10_000, 64, "HNSW32", 2, 1 << 30)
     assert p.shard_bytes is None and "unknown" in "\n".join(p.lines())
+
+
+# ================================================================ the published default nprobe
+
+from index_builder.tune import choose_nprobe, plateaued  # noqa: E402
+
+
+def _rows(recalls):
+    return [{"nprobe": 2 ** i, "recall": r} for i, r in enumerate(recalls)]
+
+
+# (recall at nprobe 1, 2, 4, ..., target, the default nprobe)
+@pytest.mark.parametrize("recalls,target,want", [
+    ([0.5, 0.8, 0.96], 0.95, 4),               # the smallest reaching the target
+    ([0.95], 0.95, 1),
+    ([0.5, 0.7, 0.83, 0.84, 0.841], 0.95, 8),  # PQ caps recall: the smallest within 0.005 of the best
+    ([0.5, 0.7, 0.836, 0.8395, 0.84], 0.95, 4),
+    ([0.3], 0.95, 1),
+])
+def test_choose_nprobe(recalls, target, want):
+    assert choose_nprobe(_rows(recalls), target)["nprobe"] == want
+
+
+@pytest.mark.parametrize("recalls,want", [([0.5, 0.8], False), ([0.5, 0.8, 0.801], False),
+                                          ([0.83, 0.831, 0.832], True), ([0.7, 0.83, 0.831, 0.8319], True),
+                                          ([0.9, 0.9, 0.95], False)])
+def test_the_ladder_stops_on_a_plateau(recalls, want):
+    assert plateaued(_rows(recalls)) == want
