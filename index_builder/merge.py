@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 
@@ -32,6 +33,48 @@ from shards.store import Store
 
 from .add import _set_ntotal, part_dir
 from .shard_math import ids_digest, sum_digests
+
+
+class MemoryWatch:
+    """Peak anonymous and file-backed resident memory of this process while a merge runs, sampled
+    from /proc/self/status (Linux; elsewhere nothing is recorded). Anonymous memory is what a merge
+    holds; file-backed pages (the mmapped parts and .ivfdata) are page cache the kernel can drop."""
+
+    PERIOD_S = 0.02
+
+    def __enter__(self):
+        self.peak = {"anon": 0, "file": 0}
+        self.start = self._read()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _read(self) -> dict:
+        try:
+            with open("/proc/self/status") as f:
+                kv = dict(line.split(":", 1) for line in f if line.startswith(("RssAnon", "RssFile")))
+        except OSError:
+            return {}
+        return {"anon": int(kv["RssAnon"].split()[0]) << 10, "file": int(kv["RssFile"].split()[0]) << 10}
+
+    def _run(self):
+        while not self._stop.is_set():
+            for k, v in self._read().items():
+                self.peak[k] = max(self.peak[k], v)
+            time.sleep(self.PERIOD_S)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+    def record(self) -> dict:
+        if not self.start:
+            return {}
+        mib = 2**20
+        return {"rss_anon_start_mib": round(self.start["anon"] / mib, 1),
+                "rss_anon_peak_mib": round(self.peak["anon"] / mib, 1),
+                "rss_file_peak_mib": round(self.peak["file"] / mib, 1)}
 
 
 def shard_rel(work: str, s: int) -> str:
@@ -142,6 +185,16 @@ def merge_shard(store: Store, trained_rel: str, work: str, parts: list[int], s: 
     rels = [f"{part_dir(work, p)}/shard-{s}.index" for p in parts]
     name = f"shard-{s}"
     info = {"file": f"{name}.index"}
+    with MemoryWatch() as mem:
+        _merge(store, trained_rel, work, rels, s, expected, ondisk, out, name, info)
+    info.update(sha256=store.sha256(out), bytes=store.size(out), ntotal=int(expected[0]))
+    done = {**FileInfo(**info).model_dump(), "seconds": time.time() - t0, "ondisk": ondisk, **mem.record()}
+    store.write_text(out + ".json", json.dumps(done))
+    return {**done, "reused": False}
+
+
+def _merge(store: Store, trained_rel: str, work: str, rels: list[str], s: int, expected, ondisk: bool,
+           out: str, name: str, info: dict) -> None:
     if ondisk:
         # Local store: build in a scratch dir beside the output, then rename (same filesystem).
         tmp = (os.path.join(os.path.dirname(store.path(out)), f"tmp-{uuid.uuid4().hex[:8]}") if store.local
@@ -165,10 +218,6 @@ def merge_shard(store: Store, trained_rel: str, work: str, parts: list[int], s: 
         _check(index, expected, s, store, work)
         write_index(store, out, index)
         del index
-    info.update(sha256=store.sha256(out), bytes=store.size(out), ntotal=int(expected[0]))
-    done = {**FileInfo(**info).model_dump(), "seconds": time.time() - t0, "ondisk": ondisk}
-    store.write_text(out + ".json", json.dumps(done))
-    return {**done, "reused": False}
 
 
 merge_task = ray.remote(max_retries=3)(merge_shard)

@@ -219,6 +219,7 @@ def test_merge_commit_is_reused(tmp_path, trained):
     first = merge_shard(store, f"{work}/trained.index", work, [0, 1, 2], 0, want, True)
     again = merge_shard(store, f"{work}/trained.index", work, [0, 1, 2], 0, want, True)
     assert again["reused"] and not first["reused"]
+    assert first["rss_anon_peak_mib"] >= first["rss_anon_start_mib"] > 0       # the merge's memory, recorded
     assert json.loads(store.read_text(f"{work}/shards/shard-0.index.json"))["ivfdata"] == "shard-0.ivfdata"
     assert [n for n in store.ls(f"{work}/shards")] == ["shard-0.index", "shard-0.index.json", "shard-0.ivfdata"]
 
