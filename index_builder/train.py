@@ -13,9 +13,11 @@ falls back to the next device down, with a log line, rather than failing the bui
 """
 from __future__ import annotations
 
+import glob
 import io
 import json
 import posixpath
+import sys
 import time
 
 import numpy as np
@@ -74,6 +76,8 @@ def best_device() -> str:
     f = faiss()
     if hasattr(f, "StandardGpuResources") and f.get_num_gpus() > 0:
         return "faiss-gpu"
+    if sys.platform.startswith("linux") and not glob.glob("/dev/nvidia*"):
+        return "cpu"  # no NVIDIA device at all: spare the worker torch's import (seconds of the train stage)
     try:
         import torch
 
