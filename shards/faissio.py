@@ -38,7 +38,22 @@ def from_bytes(data: bytes, io_flags: int = 0):
 
 
 def write_index(store: Store, rel: str, index) -> None:
-    store.write_bytes(rel, to_bytes(index))
+    """On a local store faiss writes the file itself (then it is renamed into place): no serialized
+    copies in memory, which for a big shard were twice its size on top of it."""
+    if not store.local:
+        store.write_bytes(rel, to_bytes(index))
+        return
+    path = store.path(rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        faiss().write_index(index, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_index(store: Store, rel: str, io_flags: int = 0):
