@@ -8,8 +8,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from shards.errors import CorpusError
-from shards.manifest import (DocsInfo, FileInfo, IndexInfo, Manifest, SearchDefaults, ShardingInfo, SourceInfo,
-                             new_version_name)
+from shards.manifest import (DocsInfo, DriftBaseline, EmbeddingsInfo, FileInfo, IndexInfo, Lineage, Manifest,
+                             SearchDefaults, ShardingInfo, SourceInfo, new_version_name, vdir)
 from shards.store import Store, resolve_endpoint
 
 from .add import add_task
@@ -39,6 +39,7 @@ class Summary:
     seconds: dict = field(default_factory=dict)
     rates: dict = field(default_factory=dict)     # vectors/s per stage
     reused: dict = field(default_factory=dict)    # units of work a previous run had finished
+    work: str | None = None                       # this run's scratch under INDEX_ROOT (safe to delete now)
 
     def lines(self) -> list[str]:
         out = [f"version      {self.version}  (CURRENT of {self.index_root})",
@@ -87,6 +88,13 @@ def build(cfg: BuildConfig) -> Summary:
     log(f"plan: {len(corpus.files)} file(s), {corpus.total_rows:,} rows, {len(corpus.shards)} part(s)")
     with t.stage("encode"):
         parts, enc, fp = encode_corpus(cfg, corpus, lambda info: short_hash(corpus.fingerprint, info))
+    return index_and_publish(cfg, store, t, corpus, parts, enc, fp)
+
+
+def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, corpus, parts, enc, fp: str,
+                      trained: str | None = None, annotate=None) -> Summary:
+    """The stages after encode, over the parts in embeddings/<fp>/. A reindex passes trained (a trained
+    index to reuse instead of training; cfg.factory must be its factory) and annotate (manifest -> manifest)."""
     n = sum(p.rows for p in parts)
     if n == 0:
         raise CorpusError(f"{cfg.source}: no valid documents ({corpus.total_rows} rows, all rejected)")
@@ -95,10 +103,13 @@ def build(cfg: BuildConfig) -> Summary:
     choice = choose_factory(n, enc.dim, cfg.budget_bytes) if cfg.factory == "auto" else None
     factory = choice.factory if choice else cfg.factory
     log(f"index: {factory} over {n:,} x {enc.dim} ({metric})" + (f": {choice.reason}" if choice else ""))
-    work = f"work/{short_hash(fp, factory, metric, cfg.shards, cfg.sharding, cfg.seed)}"
+    reused = [trained] if trained else []  # a run that reuses a quantizer never shares scratch with one that trains
+    work = f"work/{short_hash(fp, factory, metric, cfg.shards, cfg.sharding, cfg.seed, *reused)}"
     emb = [part_rel(fp, p.part) for p in parts if p.rows]
     live = [p for p in parts if p.rows]
 
+    if trained and not store.exists(f"{work}/trained.index"):
+        store.copy(trained, f"{work}/trained.index")  # train_task finds it and trains nothing
     with t.stage("train"):
         nl_guess = _nlist_of(factory)
         tr = ray_get(train_task.options(num_cpus=node_cpus()).remote(
@@ -117,6 +128,12 @@ def build(cfg: BuildConfig) -> Summary:
         best = ray_get(tune_task.options(num_cpus=node_cpus()).remote(
             store, [shard_rel(work, s) for s in range(cfg.shards)], emb, metric, cfg.target_recall,
             cfg.seed, node_cpus()))
+    with t.stage("baseline"):
+        from .drift import baseline_task
+
+        base = ray_get(baseline_task.options(num_cpus=node_cpus()).remote(
+            store, f"{work}/trained.index", [shard_rel(work, s) for s in range(cfg.shards)],
+            [(r, p.rows) for r, p in zip(emb, live)], cfg.seed, f"{work}/lists.npy", node_cpus()))
     with t.stage("publish"):
         version = new_version_name(work.split("/")[-1])
         copy_files(store, version, [(f"{work}/trained.index", "trained.index")]
@@ -138,8 +155,17 @@ def build(cfg: BuildConfig) -> Summary:
             search=SearchDefaults(nprobe=best["nprobe"], recall_at_10=best["recall_at_10"],
                                   eval_queries=best["eval_queries"]),
             timings=dict(t.seconds))
+        if base["lists"]:
+            store.copy(base["lists"], f"{vdir(version)}/lists.npy")
+        m.embeddings = EmbeddingsInfo(parts=emb)
+        m.drift = DriftBaseline(**{**base, "lists": "lists.npy" if base["lists"] else None}, trained_in=version)
+        m.lineage = Lineage()
+        m.options = cfg.model_dump(exclude={"source", "index_root", "s3_endpoint"})
+        m = annotate(m) if annotate else m
         publish(store, m)
-    return _summary(cfg, m, parts, added, merged, tr, t)
+    s = _summary(cfg, m, parts, added, merged, tr, t)
+    s.work = work
+    return s
 
 
 def _nlist_of(factory: str) -> int | None:

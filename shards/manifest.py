@@ -70,6 +70,36 @@ class SearchDefaults(BaseModel):
     eval_queries: int = 0
 
 
+class EmbeddingsInfo(BaseModel):
+    """Where this version's vectors are: a later reindex reuses them instead of re-encoding."""
+    parts: list[str]                # relative to INDEX_ROOT: embeddings/<fp>/part-N.parquet (id, vector, hash)
+    hash: str = "blake2b-64 of the encoded column's value"  # what the hash column is
+
+
+class DriftBaseline(BaseModel):
+    """The trained quantizer's fit when it was trained; a reindex compares new vectors against it."""
+    error_kind: str | None = None   # "codec": ||x - decode(encode(x))||^2; "coarse": to the IVF centroid
+    error: float | None = None      # mean squared error over `sample` indexed vectors
+    sample: int = 0
+    imbalance: float | None = None  # of the IVF list sizes: nlist * sum(n_l^2) / N^2 (1 = even)
+    lists: str | None = None        # file in this version: int64 size of every IVF list (numpy .npy)
+    trained_in: str | None = None   # the version whose build trained the quantizer
+
+
+class Lineage(BaseModel):
+    """How this version came about: a full build, or a reindex of `parent`."""
+    kind: str = "build"             # "build" | "reindex"
+    parent: str | None = None       # the version that was CURRENT when the reindex started
+    new: int = 0
+    changed: int = 0                # encoded column changed: re-encoded
+    deleted: int = 0
+    unchanged: int = 0              # vectors reused from the parent
+    reencoded_all: str | None = None  # why every document was encoded again (e.g. the encoder changed)
+    retrained: bool = True
+    retrain_reason: str | None = None
+    drift: dict[str, float] = {}    # measured ratios against the baseline (error, imbalance)
+
+
 class Manifest(BaseModel):
     format: str = FORMAT
     version: str
@@ -83,6 +113,10 @@ class Manifest(BaseModel):
     docs: DocsInfo
     search: SearchDefaults = SearchDefaults()
     timings: dict[str, float] = {}
+    embeddings: EmbeddingsInfo | None = None
+    drift: DriftBaseline | None = None
+    lineage: Lineage | None = None
+    options: dict | None = None     # the build options (BuildConfig minus source and roots): reindex's defaults
 
     @property
     def ntotal(self) -> int:
@@ -149,7 +183,9 @@ def list_versions(store: Store) -> list[dict]:
         m = load_manifest(store, v)
         out.append({"version": v, "current": v == live, "created": m.created,
                     "documents": m.source.documents, "shards": len(m.shards),
-                    "factory": m.index.factory, "encoder": m.encoder.name})
+                    "factory": m.index.factory, "encoder": m.encoder.name,
+                    "encoder_revision": (m.encoder.revision or "")[:12], "dim": m.encoder.dim,
+                    "lineage": m.lineage.model_dump() if m.lineage else None})
     return out
 
 
