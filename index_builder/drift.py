@@ -118,15 +118,8 @@ def _sample(store: Store, parts: list[tuple[str, int]], n: int, seed: int) -> np
     return x[np.sort(rng.choice(len(x), size=min(n, len(x)), replace=False))]
 
 
-def read_lists(store: Store, rel: str):
-    """A shard index for its list sizes: memory-mapped when local, so its codes are never read."""
-    if store.local:
-        return faiss().read_index(store.path(rel), faiss().IO_FLAG_MMAP)
-    return read_index(store, rel)
-
-
 @ray.remote
-def baseline_task(store: Store, trained_rel: str, shard_rels: list[str], parts: list[tuple[str, int]],
+def baseline_task(store: Store, trained_rel: str, work: str, S: int, parts: list[tuple[str, int]],
                   seed: int, lists_rel: str, threads: int) -> dict:
     """The build's baseline: error over a sample of the indexed vectors, list sizes of the shards."""
     faiss().omp_set_num_threads(threads)
@@ -138,9 +131,11 @@ def baseline_task(store: Store, trained_rel: str, shard_rels: list[str], parts: 
            "sample": len(x) if e is not None else 0, "imbalance": None, "lists": None}
     if ivf(index) is None:
         return out
+    from .merge import open_merged  # in RAM, or mmapped when merged on disk
+
     sizes = np.zeros(ivf(index).nlist, dtype=np.int64)
-    for rel in shard_rels:
-        sizes += list_sizes(read_lists(store, rel))
+    for s in range(S):
+        sizes += list_sizes(open_merged(store, work, s))
     save_npy(store, lists_rel, sizes)
     out.update(imbalance=imbalance(sizes), lists=lists_rel)
     return out

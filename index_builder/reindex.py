@@ -26,12 +26,12 @@ from shards.store import Store
 
 from .config import BuildConfig, ReindexConfig, make
 from .corpus import Corpus, int_ids, open_parquet, plan, read_columns
-from .drift import Decision, decide, delta_task, imbalance, list_sizes, load_npy, read_lists
+from .drift import Decision, decide, delta_task, imbalance, list_sizes, load_npy
 from .encode import part_rel
 from .encode_pool import encode_corpus
 from .params import choose_factory
 from .pipeline import Summary, Timer, build, index_and_publish, short_hash, with_endpoint
-from .raytools import ensure_ray, log, node_cpus, ray_get
+from .raytools import ensure_ray, log, ray_get
 from .reuse import CHANGED, KEPT, NEW, Reuse
 
 # Encoder settings that change the vectors of the documents: any difference re-encodes everything.
@@ -243,7 +243,7 @@ def reindex(cfg: ReindexConfig) -> ReindexSummary:
                                                      ("error_kind", "error", "sample", "imbalance", "trained_in")})
         return m
 
-    s = index_and_publish(run_cfg, store, t, corpus, parts, enc, fp, trained=trained, annotate=annotate)
+    s = index_and_publish(run_cfg, store, t, corpus, parts, enc, fp, reuse_trained=trained, annotate=annotate)
     out = ReindexSummary(s.version, live.version, True, d.new, d.changed, d.deleted, d.unchanged, encoded,
                          why["all"], dec.retrain, dec.reason, dec.ratios, build=s)
     return _finish(cfg, store, out, [s.work])
@@ -304,7 +304,9 @@ def _drift_check(cfg, store: Store, live: Manifest, old: LiveIds, emb: list[str]
 def _live_sizes(store: Store, live: Manifest) -> np.ndarray:
     if live.drift and live.drift.lists:
         return load_npy(store, f"{vdir(live.version)}/{live.drift.lists}")
-    return sum(list_sizes(read_lists(store, f"{vdir(live.version)}/{s.file}")) for s in live.shards)
+    from shards.faissio import load_shard
+
+    return sum(list_sizes(load_shard(store, live.version, s)) for s in live.shards)
 
 
 def _finish(cfg: ReindexConfig, store: Store, out: ReindexSummary, own_work: list[str]) -> ReindexSummary:

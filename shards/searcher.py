@@ -6,24 +6,16 @@ import tempfile
 
 import numpy as np
 
-from .errors import IntegrityError
-from .faissio import faiss, read_index, set_nprobe
-from .manifest import FileInfo, vdir
+from .faissio import faiss, load_shard, set_nprobe
+from .manifest import FileInfo
 from .store import Store
 
 
 class ShardSearcher:
     def __init__(self, store: Store, version: str, shard: FileInfo, threads: int | None = None):
-        rel = f"{vdir(version)}/{shard.file}"
         if threads:
             faiss().omp_set_num_threads(threads)
-        if store.local:
-            self.index = faiss().read_index(store.path(rel))
-        else:
-            self.index = read_index(store, rel)
-        if self.index.ntotal != shard.ntotal:
-            raise IntegrityError(f"{store.uri(rel)}: holds {self.index.ntotal} vectors, "
-                                 f"the manifest says {shard.ntotal}")
+        self.index = load_shard(store, version, shard)  # checks ntotal; mmaps a shard merged on disk
         self.name = shard.file
 
     def search(self, xq: np.ndarray, k: int, nprobe: int | None = None):
