@@ -118,7 +118,8 @@ class Lineage(BaseModel):
 class Manifest(BaseModel):
     format: str = FORMAT
     version: str
-    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    # milliseconds: versions published within one second still sort by time (retention relies on it)
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
     source: SourceInfo
     encoder: EncoderInfo
     index: IndexInfo
@@ -202,7 +203,13 @@ def list_versions(store: Store) -> list[dict]:
                     "factory": m.index.factory, "encoder": m.encoder.name,
                     "encoder_revision": (m.encoder.revision or "")[:12], "dim": m.encoder.dim,
                     "lineage": m.lineage.model_dump() if m.lineage else None})
-    return out
+    return sorted(out, key=lambda d: age_key(d["version"], d["created"]))
+
+
+def age_key(version: str, created: str) -> tuple:
+    """Oldest first: the name's time (to the second), then `created` (to the millisecond) within a second."""
+    stamp = version[:16] if version[:1] == "v" and version[9:10] == "-" else ""
+    return stamp, datetime.fromisoformat(created), version
 
 
 def summary(m: Manifest) -> dict:

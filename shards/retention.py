@@ -1,8 +1,8 @@
 """Retention: delete old versions and stale scratch, never CURRENT or the version before it.
 
 What goes, with --keep N:
-- versions/<v> outside the N newest, unless it is CURRENT, the version before CURRENT (by name,
-  which sorts by time) or CURRENT's parent (the version a reindex started from);
+- versions/<v> outside the N newest, unless it is CURRENT, the version published before CURRENT,
+  or CURRENT's parent (the version a reindex started from); age: manifest.age_key;
 - versions/<v> without a manifest (a publish that died) older than the grace period;
 - work/<run>/ scratch older than the grace period (and the caller's own finished runs at once);
 - embeddings/<fp>/ that no kept version uses, older than the grace period.
@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from .errors import ConfigError
-from .manifest import CURRENT, load_manifest, vdir
+from .manifest import CURRENT, age_key, load_manifest, vdir
 from .store import Store
 
 MANIFEST = "manifest.json"
@@ -42,10 +42,9 @@ class Pruned:
 
 
 def versions_to_keep(names: list[str], current: str | None, parent: str | None, keep: int) -> set[str]:
-    """The N newest (names sort by time), CURRENT, the version before it, and its parent."""
+    """names oldest first -> the N newest, CURRENT, the version before it, and its parent."""
     if keep < 1:
         raise ConfigError(f"keep: must be at least 1, got {keep}")
-    names = sorted(names)
     kept = set(names[-keep:])
     if current in names:
         kept.add(current)
@@ -68,6 +67,7 @@ def prune(store: Store, keep: int, grace_s: float, own_work: tuple[str, ...] = (
     names = store.ls("versions")
     done = [v for v in names if store.exists(f"{vdir(v)}/{MANIFEST}")]
     manifests = {v: load_manifest(store, v) for v in done}
+    done.sort(key=lambda v: age_key(v, manifests[v].created))
     parent = manifests[current].lineage.parent if current in manifests and manifests[current].lineage else None
     kept = versions_to_keep(done, current, parent, keep)
     out = Pruned(kept=sorted(kept), dry_run=dry_run)
