@@ -65,9 +65,10 @@ def change(recs: list[dict], fresh: list[dict], frac: float) -> tuple[list[dict]
     """Edit frac/2 of the documents, delete frac/4, add frac/4 new ones; every file is touched."""
     n = len(recs)
     k_edit, k_del = round(n * frac / 2), round(n * frac / 4)
-    step = n // (k_edit + k_del)
-    picks = list(range(0, step * (k_edit + k_del), step))
-    edit, delete = set(picks[::2][:k_edit]), set(picks[1::2][:k_del])
+    picks = [round(i * n / (k_edit + k_del)) for i in range(k_edit + k_del)]   # evenly over every file
+    every = (k_edit + k_del) / max(k_del, 1)
+    delete = {picks[int(j * every)] for j in range(k_del)}
+    edit = set(picks) - delete
     out = []
     for i, r in enumerate(recs):
         if i in delete:
@@ -84,11 +85,15 @@ def plot(res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    names = list(dict.fromkeys([*res["build"]["stages"], *res["reindex"]["stages"]]))
+    color = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}  # one colour per stage in both bars
     fig, ax = plt.subplots(figsize=(8, 2.4))
+    labelled = set()
     for row, key in ((1, "build"), (0, "reindex")):
         left = 0.0
         for name, sec in res[key]["stages"].items():
-            ax.barh(row, sec, left=left, label=name if row == 1 else None)
+            ax.barh(row, sec, left=left, color=color[name], label=None if name in labelled else name)
+            labelled.add(name)
             left += sec
     ax.set_yticks([0, 1], [f"reindex (1% changed): {res['reindex']['seconds']:.0f} s",
                            f"full build: {res['build']['seconds']:.0f} s"])
