@@ -130,6 +130,8 @@ def run_parts(submit, shards: list[InputShard], workers: int, slots: int, what: 
         done.append(r)
         ndocs += r.rows
         rate = f"{r.rows / r.seconds:,.0f} docs/s" if not r.reused else "reused"
+        if r.new or r.changed:  # a reindex: what the encoder ran on
+            rate += f", {r.new} new, {r.changed} changed"
         log(f"{what}: part {r.part} done ({len(done)}/{len(shards)}): {r.rows} docs, {rate}; "
             f"stage {ndocs / max(time.time() - t0, 1e-9):,.0f} docs/s")
     return sorted(done, key=lambda r: r.part)

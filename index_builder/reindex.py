@@ -36,7 +36,7 @@ from .reuse import CHANGED, KEPT, NEW, Reuse
 
 # Encoder settings that change the vectors of the documents: any difference re-encodes everything.
 # (query_prefix only changes queries; dtype changes precision, not the space.)
-SPACE_FIELDS = ("name", "revision", "dim", "normalize", "document_prefix", "max_seq_length")
+SPACE_FIELDS = ("name", "revision", "modules", "dim", "normalize", "document_prefix", "max_seq_length")
 # Build options whose change alone makes a new version worth publishing.
 RESULT_OPTIONS = ("fields", "factory", "memory_budget", "shards", "sharding", "metric", "target_recall",
                   "query_prefix")

@@ -81,7 +81,8 @@ ENC = dict(name="m", revision="abc", dim=384, normalize=True, metric="ip")
 
 @pytest.mark.parametrize("change,differs", [
     ({}, None), ({"query_prefix": "query: "}, None), ({"dtype": "fp16"}, None), ({"metric": "l2"}, None),
-    ({"name": "other"}, "name"), ({"revision": "def"}, "revision"), ({"dim": 768}, "dim"),
+    ({"name": "other"}, "name"), ({"revision": "def"}, "revision"), ({"modules": "cls-pooling"}, "modules"),
+    ({"dim": 768}, "dim"),
     ({"document_prefix": "passage: "}, "document_prefix"), ({"max_seq_length": 128}, "max_seq_length"),
     ({"normalize": False}, "normalize"),
 ])
