@@ -296,3 +296,22 @@ def test_crash_leaves_previous_version_current(case, ray_session, crash_at, when
     assert (s.new, s.changed, s.deleted) == (100, 100, 100)
     got = np.concatenate([index_ids(sh.index) for sh in Router(str(case["root"]), backend="local").shards])
     assert len(got) == len(np.unique(got)) == N and not set(m["gone"].tolist()) & set(got.tolist())
+
+
+def test_reindex_of_an_ivf_sharded_index_merged_on_disk(ray_session, tmp_path):
+    """The reindex runs the build's own index stages: --sharding ivf and on-disk merges compose with it."""
+    src, root = tmp_path / "corpus", tmp_path / "index"
+    ids, _ = write_vector_corpus(str(src), n=N, d=D, files=2, seed=2)
+    v1 = build(ray_session, source=str(src), index_root=str(root), vector_column="vector", fields=["title"],
+               factory="IVF32,Flat", shards=3, sharding="ivf", merge_ram_budget="1K", part_rows=500)
+    m = mutate(src)
+    s = reindex(ReindexConfig(source=str(src), index_root=str(root)))
+    assert s.published and not s.retrained and (s.new, s.changed, s.deleted) == (100, 100, 100)
+    man = load_manifest(Store(str(root)), s.version)
+    assert man.sharding.mode == "ivf" and all(sh.ivfdata for sh in man.shards) and man.lineage.parent == v1.version
+    r = Router(str(root), backend="local")
+    got = np.concatenate([index_ids(sh.index) for sh in r.shards])
+    want = np.sort(np.concatenate([np.setdiff1d(ids, m["gone"]), m["new"]]))
+    np.testing.assert_array_equal(np.sort(got), want)
+    hits = r.search(m["changed_x"][:3], k=1, nprobe=32)
+    assert [h[0].id for h in hits] == m["changed"][:3].tolist()
