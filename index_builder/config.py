@@ -122,7 +122,7 @@ class ReindexConfig(BuildConfig):
     """
 
     retrain: bool = False                   # train a new quantizer even when the drift check passes
-    drift_error: float = 2.0                # retrain when the new vectors' mean quantization error passes this x baseline
+    drift_error: float = 2.0                # retrain when the new vectors' mean quantization error > this x baseline
     drift_imbalance: float = 1.5            # ... or the IVF lists' imbalance after the reindex passes this x baseline
     keep: int | None = None                 # after publishing, keep this many newest versions (see `shardex prune`)
     grace: str = "1h"                       # scratch and unfinished versions younger than this are left alone

@@ -119,12 +119,12 @@ def test_example_queries():
 # ---------------------------------------------------------------- man pages and docstring paragraphs
 
 @pytest.mark.parametrize("line,text", [
-    (r"List information about the \fBFILEs\fR (the current directory).", "List information about the FILEs (the current directory)."),
+    (r"List information about the \fBFILEs\fR (the directory).", "List information about the FILEs (the directory)."),
     (r".B ls", "ls"),
     (r'.BR "grep" (1)', "grep (1)"),
     (r".PP", ""),
     (r'.\" a comment', ""),
-    (r"print C\-style escapes \(em for \fInongraphic\fP characters", "print C-style escapes  -  for nongraphic characters"),
+    (r"print C\-style escapes \(em for \fInongraphic\fP chars", "print C-style escapes  -  for nongraphic chars"),
     (r".Nm tar", "tar"),
     (r".TH LS 1", ""),
     (r"don\(aqt \s-1SMALL\s0 \&.", "don't SMALL ."),
