@@ -11,8 +11,8 @@ import numpy as np
 
 from shards.config import parse_bytes
 from shards.errors import ConfigError, CorpusError, IntegrityError
-from shards.manifest import (DocsInfo, IndexInfo, Manifest, SearchDefaults, ShardingInfo, SourceInfo,
-                             new_version_name)
+from shards.manifest import (DocsInfo, DriftBaseline, EmbeddingsInfo, IndexInfo, Lineage, Manifest, SearchDefaults,
+                             ShardingInfo, SourceInfo, new_version_name, vdir)
 from shards.store import Store, resolve_endpoint
 
 from .add import add_task, split_task
@@ -45,6 +45,7 @@ class Summary:
     seconds: dict = field(default_factory=dict)
     rates: dict = field(default_factory=dict)     # vectors/s per stage
     reused: dict = field(default_factory=dict)    # units of work a previous run had finished
+    work: str | None = None                       # this run's scratch under INDEX_ROOT (safe to delete now)
 
     def lines(self) -> list[str]:
         out = [f"version      {self.version}  (CURRENT of {self.index_root})",
@@ -91,12 +92,21 @@ def build(cfg: BuildConfig) -> Summary:
         corpus = plan(cfg)  # before Ray starts: a bad corpus fails in a second
     ensure_ray()
     log(f"plan: {len(corpus.files)} file(s), {corpus.total_rows:,} rows, {len(corpus.shards)} part(s)")
-    ram_budget = merge_ram_budget(cfg)
     shown = None
     if corpus.dim:  # precomputed vectors: N and d are known before any work, so is the plan
-        shown = _show_plan(cfg, corpus.total_rows - corpus.rejected_ids, corpus.dim, cfg.metric, ram_budget)
+        shown = _show_plan(cfg, corpus.total_rows - corpus.rejected_ids, corpus.dim, cfg.metric,
+                           merge_ram_budget(cfg))
     with t.stage("encode"):
         parts, enc, fp = encode_corpus(cfg, corpus, lambda info: short_hash(corpus.fingerprint, info))
+    return index_and_publish(cfg, store, t, corpus, parts, enc, fp, shown=shown)
+
+
+def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, corpus, parts, enc, fp: str,
+                      reuse_trained: str | None = None, annotate=None, shown=None) -> Summary:
+    """The stages after encode, over the parts in embeddings/<fp>/. A reindex passes reuse_trained (a trained
+    index to reuse instead of training; cfg.factory must be its factory) and annotate (manifest -> manifest).
+    shown: the (N, factory) whose plan build() already printed."""
+    ram_budget = merge_ram_budget(cfg)
     n = sum(p.rows for p in parts)
     if n == 0:
         raise CorpusError(f"{cfg.source}: no valid documents ({corpus.total_rows} rows, all rejected)")
@@ -105,16 +115,19 @@ def build(cfg: BuildConfig) -> Summary:
     choice, factory = _choose(cfg, n, enc.dim)
     if shown != (n, factory):  # text: known once encoded; vectors: some rows were rejected
         _show_plan(cfg, n, enc.dim, metric, ram_budget)
-    work = f"work/{short_hash(fp, factory, metric, cfg.shards, cfg.sharding, cfg.seed)}"
+    reused = [reuse_trained] if reuse_trained else []  # a reused quantizer never shares scratch with a trained one
+    work = f"work/{short_hash(fp, factory, metric, cfg.shards, cfg.sharding, cfg.seed, *reused)}"
     emb = [part_rel(fp, p.part) for p in parts if p.rows]
     live = [p for p in parts if p.rows]
 
+    if reuse_trained:  # by the driver: a reindex killed here leaves nothing half-done (tests crash it here)
+        store.copy(reuse_trained, f"{work}/trained.index")
     with t.stage("train"):
         res = train_resources()
         tr = ray_get(train_task.options(**res).remote(
             store, [(r, p.rows) for r, p in zip(emb, live)], factory, enc.dim, metric,
             train_size(n, enc.dim, factory, _nlist_of(factory)), cfg.seed, f"{work}/trained.index", res["num_cpus"],
-            EVAL_QUERIES))
+            EVAL_QUERIES, f"{work}/trained.index" if reuse_trained else None))
     trained = f"{work}/trained.index"
     with t.stage("add"):
         added = ray_get([add_task.options(num_cpus=1).remote(store, trained, r, p.part, cfg.shards, work,
@@ -130,6 +143,12 @@ def build(cfg: BuildConfig) -> Summary:
     with t.stage("tune"):
         best = ray_get(tune_task.options(num_cpus=node_cpus()).remote(
             store, work, cfg.shards, [p.part for p in live], metric, cfg.target_recall, node_cpus()))
+    with t.stage("baseline"):
+        from .drift import baseline_task
+
+        base = ray_get(baseline_task.options(num_cpus=node_cpus()).remote(
+            store, f"{work}/trained.index", work, cfg.shards, [(r, p.rows) for r, p in zip(emb, live)], cfg.seed,
+            f"{work}/lists.npy", node_cpus()))
     with t.stage("publish"):
         version = new_version_name(work.split("/")[-1])
         infos = [shard_info(store, work, s) for s in range(cfg.shards)]
@@ -155,8 +174,17 @@ def build(cfg: BuildConfig) -> Summary:
                                   eval_queries=best["eval_queries"], target_recall=cfg.target_recall),
             timings=dict(t.seconds),
             vectors=emb)
+        if base["lists"]:
+            store.copy(base["lists"], f"{vdir(version)}/lists.npy")
+        m.embeddings = EmbeddingsInfo(parts=emb)
+        m.drift = DriftBaseline(**{**base, "lists": "lists.npy" if base["lists"] else None}, trained_in=version)
+        m.lineage = Lineage()
+        m.options = cfg.model_dump(exclude={"source", "index_root", "s3_endpoint"})
+        m = annotate(m) if annotate else m
         publish(store, m)
-    return _summary(cfg, m, parts, added, merged, tr, t)
+    s = _summary(cfg, m, parts, added, merged, tr, t)
+    s.work = work
+    return s
 
 
 def _nlist_of(factory: str) -> int | None:

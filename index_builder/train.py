@@ -23,7 +23,7 @@ import time
 import numpy as np
 import ray
 
-from shards.faissio import faiss, ivf, metric_type, nlist, write_index
+from shards.faissio import faiss, ivf, metric_type, nlist, read_index, write_index
 from shards.store import Store
 
 from .encode import read_vectors
@@ -160,22 +160,29 @@ def queries_rel(work: str) -> str:
 
 @ray.remote
 def train_task(store: Store, parts: list[tuple[str, int]], factory: str, d: int, metric: str,
-               size: int, seed: int, out_rel: str, threads: int, queries: int = 0) -> dict:
+               size: int, seed: int, out_rel: str, threads: int, queries: int = 0,
+               reuse_rel: str | None = None) -> dict:
     """Writes out_rel (the trained index), the tune queries beside it, and out_rel + '.json'
-    (how it was trained) last."""
+    (how it was trained) last. reuse_rel: a trained index to take as it is (a reindex whose
+    quantizer has not drifted); the tune queries are still drawn."""
     record = out_rel + ".json"
     if store.exists(record):
         return {**json.loads(store.read_text(record)), "reused": True}
     faiss().omp_set_num_threads(threads)
     t0 = time.time()
-    xt, xq, qids = sample(store, parts, size, seed, queries=max(queries, 1))
+    xt, xq, qids = sample(store, parts, 0 if reuse_rel else size, seed, queries=max(queries, 1))
     buf = io.BytesIO()
     np.savez(buf, xq=xq, ids=qids)
     store.write_bytes(queries_rel(posixpath.dirname(out_rel)), buf.getvalue())
     t1 = time.time()
-    index = make_index(factory, d, metric)
-    device = train_index(index, xt, best_device(), seed)
-    write_index(store, out_rel, index)
+    if reuse_rel:
+        if reuse_rel != out_rel:
+            store.copy(reuse_rel, out_rel)
+        index, device = read_index(store, out_rel), "reused"
+    else:
+        index = make_index(factory, d, metric)
+        device = train_index(index, xt, best_device(), seed)
+        write_index(store, out_rel, index)
     done = {"train_vectors": len(xt), "seconds": time.time() - t0, "sample_seconds": t1 - t0,
             "device": device, "nlist": nlist(index)}
     store.write_text(record, json.dumps(done))
