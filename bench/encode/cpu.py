@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternating runs of each; the best of each is kept")
     a = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
+    load0 = open("/proc/loadavg").read().split()[:3]
     corpus, npy, emb = os.path.join(OUT, "corpus"), os.path.join(OUT, "plain.npy"), os.path.join(OUT, "emb")
     shutil.rmtree(corpus, ignore_errors=True)
     n = write_corpus(corpus, limit=None)["documents"]
@@ -96,7 +97,8 @@ def main() -> None:
            "tokens": summary["tokens"], "padded_tokens": summary["padded"],
            "padded_tokens_unsorted": summary["padded_unsorted"],
            "padding_saved": round(1 - summary["padded"] / summary["padded_unsorted"], 3),
-           "max_abs_diff_vs_plain": agreement(corpus, npy, emb), "parts": summary["parts"]}
+           "max_abs_diff_vs_plain": agreement(corpus, npy, emb), "parts": summary["parts"],
+           "loadavg_before_after": [load0, open("/proc/loadavg").read().split()[:3]]}
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "encode_cpu.json"), "w") as f:
         json.dump(res, f, indent=2)
