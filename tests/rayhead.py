@@ -157,7 +157,7 @@ def start_head(num_cpus: int = 2):
                 pass
             assert time.time() < deadline, f"the dashboard at {address} never answered"
             time.sleep(0.5)
-        yield {"address": address, "temp_dir": temp_dir}
+        yield {"address": address, "temp_dir": temp_dir, "gcs": f"127.0.0.1:{ports['--port']}"}
     finally:
         if start.poll() is None:
             start.kill()

@@ -6,7 +6,10 @@ starting local Ray are included):
   (plan, copy of the vectors, train, add, merge, tune, publish with sha256 checks);
 - `python bench/build/single_process.py CORPUS F M OUT.index` (read, train on a sample of
   the same size, add, write).
-They alternate for --rounds rounds and the best of each is kept. Then both indexes answer
+They alternate for --rounds rounds and the best of each is kept. With --on-cluster, each round
+also times the same `shardex build` against a Ray cluster that is already running (a
+`ray start --head` on this machine, RAY_ADDRESS set), as a Ray job or a user with a cluster
+runs it: the ratio without starting and stopping a local Ray. Then both indexes answer
 the dataset's held-out queries at nprobe 1, 2, 4, ... and recall@10 is compared nprobe by
 nprobe. Target: shardex within 1.10x the baseline's wall time, recall@10 within 0.01.
 
@@ -18,6 +21,7 @@ nprobe. Target: shardex within 1.10x the baseline's wall time, recall@10 within 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -42,11 +46,11 @@ def baseline(corpus: str, factory: str, metric: str, out: str, threads: int) -> 
     return {"wall": round(wall, 2), **json.loads(p.stdout.strip().splitlines()[-1])}
 
 
-def shardex(corpus: str, root: str, factory: str, metric: str, shards: int) -> dict:
+def shardex(corpus: str, root: str, factory: str, metric: str, shards: int, address: str | None = None) -> dict:
     shutil.rmtree(root, ignore_errors=True)
     wall, out, _ = run_cli(["build", corpus, root, "--vector-column", "vector", "--factory", factory,
                             "--metric", metric, "--shards", str(shards), "--json"],
-                           env={"RAY_AUTH_MODE": "disabled"})
+                           env={"RAY_AUTH_MODE": "disabled", **({"RAY_ADDRESS": address} if address else {})})
     s = json.loads(out)
     return {"wall": round(wall, 2), "stages": s["seconds"], "nprobe": s["nprobe"],
             "recall_at_10_published": s["recall_at_10"], "index_bytes": s["index_bytes"]}
@@ -60,7 +64,18 @@ def ladder(top: int) -> list[int]:
     return out
 
 
-def run(dataset: str, factory: str, metric: str, shards: int, rounds: int, top_nprobe: int) -> dict:
+def running_head(on: bool):
+    """A `ray start --head` of its own (tests/rayhead.py), or nothing."""
+    if not on:
+        return contextlib.nullcontext(None)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests"))
+    from rayhead import start_head
+
+    return start_head(num_cpus=os.cpu_count())
+
+
+def run(dataset: str, factory: str, metric: str, shards: int, rounds: int, top_nprobe: int,
+        on_cluster: bool = False) -> dict:
     import faiss
 
     path = f"{OUT}/{dataset}"
@@ -70,13 +85,18 @@ def run(dataset: str, factory: str, metric: str, shards: int, rounds: int, top_n
     os.makedirs(work, exist_ok=True)
     threads = os.cpu_count()
     load = [loadavg()]
-    runs = {"baseline": [], "shardex": []}
-    for _ in range(rounds):
-        runs["baseline"].append(baseline(f"{path}/corpus", factory, metric, f"{work}/single.index", threads))
-        runs["shardex"].append(shardex(f"{path}/corpus", f"{work}/index", factory, metric, shards))
-        load.append(loadavg())
+    runs = {"baseline": [], "shardex": [], **({"shardex_on_cluster": []} if on_cluster else {})}
+    with running_head(on_cluster) as head:
+        for _ in range(rounds):
+            runs["baseline"].append(baseline(f"{path}/corpus", factory, metric, f"{work}/single.index", threads))
+            runs["shardex"].append(shardex(f"{path}/corpus", f"{work}/index", factory, metric, shards))
+            if head:
+                runs["shardex_on_cluster"].append(shardex(f"{path}/corpus", f"{work}/index-c", factory, metric,
+                                                          shards, head["gcs"]))
+            load.append(loadavg())
     bl = min(runs["baseline"], key=lambda r: r["wall"])
     sx = min(runs["shardex"], key=lambda r: r["wall"])
+    cl = min(runs["shardex_on_cluster"], key=lambda r: r["wall"]) if on_cluster else None
     xq, gt = np.load(f"{path}/queries.npy"), np.load(f"{path}/gt.npy")
     faiss.omp_set_num_threads(threads)
     nprobes = ladder(top_nprobe)
@@ -88,6 +108,7 @@ def run(dataset: str, factory: str, metric: str, shards: int, rounds: int, top_n
     return {"dataset": dataset, "vectors": m.ntotal, "dim": m.encoder.dim, "factory": factory, "metric": metric,
             "shards": shards, "threads": threads, "rounds": rounds, "runs": runs, "baseline": bl, "shardex": sx,
             "ratio_wall": round(sx["wall"] / bl["wall"], 3),
+            **({"shardex_on_cluster": cl, "ratio_wall_on_cluster": round(cl["wall"] / bl["wall"], 3)} if cl else {}),
             "recall_baseline": curve_bl, "recall_shardex": curve_sx, "recall_diff_shardex_minus_baseline": diffs,
             "max_abs_recall_diff": max(abs(d) for d in diffs),
             "at_published_nprobe": ({"nprobe": sx["nprobe"], "shardex": curve_sx[at]["recall"],
@@ -135,13 +156,14 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--top-nprobe", type=int, default=256)
+    ap.add_argument("--on-cluster", action="store_true", help="also time shardex against a running Ray head")
     a = ap.parse_args()
-    res = run(a.dataset, a.factory, a.metric, a.shards, a.rounds, a.top_nprobe)
+    res = run(a.dataset, a.factory, a.metric, a.shards, a.rounds, a.top_nprobe, a.on_cluster)
     name = f"build_vs_faiss-{a.dataset}"
     print(save(name, res))
     plot(res, f"{os.path.dirname(save(name, res))}/{name}.png")
     print(f"{res['dataset']}: shardex {res['shardex']['wall']} s, single process {res['baseline']['wall']} s, "
-          f"ratio {res['ratio_wall']}x; recall@10 max |diff| {res['max_abs_recall_diff']} "
+          f"ratio {res['ratio_wall']}x (on a running cluster: {res.get('ratio_wall_on_cluster')}x); recall@10 max |diff| {res['max_abs_recall_diff']} "
           f"(at nprobe {res['shardex']['nprobe']}: {res['at_published_nprobe']}); load {res['loadavg']}")
 
 
