@@ -1,7 +1,14 @@
-"""add: one Ray task per embeddings part; each writes one sub-index per serving shard.
+"""add: one Ray task per embeddings part, adding its vectors to copies of the trained index.
 
-work/<run>/add/part-N/shard-s.index for each s, then done.json (the commit)
-with the vector count per shard.
+--sharding hash: the part's vectors go to one sub-index per serving shard, by id hash:
+  work/<run>/add/part-N/shard-s.index
+--sharding ivf: the shard of a vector depends on its IVF list and on ranges that need every
+  part's list sizes, so the part goes to one index (all.index) and its list assignments are
+  recorded (lists.parquet: id, list); split_task cuts it by range once the ranges are known.
+
+done.json (the commit, written last) holds per shard the vector count, the bytes of the
+sub-index and a digest of the ids that went in, which merge checks the merged shard against.
+Memory: one part's vectors plus its sub-indexes; vectors are added in chunks of CHUNK.
 """
 from __future__ import annotations
 
@@ -9,21 +16,62 @@ import json
 import time
 
 import numpy as np
+import pyarrow as pa
 import ray
 
-from shards.faissio import faiss, read_index, write_index
+from shards.errors import IntegrityError
+from shards.faissio import faiss, ivf, nlist, pretransform, read_index, to_bytes
 from shards.store import Store
 
 from .encode import read_vectors
-from .shard_math import hash_shard
+from .shard_math import hash_shard, ids_digest, range_shard
+
+CHUNK = 1 << 16  # vectors per faiss add call: bounds the add's temporary buffers
 
 
 def part_dir(work: str, part: int) -> str:
     return f"{work}/add/part-{part:05d}"
 
 
+def add_assigned(index, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """add_with_ids in chunks, returning the IVF list of every vector. The assignment is
+    computed here (pre-transform, then the quantizer, as IndexIVF.add_with_ids does) and given
+    to add_core, so the record of which list each id went to does not come from the lists."""
+    f, iv = faiss(), ivf(index)
+    lists = np.empty(len(x), dtype=np.int64)
+    for a in range(0, len(x), CHUNK):
+        xt = np.ascontiguousarray(pretransform(index, x[a:a + CHUNK]))
+        xi = np.ascontiguousarray(ids[a:a + CHUNK], dtype=np.int64)
+        _, L = iv.quantizer.search(xt, 1)
+        lists[a:a + len(xt)] = L[:, 0]
+        iv.add_core(len(xt), f.swig_ptr(xt), f.swig_ptr(xi), f.swig_ptr(np.ascontiguousarray(L[:, 0])))
+    _set_ntotal(index, iv.ntotal)
+    return lists
+
+
+def _set_ntotal(index, n: int) -> None:
+    """IndexPreTransform keeps its own ntotal: bring every wrapper level in line with the IVF."""
+    f = faiss()
+    index = f.downcast_index(index)
+    while isinstance(index, f.IndexPreTransform):
+        index.ntotal = n
+        index = f.downcast_index(index.index)
+
+
+def add_chunked(index, x: np.ndarray, ids: np.ndarray) -> None:
+    for a in range(0, len(x), CHUNK):
+        index.add_with_ids(x[a:a + CHUNK], ids[a:a + CHUNK])
+
+
+def _write(store: Store, rel: str, index) -> int:
+    data = to_bytes(index)
+    store.write_bytes(rel, data)
+    return len(data)
+
+
 @ray.remote(max_retries=3)
-def add_task(store: Store, trained_rel: str, emb_rel: str, part: int, S: int, work: str) -> dict:
+def add_task(store: Store, trained_rel: str, emb_rel: str, part: int, S: int, work: str,
+             sharding: str = "hash") -> dict:
     out = part_dir(work, part)
     if store.exists(f"{out}/done.json"):
         return {**json.loads(store.read_text(f"{out}/done.json")), "reused": True}
@@ -31,14 +79,58 @@ def add_task(store: Store, trained_rel: str, emb_rel: str, part: int, S: int, wo
     t0 = time.time()
     trained = read_index(store, trained_rel)
     ids, x = read_vectors(store, emb_rel)
-    sh = hash_shard(ids, S)
-    counts = []
-    for s in range(S):
-        m = sh == s
+    done = {"part": part, "vectors": len(ids), "digest": list(ids_digest(ids))}
+    if sharding == "ivf":
         index = faiss().clone_index(trained)
-        index.add_with_ids(x[m], ids[m])
-        write_index(store, f"{out}/shard-{s}.index", index)
-        counts.append(int(m.sum()))
-    done = {"part": part, "counts": counts, "seconds": time.time() - t0}
+        lists = add_assigned(index, x, ids)
+        store.write_table(f"{out}/lists.parquet", pa.table({"id": ids, "list": lists.astype(np.int32)}))
+        done["list_sizes"] = np.bincount(lists, minlength=nlist(trained)).tolist()
+        done["bytes_all"] = _write(store, f"{out}/all.index", index)
+    else:
+        sh = hash_shard(ids, S)
+        counts, sizes, digests = [], [], []
+        for s in range(S):
+            m = sh == s
+            index = faiss().clone_index(trained)
+            add_chunked(index, x[m], ids[m])
+            sizes.append(_write(store, f"{out}/shard-{s}.index", index))
+            counts.append(int(m.sum()))
+            digests.append(list(ids_digest(ids[m])))
+        done.update(counts=counts, bytes=sizes, digests=digests)
+    done["seconds"] = time.time() - t0
     store.write_text(f"{out}/done.json", json.dumps(done))
+    return {**done, "reused": False}
+
+
+@ray.remote(max_retries=3)
+def split_task(store: Store, trained_rel: str, work: str, part: int, ranges: list[list[int]]) -> dict:
+    """--sharding ivf: cut a part's all.index into one sub-index per list range. The digest of
+    each shard's ids comes from the add's record of lists, not from the index being cut."""
+    out = part_dir(work, part)
+    marker = f"{out}/split.json"
+    if store.exists(marker):
+        done = json.loads(store.read_text(marker))
+        if done["ranges"] == ranges:
+            return {**done, "reused": True}
+    faiss().omp_set_num_threads(1)
+    t0 = time.time()
+    trained = read_index(store, trained_rel)
+    whole = read_index(store, f"{out}/all.index")
+    rec = store.read_table(f"{out}/lists.parquet")
+    ids, sh = rec.column("id").to_numpy(), range_shard(rec.column("list").to_numpy(), ranges)
+    counts, sizes, digests = [], [], []
+    for s, (a, b) in enumerate(ranges):
+        sub = faiss().clone_index(trained)
+        ivf(whole).copy_subset_to(ivf(sub), faiss().InvertedLists.SUBSET_TYPE_INVLIST, a, b)
+        _set_ntotal(sub, ivf(sub).ntotal)
+        sizes.append(_write(store, f"{out}/shard-{s}.index", sub))
+        counts.append(int(sub.ntotal))
+        digests.append(list(ids_digest(ids[sh == s])))
+    want = [d[0] for d in digests]
+    if counts != want or sum(counts) != whole.ntotal:
+        raise IntegrityError(f"{store.uri(out)}/all.index: cut by list range into {counts} vectors, its record of "
+                             f"lists says {want}; delete {store.uri(out)} and rebuild")
+    done = {"part": part, "ranges": ranges, "counts": counts, "bytes": sizes, "digests": digests,
+            "seconds": time.time() - t0}
+    store.write_text(marker, json.dumps(done))
     return {**done, "reused": False}

@@ -16,12 +16,13 @@ HELP = {
     "dim": "expected vector dimension for --vector-column (default: the column's first vector)",
     "fields": "comma-separated stored fields returned with results (default: the text column)",
     "model": "sentence-transformers model name or path (default: bundled all-MiniLM-L6-v2, offline)",
-    "query_prefix": "prefix for queries, for instruction models (e.g. 'query: ')",
-    "document_prefix": "prefix for documents (e.g. 'passage: ')",
+    "query_prefix": "prefix for queries, for instruction models (e.g. 'query: '; default: the model's own query prompt)",
+    "document_prefix": "prefix for documents (e.g. 'passage: '; default: the model's own document prompt)",
     "factory": "faiss index_factory string, or auto to choose from N, d and --memory-budget",
     "memory_budget": "budget for the served index, used by --factory auto (e.g. 512M, 4G)",
     "shards": "number of serving shards",
-    "sharding": "hash: ids spread evenly; every query goes to every shard",
+    "sharding": "hash: ids spread evenly, every query goes to every shard; ivf: each shard owns a "
+                "contiguous range of IVF lists (balanced by vectors), a query needs only the shards it probes",
     "actors": "encoder actors (default: one per GPU, or sized to the CPUs)",
     "gpus_per_actor": "GPUs per encoder actor (default: 1 when the cluster has GPUs, else 0)",
     "batch_size": "encoder batch size",
@@ -33,6 +34,8 @@ HELP = {
     "seed": "seed for sampling",
     "max_seq_length": "tokens per text, longer ones are truncated (default: the model's limit)",
     "dtype": "encoder precision; fp16/bf16 need a GPU",
+    "merge_ram_budget": "a serving shard bigger than this is merged into on-disk inverted lists (mmapped when "
+                        "served); auto: half the memory of the smallest Ray node",
 }
 
 

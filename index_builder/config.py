@@ -23,14 +23,14 @@ class BuildConfig(BaseModel):
     dim: int | None = None                  # expected vector dim; default: the column's first vector
     fields: list[str] | None = None         # stored fields; default: the text column
     model: str | None = None                # default: the bundled all-MiniLM-L6-v2
-    query_prefix: str = ""
-    document_prefix: str = ""
+    query_prefix: str | None = None         # default: the model's own "query" prompt, if it has one
+    document_prefix: str | None = None      # default: its "document"/"passage"/"corpus" prompt
     max_seq_length: int | None = None       # tokens per text; default: the model's own limit
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
     factory: str = "auto"
     memory_budget: str = "4G"
     shards: int = 1
-    sharding: Literal["hash"] = "hash"
+    sharding: Literal["hash", "ivf"] = "hash"
     actors: int | None = None               # encoder actors; default: one per GPU, or sized to the CPUs
     gpus_per_actor: float | None = None     # default: 1 when the cluster has GPUs, else 0
     batch_size: int = 64
@@ -40,6 +40,7 @@ class BuildConfig(BaseModel):
     part_rows: int = 20_000                 # documents per input shard (one unit of encode/add work)
     target_recall: float = 0.95             # the default nprobe is the smallest that reaches this
     seed: int = 0
+    merge_ram_budget: str = "auto"          # a serving shard bigger than this is merged into on-disk lists
 
     @field_validator("fields", mode="before")
     @classmethod
@@ -58,6 +59,15 @@ class BuildConfig(BaseModel):
     def _budget(cls, v):
         if parse_bytes(v) < 1 << 20:
             raise ValueError(f"{v!r} is under 1 MiB; write it like 512M or 4G")
+        return v
+
+    @field_validator("merge_ram_budget", mode="before")
+    @classmethod
+    def _merge_budget(cls, v):
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)                                    # YAML: a byte count
+        if v != "auto":
+            parse_bytes(v)                                # 0: every IVF shard on disk
         return v
 
     @field_validator("shards", "batch_size", "part_rows", "max_seq_length")

@@ -4,6 +4,14 @@ Sizing on CPU: actors x torch threads = the CPUs of a node, never more, so
 the pool does not oversubscribe the cores. Actors restart when they die and
 their in-flight part is retried; parts commit atomically, so a retried part is
 written once.
+
+Why not Ray Data's map_batches with an actor pool: the unit that must be exactly-once
+here is a part (one Parquet file, committed by a rename), and a plain queue of parts
+over named actors makes that unit explicit: a part is either committed or redone
+whole. map_batches re-chunks rows into blocks of its own, so a block would have to be
+mapped back to parts to commit them, and Ray's issue tracker reports it running about
+25% slower than direct iteration while holding several times the dataset in memory.
+This pool reaches 1.075x a plain single-process loop on the CPU (bench/README.md).
 """
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ builds and the demo run offline.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 import os
 from dataclasses import dataclass
 
@@ -109,15 +111,19 @@ class FastTokenizer:
         import torch
 
         enc = self.bt.encode_batch(texts)
-        n, lens = len(enc), np.fromiter((len(e.ids) for e in enc), np.int64, len(enc))
-        L = int(lens.max()) if n else 0
+        ids = [e.ids for e in enc]
+        n, lens = len(ids), np.fromiter(map(len, ids), np.int64, len(ids))
+        L, total = (int(lens.max()), int(lens.sum())) if n else (0, 0)
+        # One boolean mask fills every row at once (row-major order = token order): a Python loop
+        # over rows cost as much as the tokenizing itself.
+        col = np.arange(L)
+        mask = col >= (L - lens)[:, None] if self.left else col < lens[:, None]
         out = {"input_ids": np.full((n, L), self.pad, np.int64), "token_type_ids": np.zeros((n, L), np.int64),
-               "attention_mask": np.zeros((n, L), np.int64)}
-        for i, e in enumerate(enc):
-            sl = slice(L - lens[i], L) if self.left else slice(0, lens[i])
-            out["input_ids"][i, sl] = e.ids
-            out["token_type_ids"][i, sl] = e.type_ids
-            out["attention_mask"][i, sl] = 1
+               "attention_mask": mask.astype(np.int64)}
+        out["input_ids"][mask] = np.fromiter(itertools.chain.from_iterable(ids), np.int64, total)
+        if "token_type_ids" in self.names:
+            out["token_type_ids"][mask] = np.fromiter(
+                itertools.chain.from_iterable(e.type_ids for e in enc), np.int64, total)
         return {**{k: torch.from_numpy(out[k]) for k in self.names}, **self.extra}
 
 
@@ -133,7 +139,7 @@ class Encoder:
     """A loaded sentence-transformers model plus the prefixes, length limit and dtype that go with it."""
 
     def __init__(self, model: str | None = None, device: str | None = None, threads: int | None = None,
-                 query_prefix: str = "", document_prefix: str = "", batch_size: int = 64,
+                 query_prefix: str | None = None, document_prefix: str | None = None, batch_size: int = 64,
                  metric: str | None = None, max_seq_length: int | None = None, dtype: str = "auto"):
         import torch
         from sentence_transformers import SentenceTransformer
@@ -152,12 +158,17 @@ class Encoder:
             raise ConfigError(f"model {self.name!r}: cannot load it ({str(e).splitlines()[0]}); "
                               "give a sentence-transformers model name or a local path") from None
         self.revision = weights_hash(self.model)  # of the stored weights, before any cast
+        self.modules = modules_hash(self.model)   # pooling and normalisation carry no weights
         if max_seq_length:
             self.model.max_seq_length = max_seq_length
         self.model.to(tdt).eval()
-        self.query_prefix, self.document_prefix = query_prefix, document_prefix
+        self.query_prefix = _prompt(self.model, ("query",)) if query_prefix is None else query_prefix
+        self.document_prefix = (_prompt(self.model, ("document", "passage", "corpus"))
+                                if document_prefix is None else document_prefix)
         self.batch_size = batch_size
         self.normalize = any(type(m).__name__ == "Normalize" for m in self.model)
+        # INSTRUCTOR-style pooling leaves the prompt's tokens out; it needs to know how many there are.
+        self.prompt_pooled = all(getattr(m, "include_prompt", True) for m in self.model)
         self.metric = metric or ("ip" if self.normalize else "l2")
         self.padding = Padding()  # totals over every call, for the stage's report
         self.fast = FastTokenizer.checked(self)
@@ -173,7 +184,8 @@ class Encoder:
         return int(f())
 
     def info(self) -> EncoderInfo:
-        return EncoderInfo(name=self.name, revision=self.revision, dim=self.dim, normalize=self.normalize,
+        return EncoderInfo(name=self.name, revision=self.revision, modules=self.modules, dim=self.dim,
+                           normalize=self.normalize,
                            metric=self.metric, query_prefix=self.query_prefix,
                            document_prefix=self.document_prefix,
                            max_seq_length=getattr(self.model, "max_seq_length", None), dtype=self.dtype)
@@ -182,8 +194,11 @@ class Encoder:
         """Features for all texts at once, padded to the longest, and the order that sorts them
         longest first. Kept apart from run() so a caller can tokenize one part while the device
         encodes another."""
-        texts = [prefix + t for t in texts] if prefix else list(texts)
-        feats = self.fast(texts) if self.fast else self._preprocess(texts)
+        if prefix and not self.prompt_pooled:
+            feats = self.model.preprocess(list(texts), prompt=prefix)  # adds prompt_length for pooling
+        else:
+            texts = [prefix + t for t in texts] if prefix else list(texts)
+            feats = self.fast(texts) if self.fast else self._preprocess(texts)
         lens = feats["attention_mask"].sum(1).numpy()
         return feats, np.argsort(-lens, kind="stable")
 
@@ -239,7 +254,25 @@ class Encoder:
         if info.revision and enc.revision != info.revision:
             raise ConfigError(f"model {info.name!r}: its weights (sha256 {enc.revision[:12]}) differ from "
                               f"those the index was built with ({info.revision[:12]}); install that model")
+        if info.modules and enc.modules != info.modules:
+            raise ConfigError(f"model {info.name!r}: its modules (pooling, normalisation; sha256 "
+                              f"{enc.modules[:12]}) differ from those the index was built with "
+                              f"({info.modules[:12]}); install that model")
         return enc
+
+
+def _prompt(model, names: tuple[str, ...]) -> str:
+    """The model's own configured prompt (an e5-style "query: "), as sentence-transformers'
+    encode_query / encode_document would pick it; "" when it has none."""
+    prompts = getattr(model, "prompts", None) or {}
+    return next((prompts[n] or "" for n in names if n in prompts), "")
+
+
+def modules_hash(model) -> str:
+    """sha256 over each module's type and config: two models with one set of weights but other
+    pooling or normalisation encode differently."""
+    desc = [(type(m).__name__, m.get_config_dict() if hasattr(m, "get_config_dict") else None) for m in model]
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def weights_hash(model) -> str:

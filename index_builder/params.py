@@ -51,12 +51,13 @@ def pq_m(d: int, code_bytes: float, need_divisor: bool) -> int | None:
     return None
 
 
-def choose_factory(n: int, d: int, budget: int) -> Choice:
+def choose_factory(n: int, d: int, budget: int, need_ivf: bool = False) -> Choice:
+    """need_ivf: --sharding ivf, whose shards are ranges of IVF lists, so never plain Flat."""
     if n < 1 or d < 1:
         raise ConfigError(f"factory auto: need at least one vector of at least one dimension (N={n}, d={d})")
     flat = d * 4 + ID_BYTES
     fits_flat = n * flat * LIST_OVERHEAD <= budget
-    if n < FLAT_MAX and fits_flat:
+    if n < FLAT_MAX and fits_flat and not need_ivf:
         return Choice("Flat", flat, f"N={n:,} < {FLAT_MAX:,}: exact search is fast, and raw vectors fit the budget")
     k = nlist_for(n)
     if fits_flat:

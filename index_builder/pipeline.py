@@ -7,20 +7,24 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
-from shards.errors import CorpusError
-from shards.manifest import (DocsInfo, FileInfo, IndexInfo, Manifest, SearchDefaults, ShardingInfo, SourceInfo,
+import numpy as np
+
+from shards.config import parse_bytes
+from shards.errors import ConfigError, CorpusError, IntegrityError
+from shards.manifest import (DocsInfo, IndexInfo, Manifest, SearchDefaults, ShardingInfo, SourceInfo,
                              new_version_name)
 from shards.store import Store, resolve_endpoint
 
-from .add import add_task
+from .add import add_task, split_task
 from .config import BuildConfig
 from .corpus import plan
 from .encode import part_rel
 from .encode_pool import encode_corpus
-from .merge import merge_task, shard_rel
+from .merge import expected_digest, merge_task, ram_budget_exceeded, shard_info, shard_rel
 from .params import choose_factory, train_size
 from .publish import copy_files, file_info, publish, write_quarantine
 from .raytools import ensure_ray, log, node_cpus, ray_get
+from .shard_math import ivf_ranges, sum_digests
 from .train import train_task
 
 
@@ -92,8 +96,12 @@ def build(cfg: BuildConfig) -> Summary:
         raise CorpusError(f"{cfg.source}: no valid documents ({corpus.total_rows} rows, all rejected)")
     metric = cfg.metric or enc.metric
     enc = enc.model_copy(update={"metric": metric})
-    choice = choose_factory(n, enc.dim, cfg.budget_bytes) if cfg.factory == "auto" else None
+    choice = (choose_factory(n, enc.dim, cfg.budget_bytes, need_ivf=cfg.sharding == "ivf")
+              if cfg.factory == "auto" else None)
     factory = choice.factory if choice else cfg.factory
+    if cfg.sharding == "ivf" and not _nlist_of(factory):
+        raise ConfigError(f"sharding: ivf needs an IVF index, and {factory!r} has no IVF lists; "
+                          f"give --sharding hash or an IVF factory")
     log(f"index: {factory} over {n:,} x {enc.dim} ({metric})" + (f": {choice.reason}" if choice else ""))
     work = f"work/{short_hash(fp, factory, metric, cfg.shards, cfg.sharding, cfg.seed)}"
     emb = [part_rel(fp, p.part) for p in parts if p.rows]
@@ -104,23 +112,29 @@ def build(cfg: BuildConfig) -> Summary:
         tr = ray_get(train_task.options(num_cpus=node_cpus()).remote(
             store, [(r, p.rows) for r, p in zip(emb, live)], factory, enc.dim, metric,
             train_size(n, factory, nl_guess), cfg.seed, f"{work}/trained.index", node_cpus()))
+    trained = f"{work}/trained.index"
     with t.stage("add"):
-        added = ray_get([add_task.options(num_cpus=1).remote(store, f"{work}/trained.index", r, p.part,
-                                                             cfg.shards, work) for r, p in zip(emb, live)])
+        added = ray_get([add_task.options(num_cpus=1).remote(store, trained, r, p.part, cfg.shards, work,
+                                                             cfg.sharding) for r, p in zip(emb, live)])
+        ranges, subs = None, added
+        if cfg.sharding == "ivf":
+            ranges = ivf_ranges(np.sum([a["list_sizes"] for a in added], axis=0), cfg.shards)
+            log(f"add: IVF list ranges per shard {ranges}")
+            subs = ray_get([split_task.options(num_cpus=1).remote(store, trained, work, p.part, ranges)
+                            for p in live])
     with t.stage("merge"):
-        merged = ray_get([merge_task.options(num_cpus=1).remote(
-            store, f"{work}/trained.index", work, [p.part for p in live], emb, s, cfg.shards)
-            for s in range(cfg.shards)])
+        merged = merge_shards(cfg, store, work, live, added, subs, tr["nlist"])
     with t.stage("tune"):
         from .tune import tune_task
 
         best = ray_get(tune_task.options(num_cpus=node_cpus()).remote(
-            store, [shard_rel(work, s) for s in range(cfg.shards)], emb, metric, cfg.target_recall,
-            cfg.seed, node_cpus()))
+            store, work, cfg.shards, emb, metric, cfg.target_recall, cfg.seed, node_cpus()))
     with t.stage("publish"):
         version = new_version_name(work.split("/")[-1])
-        copy_files(store, version, [(f"{work}/trained.index", "trained.index")]
+        infos = [shard_info(store, work, s) for s in range(cfg.shards)]
+        copy_files(store, version, [(trained, "trained.index")]
                    + [(shard_rel(work, s), f"shard-{s}.index") for s in range(cfg.shards)]
+                   + [(f"{work}/shards/{i.ivfdata}", i.ivfdata) for i in infos if i.ivfdata]
                    + [(part_rel(fp, p.part, "docs"), f"docs/part-{p.part:05d}.parquet") for p in live])
         quarantine = write_quarantine(store, version, [part_rel(fp, p.part, "rejected") for p in parts])
         m = Manifest(
@@ -129,15 +143,17 @@ def build(cfg: BuildConfig) -> Summary:
                               rejected=sum(p.rejected for p in parts), quarantine=quarantine),
             encoder=enc,
             index=IndexInfo(factory=factory, metric=metric, auto_reason=choice.reason if choice else None,
-                            nlist=tr["nlist"], train_vectors=tr["train_vectors"] or 0),
-            sharding=ShardingInfo(mode=cfg.sharding, shards=cfg.shards),
+                            nlist=tr["nlist"], train_vectors=tr["train_vectors"] or 0,
+                            train_seconds=round(tr["seconds"], 2), train_device=tr.get("device", "cpu")),
+            sharding=ShardingInfo(mode=cfg.sharding, shards=cfg.shards, ranges=ranges),
             trained=file_info(store, version, "trained.index"),
-            shards=[_shard_info(x) for x in merged],
+            shards=infos,
             docs=DocsInfo(files=[f"docs/part-{p.part:05d}.parquet" for p in live],
                           fields=cfg.stored_fields, id_kind=corpus.id_kind),
             search=SearchDefaults(nprobe=best["nprobe"], recall_at_10=best["recall_at_10"],
-                                  eval_queries=best["eval_queries"]),
-            timings=dict(t.seconds))
+                                  eval_queries=best["eval_queries"], target_recall=cfg.target_recall),
+            timings=dict(t.seconds),
+            vectors=emb)
         publish(store, m)
     return _summary(cfg, m, parts, added, merged, tr, t)
 
@@ -147,8 +163,36 @@ def _nlist_of(factory: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _shard_info(x: dict) -> FileInfo:
-    return FileInfo(**{k: x[k] for k in ("file", "sha256", "bytes", "ntotal")})
+def merge_ram_budget(cfg: BuildConfig) -> int:
+    """--merge-ram-budget in bytes; auto: half the memory Ray gives tasks on its smallest node."""
+    if cfg.merge_ram_budget != "auto":
+        return parse_bytes(cfg.merge_ram_budget)
+    import ray
+
+    mem = [n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]]
+    return int(min(m for m in mem if m) // 2) if any(mem) else 2 << 30
+
+
+def merge_shards(cfg: BuildConfig, store: Store, work: str, live, added: list[dict], subs: list[dict],
+                 nlist: int | None) -> list[dict]:
+    """One merge task per serving shard, in RAM or on disk by its size. subs: what each part put
+    in each shard (the add's, or the ivf split's). First checks that the shards together hold
+    every added id exactly once."""
+    S, budget = cfg.shards, merge_ram_budget(cfg)
+    want = [expected_digest(subs, s) for s in range(S)]
+    if sum_digests(want) != sum_digests(a["digest"] for a in added):
+        raise IntegrityError(f"{store.uri(work)}: the shards' sub-indexes do not add up to the parts' ids; "
+                             f"delete it and rebuild")
+    refs = []
+    for s in range(S):
+        in_bytes = sum(a["bytes"][s] for a in subs)
+        ondisk = bool(nlist) and ram_budget_exceeded(in_bytes, budget)
+        if ondisk:
+            log(f"merge: shard {s} ({in_bytes / 2**20:,.1f} MiB) exceeds --merge-ram-budget "
+                f"{budget / 2**20:,.0f} MiB: on-disk inverted lists")
+        refs.append(merge_task.options(num_cpus=1).remote(store, f"{work}/trained.index", work,
+                                                          [p.part for p in live], s, want[s], ondisk))
+    return ray_get(refs)
 
 
 def _summary(cfg, m: Manifest, parts, added, merged, tr, t: Timer) -> Summary:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import ray
 
-from shards.faissio import faiss, metric_type, nlist, read_index, set_nprobe
+from shards.faissio import faiss, metric_type, nlist, set_nprobe
 from shards.store import Store
 from shards.topk import merge_topk, recall_at_k
 
@@ -46,10 +46,12 @@ def nprobe_ladder(nl: int) -> list[int]:
 
 
 @ray.remote
-def tune_task(store: Store, shard_rels: list[str], emb_rels: list[str], metric: str, target: float,
+def tune_task(store: Store, work: str, S: int, emb_rels: list[str], metric: str, target: float,
               seed: int, threads: int) -> dict:
+    from .merge import open_merged
+
     faiss().omp_set_num_threads(threads)
-    shards = [read_index(store, r) for r in shard_rels]
+    shards = [open_merged(store, work, s) for s in range(S)]
     xq = query_sample(store, emb_rels, EVAL_QUERIES, seed)
     _, gt = exact_topk(store, emb_rels, xq, K, metric)
     nl = nlist(shards[0])

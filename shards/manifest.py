@@ -21,6 +21,7 @@ CURRENT = "CURRENT"
 class EncoderInfo(BaseModel):
     name: str                       # model name or path; "precomputed" for a vector column
     revision: str | None = None     # sha256 of the weights
+    modules: str | None = None      # sha256 of the modules' types and configs (pooling, normalisation)
     dim: int
     normalize: bool
     metric: str                     # "ip" | "l2"
@@ -35,6 +36,15 @@ class FileInfo(BaseModel):
     sha256: str
     bytes: int
     ntotal: int | None = None
+    ivfdata: str | None = None          # on-disk inverted lists beside `file` (merged shards over the RAM budget)
+    ivfdata_sha256: str | None = None
+    ivfdata_bytes: int | None = None
+
+    def ivfdata_info(self) -> "FileInfo | None":
+        """The .ivfdata file as a FileInfo of its own, so verify checks it like any other file."""
+        if not self.ivfdata:
+            return None
+        return FileInfo(file=self.ivfdata, sha256=self.ivfdata_sha256 or "", bytes=self.ivfdata_bytes or 0)
 
 
 class SourceInfo(BaseModel):
@@ -51,11 +61,15 @@ class IndexInfo(BaseModel):
     auto_reason: str | None = None  # why --factory auto chose this factory
     nlist: int | None = None
     train_vectors: int = 0
+    train_seconds: float = 0.0
+    train_device: str = "cpu"       # "cpu", "cuda-torch" (k-means in torch on CUDA) or "faiss-gpu"
 
 
 class ShardingInfo(BaseModel):
     mode: str = "hash"
     shards: int
+    # mode "ivf": shard s owns the IVF lists [ranges[s][0], ranges[s][1]), contiguous, covering 0..nlist
+    ranges: list[list[int]] | None = None
 
 
 class DocsInfo(BaseModel):
@@ -68,6 +82,7 @@ class SearchDefaults(BaseModel):
     nprobe: int | None = None
     recall_at_10: float | None = None
     eval_queries: int = 0
+    target_recall: float | None = None  # nprobe is the smallest reaching this recall@10 (when any does)
 
 
 class Manifest(BaseModel):
@@ -83,13 +98,14 @@ class Manifest(BaseModel):
     docs: DocsInfo
     search: SearchDefaults = SearchDefaults()
     timings: dict[str, float] = {}
+    vectors: list[str] = []         # embeddings parts (relative to INDEX_ROOT) holding the exact vectors: eval's ground truth
 
     @property
     def ntotal(self) -> int:
         return sum(s.ntotal or 0 for s in self.shards)
 
     def files(self) -> list[FileInfo]:
-        return [self.trained, *self.shards]
+        return [self.trained, *self.shards, *(f for s in self.shards if (f := s.ivfdata_info()))]
 
 
 def vdir(version: str) -> str:

@@ -8,7 +8,7 @@ from functools import cached_property
 import numpy as np
 
 from .errors import IntegrityError, SearchError
-from .faissio import faiss, index_ids, ivf, read_index
+from .faissio import faiss, index_ids, ivf, load_shard
 from .filters import Attributes, SelectionCache
 from .manifest import FileInfo, Manifest, vdir
 from .store import Store
@@ -18,16 +18,9 @@ NPROBE_GROWTH = 4   # a filtered search that comes back short retries with nprob
 
 class ShardSearcher:
     def __init__(self, store: Store, version: str, shard: FileInfo, threads: int | None = None):
-        rel = f"{vdir(version)}/{shard.file}"
         if threads:
             faiss().omp_set_num_threads(threads)
-        if store.local:
-            self.index = faiss().read_index(store.path(rel))
-        else:
-            self.index = read_index(store, rel)
-        if self.index.ntotal != shard.ntotal:
-            raise IntegrityError(f"{store.uri(rel)}: holds {self.index.ntotal} vectors, "
-                                 f"the manifest says {shard.ntotal}")
+        self.index = load_shard(store, version, shard)  # checks ntotal; mmaps a shard merged on disk
         self.name = shard.file
 
     @cached_property

@@ -90,6 +90,65 @@ def test_refuses_an_index_whose_encoder_it_cannot_load(enc):
         Encoder.for_index(info.model_copy(update={"name": "/no/such/model", "revision": None}))
 
 
+# ---------------------------------------------------------------- another model, by local path
+
+@pytest.fixture(scope="module")
+def e5_like(tmp_path_factory):
+    """A second sentence-transformers model saved to a local path, unlike the default in every way
+    the encoder must honour: e5-style prompts, pooling that leaves the prompt's tokens out, no
+    Normalize module, a 128-token limit. (No second model can be downloaded here.)"""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    from index_builder.encoder import resolve_model
+
+    base = SentenceTransformer(resolve_model(None), device="cpu")
+    m = SentenceTransformer(modules=[base[0], Pooling(384, pooling_mode="mean", include_prompt=False)],
+                            prompts={"query": "query: ", "document": "passage: "}, device="cpu")
+    m.max_seq_length = 128
+    path = str(tmp_path_factory.mktemp("models") / "e5-like")
+    m.save(path)
+    return path, SentenceTransformer(path, device="cpu")
+
+
+def test_a_local_model_keeps_its_pooling_prompts_and_limit(e5_like, enc):
+    path, ref = e5_like
+    e = Encoder(path, threads=2)
+    info = e.info()
+    assert (info.name, info.dim, info.normalize, info.metric) == (path, 384, False, "l2")
+    assert (info.query_prefix, info.document_prefix, info.max_seq_length) == ("query: ", "passage: ", 128)
+    # the same weights as the default model, told apart by the modules around them
+    assert info.revision == enc.revision and info.modules != enc.info().modules
+    np.testing.assert_allclose(e.encode_documents(TEXTS), ref.encode_document(TEXTS), atol=2e-5)
+    np.testing.assert_allclose(e.encode_queries(TEXTS[:7]), ref.encode_query(TEXTS[:7]), atol=2e-5)
+    assert not np.allclose(np.linalg.norm(e.encode_documents(TEXTS[:3]), axis=1), 1.0)
+    # a prompt given explicitly wins over the model's own
+    assert Encoder(path, threads=2, query_prefix="").query_prefix == ""
+
+
+def test_router_refuses_other_modules_around_the_same_weights(e5_like, enc):
+    """An index built with the e5-like model names a path that now holds the default model."""
+    path, _ = e5_like
+    info = Encoder(path, threads=2).info().model_copy(update={"name": enc.name})
+    with pytest.raises(ConfigError, match="its modules .* differ"):
+        Encoder.for_index(info)
+
+
+def test_build_and_search_with_a_local_model(ray_session, e5_like, docs, tmp_path):
+    path, ref = e5_like
+    src, rows = docs
+    root = str(tmp_path / "index")
+    build(ray_session, source=src, index_root=root, model=path, fields=["title"], part_rows=120)
+    r = Router(root, backend="local")
+    e = r.manifest.encoder
+    assert (e.name, e.normalize, e.metric, e.query_prefix, e.document_prefix) == \
+        (path, False, "l2", "query: ", "passage: ")
+    assert r.manifest.index.metric == "l2"
+    hit = r.search([rows[11]["text"]], k=1)[0][0]
+    assert hit.id == rows[11]["id"]
+    np.testing.assert_allclose(r.encode(["read a file"]), ref.encode_query(["read a file"]), atol=2e-5)
+
+
 # ---------------------------------------------------------------- `shardex encode` and the pool
 
 @pytest.fixture(scope="module")

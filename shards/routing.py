@@ -1,0 +1,26 @@
+"""Which serving shards a query needs, under --sharding ivf: pure functions, no faiss.
+
+With ivf sharding, shard s owns the contiguous IVF lists [ranges[s][0], ranges[s][1]).
+A query that probes lists L only needs the shards owning some list in L: the others
+hold nothing it could find. faissio.probed_lists gives L from the version's trained index.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def list_owner(lists: np.ndarray, ranges: list[list[int]]) -> np.ndarray:
+    """The shard owning each list number (same shape as lists); -1 for -1 (no list)."""
+    lists = np.asarray(lists, dtype=np.int64)
+    starts = np.array([r[0] for r in ranges], dtype=np.int64)
+    nl = ranges[-1][1]
+    if ((lists < -1) | (lists >= nl)).any():
+        raise ValueError(f"list numbers must be in [0, {nl}) (or -1 for none)")
+    owner = np.searchsorted(starts, lists, side="right") - 1
+    return np.where(lists < 0, -1, owner)
+
+
+def shards_for_lists(lists: np.ndarray, ranges: list[list[int]]) -> list[set[int]]:
+    """lists [nq, nprobe] (from probed_lists) -> for each query, the set of shard numbers to ask."""
+    owner = list_owner(np.atleast_2d(lists), ranges)
+    return [set(int(s) for s in np.unique(row) if s >= 0) for row in owner]
