@@ -130,16 +130,20 @@ class EncoderDeployment:
         m = load_manifest(Store(index_root, s3_endpoint), version)
         self.encoder = Encoder.for_index(m.encoder, threads=threads)
         self.encode.set_max_batch_size(max_batch)
+        self.counts = {"requests": 0, "batches": 0, "texts": 0}
 
     @serve.batch(max_batch_size=1024, batch_wait_timeout_s=0.002, batch_size_fn=_texts)
     async def encode(self, batches: list[list[str]]) -> list[np.ndarray]:
         flat = [t for b in batches for t in b]
+        self.counts["requests"] += len(batches)
+        self.counts["batches"] += 1
+        self.counts["texts"] += len(flat)
         x = await asyncio.to_thread(self.encoder.encode_queries, flat)
         cuts = np.cumsum([len(b) for b in batches])[:-1]
         return np.split(x, cuts)
 
-    async def ping(self) -> str:
-        return "encoder"
+    async def ping(self) -> dict:
+        return {"encoder": self.encoder.name, **self.counts}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=2)
