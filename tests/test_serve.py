@@ -52,7 +52,7 @@ def build_version(ray_session, root: str, src: str, ids: np.ndarray, x: np.ndarr
     attrs = write_corpus(src, ids, x, seed)
     s = build(ray_session, source=src, index_root=root, vector_column="vector", fields=["title", *FILTERABLE],
               factory="IVF32,Flat", shards=2, metric="ip")
-    return {"version": s.version, "ids": ids, "x": x, "attrs": attrs, "nprobe": s.nprobe}
+    return {"root": root, "version": s.version, "ids": ids, "x": x, "attrs": attrs, "nprobe": s.nprobe}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,12 @@ def index(ray_session, tmp_path_factory):
     v2 = build_version(ray_session, root, str(tmp / "c2"), ids + 2, clustered(N, D, seed=11), 2)
     v3 = build_version(ray_session, root, str(tmp / "c3"), ids[:1000], clustered(1000, D, seed=12), 3)
     set_current(Store(root), v1["version"])
-    return {"root": root, "tmp": tmp, "v1": v1, "v2": v2, "v3": v3}
+    ivf_root = str(tmp / "ivf-index")
+    attrs = write_corpus(str(tmp / "c1"), ids + 1, v1["x"], 1)
+    s = build(ray_session, source=str(tmp / "c1"), index_root=ivf_root, vector_column="vector", fields=["title"],
+              factory="IVF32,Flat", shards=4, sharding="ivf", metric="ip")
+    ivf = {"root": ivf_root, "version": s.version, "ids": ids + 1, "x": v1["x"], "attrs": attrs, "nprobe": s.nprobe}
+    return {"root": root, "tmp": tmp, "v1": v1, "v2": v2, "v3": v3, "ivf": ivf}
 
 
 class Client:
@@ -90,12 +95,13 @@ class Client:
         return r.json()
 
 
-def start_app(index, **kw):
+def start_app(root: str, **kw):
     from shards import serve as sv
     from shards.config import ServeConfig
 
-    cfg = ServeConfig(index_root=index["root"], port=kw.pop("port"), token=TOKEN, shard_timeout=1.5,
-                      shard_cpus=0.05, threads=1, filter_fields=FILTERABLE, max_queries=64, **kw)
+    kw = {"filter_fields": FILTERABLE, **kw}
+    cfg = ServeConfig(index_root=root, port=kw.pop("port"), token=TOKEN, shard_timeout=1.5,
+                      shard_cpus=0.05, threads=1, max_queries=64, **kw)
     h = sv.start(cfg)
     sv.wait_ready(h, 120)
     return cfg
@@ -106,13 +112,13 @@ def app(ray_session, index):
     from ray import serve
 
     port = free_port()
-    cfg = start_app(index, port=port, poll_seconds=0)
+    cfg = start_app(index["root"], port=port, poll_seconds=0)
     yield {"cfg": cfg, "client": Client(f"http://127.0.0.1:{port}"), "port": port}
     serve.shutdown()
 
 
-def monolithic(index, v: dict, nprobe: int):
-    store = Store(index["root"])
+def monolithic(v: dict, nprobe: int):
+    store = Store(v["root"])
     m = load_manifest(store, v["version"])
     ix = read_index(store, f"{vdir(m.version)}/trained.index")
     ix.add_with_ids(v["x"], v["ids"])
@@ -137,7 +143,7 @@ def test_search_equals_monolithic(app, index, k, nprobe):
     assert res["version"] == v["version"]
     assert res["shards"] == {"queried": 2, "answered": 2, "missing": [], "touched": [2] * len(xq)}
     D1, I1 = as_arrays(res, k)
-    D2, I2 = monolithic(index, v, nprobe or v["nprobe"]).search(xq, k)
+    D2, I2 = monolithic(v, nprobe or v["nprobe"]).search(xq, k)
     assert_same_topk(D1, I1, D2, I2)
     assert (np.diff(D1, axis=1) <= 1e-6).all()  # inner product: best (largest) first
 
@@ -231,6 +237,24 @@ def test_health_version_openapi(app, index):
     assert v["serving"]["filter_fields"] == {"year": "int", "cat": "str", "price": "float"}
     spec = c.get("/openapi.json", headers={}).json()
     assert {"/search", "/health", "/version", "/admin/reload"} <= set(spec["paths"])
+
+
+def test_ivf_routing_reports_shards_touched_and_stays_exact(app, index):
+    """An IVF-sharded index behind its own router (/ivf): each query goes only to the shards owning
+    its probed lists, the response says how many, and the answer equals the monolithic index's."""
+    v = index["ivf"]
+    start_app(v["root"], port=app["port"], name="ivf", route_prefix="/ivf", filter_fields=[])
+    c = Client(app["client"].base + "/ivf")
+    assert c.get("/version").json()["serving"]["routing"] == "ivf"
+    xq = v["x"][::151][:20]
+    for nprobe in (1, 4, 32):
+        res = c.search(vectors=xq.tolist(), k=10, nprobe=nprobe)
+        D2, I2 = monolithic(v, nprobe).search(xq, 10)
+        assert_same_topk(*as_arrays(res, 10), D2, I2)
+        touched = res["shards"]["touched"]
+        assert all(1 <= t <= 4 for t in touched)
+        if nprobe == 1:
+            assert max(touched) < 4 and res["shards"]["queried"] <= 4
 
 
 # ---- bad requests ---------------------------------------------------------------------------------
@@ -361,7 +385,7 @@ def test_killed_shard_replica_is_reported_never_silent(app, index):
     full = [r for _, _, r in out if r["shards"]["answered"] == 2]
     part = [r for _, _, r in out if r["shards"]["answered"] < 2]
     assert full and part, (len(full), len(part))
-    D2, I2 = monolithic(index, v, v["nprobe"]).search(xq, 10)
+    D2, I2 = monolithic(v, v["nprobe"]).search(xq, 10)
     for r in full:
         assert_same_topk(*as_arrays(r, 10), D2, I2)
     store = Store(index["root"])
@@ -441,7 +465,7 @@ def test_strict_app_follows_current_and_refuses_partial_answers(app, index):
     import ray
 
     port_base = app["client"].base
-    cfg = start_app(index, port=app["port"], name="strict", route_prefix="/strict", require_all_shards=True,
+    cfg = start_app(index["root"], port=app["port"], name="strict", route_prefix="/strict", require_all_shards=True,
                     poll_seconds=0.5)
     c = Client(port_base + "/strict")
     v = current_version(Store(index["root"]))
