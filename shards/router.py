@@ -288,7 +288,8 @@ class _Loop:
 class Router:
     """Search a published version from Python.
 
-    backend="ray": one Ray actor per shard (joins RAY_ADDRESS or starts local Ray);
+    backend="ray": one Ray actor per shard (joins RAY_ADDRESS or starts local Ray), reserving `cpus`
+    and running `threads` faiss threads each (default: resources.plan_resources);
     backend="local": the shards are loaded into this process and searched in threads.
     A shard that fails raises SearchError naming it: the Python API never returns a
     partial answer (the HTTP router reports one instead; see shards/serve.py).
@@ -296,7 +297,7 @@ class Router:
 
     def __init__(self, index_root: str, version: str | None = None, s3_endpoint: str | None = None,
                  backend: str = "ray", threads: int | None = None, filter_fields: list[str] | None = None,
-                 timeout: float | None = None):
+                 timeout: float | None = None, cpus: float | None = None):
         self.store = Store(index_root, s3_endpoint)
         self.version = version or current_version(self.store)
         self.view = IndexView(self.store, self.version, filter_fields)
@@ -304,21 +305,26 @@ class Router:
         self.docs = self.view.docs
         self.backend = backend
         self.timeout = timeout
-        self.shards = [self._start(s, threads) for s in self.manifest.shards]
+        if backend != "local":
+            from index_builder.raytools import ensure_ray
+
+            from .resources import cluster_cpus, plan_resources
+
+            ensure_ray()
+            res = plan_resources(*cluster_cpus(), self.view.nshards, 1, 0, False, cpus, threads)
+            cpus, threads = res.shard_cpus, res.threads
+        self.shards = [self._start(s, threads, cpus) for s in self.manifest.shards]
         self._load_attributes()
         self._encoder = None
         self._loop = _Loop()
         self.last: Outcome | None = None
 
-    def _start(self, shard, threads):
+    def _start(self, shard, threads, cpus):
         if self.backend == "local":
             return ShardSearcher(self.store, self.version, shard, threads)
         import ray
 
-        from index_builder.raytools import ensure_ray
-
-        ensure_ray()
-        return ray.remote(ShardSearcher).options(num_cpus=0.5).remote(self.store, self.version, shard, threads)
+        return ray.remote(ShardSearcher).options(num_cpus=cpus).remote(self.store, self.version, shard, threads)
 
     def _load_attributes(self) -> None:
         if not self.view.kinds:

@@ -27,7 +27,6 @@ import decimal
 import hashlib
 import hmac
 import json
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,40 +42,15 @@ from .api import ErrorResponse, SearchRequest, SearchResponse
 from .config import ServeConfig
 from .errors import QueryError, SearchError, ShardexError
 from .manifest import current_version, load_manifest, summary
-from .router import IndexView, Outcome, _one_line, fan_out, shard_name
+from .resources import Resources, cluster_cpus, plan_resources  # noqa: F401  (Resources: re-exported)
+from .router import IndexView, _one_line, fan_out, shard_name
 from .store import Store
 
-VERSION_CPU_SHARE = 0.4     # of the cluster's CPUs one version may reserve: a second fits beside it in a swap
 MAX_CONCURRENT_BATCHES = 4  # fan-outs the router keeps in flight at once
 MAX_QUERIES = 4096          # the most --max-queries may be: queries in one request and in one server batch
 ENCODE_TIMEOUT_S = 60.0     # text queries of one server batch may take this long to encode
 DRAIN_SECONDS = 60.0        # the longest an old version waits for its last requests before it is deleted
 APP_SEP = "--"
-
-
-# ---- resources: a pure function ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Resources:
-    shard_cpus: float      # Ray CPUs reserved per shard replica
-    threads: int           # faiss threads per shard replica
-    encoder_cpus: float
-    encoder_threads: int
-
-
-def plan_resources(cluster_cpus: float, node_cpus: float, shards: int, replicas: int, encoder_replicas: int,
-                   text: bool, shard_cpus: float | None = None, threads: int | None = None) -> Resources:
-    """CPUs to reserve and threads to run, per replica.
-
-    One version reserves at most VERSION_CPU_SHARE of the cluster, so the next version
-    can come up beside it during a hot swap; a replica reserves at most one CPU (Ray
-    schedules fractions), and runs as many threads as its share of the cluster's CPUs.
-    """
-    units = shards * replicas + (encoder_replicas if text else 0)
-    share = max(0.01, min(1.0, math.floor(VERSION_CPU_SHARE * cluster_cpus / units * 100) / 100))
-    th = max(1, min(int(node_cpus), int(cluster_cpus // units)))
-    return Resources(shard_cpus if shard_cpus is not None else share, threads or th, share, th)
 
 
 def app_name(name: str, version: str) -> str:
@@ -532,11 +506,8 @@ class RouterDeployment:
         return live
 
     def _resources(self, view: IndexView) -> Resources:
-        import ray
-
-        nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
-        return plan_resources(sum(nodes) or 1, max(nodes, default=1), view.nshards, self.cfg.replicas,
-                              self.cfg.encoder_replicas, view.text, self.cfg.shard_cpus, self.cfg.threads)
+        return plan_resources(*cluster_cpus(), view.nshards, self.cfg.replicas, self.cfg.encoder_replicas,
+                              view.text, self.cfg.shard_cpus, self.cfg.threads)
 
     async def _release(self, old: Live) -> None:
         """Delete a replaced version once its last request is done (or DRAIN_SECONDS passed)."""
