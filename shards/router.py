@@ -4,9 +4,15 @@ The same fan-out serves the Python API (`Router`: shard searchers as Ray actors,
 this process) and the Ray Serve app (shards/serve.py: shard deployments). What differs
 is only how one shard is called; that is the `call` argument of `fan_out`.
 
+Coarse quantization once. For an IVF index the router holds the version's coarse
+quantizer (trained.index, with any OPQ pre-transform) and finds the lists each query
+probes once; every shard then scans exactly those lists (faiss search_preassigned)
+instead of quantizing the query again. Shards agree on the lists, ties included, and S
+shards cost one coarse search, not S.
+
 Routing. With --sharding hash every query goes to every shard. With --sharding ivf
-each shard owns a range of IVF lists; the router holds the coarse quantizer, finds the
-lists each query probes, and sends the query only to the shards owning them.
+each shard owns a range of IVF lists, and a query goes only to the shards owning the
+lists it probes.
 """
 from __future__ import annotations
 
@@ -53,12 +59,12 @@ class IndexView:
         self.docs = DocStore(store, m)
         self.kinds = filterable(self.docs.schema, m.docs.fields, filter_fields) if m.docs.files else {}
         self.mode = m.sharding.mode
-        self.quantizer, self.ranges = None, None
-        if self.mode == "ivf":
+        self.ranges = [list(r) for r in m.sharding.ranges] if self.mode == "ivf" else None
+        self.quantizer = None
+        if m.index.nlist:
             from .faissio import read_index
 
             self.quantizer = read_index(store, f"{vdir(version)}/{m.trained.file}")
-            self.ranges = [list(r) for r in m.sharding.ranges]
 
     @property
     def nshards(self) -> int:
@@ -106,16 +112,21 @@ class IndexView:
             nprobe = min(nprobe, nl)
         return nprobe, wire(parse_filter(flt, self.kinds))
 
-    def route(self, xq: np.ndarray, nprobe: int | None) -> np.ndarray:
+    def coarse(self, xq: np.ndarray, nprobe: int | None):
+        """(Dq, Iq) [nq, nprobe]: the lists each query probes, or None for an index without lists."""
+        if self.quantizer is None:
+            return None
+        from .faissio import coarse_search
+
+        return coarse_search(self.quantizer, xq, nprobe or self.manifest.search.nprobe or 1)
+
+    def route(self, nq: int, coarse) -> np.ndarray:
         """bool [nq, S]: the shards each query must reach."""
-        nq, S = len(xq), self.nshards
         if self.mode != "ivf":
-            return np.ones((nq, S), dtype=bool)
-        from .faissio import probed_lists
+            return np.ones((nq, self.nshards), dtype=bool)
         from .routing import shards_for_lists
 
-        lists = probed_lists(self.quantizer, xq, nprobe or self.manifest.search.nprobe or 1)
-        return route_mask(shards_for_lists(lists, self.ranges), nq, S)
+        return route_mask(shards_for_lists(coarse[1], self.ranges), nq, self.nshards)
 
     def attach(self, D: np.ndarray, I: np.ndarray, fields: list[str] | None) -> list[list[Hit]]:
         docs = self.docs.lookup(I.ravel(), fields)
@@ -175,21 +186,24 @@ async def fan_out(view: IndexView, xq: np.ndarray, k: int, nprobe: int | None, f
                   call, timeout: float | None = None) -> Outcome:
     """Send each query to the shards it needs, concurrently, and merge their top-k exactly.
 
-    call(s, xq, k, nprobe, flt) -> awaitable (D, I) of shard s. A shard that fails or
+    call(s, xq, k, nprobe, flt, coarse) -> awaitable (D, I) of shard s, where coarse is the
+    (Dq, Iq) of those queries (None without IVF). A shard that fails or
     does not answer within `timeout` seconds is recorded in Outcome.failed and left out.
     With a filter under IVF routing, a query still short of k results after its own
     shards is sent to the others as well: a filter may leave its nearest lists empty.
     """
     nq = len(xq)
-    route = view.route(xq, nprobe)
+    coarse = await asyncio.to_thread(view.coarse, xq, nprobe) if view.quantizer is not None else None
+    route = view.route(nq, coarse)
     heap = faiss().ResultHeap(nq, k, keep_max=view.metric == "ip")
     out = Outcome(heap.D, heap.I, route.sum(1), asked=route)
-    await _round(route, xq, k, nprobe, flt, call, timeout, heap, out)
+    q = (xq, coarse)
+    await _round(route, q, k, nprobe, flt, call, timeout, heap, out)
     if flt is not None and view.mode == "ivf":
         short = (heap.I >= 0).sum(1) < k
         more = ~route & short[:, None]
         if more.any():
-            await _round(more, xq, k, nprobe, flt, call, timeout, heap, out)
+            await _round(more, q, k, nprobe, flt, call, timeout, heap, out)
             out.touched = out.touched + more.sum(1)
             out.asked = route | more
     heap.finalize()
@@ -197,12 +211,13 @@ async def fan_out(view: IndexView, xq: np.ndarray, k: int, nprobe: int | None, f
     return out
 
 
-async def _round(mask, xq, k, nprobe, flt, call, timeout, heap, out: Outcome) -> None:
+async def _round(mask, q, k, nprobe, flt, call, timeout, heap, out: Outcome) -> None:
+    xq, coarse = q
     jobs = {s: np.flatnonzero(mask[:, s]) for s in range(mask.shape[1]) if mask[:, s].any()}
     jobs = {s: rows for s, rows in jobs.items() if s not in out.failed}
     out.queried |= set(jobs)
-    res = await asyncio.gather(*[_call_one(call, s, xq[rows] if len(rows) < len(xq) else xq, k, nprobe, flt,
-                                           timeout) for s, rows in jobs.items()], return_exceptions=True)
+    res = await asyncio.gather(*[_call_one(call, s, *_rows(xq, coarse, rows), k, nprobe, flt, timeout)
+                                 for s, rows in jobs.items()], return_exceptions=True)
     for (s, rows), r in zip(jobs.items(), res):
         if isinstance(r, BaseException):
             out.failed[s] = str(r) if isinstance(r, ShardFailure) else _one_line(r)
@@ -215,12 +230,19 @@ async def _round(mask, xq, k, nprobe, flt, call, timeout, heap, out: Outcome) ->
                                    np.ascontiguousarray(I, dtype=np.int64))
 
 
-async def _call_one(call, s, xq, k, nprobe, flt, timeout):
+def _rows(xq, coarse, rows):
+    """The queries (and their coarse assignment) of some rows: the arrays themselves for all rows."""
+    if len(rows) == len(xq):
+        return xq, coarse
+    return xq[rows], (None if coarse is None else (coarse[0][rows], coarse[1][rows]))
+
+
+async def _call_one(call, s, xq, coarse, k, nprobe, flt, timeout):
     """One shard's answer; a replica that died mid-call is retried once on another replica."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout if timeout else None
     for attempt in (0, 1):
-        aw = call(s, xq, k, nprobe, flt)
+        aw = call(s, xq, k, nprobe, flt, coarse)
         left = None if deadline is None else max(deadline - loop.time(), 0.0)
         try:
             return await asyncio.wait_for(_awaitable(aw), left)
@@ -317,6 +339,7 @@ class Router:
         self._load_attributes()
         self._encoder = None
         self._loop = _Loop()
+        self._last = None
         self.last: Outcome | None = None
 
     def _start(self, shard, threads, cpus):
@@ -337,10 +360,18 @@ class Router:
 
         ray_get([s.load_attributes.remote(self.store, self.manifest, self.view.kinds) for s in self.shards])
 
-    def _call(self, s, xq, k, nprobe, flt):
+    def _call(self, s, xq, k, nprobe, flt, coarse):
         if self.backend == "local":
-            return asyncio.to_thread(self.shards[s].search, xq, k, nprobe, flt)
-        return self.shards[s].search.remote(xq, k, nprobe, flt)
+            return asyncio.to_thread(self.shards[s].search, xq, k, nprobe, flt, coarse)
+        return self.shards[s].search.remote(self._put(xq), k, nprobe, flt, coarse)
+
+    def _put(self, xq):
+        """Every shard asked for all the queries gets the same object-store copy of them."""
+        import ray
+
+        if self._last is None or self._last[0] is not xq:
+            self._last = (xq, ray.put(xq))
+        return self._last[1]
 
     @property
     def metric(self) -> str:

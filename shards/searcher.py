@@ -45,27 +45,55 @@ class ShardSearcher:
         self.selections = SelectionCache()
         return self.attrs.nbytes()
 
-    def search(self, xq: np.ndarray, k: int, nprobe: int | None = None, flt: list | None = None):
-        """(D, I) of the k best per query. With a filter (the router's wire form), only matching
-        documents are scanned, and each query gets min(k, matching documents of this shard)
-        results: a short answer is retried with a larger nprobe, up to every list."""
+    def search(self, xq: np.ndarray, k: int, nprobe: int | None = None, flt: list | None = None,
+               coarse: tuple[np.ndarray, np.ndarray] | None = None):
+        """(D, I) of the k best per query.
+
+        coarse: the router's (Dq, Iq) for these queries; the shard then scans exactly those
+        lists rather than quantizing the queries again. With a filter (the router's wire
+        form), only matching documents are scanned, and each query gets min(k, matching
+        documents of this shard) results: a short answer is retried with a larger nprobe,
+        up to every list."""
         xq = np.ascontiguousarray(xq, dtype=np.float32)
-        if flt is None:
-            return self.index.search(xq, k, params=self._params(nprobe, None))
-        if getattr(self, "attrs", None) is None:
-            raise SearchError(f"{self.name}: filters need the shard's attributes; none were loaded")
-        sel = self.selections.get(self.attrs, flt)
-        if sel.count == 0:
-            return (np.full((len(xq), k), _worst(self.index), dtype=np.float32),
-                    np.full((len(xq), k), -1, dtype=np.int64))
-        D, I = self.index.search(xq, k, params=self._params(nprobe, sel.sel))
-        want, p = min(k, sel.count), nprobe or self._default_nprobe()
+        sel = None
+        if flt is not None:
+            if getattr(self, "attrs", None) is None:
+                raise SearchError(f"{self.name}: filters need the shard's attributes; none were loaded")
+            sel = self.selections.get(self.attrs, flt)
+            if sel.count == 0:
+                return (np.full((len(xq), k), _worst(self.index), dtype=np.float32),
+                        np.full((len(xq), k), -1, dtype=np.int64))
+        if coarse is not None and self._ivf is not None:
+            D, I = self._preassigned(xq, k, coarse, sel.sel if sel else None)
+        else:
+            D, I = self.index.search(xq, k, params=self._params(nprobe, sel.sel if sel else None))
+        if sel is None:
+            return D, I
+        want, p = min(k, sel.count), (coarse[1].shape[1] if coarse is not None else nprobe) or \
+            self._default_nprobe()
         while p < self.nlist:
             short = np.flatnonzero((I >= 0).sum(1) < want)
             if not len(short):
                 break
             p = min(self.nlist, p * NPROBE_GROWTH)
             D[short], I[short] = self.index.search(xq[short], k, params=self._params(p, sel.sel))
+        return D, I
+
+    def _preassigned(self, xq, k, coarse, sel):
+        """Scan the lists the router chose. The C++ call, not the Python wrapper: the wrapper
+        takes no per-call parameters and reads nprobe from the shared index."""
+        from .faissio import pretransform
+
+        f = faiss()
+        Dq, Iq = (np.ascontiguousarray(coarse[0], np.float32), np.ascontiguousarray(coarse[1], np.int64))
+        p = f.SearchParametersIVF(nprobe=int(Iq.shape[1]))  # the C++ reads Iq as [n, nprobe]
+        if sel is not None:
+            p.sel = sel
+        x = np.ascontiguousarray(pretransform(self.index, xq), np.float32)
+        n = len(x)
+        D, I = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+        self._ivf.search_preassigned_c(n, f.swig_ptr(x), k, f.swig_ptr(Iq), f.swig_ptr(Dq), f.swig_ptr(D),
+                                       f.swig_ptr(I), False, p)
         return D, I
 
     def _default_nprobe(self) -> int:

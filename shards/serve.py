@@ -76,12 +76,12 @@ class ShardDeployment:
         self.attr_bytes = self.searcher.load_attributes(store, m, kinds) if kinds else 0
         self.lock = threading.Lock()
 
-    def _search(self, xq, k, nprobe, flt):
+    def _search(self, *a):
         with self.lock:
-            return self.searcher.search(xq, k, nprobe, flt)
+            return self.searcher.search(*a)
 
-    async def search(self, xq: np.ndarray, k: int, nprobe: int | None, flt: list | None):
-        return await asyncio.to_thread(self._search, xq, k, nprobe, flt)
+    async def search(self, xq: np.ndarray, k: int, nprobe: int | None, flt: list | None, coarse=None):
+        return await asyncio.to_thread(self._search, xq, k, nprobe, flt, coarse)
 
     async def ping(self) -> dict:
         import ray
@@ -397,8 +397,8 @@ class RouterDeployment:
 
     @staticmethod
     def _caller(live: Live):
-        def call(s, xq, k, nprobe, flt):
-            return live.shards[s].search.remote(xq, k, nprobe, flt)
+        def call(s, xq, k, nprobe, flt, coarse):
+            return live.shards[s].search.remote(xq, k, nprobe, flt, coarse)
         return call
 
     @api.get("/health", responses={503: {"model": ErrorResponse}})

@@ -65,13 +65,13 @@ def test_call_one_times_out_and_retries_a_dead_replica_once():
             return "ok"
         return go()
 
-    assert asyncio.run(_call_one(dies_then_answers, 3, None, 1, None, None, 5.0)) == "ok" and calls == [3, 3]
+    assert asyncio.run(_call_one(dies_then_answers, 3, None, None, 1, None, None, 5.0)) == "ok" and calls == [3, 3]
 
     def slow(s, *a):
         return asyncio.sleep(10)
 
     with pytest.raises(ShardFailure, match="shard-0: no answer within 0.05 s"):
-        asyncio.run(_call_one(slow, 0, None, 1, None, None, 0.05))
+        asyncio.run(_call_one(slow, 0, None, None, 1, None, None, 0.05))
 
     def broken(s, *a):
         async def go():
@@ -79,7 +79,7 @@ def test_call_one_times_out_and_retries_a_dead_replica_once():
         return go()
 
     with pytest.raises(ShardFailure, match="shard-2: ValueError: bad shard"):
-        asyncio.run(_call_one(broken, 2, None, 1, None, None, 1.0))
+        asyncio.run(_call_one(broken, 2, None, None, 1, None, None, 1.0))
 
 
 @pytest.mark.parametrize("data,msg", [
