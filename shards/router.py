@@ -363,15 +363,16 @@ class Router:
     def _call(self, s, xq, k, nprobe, flt, coarse):
         if self.backend == "local":
             return asyncio.to_thread(self.shards[s].search, xq, k, nprobe, flt, coarse)
-        return self.shards[s].search.remote(self._put(xq), k, nprobe, flt, coarse)
+        x, c = self._put(xq, coarse)
+        return self.shards[s].search.remote(x, k, nprobe, flt, c)
 
-    def _put(self, xq):
-        """Every shard asked for all the queries gets the same object-store copy of them."""
+    def _put(self, xq, coarse):
+        """Shards asked for all the queries share one object-store copy of them and their lists."""
         import ray
 
-        if self._last is None or self._last[0] is not xq:
-            self._last = (xq, ray.put(xq))
-        return self._last[1]
+        if self._last is None or self._last[0] is not xq or self._last[1] is not coarse:
+            self._last = (xq, coarse, ray.put(xq), ray.put(coarse))
+        return self._last[2], self._last[3]
 
     @property
     def metric(self) -> str:
