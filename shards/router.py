@@ -49,7 +49,7 @@ def shard_name(s: int) -> str:
 
 class IndexView:
     """What the router knows of one version: the manifest, the docs dataset (not its rows),
-    the filterable fields, and for IVF sharding the coarse quantizer and list ranges."""
+    the filterable fields, the coarse quantizer of an IVF index, and the list ranges of ivf sharding."""
 
     def __init__(self, store: Store, version: str, filter_fields: list[str] | None = None):
         self.store = store

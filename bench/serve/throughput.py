@@ -5,8 +5,9 @@ Same queries, same k and nprobe, same run, alternating rounds (best of each kept
           searched in this process with every core (OpenMP)
   router  shards.router.Router over the published S-shard version: one Ray actor per shard
           (threads split by resources.plan_resources), exact top-k merge in the driver
-Both get the queries in batches of --batch. Prints queries/s of each and the ratio (target >= 0.9),
-and checks that the two answers are the same. Writes bench/results/serve_throughput.json and .png.
+Both get the queries in batches of --batch, interleaved batch by batch (faiss, router, faiss, ...)
+so that both see the same load from the rest of the machine. Prints queries/s of each and the
+ratio per round and over all rounds (target >= 0.9), and checks that the two answers are the same. Writes bench/results/serve_throughput.json and .png.
 
     flock /tmp/shardex-bench.lock .venv/bin/python bench/serve/throughput.py [--n 200000 --shards 2]
 """
@@ -17,7 +18,7 @@ import os
 
 import numpy as np
 
-from common import built, corpus, loadavg, machine, queries, save, timed
+from common import built, corpus, loadavg, machine, queries, save, timed  # noqa: I001
 
 
 def monolithic(root: str, ids: np.ndarray, x: np.ndarray):
@@ -32,9 +33,13 @@ def monolithic(root: str, ids: np.ndarray, x: np.ndarray):
     return index, m
 
 
-def run_batches(search, xq: np.ndarray, batch: int) -> None:
+def interleaved(searches: dict, xq: np.ndarray, batch: int) -> dict:
+    """Seconds each search took over all of xq, alternating between them batch by batch."""
+    secs = dict.fromkeys(searches, 0.0)
     for i in range(0, len(xq), batch):
-        search(xq[i:i + batch])
+        for name, fn in searches.items():
+            secs[name] += timed(fn, xq[i:i + batch])
+    return secs
 
 
 def plot(res: dict, path: str) -> None:
@@ -90,17 +95,20 @@ def main() -> None:
     Dr, Ir = router.search_vectors(xq[:2000], a.k, nprobe)
     same = float(np.mean([set(p) == set(q) for p, q in zip(If, Ir)]))
     runs = {"faiss": [], "router": []}
+    searches = {"faiss": lambda q: index.search(q, a.k), "router": lambda q: router.search_vectors(q, a.k, nprobe)}
     for r in range(a.rounds):
-        runs["faiss"].append(round(timed(run_batches, lambda q: index.search(q, a.k), xq, a.batch), 3))
-        runs["router"].append(round(timed(run_batches, lambda q: router.search_vectors(q, a.k, nprobe), xq,
-                                          a.batch), 3))
-        print(f"round {r}: faiss {a.nq / runs['faiss'][-1]:,.0f} q/s, router {a.nq / runs['router'][-1]:,.0f} q/s",
-              flush=True)
+        secs = interleaved(searches, xq, a.batch)
+        for name in runs:
+            runs[name].append(round(secs[name], 3))
+        print(f"round {r}: faiss {a.nq / secs['faiss']:,.0f} q/s, router {a.nq / secs['router']:,.0f} q/s, "
+              f"ratio {secs['faiss'] / secs['router']:.3f}  (load {loadavg()[0]})", flush=True)
     router.close()
-    fq, rq = a.nq / min(runs["faiss"]), a.nq / min(runs["router"])
+    fq, rq = a.nq * a.rounds / sum(runs["faiss"]), a.nq * a.rounds / sum(runs["router"])
+    per_round = [round(f / r, 3) for f, r in zip(runs["faiss"], runs["router"])]
     res = {"machine": machine(), "n": a.n, "d": a.d, "factory": a.factory, "shards": a.shards, "nprobe": nprobe,
            "recall_at_10_of_nprobe": m.search.recall_at_10, "k": a.k, "queries": a.nq, "batch": a.batch,
            "runs_s": runs, "faiss_qps": round(fq, 1), "router_qps": round(rq, 1), "ratio": round(rq / fq, 3),
+           "ratio_per_round": per_round,
            "target": 0.9, "same_topk_fraction": same, "loadavg_before": load_before, "loadavg_after": loadavg()}
     save("serve_throughput", res)
     plot(res, os.path.join(os.path.dirname(__file__), "..", "results", "serve_throughput.png"))
