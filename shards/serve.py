@@ -289,7 +289,8 @@ class RouterDeployment:
         self.load_error: str | None = None
         self.failed_version: str | None = None
         self.swap_lock = asyncio.Lock()
-        self.stats = {"requests": 0, "queries": 0, "fanouts": 0, "batches": 0, "partial": 0, "swaps": 0}
+        self.stats = {"requests": 0, "queries": 0, "fanouts": 0, "batches": 0, "partial": 0, "swaps": 0,
+                      "encode_s": 0.0, "search_s": 0.0, "fields_s": 0.0}  # time inside each step, summed
         self._search_batch.set_max_batch_size(self.cfg.max_queries)
         self._search_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_ms / 1000)
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
@@ -337,10 +338,13 @@ class RouterDeployment:
             raise ApiError(413, f"{what}: {n} in one request, at most {self.cfg.max_queries}; split the batch",
                            what)
         nprobe, flt = live.view.check(req.k, req.nprobe, req.fields, req.filter_spec())
+        t = time.perf_counter()
         xq = await self._encode(live, req.queries) if req.queries is not None else live.view.vectors(req.vectors)
+        t, self.stats["encode_s"] = time.perf_counter(), self.stats["encode_s"] + time.perf_counter() - t
         self.stats["requests"] += 1
         self.stats["queries"] += n
         out = await self._search_batch(Job(live, xq, req.k, nprobe, flt))
+        t, self.stats["search_s"] = time.perf_counter(), self.stats["search_s"] + time.perf_counter() - t
         if isinstance(out, BaseException):
             raise out
         if out.failed:
@@ -351,6 +355,7 @@ class RouterDeployment:
                                missing=missing, version=live.version)
         hits = await asyncio.to_thread(live.view.attach, out.D, out.I, req.fields)
         results = [[h.as_dict() for h in hs] for hs in hits]
+        self.stats["fields_s"] += time.perf_counter() - t
         return Json({"version": live.version, "results": results, "shards": out.report(),
                      "took_ms": round((time.perf_counter() - t0) * 1000, 3)})
 
@@ -433,7 +438,8 @@ class RouterDeployment:
 
     @api.get("/stats", responses={401: {"model": ErrorResponse}})
     async def stats(self, cred: HTTPAuthorizationCredentials | None = Security(bearer)):
-        """Counters since start: requests, queries, server batches and fan-outs, partial answers, swaps."""
+        """Counters since start: requests, queries, server batches and fan-outs, partial answers, swaps,
+        and the seconds requests spent encoding, searching (batch wait included) and reading fields."""
         self._auth(cred)
         return Json({**self.stats, "version": self.live.version if self.live else None})
 
