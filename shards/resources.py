@@ -28,7 +28,7 @@ def plan_resources(cluster_cpus: float, node_cpus: float, shards: int, replicas:
     units = shards * replicas + (encoder_replicas if text else 0)
     share = max(0.01, min(1.0, math.floor(VERSION_CPU_SHARE * cluster_cpus / units * 100) / 100))
     th = max(1, min(int(node_cpus), int(cluster_cpus // (shards * replicas))))
-    eth = max(1, min(int(node_cpus), int(cluster_cpus // encoder_replicas)))
+    eth = max(1, min(int(node_cpus), int(cluster_cpus // max(encoder_replicas, 1))))
     return Resources(shard_cpus if shard_cpus is not None else share, threads or th, share, eth)
 
 
