@@ -141,7 +141,7 @@ SERVE_HELP = {
     "filter_fields": "comma-separated stored fields held per shard for filters (default: the numeric and "
                      "boolean ones)",
     "max_queries": "queries in one request (larger: 413); also the largest server-side batch",
-    "batch_wait_ms": "how long a server batch waits for concurrent requests to join it",
+    "batch_wait_ms": "how long a server batch (search fan-out, text encoder) waits for concurrent requests to join it",
     "encoder_replicas": "replicas of the text encoder deployment",
     "shard_cpus": "Ray CPUs reserved per shard replica (default: room for two versions side by side)",
     "threads": "faiss threads per shard replica (default: the cluster's CPUs over the replicas)",

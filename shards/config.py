@@ -78,7 +78,7 @@ class ServeConfig(BaseModel):
     s3_endpoint: str | None = None
     filter_fields: list[str] | None = None  # held per shard for filters; default: numeric and boolean fields
     max_queries: int = Field(1024, ge=1, le=4096)    # queries in one request; also the largest server batch
-    batch_wait_ms: float = Field(2.0, ge=0, le=1000)  # how long a batch waits for more requests to join it
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000)  # how long a server batch (router, encoder) waits to fill
     encoder_replicas: int = Field(1, ge=1)
     shard_cpus: float | None = Field(None, gt=0)  # Ray CPUs reserved per shard replica; default: see plan
     threads: int | None = Field(None, ge=1)       # faiss threads per shard replica; default: see plan

@@ -21,15 +21,13 @@ def plan_resources(cluster_cpus: float, node_cpus: float, shards: int, replicas:
 
     One version reserves at most VERSION_CPU_SHARE of the cluster, so the next version
     can come up beside it during a hot swap; a replica reserves at most one CPU (Ray
-    schedules fractions). Shard replicas search at the same time, so each runs its share
-    of the cluster's CPUs in threads; a request is encoded before it is searched, so the
-    encoder replicas share the CPUs among themselves only.
+    schedules fractions), and runs as many threads as its share of the cluster's CPUs
+    (more threads than that lose to contention under load: measured in bench/README.md).
     """
     units = shards * replicas + (encoder_replicas if text else 0)
     share = max(0.01, min(1.0, math.floor(VERSION_CPU_SHARE * cluster_cpus / units * 100) / 100))
-    th = max(1, min(int(node_cpus), int(cluster_cpus // (shards * replicas))))
-    eth = max(1, min(int(node_cpus), int(cluster_cpus // max(encoder_replicas, 1))))
-    return Resources(shard_cpus if shard_cpus is not None else share, threads or th, share, eth)
+    th = max(1, min(int(node_cpus), int(cluster_cpus // units)))
+    return Resources(shard_cpus if shard_cpus is not None else share, threads or th, share, th)
 
 
 def cluster_cpus() -> tuple[float, float]:

@@ -98,13 +98,15 @@ def _texts(items: list) -> int:
 class EncoderDeployment:
     """The version's own query encoder; concurrent requests' texts are encoded as one batch."""
 
-    def __init__(self, index_root: str, s3_endpoint: str | None, version: str, threads: int, max_batch: int):
+    def __init__(self, index_root: str, s3_endpoint: str | None, version: str, threads: int, max_batch: int,
+                 batch_wait_s: float):
         from index_builder.encoder import Encoder  # the one import of the builder: one encoder definition
 
         m = load_manifest(Store(index_root, s3_endpoint), version)
         self.encoder = Encoder.for_index(m.encoder, threads=threads)
         self.encode.set_max_batch_size(max_batch)
-        self.counts = {"requests": 0, "batches": 0, "texts": 0}
+        self.encode.set_batch_wait_timeout_s(batch_wait_s)
+        self.counts = {"requests": 0, "batches": 0, "texts": 0, "seconds": 0.0}
 
     @serve.batch(max_batch_size=1024, batch_wait_timeout_s=0.002, batch_size_fn=_texts)
     async def encode(self, batches: list[list[str]]) -> list[np.ndarray]:
@@ -112,7 +114,9 @@ class EncoderDeployment:
         self.counts["requests"] += len(batches)
         self.counts["batches"] += 1
         self.counts["texts"] += len(flat)
+        t = time.perf_counter()
         x = await asyncio.to_thread(self.encoder.encode_queries, flat)
+        self.counts["seconds"] += time.perf_counter() - t
         cuts = np.cumsum([len(b) for b in batches])[:-1]
         return np.split(x, cuts)
 
@@ -141,7 +145,8 @@ def version_app(cfg: ServeConfig, view: IndexView, res: Resources):
     if view.text:
         parts.append(EncoderDeployment.options(name="encoder", num_replicas=cfg.encoder_replicas,
                                                ray_actor_options={"num_cpus": res.encoder_cpus})
-                     .bind(threads=res.encoder_threads, max_batch=cfg.max_queries, **common))
+                     .bind(threads=res.encoder_threads, max_batch=cfg.max_queries,
+                           batch_wait_s=cfg.batch_wait_ms / 1000, **common))
     return VersionIngress.options(name="version").bind(v, *parts)
 
 

@@ -14,14 +14,14 @@ from shards.serve import Resources, plan_resources, settings
 
 @pytest.mark.parametrize("cluster,node,S,R,E,text,cpus,threads,want", [
     # one version reserves at most 40% of the cluster, at most 1 CPU a replica
-    (2, 2, 2, 1, 1, True, None, None, Resources(0.26, 1, 0.26, 2)),     # the encoder runs before the shards
-    (2, 2, 2, 1, 1, False, None, None, Resources(0.4, 1, 0.4, 2)),
-    (2, 2, 8, 1, 1, False, None, None, Resources(0.1, 1, 0.1, 2)),
-    (64, 16, 4, 2, 1, False, None, None, Resources(1.0, 8, 1.0, 16)),
+    (2, 2, 2, 1, 1, True, None, None, Resources(0.26, 1, 0.26, 1)),
+    (2, 2, 2, 1, 1, False, None, None, Resources(0.4, 1, 0.4, 1)),
+    (2, 2, 8, 1, 1, False, None, None, Resources(0.1, 1, 0.1, 1)),
+    (64, 16, 4, 2, 1, False, None, None, Resources(1.0, 8, 1.0, 8)),
     (64, 16, 2, 1, 1, False, None, None, Resources(1.0, 16, 1.0, 16)),   # threads: at most a node's CPUs
     (1, 1, 64, 4, 1, False, None, None, Resources(0.01, 1, 0.01, 1)),   # never below 0.01
-    (16, 16, 2, 1, 2, True, 2.0, 4, Resources(2.0, 4, 1.0, 8)),        # given values win
-    (2, 2, 2, 1, 0, False, None, None, Resources(0.4, 1, 0.4, 2)),      # the Python API: no encoder replicas
+    (16, 16, 2, 1, 2, True, 2.0, 4, Resources(2.0, 4, 1.0, 4)),        # given values win
+    (4, 4, 2, 1, 0, False, None, None, Resources(0.8, 2, 0.8, 2)),      # the Python API: no encoder replicas
 ])
 def test_plan_resources(cluster, node, S, R, E, text, cpus, threads, want):
     assert plan_resources(cluster, node, S, R, E, text, cpus, threads) == want
