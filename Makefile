@@ -9,7 +9,7 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench bench-autofaiss-venv clean
 
 venv: $(STAMP)
 
@@ -35,3 +35,11 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) data bench/out
+
+# autofaiss pins numpy<2: bench/build/vs_autofaiss.py runs it from its own venv.
+bench-autofaiss-venv: bench/.venv-autofaiss/.installed
+
+bench/.venv-autofaiss/.installed:
+	$(PY) -m venv bench/.venv-autofaiss
+	bench/.venv-autofaiss/bin/pip install -q autofaiss==2.18.0 "pyarrow<16"
+	touch $@

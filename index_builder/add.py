@@ -12,6 +12,7 @@ Memory: one part's vectors plus its sub-indexes; vectors are added in chunks of 
 """
 from __future__ import annotations
 
+import io
 import json
 import time
 
@@ -20,7 +21,7 @@ import pyarrow as pa
 import ray
 
 from shards.errors import IntegrityError
-from shards.faissio import faiss, ivf, nlist, pretransform, read_index, to_bytes
+from shards.faissio import faiss, ivf, metric_type, nlist, no_search_flags, pretransform, read_index, to_bytes
 from shards.store import Store
 
 from .encode import read_vectors
@@ -69,17 +70,39 @@ def _write(store: Store, rel: str, index) -> int:
     return len(data)
 
 
+def part_ground_truth(store: Store, work: str, part: int, ids: np.ndarray, x: np.ndarray, metric: str) -> None:
+    """Exact top-(K+1) of tune's queries among this part's vectors, while they are in memory: tune
+    merges the parts' answers instead of reading the whole corpus again."""
+    from .train import queries_rel
+    from .tune import K
+
+    if not store.exists(queries_rel(work)):
+        return
+    q = np.load(io.BytesIO(store.read_bytes(queries_rel(work))))
+    flat = faiss().IndexFlat(x.shape[1], metric_type(metric))
+    flat.add(x)
+    D, I = flat.search(np.ascontiguousarray(q["xq"]), min(K + 1, len(x)))
+    pad = K + 1 - D.shape[1]
+    worst = -np.inf if metric == "ip" else np.inf
+    D = np.pad(D, ((0, 0), (0, pad)), constant_values=worst)
+    I = np.pad(np.where(I >= 0, ids[np.maximum(I, 0)], -1), ((0, 0), (0, pad)), constant_values=-1)
+    buf = io.BytesIO()
+    np.savez(buf, D=D, I=I)
+    store.write_bytes(f"{part_dir(work, part)}/gt.npz", buf.getvalue())
+
+
 @ray.remote(max_retries=3)
 def add_task(store: Store, trained_rel: str, emb_rel: str, part: int, S: int, work: str,
-             sharding: str = "hash") -> dict:
+             sharding: str = "hash", metric: str = "l2") -> dict:
     out = part_dir(work, part)
     if store.exists(f"{out}/done.json"):
         return {**json.loads(store.read_text(f"{out}/done.json")), "reused": True}
     faiss().omp_set_num_threads(1)
     t0 = time.time()
-    trained = read_index(store, trained_rel)
+    trained = read_index(store, trained_rel, no_search_flags())
     ids, x = read_vectors(store, emb_rel)
     done = {"part": part, "vectors": len(ids), "digest": list(ids_digest(ids))}
+    part_ground_truth(store, work, part, ids, x, metric)
     if sharding == "ivf":
         index = faiss().clone_index(trained)
         lists = add_assigned(index, x, ids)
@@ -114,8 +137,8 @@ def split_task(store: Store, trained_rel: str, work: str, part: int, ranges: lis
             return {**done, "reused": True}
     faiss().omp_set_num_threads(1)
     t0 = time.time()
-    trained = read_index(store, trained_rel)
-    whole = read_index(store, f"{out}/all.index")
+    trained = read_index(store, trained_rel, no_search_flags())
+    whole = read_index(store, f"{out}/all.index", no_search_flags())
     rec = store.read_table(f"{out}/lists.parquet")
     ids, sh = rec.column("id").to_numpy(), range_shard(rec.column("list").to_numpy(), ranges)
     counts, sizes, digests = [], [], []

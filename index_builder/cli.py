@@ -34,33 +34,48 @@ HELP = {
     "seed": "seed for sampling",
     "max_seq_length": "tokens per text, longer ones are truncated (default: the model's limit)",
     "dtype": "encoder precision; fp16/bf16 need a GPU",
+    "retrain": "train a new quantizer even when the drift check passes",
+    "drift_error": "retrain when the new vectors' mean quantization error passes this multiple of the baseline",
+    "drift_imbalance": "retrain when the IVF lists' imbalance after the reindex passes this multiple of the baseline",
+    "keep": "after publishing, delete all but the N newest versions (never CURRENT or the one before it) "
+            "and stale scratch",
+    "grace": "scratch and unfinished versions modified within this long are left alone (a job may own them)",
     "merge_ram_budget": "a serving shard bigger than this is merged into on-disk inverted lists (mmapped when "
                         "served); auto: half the memory of the smallest Ray node",
 }
 
 
-def _add_build_options(p: argparse.ArgumentParser) -> None:
-    from .config import BuildConfig
+def _add_build_options(p: argparse.ArgumentParser, model: str = "BuildConfig") -> None:
+    from . import config
 
-    for name, f in BuildConfig.model_fields.items():
+    p.set_defaults(config_model=model)
+    inherits = model == "ReindexConfig"  # reindex: build options left out are the live version's
+    for name, f in getattr(config, model).model_fields.items():
         if name in ("source", "index_root"):
             continue
         flag = "--" + name.replace("_", "-")
+        if f.annotation is bool:
+            p.add_argument(flag, dest=name, action="store_true", default=None, help=HELP.get(name, ""))
+            continue
         args = typing.get_args(f.annotation)
         typ = next((a for a in (int, float) if a is f.annotation or a in args), str)
         choices = next((typing.get_args(a) for a in (f.annotation, *args) if typing.get_origin(a) is typing.Literal),
                        None)
+        dflt = f"the live version's, else {f.default}" if inherits and name in config.BuildConfig.model_fields \
+            else f.default
         p.add_argument(flag, dest=name, type=typ, choices=choices, default=None,
-                       help=f"{HELP.get(name, '')} (default: {f.default})")
+                       help=f"{HELP.get(name, '')} (default: {dflt})")
 
 
 def _config_from(args) -> "object":
-    from .config import BuildConfig, make
+    from . import config
+    from .config import make
 
-    opts = {k: v for k, v in vars(args).items() if k in BuildConfig.model_fields and v is not None}
+    model = getattr(config, getattr(args, "config_model", "BuildConfig"))
+    opts = {k: v for k, v in vars(args).items() if k in model.model_fields and v is not None}
     if args.config:
-        return BuildConfig.from_yaml(args.config, **opts)
-    return make(BuildConfig, opts, where=f"shardex {args.cmd}")
+        return model.from_yaml(args.config, **opts)
+    return make(model, opts, where=f"shardex {args.cmd}")
 
 
 def cmd_build(args) -> int:
@@ -77,6 +92,29 @@ def cmd_encode(args) -> int:
     args.index_root = args.embeddings_uri
     s = encode(_config_from(args))
     print(json.dumps(as_dict(s), indent=2) if args.json else "\n".join(s.lines()))
+    return 0
+
+
+def cmd_reindex(args) -> int:
+    from .reindex import as_dict, reindex
+
+    s = reindex(_config_from(args))
+    print(json.dumps(as_dict(s), indent=2, default=str) if args.json else "\n".join(s.lines()))
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from shards.config import parse_duration
+    from shards.errors import ConfigError
+    from shards.retention import as_dict, prune
+    from shards.store import Store
+
+    try:
+        grace = parse_duration(args.grace)
+    except ValueError as e:
+        raise ConfigError(f"--grace: {e}") from None
+    p = prune(Store(args.index_root, args.s3_endpoint), args.keep, grace, dry_run=args.dry_run)
+    print(json.dumps(as_dict(p), indent=2) if args.json else "\n".join(p.lines()))
     return 0
 
 
@@ -115,9 +153,18 @@ def cmd_versions(args) -> int:
         return 0
     for v in vs:
         mark = "*" if v["current"] else " "
+        enc = v["encoder"] + (f"@{v['encoder_revision']}" if v.get("encoder_revision") else "")
         print(f"{mark} {v['version']}  {v['created']}  {v['documents']:>10,} docs  {v['shards']} shard(s)  "
-              f"{v['factory']}  {v['encoder']}")
+              f"{v['factory']}  {enc} d={v['dim']}  {_lineage(v.get('lineage'))}")
     return 0
+
+
+def _lineage(lin: dict | None) -> str:
+    if not lin or lin["kind"] == "build":
+        return "build"
+    q = "retrained" if lin["retrained"] else "quantizer reused"
+    return (f"reindex of {lin['parent']}: +{lin['new']:,} new ~{lin['changed']:,} changed "
+            f"-{lin['deleted']:,} deleted, {q}")
 
 
 def cmd_rollback(args) -> int:
@@ -212,6 +259,51 @@ def cmd_serve(args) -> int:
         raise
 
 
+EVAL_HELP = {
+    "version": "the version to evaluate (default: CURRENT)",
+    "queries": "query file: .npy vectors, .parquet with a 'vector' or 'text' column, or text, one query a line "
+               "(default: stored vectors, each left out of its own search)",
+    "k": "recall@k and the k searched",
+    "nprobe": "comma-separated nprobe values (default: 1, 2, 4, ... nlist)",
+    "num_queries": "how many stored vectors to sample as queries (without --queries)",
+    "latency_queries": "how many queries to time one at a time for latency",
+    "target_recall": "report the smallest nprobe reaching this recall@k",
+    "out": "directory (or s3:// prefix) for eval.json and eval.png (default: ./shardex-eval-<version>)",
+    "threads": "faiss threads (default: all cores)",
+    "seed": "seed for sampling queries",
+    "s3_endpoint": "S3 endpoint URL (also read from AWS_ENDPOINT_URL)",
+}
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    from .eval import EvalConfig
+
+    for name, f in EvalConfig.model_fields.items():
+        if name == "index_root":
+            continue
+        typ = int if name in ("k", "num_queries", "latency_queries", "threads", "seed") else (
+            float if name == "target_recall" else str)
+        flag = ["-k"] if name == "k" else ["--" + name.replace("_", "-")]
+        h = EVAL_HELP.get(name, "")
+        p.add_argument(*flag, dest=name, type=typ, default=None,
+                       help=h if "default" in h else f"{h} (default: {f.default})")
+
+
+def cmd_eval(args) -> int:
+    from .eval import EvalConfig, config_from, evaluate, lines, write_report
+
+    opts = {k: v for k, v in vars(args).items() if k in EvalConfig.model_fields and v is not None}
+    cfg = config_from(opts, args.config)
+    report = evaluate(cfg)
+    js, png = write_report(report, cfg.out, cfg.s3_endpoint)
+    if args.json:
+        print(json.dumps({**report, "files": [js, png]}, indent=2))
+        return 0
+    print("\n".join(lines(report)))
+    print(f"wrote        {js}\n             {png}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -241,6 +333,23 @@ def parser() -> argparse.ArgumentParser:
     _add_build_options(e)
     e.set_defaults(fn=cmd_encode)
 
+    ri = sub.add_parser("reindex", help="incremental: encode only new or changed documents, publish a new version")
+    ri.add_argument("source", nargs="?", help="Parquet file, directory or glob (local or s3://): the whole corpus now")
+    ri.add_argument("index_root", nargs="?", help="index root with a live version (local path or s3://)")
+    ri.add_argument("--config", help="YAML file with the same keys (CLI options override it)")
+    ri.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_build_options(ri, "ReindexConfig")
+    ri.set_defaults(fn=cmd_reindex)
+
+    pr = sub.add_parser("prune", help="delete old versions and stale scratch (never CURRENT or the one before it)")
+    pr.add_argument("index_root")
+    pr.add_argument("--keep", type=int, required=True, help="keep the N newest versions")
+    pr.add_argument("--grace", default="1h", help=HELP["grace"] + " (default: 1h)")
+    pr.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
+    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--s3-endpoint", default=None)
+    pr.set_defaults(fn=cmd_prune)
+
     s = sub.add_parser("search", help="search the CURRENT version")
     s.add_argument("index_root")
     s.add_argument("query", nargs="*", help="text queries, encoded with the index's own encoder")
@@ -251,6 +360,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--local", action="store_true", help="search in this process, without Ray actors")
     s.add_argument("--s3-endpoint", default=None)
     s.set_defaults(fn=cmd_search)
+
+    ev = sub.add_parser("eval", help="recall@k against exact search, QPS and latency per nprobe; JSON and a plot")
+    ev.add_argument("index_root", nargs="?", help="index root (local path or s3://)")
+    ev.add_argument("--config", help="YAML file with the same keys (CLI options override it)")
+    ev.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_eval_options(ev)
+    ev.set_defaults(fn=cmd_eval)
 
     v = sub.add_parser("versions", help="list the versions and which one is CURRENT")
     v.add_argument("index_root")
@@ -281,10 +397,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.cmd == "build" and not args.config and not (args.source and args.index_root):
-        parser().error("build: give SOURCE and INDEX_ROOT, or --config FILE.yaml")
-    if args.cmd == "serve" and not args.config and not args.index_root:
-        parser().error("serve: give INDEX_ROOT, or --config FILE.yaml")
+    if args.cmd in ("build", "reindex") and not args.config and not (args.source and args.index_root):
+        parser().error(f"{args.cmd}: give SOURCE and INDEX_ROOT, or --config FILE.yaml")
+    if args.cmd in ("eval", "serve") and not args.config and not args.index_root:
+        parser().error(f"{args.cmd}: give INDEX_ROOT, or --config FILE.yaml")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return args.fn(args)

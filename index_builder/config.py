@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from shards.config import load_yaml, make, parse_bytes  # noqa: F401  (make, parse_bytes: re-exported)
+from shards.config import load_yaml, make, parse_bytes, parse_duration  # noqa: F401  (make, parse_bytes: re-exported)
 
 
 class BuildConfig(BaseModel):
@@ -112,3 +112,45 @@ class BuildConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: str, **overrides) -> "BuildConfig":
         return load_yaml(cls, path, **overrides)
+
+
+class ReindexConfig(BuildConfig):
+    """`shardex reindex`: build's options, plus what decides reuse and retention.
+
+    Build options left out take the live version's values (recorded in its manifest), so a
+    nightly job needs only source and index_root.
+    """
+
+    retrain: bool = False                   # train a new quantizer even when the drift check passes
+    drift_error: float = 2.0                # retrain when the new vectors' mean quantization error > this x baseline
+    drift_imbalance: float = 1.5            # ... or the IVF lists' imbalance after the reindex passes this x baseline
+    keep: int | None = None                 # after publishing, keep this many newest versions (see `shardex prune`)
+    grace: str = "1h"                       # scratch and unfinished versions younger than this are left alone
+
+    @field_validator("drift_error", "drift_imbalance")
+    @classmethod
+    def _ratio(cls, v):
+        if v < 1:
+            raise ValueError(f"must be at least 1 (a multiple of the baseline), got {v}")
+        return v
+
+    @field_validator("keep")
+    @classmethod
+    def _keep(cls, v):
+        if v is not None and v < 1:
+            raise ValueError(f"must be at least 1, got {v}; CURRENT and the version before it are always kept")
+        return v
+
+    @field_validator("grace", mode="before")
+    @classmethod
+    def _grace(cls, v):
+        parse_duration(v)
+        return str(v)
+
+    @property
+    def grace_seconds(self) -> float:
+        return parse_duration(self.grace)
+
+    def build_options(self) -> dict:
+        """The build options given explicitly (on the command line or in YAML), not defaulted."""
+        return {k: getattr(self, k) for k in self.model_fields_set if k in BuildConfig.model_fields}

@@ -27,6 +27,7 @@ from shards.store import Store
 
 from .config import BuildConfig
 from .corpus import InputShard, first_line, int_ids, open_parquet
+from .reuse import CHANGED, HASH, NEW, Reuse, fill, match, origin_column, text_hashes, vector_hashes
 
 
 @dataclass
@@ -39,6 +40,9 @@ class PartResult:
     tokens: int = 0           # real tokens encoded
     padded: int = 0           # tokens computed, padding included (length-sorted batches)
     padded_unsorted: int = 0  # what input-order batches would have computed
+    encoded: int = 0          # texts the encoder was given (a reindex gives it only new and changed ones)
+    new: int = 0              # reindex: documents not in the live version
+    changed: int = 0          # reindex: live documents whose encoded column changed
 
 
 def part_rel(fp: str, part: int, kind: str = "") -> str:
@@ -115,15 +119,16 @@ def _vector_problems(col: pa.ChunkedArray, dim: int) -> tuple[np.ndarray, np.nda
 
 
 def prepare(shard: InputShard, cfg: BuildConfig, layout: Layout, dim: int | None, kind: str,
-            encode=None) -> PartResult:
-    """One input shard -> its committed part. encode: texts -> float32 vectors, None for a vector column."""
+            encode=None, reuse: Reuse | None = None) -> PartResult:
+    """One input shard -> its committed part. encode: texts -> float32 vectors, None for a vector column.
+    reuse (a reindex): the live parts to take unchanged documents' vectors from; only the rest is encoded."""
     t0 = time.time()
     store = Store(cfg.index_root, cfg.s3_endpoint)
     emb = layout.rel(shard.part)
     if store.exists(emb):
         n = _num_rows(store, emb)
         rej = _num_rows(store, layout.rel(shard.part, layout.rejected))
-        return PartResult(shard.part, n, rej, 0.0, True)
+        return PartResult(shard.part, n, rej, 0.0, True, **_origin_counts(store, emb, reuse))
 
     data_col = cfg.vector_column or cfg.text_column
     cols = list(dict.fromkeys([cfg.id_column, data_col, *cfg.stored_fields]))
@@ -145,20 +150,34 @@ def prepare(shard: InputShard, cfg: BuildConfig, layout: Layout, dim: int | None
     keep = pa.array(~bad)
     good = t.filter(keep)
     ids = int_ids(good.column(cfg.id_column), kind)
+    texts = None if cfg.vector_column else good.column(data_col).to_pylist()
+    h = vector_hashes(x[~bad]) if cfg.vector_column else text_hashes(texts)
+    m = match(store, reuse, ids, h) if reuse is not None else None
     if cfg.vector_column:
         x = x[~bad]
+    elif m is not None:
+        x = fill(m, texts, encode)
     else:
-        x = encode(good.column(data_col).to_pylist())
+        x = encode(texts)
     if bad.any():
         store.write_table(layout.rel(shard.part, layout.rejected),
                           _rejects(t.filter(pa.array(bad)), shard, cfg, why[bad]))
     if layout.docs:
         store.write_table(layout.rel(shard.part, layout.docs), _docs(good, ids, cfg, kind))
-        out = vectors_table(ids, x)
+        out = vectors_table(ids, x, {HASH: pa.array(h, pa.int64()), **(origin_column(m.origin) if m else {})})
     else:  # the source's own ids and the stored fields travel with the vectors
         out = vectors_table(good.column(cfg.id_column), x, {f: good.column(f) for f in cfg.stored_fields})
     store.write_table(emb, out)  # last: its presence marks the part done
-    return PartResult(shard.part, len(ids), int(bad.sum()), time.time() - t0, False)
+    counts = {"new": int((m.origin == NEW).sum()), "changed": int((m.origin == CHANGED).sum())} if m else {}
+    return PartResult(shard.part, len(ids), int(bad.sum()), time.time() - t0, False, **counts)
+
+
+def _origin_counts(store: Store, rel: str, reuse: Reuse | None) -> dict:
+    """new/changed of a part a killed reindex already wrote (from its origin column)."""
+    if reuse is None:
+        return {}
+    o = store.read_table(rel, columns=["origin"]).column("origin").to_numpy()
+    return {"new": int((o == NEW).sum()), "changed": int((o == CHANGED).sum())}
 
 
 def _num_rows(store: Store, rel: str) -> int:

@@ -50,23 +50,26 @@ class EncoderActor:
     def info(self):
         return self.enc.info()
 
-    def run(self, shard: InputShard, layout: Layout, kind: str) -> PartResult:
-        pads = []
+    def run(self, shard: InputShard, layout: Layout, kind: str, reuse=None) -> PartResult:
+        pads, given = [], []  # padding stats, and how many texts the encoder got
 
         def encode(texts):
             x, pad = self.enc.encode_part(texts, self.lock)
             pads.append(pad)
+            given.append(len(texts))
             return x
 
-        r = prepare(shard, self.cfg, layout, None, kind, encode)
+        r = prepare(shard, self.cfg, layout, None, kind, encode, reuse)
+        r.encoded = sum(given)
         if pads:
             r.tokens, r.padded, r.padded_unsorted = pads[0].tokens, pads[0].padded, pads[0].padded_unsorted
         return r
 
 
 @ray.remote(max_retries=3)
-def prepare_vectors(shard: InputShard, cfg: BuildConfig, layout: Layout, dim: int, kind: str) -> PartResult:
-    return prepare(shard, cfg, layout, dim, kind)
+def prepare_vectors(shard: InputShard, cfg: BuildConfig, layout: Layout, dim: int, kind: str,
+                    reuse=None) -> PartResult:
+    return prepare(shard, cfg, layout, dim, kind, reuse=reuse)
 
 
 def pool_shape(cfg: BuildConfig) -> tuple[int, int, float]:
@@ -127,6 +130,8 @@ def run_parts(submit, shards: list[InputShard], workers: int, slots: int, what: 
         done.append(r)
         ndocs += r.rows
         rate = f"{r.rows / r.seconds:,.0f} docs/s" if not r.reused else "reused"
+        if r.new or r.changed:  # a reindex: what the encoder ran on
+            rate += f", {r.new} new, {r.changed} changed"
         log(f"{what}: part {r.part} done ({len(done)}/{len(shards)}): {r.rows} docs, {rate}; "
             f"stage {ndocs / max(time.time() - t0, 1e-9):,.0f} docs/s")
     return sorted(done, key=lambda r: r.part)
@@ -155,16 +160,18 @@ def precomputed_encoder(cfg: BuildConfig, corpus: Corpus) -> EncoderInfo:
     return EncoderInfo(name="precomputed", dim=corpus.dim, normalize=False, metric=cfg.metric or "l2")
 
 
-def encode_corpus(cfg: BuildConfig, corpus: Corpus, fp_of, layout_of=Layout.build):
+def encode_corpus(cfg: BuildConfig, corpus: Corpus, fp_of, layout_of=Layout.build, reuse_of=None):
     """Run the encode stage -> (part results, encoder info, fingerprint).
-    fp_of(encoder_info) -> the embeddings fingerprint; layout_of(fp) -> where parts go."""
+    fp_of(encoder_info) -> the embeddings fingerprint; layout_of(fp) -> where parts go;
+    reuse_of(shard) -> the live vectors a reindex may reuse for it (called after fp_of)."""
+    reuse_of = reuse_of or (lambda s: None)
     if cfg.vector_column:
         info = precomputed_encoder(cfg, corpus)
         fp = fp_of(info)
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         lay = layout_of(fp)
         res = run_parts(lambda s, w: prepare_vectors.options(num_cpus=1).remote(s, cfg, lay, corpus.dim,
-                                                                                corpus.id_kind),
+                                                                                corpus.id_kind, reuse_of(s)),
                         corpus.shards, cpus, 1, "vectors")
         return res, info, fp
     pool = start_pool(cfg)
@@ -172,7 +179,7 @@ def encode_corpus(cfg: BuildConfig, corpus: Corpus, fp_of, layout_of=Layout.buil
         info = ray_get(pool[0].info.remote())
         fp = fp_of(info)
         lay = layout_of(fp)
-        res = run_parts(lambda s, w: pool[w].run.remote(s, lay, corpus.id_kind),
+        res = run_parts(lambda s, w: pool[w].run.remote(s, lay, corpus.id_kind, reuse_of(s)),
                         corpus.shards, len(pool), MAX_IN_FLIGHT, "encode")
         log_padding(res)
     finally:

@@ -19,18 +19,62 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 
 import ray
 
 from shards.errors import IntegrityError
-from shards.faissio import faiss, ivf, open_shard_file, quantizer_bytes, read_index, faiss_quiet, write_index
+from shards.faissio import (faiss, faiss_quiet, ivf, no_search_flags, open_shard_file, quantizer_bytes, read_index,
+                            write_index)
 from shards.manifest import FileInfo
 from shards.store import Store
 
 from .add import _set_ntotal, part_dir
 from .shard_math import ids_digest, sum_digests
+
+
+class MemoryWatch:
+    """Peak anonymous and file-backed resident memory of this process while a merge runs, sampled
+    from /proc/self/status (Linux; elsewhere nothing is recorded). Anonymous memory is what a merge
+    holds; file-backed pages (the mmapped parts and .ivfdata) are page cache the kernel can drop."""
+
+    PERIOD_S = 0.02
+
+    def __enter__(self):
+        self.peak = {"anon": 0, "file": 0}
+        self.start = self._read()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _read(self) -> dict:
+        try:
+            with open("/proc/self/status") as f:
+                kv = dict(line.split(":", 1) for line in f if line.startswith(("RssAnon", "RssFile")))
+        except OSError:
+            return {}
+        return {"anon": int(kv["RssAnon"].split()[0]) << 10, "file": int(kv["RssFile"].split()[0]) << 10}
+
+    def _run(self):
+        while not self._stop.is_set():
+            for k, v in self._read().items():
+                self.peak[k] = max(self.peak[k], v)
+            time.sleep(self.PERIOD_S)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+    def record(self) -> dict:
+        if not self.start:
+            return {}
+        mib = 2**20
+        return {"rss_anon_start_mib": round(self.start["anon"] / mib, 1),
+                "rss_anon_peak_mib": round(self.peak["anon"] / mib, 1),
+                "rss_file_peak_mib": round(self.peak["file"] / mib, 1)}
 
 
 def shard_rel(work: str, s: int) -> str:
@@ -66,10 +110,10 @@ def _mismatch(store: Store, rel: str, trained_rel: str, work: str) -> IntegrityE
 
 
 def merge_in_ram(store: Store, trained_rel: str, rels: list[str], work: str):
-    index = read_index(store, trained_rel)
+    index = read_index(store, trained_rel, no_search_flags())
     q = quantizer_bytes(index)
     for rel in rels:
-        sub = read_index(store, rel)
+        sub = read_index(store, rel, no_search_flags())
         if quantizer_bytes(sub) != q:
             raise _mismatch(store, rel, trained_rel, work)
         index.merge_from(sub, 0)  # add_id=0: keep the ids the part was added with
@@ -80,7 +124,7 @@ def open_mmapped(path: str):
     """(emptied index, its inverted lists): the lists stay mmapped in the file; the index,
     with empty lists in their place, is what the quantizer check compares."""
     f = faiss()
-    index = f.read_index(path, f.IO_FLAG_MMAP)
+    index = f.read_index(path, f.IO_FLAG_MMAP | no_search_flags())
     iv = ivf(index)
     lists = iv.invlists
     iv.own_invlists = False
@@ -96,7 +140,7 @@ def open_mmapped(path: str):
 def merge_on_disk(store: Store, trained_rel: str, rels: list[str], work: str, local_dir: str, name: str):
     """The shard as local_dir/<name>.index + local_dir/<name>.ivfdata; returns the index."""
     f = faiss()
-    index = read_index(store, trained_rel)
+    index = read_index(store, trained_rel, no_search_flags())
     q = quantizer_bytes(index)
     fetched = os.path.join(local_dir, "parts")
     os.makedirs(fetched, exist_ok=True)
@@ -141,6 +185,16 @@ def merge_shard(store: Store, trained_rel: str, work: str, parts: list[int], s: 
     rels = [f"{part_dir(work, p)}/shard-{s}.index" for p in parts]
     name = f"shard-{s}"
     info = {"file": f"{name}.index"}
+    with MemoryWatch() as mem:
+        _merge(store, trained_rel, work, rels, s, expected, ondisk, out, name, info)
+    info.update(sha256=store.sha256(out), bytes=store.size(out), ntotal=int(expected[0]))
+    done = {**FileInfo(**info).model_dump(), "seconds": time.time() - t0, "ondisk": ondisk, **mem.record()}
+    store.write_text(out + ".json", json.dumps(done))
+    return {**done, "reused": False}
+
+
+def _merge(store: Store, trained_rel: str, work: str, rels: list[str], s: int, expected, ondisk: bool,
+           out: str, name: str, info: dict) -> None:
     if ondisk:
         # Local store: build in a scratch dir beside the output, then rename (same filesystem).
         tmp = (os.path.join(os.path.dirname(store.path(out)), f"tmp-{uuid.uuid4().hex[:8]}") if store.local
@@ -164,10 +218,6 @@ def merge_shard(store: Store, trained_rel: str, work: str, parts: list[int], s: 
         _check(index, expected, s, store, work)
         write_index(store, out, index)
         del index
-    info.update(sha256=store.sha256(out), bytes=store.size(out), ntotal=int(expected[0]))
-    done = {**FileInfo(**info).model_dump(), "seconds": time.time() - t0, "ondisk": ondisk}
-    store.write_text(out + ".json", json.dumps(done))
-    return {**done, "reused": False}
 
 
 merge_task = ray.remote(max_retries=3)(merge_shard)

@@ -8,12 +8,19 @@ The rules, smallest corpus first:
   M the largest that fits the budget.
 - OPQ{M}_{D},IVF{nlist},PQ{M}: as above for d >= OPQ_MIN_DIM, where a learned
   rotation (and reduction to D dims) keeps PQ's error down.
-nlist is a power of two near 4*sqrt(N), with at least MIN_TRAIN_PER_LIST training
-vectors per list.
+nlist is a power of two near c*sqrt(N): c = 4 up to a million vectors, 8 up to a
+hundred million, 16 beyond (faiss's guidance is 4*sqrt(N) to 16*sqrt(N); the bigger the
+corpus, the more a list scanned costs next to the centroids compared). It is halved
+until every list gets MIN_TRAIN_PER_LIST training vectors from a sample that fits
+TRAIN_MAX_BYTES.
+
+plan() then says what the build will hold: memory per serving shard (and whether it
+is merged on disk), disk, and the training sample; the build prints it before training.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from shards.errors import ConfigError
@@ -24,7 +31,9 @@ PQ_TRAIN_MIN = 256 * 39    # 8-bit PQ codebooks need this many training vectors
 ID_BYTES = 8
 LIST_OVERHEAD = 1.05       # inverted-list bookkeeping on top of codes and ids
 OPQ_MIN_DIM = 256
-PQ_M = (64, 48, 32, 24, 16, 12, 8, 4)  # codes faiss has fast kernels for, largest first
+PQ_M = (128, 96, 64, 48, 32, 24, 16, 12, 8, 4)  # code bytes offered, largest first
+TRAIN_MAX_BYTES = 4 << 30  # the training sample is held by one task: at most this many bytes of float32
+TRAIN_PER_LIST = 100       # training vectors wanted per IVF centroid (faiss uses at most 256)
 
 
 @dataclass(frozen=True)
@@ -34,11 +43,21 @@ class Choice:
     reason: str
 
 
-def nlist_for(n: int) -> int:
-    """A power of two near 4*sqrt(n), with >= MIN_TRAIN_PER_LIST vectors per list."""
-    target = 4 * math.sqrt(n)
+def nlist_factor(n: int) -> int:
+    return 4 if n <= 1_000_000 else 8 if n <= 100_000_000 else 16
+
+
+def max_train(n: int, d: int | None) -> int:
+    """The most training vectors the sample may hold: all of N, or what fits TRAIN_MAX_BYTES."""
+    return min(n, TRAIN_MAX_BYTES // (4 * d)) if d else n
+
+
+def nlist_for(n: int, d: int | None = None) -> int:
+    """A power of two near nlist_factor(n)*sqrt(n), with >= MIN_TRAIN_PER_LIST training vectors
+    per list (from a sample of at most max_train(n, d) vectors)."""
+    target = nlist_factor(n) * math.sqrt(n)
     k = 2 ** max(0, round(math.log2(max(target, 1))))
-    while k > 1 and n < k * MIN_TRAIN_PER_LIST:
+    while k > 1 and max_train(n, d) < k * MIN_TRAIN_PER_LIST:
         k //= 2
     return max(1, k)
 
@@ -59,10 +78,10 @@ def choose_factory(n: int, d: int, budget: int, need_ivf: bool = False) -> Choic
     fits_flat = n * flat * LIST_OVERHEAD <= budget
     if n < FLAT_MAX and fits_flat and not need_ivf:
         return Choice("Flat", flat, f"N={n:,} < {FLAT_MAX:,}: exact search is fast, and raw vectors fit the budget")
-    k = nlist_for(n)
+    k = nlist_for(n, d)
     if fits_flat:
         return Choice(f"IVF{k},Flat", flat, f"raw vectors ({_gb(n * flat)}) fit the budget ({_gb(budget)}); "
-                                            f"nlist={k} ~ 4*sqrt(N)")
+                                            f"nlist={k} ~ {nlist_factor(n)}*sqrt(N)")
     code = budget / (n * LIST_OVERHEAD) - ID_BYTES
     opq = d >= OPQ_MIN_DIM
     m = pq_m(d, code, need_divisor=not opq)
@@ -85,10 +104,13 @@ def choose_factory(n: int, d: int, budget: int, need_ivf: bool = False) -> Choic
                   f"raw vectors ({_gb(n * flat)}) exceed the budget; PQ{m} = {m} bytes/vector fits it")
 
 
-def train_size(n: int, factory: str, nlist: int | None, cap: int = 500_000) -> int:
-    """faiss's guidance: tens to a few hundred vectors per centroid (k-means and PQ's 256), capped."""
-    want = max(100 * (nlist or 1), 100 * 256 if "PQ" in factory else 0, 10_000)
-    return min(n, want, cap)
+def train_size(n: int, d: int, factory: str, nlist: int | None, cap_bytes: int = TRAIN_MAX_BYTES) -> int:
+    """faiss's guidance: tens to a few hundred vectors per centroid (TRAIN_PER_LIST for the IVF
+    k-means, as many for each of PQ's 256), capped by cap_bytes of sample, but never under
+    the MIN_TRAIN_PER_LIST per list that k-means needs; never more than N."""
+    want = max(TRAIN_PER_LIST * (nlist or 1), TRAIN_PER_LIST * 256 if "PQ" in factory else 0, 10_000)
+    cap = cap_bytes // (4 * d)
+    return min(n, max(min(want, cap), MIN_TRAIN_PER_LIST * (nlist or 1)))
 
 
 def _gb(b: float, up: bool = False) -> str:
@@ -98,3 +120,83 @@ def _gb(b: float, up: bool = False) -> str:
     if up:
         v = math.ceil(v * 10**places) / 10**places
     return f"{v:.{places}f} {name}"
+
+
+# ---------------------------------------------------------------- the plan printed before training
+
+_PRE = re.compile(r"^(?:OPQ\d+(?:_(\d+))?|PCAR?(\d+)|RR(\d+))$")
+_IVF = re.compile(r"^IVF(\d+)")
+_PQ = re.compile(r"^PQ(\d+)(?:x(\d+))?(fs)?$")
+_SQ_BITS = {"SQ4": 4, "SQ6": 6, "SQ8": 8, "SQfp16": 16, "SQbf16": 16}
+
+
+def factory_shape(factory: str, d: int) -> tuple[int, int | None, float | None]:
+    """(dims the index sees after its pre-transforms, nlist or None, code bytes per vector or None
+    when this parser does not know the encoding). Pure string work: no faiss."""
+    dd, nl, code = d, None, None
+    for part in factory.split(","):
+        part = part.strip()
+        if m := _PRE.match(part):
+            dd = int(next((g for g in m.groups() if g), dd))
+        elif m := _IVF.match(part):
+            nl = int(m.group(1))
+        elif part == "Flat":
+            code = 4 * dd
+        elif m := _PQ.match(part):
+            code = math.ceil(int(m.group(1)) * int(m.group(2) or 8) / 8)
+        elif part in _SQ_BITS:
+            code = math.ceil(dd * _SQ_BITS[part] / 8)
+    return dd, nl, code
+
+
+@dataclass(frozen=True)
+class Plan:
+    factory: str
+    n: int
+    d: int
+    shards: int
+    nlist: int | None
+    bytes_per_vector: float | None   # served: code + id, with the lists' overhead; None: unknown encoding
+    trained_bytes: int               # centroids, codebooks, rotation: in every shard
+    shard_bytes: int | None          # one serving shard (the even share)
+    on_disk: bool                    # shards over the merge RAM budget: on-disk lists, mmapped
+    train_vectors: int
+    embeddings_bytes: int            # the vectors as encoded (embeddings/ parts)
+
+    @property
+    def index_bytes(self) -> int | None:
+        return None if self.shard_bytes is None else self.shard_bytes * self.shards
+
+    @property
+    def train_bytes(self) -> int:
+        return self.train_vectors * self.d * 4
+
+    def lines(self) -> list[str]:
+        unknown = "unknown (not a Flat/PQ/SQ encoding this plan can size)"
+        size = _gb(self.index_bytes) if self.index_bytes is not None else unknown
+        out = [f"plan: {self.factory} over {self.n:,} x {self.d}"
+               + (f", nlist {self.nlist:,} (~{self.n / self.nlist:,.0f} vectors a list)" if self.nlist else ""),
+               f"plan: index {size}" + (f" = {self.bytes_per_vector:.0f} bytes a vector" if self.bytes_per_vector
+                                        else "") + f" + {_gb(self.trained_bytes)} trained (in each shard)"]
+        if self.shard_bytes is not None:
+            where = ("merged into on-disk lists and mmapped (over --merge-ram-budget): RAM holds what the page "
+                     "cache keeps" if self.on_disk else "merged and served in RAM")
+            out.append(f"plan: memory per shard {_gb(self.shard_bytes + self.trained_bytes)} x {self.shards} "
+                       f"shard(s), {where}")
+        work = 2 * self.index_bytes if self.index_bytes is not None else None
+        out.append(f"plan: disk {_gb(self.embeddings_bytes)} embeddings"
+                   + (f" + {_gb(work)} work (part indexes and merged shards, deletable after publish)"
+                      if work is not None else "") + "; the published version links or copies the shards")
+        out.append(f"plan: training sample {self.train_vectors:,} vectors ({_gb(self.train_bytes)})"
+                   + (f", {self.train_vectors / self.nlist:,.0f} per list" if self.nlist else ""))
+        return out
+
+
+def plan(n: int, d: int, factory: str, shards: int, merge_ram_budget: int) -> Plan:
+    dd, nl, code = factory_shape(factory, d)
+    per = (code + ID_BYTES) * LIST_OVERHEAD if code is not None else None
+    trained = 4 * (dd * (nl or 0) + (d * dd if dd != d else 0) + (256 * dd if "PQ" in factory else 0))
+    shard = math.ceil(n / shards * per) if per is not None else None
+    return Plan(factory=factory, n=n, d=d, shards=shards, nlist=nl, bytes_per_vector=per, trained_bytes=trained,
+                shard_bytes=shard, on_disk=bool(nl) and shard is not None and shard > merge_ram_budget,
+                train_vectors=train_size(n, d, factory, nl), embeddings_bytes=n * (4 * d + ID_BYTES))

@@ -11,8 +11,8 @@ import numpy as np
 
 from shards.config import parse_bytes
 from shards.errors import ConfigError, CorpusError, IntegrityError
-from shards.manifest import (DocsInfo, IndexInfo, Manifest, SearchDefaults, ShardingInfo, SourceInfo,
-                             new_version_name)
+from shards.manifest import (DocsInfo, DriftBaseline, EmbeddingsInfo, IndexInfo, Lineage, Manifest, SearchDefaults,
+                             ShardingInfo, SourceInfo, new_version_name, vdir)
 from shards.store import Store, resolve_endpoint
 
 from .add import add_task, split_task
@@ -22,10 +22,12 @@ from .encode import part_rel
 from .encode_pool import encode_corpus
 from .merge import expected_digest, merge_task, ram_budget_exceeded, shard_info, shard_rel
 from .params import choose_factory, train_size
+from .params import plan as plan_index  # noqa: I001
 from .publish import copy_files, file_info, publish, write_quarantine
 from .raytools import ensure_ray, log, node_cpus, ray_get
 from .shard_math import ivf_ranges, sum_digests
 from .train import train_task
+from .tune import EVAL_QUERIES, tune_task
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Summary:
     seconds: dict = field(default_factory=dict)
     rates: dict = field(default_factory=dict)     # vectors/s per stage
     reused: dict = field(default_factory=dict)    # units of work a previous run had finished
+    work: str | None = None                       # this run's scratch under INDEX_ROOT (safe to delete now)
 
     def lines(self) -> list[str]:
         out = [f"version      {self.version}  (CURRENT of {self.index_root})",
@@ -89,33 +92,46 @@ def build(cfg: BuildConfig) -> Summary:
         corpus = plan(cfg)  # before Ray starts: a bad corpus fails in a second
     ensure_ray()
     log(f"plan: {len(corpus.files)} file(s), {corpus.total_rows:,} rows, {len(corpus.shards)} part(s)")
+    shown = None
+    if corpus.dim:  # precomputed vectors: N and d are known before any work, so is the plan
+        shown = _show_plan(cfg, corpus.total_rows - corpus.rejected_ids, corpus.dim, cfg.metric,
+                           merge_ram_budget(cfg))
     with t.stage("encode"):
         parts, enc, fp = encode_corpus(cfg, corpus, lambda info: short_hash(corpus.fingerprint, info))
+    return index_and_publish(cfg, store, t, corpus, parts, enc, fp, shown=shown)
+
+
+def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, corpus, parts, enc, fp: str,
+                      reuse_trained: str | None = None, annotate=None, shown=None) -> Summary:
+    """The stages after encode, over the parts in embeddings/<fp>/. A reindex passes reuse_trained (a trained
+    index to reuse instead of training; cfg.factory must be its factory) and annotate (manifest -> manifest).
+    shown: the (N, factory) whose plan build() already printed."""
+    ram_budget = merge_ram_budget(cfg)
     n = sum(p.rows for p in parts)
     if n == 0:
         raise CorpusError(f"{cfg.source}: no valid documents ({corpus.total_rows} rows, all rejected)")
     metric = cfg.metric or enc.metric
     enc = enc.model_copy(update={"metric": metric})
-    choice = (choose_factory(n, enc.dim, cfg.budget_bytes, need_ivf=cfg.sharding == "ivf")
-              if cfg.factory == "auto" else None)
-    factory = choice.factory if choice else cfg.factory
-    if cfg.sharding == "ivf" and not _nlist_of(factory):
-        raise ConfigError(f"sharding: ivf needs an IVF index, and {factory!r} has no IVF lists; "
-                          f"give --sharding hash or an IVF factory")
-    log(f"index: {factory} over {n:,} x {enc.dim} ({metric})" + (f": {choice.reason}" if choice else ""))
-    work = f"work/{short_hash(fp, factory, metric, cfg.shards, cfg.sharding, cfg.seed)}"
+    choice, factory = _choose(cfg, n, enc.dim)
+    if shown != (n, factory):  # text: known once encoded; vectors: some rows were rejected
+        _show_plan(cfg, n, enc.dim, metric, ram_budget)
+    reused = [reuse_trained] if reuse_trained else []  # a reused quantizer never shares scratch with a trained one
+    work = f"work/{short_hash(fp, factory, metric, cfg.shards, cfg.sharding, cfg.seed, *reused)}"
     emb = [part_rel(fp, p.part) for p in parts if p.rows]
     live = [p for p in parts if p.rows]
 
+    if reuse_trained:  # by the driver: a reindex killed here leaves nothing half-done (tests crash it here)
+        store.copy(reuse_trained, f"{work}/trained.index")
     with t.stage("train"):
-        nl_guess = _nlist_of(factory)
-        tr = ray_get(train_task.options(num_cpus=node_cpus()).remote(
+        res = train_resources()
+        tr = ray_get(train_task.options(**res).remote(
             store, [(r, p.rows) for r, p in zip(emb, live)], factory, enc.dim, metric,
-            train_size(n, factory, nl_guess), cfg.seed, f"{work}/trained.index", node_cpus()))
+            train_size(n, enc.dim, factory, _nlist_of(factory)), cfg.seed, f"{work}/trained.index", res["num_cpus"],
+            EVAL_QUERIES, f"{work}/trained.index" if reuse_trained else None))
     trained = f"{work}/trained.index"
     with t.stage("add"):
         added = ray_get([add_task.options(num_cpus=1).remote(store, trained, r, p.part, cfg.shards, work,
-                                                             cfg.sharding) for r, p in zip(emb, live)])
+                                                             cfg.sharding, metric) for r, p in zip(emb, live)])
         ranges, subs = None, added
         if cfg.sharding == "ivf":
             ranges = ivf_ranges(np.sum([a["list_sizes"] for a in added], axis=0), cfg.shards)
@@ -123,12 +139,16 @@ def build(cfg: BuildConfig) -> Summary:
             subs = ray_get([split_task.options(num_cpus=1).remote(store, trained, work, p.part, ranges)
                             for p in live])
     with t.stage("merge"):
-        merged = merge_shards(cfg, store, work, live, added, subs, tr["nlist"])
+        merged = merge_shards(cfg, store, work, live, added, subs, tr["nlist"], ram_budget)
     with t.stage("tune"):
-        from .tune import tune_task
-
         best = ray_get(tune_task.options(num_cpus=node_cpus()).remote(
-            store, work, cfg.shards, emb, metric, cfg.target_recall, cfg.seed, node_cpus()))
+            store, work, cfg.shards, [p.part for p in live], metric, cfg.target_recall, node_cpus()))
+    with t.stage("baseline"):
+        from .drift import baseline_task
+
+        base = ray_get(baseline_task.options(num_cpus=node_cpus()).remote(
+            store, f"{work}/trained.index", work, cfg.shards, [(r, p.rows) for r, p in zip(emb, live)], cfg.seed,
+            f"{work}/lists.npy", node_cpus()))
     with t.stage("publish"):
         version = new_version_name(work.split("/")[-1])
         infos = [shard_info(store, work, s) for s in range(cfg.shards)]
@@ -154,13 +174,53 @@ def build(cfg: BuildConfig) -> Summary:
                                   eval_queries=best["eval_queries"], target_recall=cfg.target_recall),
             timings=dict(t.seconds),
             vectors=emb)
+        if base["lists"]:
+            store.copy(base["lists"], f"{vdir(version)}/lists.npy")
+        m.embeddings = EmbeddingsInfo(parts=emb)
+        m.drift = DriftBaseline(**{**base, "lists": "lists.npy" if base["lists"] else None}, trained_in=version)
+        m.lineage = Lineage()
+        m.options = cfg.model_dump(exclude={"source", "index_root", "s3_endpoint"})
+        m = annotate(m) if annotate else m
         publish(store, m)
-    return _summary(cfg, m, parts, added, merged, tr, t)
+    s = _summary(cfg, m, parts, added, merged, tr, t)
+    s.work = work
+    return s
 
 
 def _nlist_of(factory: str) -> int | None:
     m = re.search(r"IVF(\d+)", factory)
     return int(m.group(1)) if m else None
+
+
+def _choose(cfg: BuildConfig, n: int, d: int):
+    """(the auto Choice or None, the factory string); ivf sharding needs an IVF factory."""
+    choice = choose_factory(n, d, cfg.budget_bytes, need_ivf=cfg.sharding == "ivf") if cfg.factory == "auto" else None
+    factory = choice.factory if choice else cfg.factory
+    if cfg.sharding == "ivf" and not _nlist_of(factory):
+        raise ConfigError(f"sharding: ivf needs an IVF index, and {factory!r} has no IVF lists; "
+                          f"give --sharding hash or an IVF factory")
+    return choice, factory
+
+
+def _show_plan(cfg: BuildConfig, n: int, d: int, metric: str | None, ram_budget: int) -> tuple[int, str]:
+    """Log what the build will make (memory per shard, disk, training sample) before it makes it."""
+    choice, factory = _choose(cfg, n, d)
+    log(f"index: {factory} over {n:,} x {d}" + (f" ({metric})" if metric else "")
+        + (f": {choice.reason}" if choice else ""))
+    for line in plan_index(n, d, factory, cfg.shards, ram_budget).lines():
+        log(line)
+    return n, factory
+
+
+def train_resources() -> dict:
+    """The train task takes a whole node: a GPU node's CPUs and one GPU when the cluster has GPUs
+    (k-means runs there), else the CPUs of the largest node."""
+    import ray
+
+    gpu_nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) >= 1]
+    if gpu_nodes:
+        return {"num_cpus": int(max(n["Resources"].get("CPU", 1) for n in gpu_nodes)), "num_gpus": 1}
+    return {"num_cpus": node_cpus()}
 
 
 def merge_ram_budget(cfg: BuildConfig) -> int:
@@ -174,11 +234,11 @@ def merge_ram_budget(cfg: BuildConfig) -> int:
 
 
 def merge_shards(cfg: BuildConfig, store: Store, work: str, live, added: list[dict], subs: list[dict],
-                 nlist: int | None) -> list[dict]:
+                 nlist: int | None, budget: int) -> list[dict]:
     """One merge task per serving shard, in RAM or on disk by its size. subs: what each part put
     in each shard (the add's, or the ivf split's). First checks that the shards together hold
     every added id exactly once."""
-    S, budget = cfg.shards, merge_ram_budget(cfg)
+    S = cfg.shards
     want = [expected_digest(subs, s) for s in range(S)]
     if sum_digests(want) != sum_digests(a["digest"] for a in added):
         raise IntegrityError(f"{store.uri(work)}: the shards' sub-indexes do not add up to the parts' ids; "

@@ -26,8 +26,10 @@ def ensure_ray(address: str | None = None) -> None:
 
 
 def node_cpus() -> int:
-    """CPUs of the largest alive node: the most threads one actor can have."""
-    return int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1))
+    """CPUs of the largest alive node: the most threads one actor can have. At least 1: on a cluster
+    whose head has num-cpus 0 and no worker up yet, a task asking for 0 CPUs would run on the head
+    (and a thread count of 0 means nothing); asking for 1 waits for, or scales up, a worker."""
+    return max(1, int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)))
 
 
 def ray_get(refs):

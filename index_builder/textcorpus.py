@@ -11,6 +11,7 @@ has side effects (antigravity opens a browser, `this` prints, tkinter needs a di
 from __future__ import annotations
 
 import ast
+import re
 import os
 import sysconfig
 import tempfile
@@ -193,3 +194,99 @@ def example_queries() -> list[str]:
         "compress and decompress data with gzip",
         "send an email message over SMTP",
     ]
+
+
+# ---------------------------------------------------------------- man pages: NAME line -> DESCRIPTION
+
+MAN_ROOT = "/usr/share/man"
+MAN_TEXT_CHARS = 4000          # a DESCRIPTION is cut here: the encoder reads the first 256 tokens anyway
+_FONT_MACROS = frozenset({"B", "I", "BR", "BI", "IB", "IR", "RB", "RI", "SM", "SB", "Nm", "Nd", "Ar", "Fl",
+                          "Cm", "Pa", "Em", "Sy", "Xr", "Va", "Dv", "Ev", "Li", "Ql", "Dq", "Sq", "Op"})
+_ESCAPES = [(re.compile(r"\\f(\(..|\[[^\]]*\]|.)"), ""), (re.compile(r"\\s[+-]?\d"), ""),
+            (re.compile(r"\\\((em|en)"), " - "), (re.compile(r"\\\((aq|cq)"), "'"),
+            (re.compile(r"\\\((lq|rq|dq)"), '"'), (re.compile(r"\\\(..|\\\[[^\]]*\]"), ""),
+            (re.compile(r"\\[-e]"), lambda m: "-" if m.group(0) == "\\-" else "\\"),
+            (re.compile(r"\\[&|^%:/,]"), ""), (re.compile(r"\\ "), " "), (re.compile(r"\\\*\(..|\\\*."), "")]
+
+
+def roff_text(line: str) -> str:
+    """The words of one roff source line: macro names and font changes dropped, escapes resolved."""
+    if line.startswith(("'", ".\\\"", '.\\"')) or line.startswith("\\\""):
+        return ""
+    if line.startswith("."):
+        parts = line[1:].split(None, 1)
+        if not parts or parts[0] not in _FONT_MACROS:
+            return ""
+        line = parts[1] if len(parts) > 1 else ""
+        line = line.replace('"', "")
+    for pat, rep in _ESCAPES:
+        line = pat.sub(rep, line)
+    return line.strip()
+
+
+def parse_man(source: str) -> tuple[str, str]:
+    """(NAME line, DESCRIPTION text) of a man page's roff source (man or mdoc macros)."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in source.splitlines():
+        m = re.match(r'^\.S[hH]\s+"?([^"]*)"?\s*$', line)
+        if m:
+            current = m.group(1).strip().upper()
+            sections.setdefault(current, [])
+        elif current is not None:
+            words = roff_text(line)
+            if words:
+                sections[current].append(words)
+    name = " ".join(" ".join(sections.get("NAME", [])).split())
+    text = " ".join(" ".join(sections.get("DESCRIPTION", [])).split())
+    return name, text[:MAN_TEXT_CHARS]
+
+
+def man_pages(root: str = MAN_ROOT, min_words: int = 8) -> list[dict]:
+    """The English man pages installed under root (sections 1-8), as records like the docstrings':
+    id 'man:ls.1', title the NAME line, text the DESCRIPTION. Links and `.so` redirects are skipped."""
+    import gzip
+
+    out = []
+    for sec in sorted(d for d in (os.listdir(root) if os.path.isdir(root) else []) if re.fullmatch(r"man\d", d)):
+        base = os.path.join(root, sec)
+        for name in sorted(os.listdir(base)):
+            path = os.path.join(base, name)
+            if os.path.islink(path) or not os.path.isfile(path):
+                continue
+            try:
+                with (gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")) as f:
+                    source = f.read().decode("utf-8", errors="replace")
+            except (OSError, EOFError):
+                continue
+            if source.lstrip().startswith(".so "):
+                continue
+            title, text = parse_man(source)
+            if title and len(text.split()) >= min_words:
+                page = name[:-3] if name.endswith(".gz") else name
+                out.append({"id": f"man:{page}", "title": title, "text": text, "module": sec, "kind": "man"})
+    return out
+
+
+def docstring_paragraphs(root: str | None = None, min_words: int = 8) -> list[dict]:
+    """Each paragraph (blank-line separated) of every stdlib docstring as its own document: id
+    'module:qualname#i', title the docstring's first line. About three times as many documents
+    as whole docstrings, for corpora that need more real text than the stdlib's docstrings."""
+    root = root or stdlib_dir()
+    out, seen = [], set()
+    for rel in source_files(root):
+        try:
+            tree = parse_file(os.path.join(root, rel))
+        except PARSE_ERRORS:
+            continue
+        module = module_name(rel)
+        for qualname, kind, doc in iter_docstrings(tree):
+            title = doc.strip().splitlines()[0].strip()
+            for i, para in enumerate(p for p in re.split(r"\n\s*\n", doc.strip()) if p.strip()):
+                text = " ".join(para.split())
+                key = f"{module}:{qualname}#{i}" if qualname else f"{module}#{i}"
+                if len(text.split()) < min_words or key in seen:
+                    continue
+                seen.add(key)
+                out.append({"id": key, "title": title, "text": text, "module": module, "kind": kind})
+    return out

@@ -1,15 +1,35 @@
-"""train: one trained (empty) index from a sample drawn across all parts in proportion to their sizes."""
+"""train: one trained (empty) index from a sample drawn across all parts in proportion to their sizes.
+
+The sample is read one part at a time (never the corpus whole). The IVF k-means, the
+expensive step, runs where it is fastest:
+- "faiss-gpu": faiss's own k-means with a GPU flat index assigning points, when faiss-gpu
+  is installed and sees a GPU;
+- "cuda-torch": k-means in torch on CUDA (kmeans.py), its centroids placed into the faiss
+  quantizer, when torch sees a GPU but faiss is the CPU build;
+- "cpu": faiss on the CPU otherwise.
+Everything else (OPQ/PCA pre-transforms, PQ codebooks) is trained by faiss on the CPU; it
+subsamples to 65k points, so it is cheap next to k-means. A GPU that runs out of memory
+falls back to the next device down, with a log line, rather than failing the build.
+"""
 from __future__ import annotations
 
+import glob
+import io
+import json
+import posixpath
+import sys
 import time
 
 import numpy as np
 import ray
 
-from shards.faissio import faiss, metric_type, nlist, read_index, write_index
+from shards.faissio import faiss, ivf, metric_type, nlist, read_index, write_index
 from shards.store import Store
 
 from .encode import read_vectors
+from .raytools import log
+
+DEVICES = ("faiss-gpu", "cuda-torch", "cpu")
 
 
 def make_index(factory: str, d: int, metric: str):
@@ -24,30 +44,146 @@ def make_index(factory: str, d: int, metric: str):
     return index
 
 
-def sample(store: Store, parts: list[tuple[str, int]], size: int, seed: int) -> np.ndarray:
-    """`size` vectors, taken from each part in proportion to its row count; one part in memory at a time."""
+def quotas(sizes: list[int], size: int) -> np.ndarray:
+    """How many of `size` to take from each part, in proportion to its rows (remainder to the biggest)."""
+    total = sum(sizes)
+    quota = np.floor(np.array(sizes) * size / max(total, 1)).astype(int)
+    quota[np.argsort([-n for n in sizes])[: size - quota.sum()]] += 1
+    return np.minimum(quota, sizes)
+
+
+def sample(store: Store, parts: list[tuple[str, int]], size: int, seed: int, queries: int = 0):
+    """`size` training vectors taken from each part in proportion to its row count, one part in
+    memory at a time. With queries > 0, also that many (query vectors, ids) drawn the same way
+    while the parts are read anyway: tune's held-out queries. Returns xt, or (xt, xq, qids)."""
     rng = np.random.default_rng(seed)
-    total = sum(n for _, n in parts)
-    quota = np.floor(np.array([n for _, n in parts]) * size / max(total, 1)).astype(int)
-    quota[np.argsort([-n for _, n in parts])[: size - quota.sum()]] += 1  # the remainder, biggest parts first
-    xs = []
-    for (rel, n), q in zip(parts, quota):
-        if q > 0:
-            _, x = read_vectors(store, rel)
-            xs.append(x[rng.choice(len(x), size=min(q, len(x)), replace=False)])
-    return np.concatenate(xs)
+    sizes = [n for _, n in parts]
+    qt, qq = quotas(sizes, size), quotas(sizes, queries)
+    xs, xq, qids = [], [], []
+    for (rel, n), a, b in zip(parts, qt, qq):
+        if a > 0 or b > 0:
+            ids, x = read_vectors(store, rel)
+            xs.append(x[rng.choice(len(x), size=min(a, len(x)), replace=False)])
+            take = rng.choice(len(x), size=min(b, len(x)), replace=False)
+            xq.append(x[take])
+            qids.append(ids[take])
+    xt = np.concatenate(xs)
+    return (xt, np.concatenate(xq), np.concatenate(qids)) if queries else xt
+
+
+def best_device() -> str:
+    """The fastest place for k-means on this worker: faiss-gpu, else torch on CUDA, else the CPU."""
+    f = faiss()
+    if hasattr(f, "StandardGpuResources") and f.get_num_gpus() > 0:
+        return "faiss-gpu"
+    if sys.platform.startswith("linux") and not glob.glob("/dev/nvidia*"):
+        return "cpu"  # no NVIDIA device at all: spare the worker torch's import (seconds of the train stage)
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda-torch"
+    except ImportError:
+        pass
+    return "cpu"
+
+
+def train_chain(index, xt: np.ndarray) -> np.ndarray:
+    """Train the OPQ/PCA pre-transforms on xt; return xt as the IVF index under them sees it."""
+    f = faiss()
+    index = f.downcast_index(index)
+    while isinstance(index, f.IndexPreTransform):
+        for i in range(index.chain.size()):
+            vt = index.chain.at(i)
+            if not vt.is_trained:
+                vt.train(xt)
+            xt = vt.apply(xt)
+        index = f.downcast_index(index.index)
+    return np.ascontiguousarray(xt, dtype=np.float32)
+
+
+def train_index(index, xt: np.ndarray, device: str, seed: int = 1234) -> str:
+    """Train `index` on xt with its IVF k-means on `device` ("faiss-gpu", "cuda-torch", "cpu-torch" for
+    torch on the CPU, or "cpu"). Returns the device that did the k-means (after any fallback)."""
+    iv = ivf(index)
+    if iv is None or device == "cpu":
+        index.train(xt)
+        return "cpu"
+    iv.cp.seed = seed
+    try:
+        if device == "faiss-gpu":
+            _faiss_gpu_train(index, iv, xt)
+        else:
+            _torch_train(index, iv, xt, "cuda" if device == "cuda-torch" else "cpu", seed)
+        return device
+    except (RuntimeError, MemoryError) as e:
+        if "memory" not in str(e).lower() and "cuda" not in str(e).lower():
+            raise
+        fallback = DEVICES[DEVICES.index(device) + 1] if device in DEVICES[:-1] else "cpu"
+        log(f"train: k-means on {device} failed ({str(e).splitlines()[0][:120]}); retrying on {fallback}")
+        _untrain(iv)
+        return train_index(index, xt, fallback, seed)
+
+
+def _faiss_gpu_train(index, iv, xt: np.ndarray) -> None:
+    """faiss's k-means with a GPU index doing the assignments (the centroids come back to the CPU quantizer)."""
+    f = faiss()
+    iv.clustering_index = f.index_cpu_to_all_gpus(f.IndexFlat(iv.d, iv.metric_type))
+    try:
+        index.train(xt)
+    finally:
+        iv.clustering_index = None
+
+
+def _torch_train(index, iv, xt: np.ndarray, device: str, seed: int) -> None:
+    """torch k-means in the IVF's input space, centroids added to the quantizer; then faiss trains
+    the rest (it skips a quantizer that already holds nlist centroids)."""
+    from .kmeans import kmeans
+
+    xq = train_chain(index, xt)
+    metric = "ip" if iv.metric_type == faiss().METRIC_INNER_PRODUCT else "l2"
+    res = kmeans(xq, int(iv.nlist), niter=int(iv.cp.niter), metric=metric, spherical=bool(iv.cp.spherical),
+                 seed=seed, device=device)
+    iv.quantizer.reset()
+    iv.quantizer.add(res.centroids)
+    index.train(xt)
+
+
+def _untrain(iv) -> None:
+    iv.quantizer.reset()
+    iv.is_trained = False
+
+
+def queries_rel(work: str) -> str:
+    return f"{work}/tune-queries.npz"
 
 
 @ray.remote
 def train_task(store: Store, parts: list[tuple[str, int]], factory: str, d: int, metric: str,
-               size: int, seed: int, out_rel: str, threads: int) -> dict:
-    if store.exists(out_rel):
-        return {"train_vectors": None, "seconds": 0.0, "nlist": nlist(read_index(store, out_rel)),
-                "reused": True}
+               size: int, seed: int, out_rel: str, threads: int, queries: int = 0,
+               reuse_rel: str | None = None) -> dict:
+    """Writes out_rel (the trained index), the tune queries beside it, and out_rel + '.json'
+    (how it was trained) last. reuse_rel: a trained index to take as it is (a reindex whose
+    quantizer has not drifted); the tune queries are still drawn."""
+    record = out_rel + ".json"
+    if store.exists(record):
+        return {**json.loads(store.read_text(record)), "reused": True}
     faiss().omp_set_num_threads(threads)
     t0 = time.time()
-    xt = sample(store, parts, size, seed)
-    index = make_index(factory, d, metric)
-    index.train(xt)
-    write_index(store, out_rel, index)
-    return {"train_vectors": len(xt), "seconds": time.time() - t0, "nlist": nlist(index), "reused": False}
+    xt, xq, qids = sample(store, parts, 0 if reuse_rel else size, seed, queries=max(queries, 1))
+    buf = io.BytesIO()
+    np.savez(buf, xq=xq, ids=qids)
+    store.write_bytes(queries_rel(posixpath.dirname(out_rel)), buf.getvalue())
+    t1 = time.time()
+    if reuse_rel:
+        if reuse_rel != out_rel:
+            store.copy(reuse_rel, out_rel)
+        index, device = read_index(store, out_rel), "reused"
+    else:
+        index = make_index(factory, d, metric)
+        device = train_index(index, xt, best_device(), seed)
+        write_index(store, out_rel, index)
+    done = {"train_vectors": len(xt), "seconds": time.time() - t0, "sample_seconds": t1 - t0,
+            "device": device, "nlist": nlist(index)}
+    store.write_text(record, json.dumps(done))
+    return {**done, "reused": False}

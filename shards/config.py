@@ -26,6 +26,22 @@ def parse_bytes(s: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$", re.I)
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(s: str | int | float) -> float:
+    """'90s', '30m', '1h', '7d' -> seconds. Plain numbers are seconds."""
+    if isinstance(s, (int, float)) and not isinstance(s, bool):
+        if s < 0:
+            raise ValueError(f"{s!r} is negative; write it like 30m, 1h or 0")
+        return float(s)
+    m = _DURATION.match(str(s))
+    if not m:
+        raise ValueError(f"{s!r} is not a duration; write it like 90s, 30m, 1h or 7d")
+    return float(m.group(1)) * _SECONDS[(m.group(2) or "s").lower()]
+
+
 def load_yaml(cls, path: str, **overrides):
     """A config model from a YAML mapping of option names to values; non-None overrides win."""
     with open(path) as f:

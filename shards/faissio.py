@@ -33,16 +33,38 @@ def to_bytes(index) -> bytes:
     return faiss().serialize_index(index).tobytes()
 
 
-def from_bytes(data: bytes):
-    return faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8))
+def from_bytes(data: bytes, io_flags: int = 0):
+    return faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8), io_flags)
 
 
 def write_index(store: Store, rel: str, index) -> None:
-    store.write_bytes(rel, to_bytes(index))
+    """On a local store faiss writes the file itself (then it is renamed into place): no serialized
+    copies in memory, which for a big shard were twice its size on top of it."""
+    if not store.local:
+        store.write_bytes(rel, to_bytes(index))
+        return
+    path = store.path(rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        faiss().write_index(index, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def read_index(store: Store, rel: str):
-    return from_bytes(store.read_bytes(rel))
+def read_index(store: Store, rel: str, io_flags: int = 0):
+    return from_bytes(store.read_bytes(rel), io_flags)
+
+
+def no_search_flags() -> int:
+    """io_flags for an index that is added to, cut or merged but not searched: IVFPQ's table of
+    precomputed distances (nlist x M x 256 floats, 134 MB at IVF4096,PQ32) is not built on read.
+    Building it took most of the time of reading a part's sub-index."""
+    return faiss().IO_FLAG_SKIP_PRECOMPUTE_TABLE
 
 
 def ivf(index):

@@ -62,7 +62,7 @@ class IndexInfo(BaseModel):
     nlist: int | None = None
     train_vectors: int = 0
     train_seconds: float = 0.0
-    train_device: str = "cpu"       # "cpu", "cuda-torch" (k-means in torch on CUDA) or "faiss-gpu"
+    train_device: str = "cpu"       # "cpu", "cuda-torch" (k-means in torch on CUDA), "faiss-gpu", or "reused"
 
 
 class ShardingInfo(BaseModel):
@@ -85,10 +85,41 @@ class SearchDefaults(BaseModel):
     target_recall: float | None = None  # nprobe is the smallest reaching this recall@10 (when any does)
 
 
+class EmbeddingsInfo(BaseModel):
+    """Where this version's vectors are: a later reindex reuses them instead of re-encoding."""
+    parts: list[str]                # relative to INDEX_ROOT: embeddings/<fp>/part-N.parquet (id, vector, hash)
+    hash: str = "blake2b-64 of the encoded column's value"  # what the hash column is
+
+
+class DriftBaseline(BaseModel):
+    """The trained quantizer's fit when it was trained; a reindex compares new vectors against it."""
+    error_kind: str | None = None   # "codec": ||x - decode(encode(x))||^2; "coarse": to the IVF centroid
+    error: float | None = None      # mean squared error over `sample` indexed vectors
+    sample: int = 0
+    imbalance: float | None = None  # of the IVF list sizes: nlist * sum(n_l^2) / N^2 (1 = even)
+    lists: str | None = None        # file in this version: int64 size of every IVF list (numpy .npy)
+    trained_in: str | None = None   # the version whose build trained the quantizer
+
+
+class Lineage(BaseModel):
+    """How this version came about: a full build, or a reindex of `parent`."""
+    kind: str = "build"             # "build" | "reindex"
+    parent: str | None = None       # the version that was CURRENT when the reindex started
+    new: int = 0
+    changed: int = 0                # encoded column changed: re-encoded
+    deleted: int = 0
+    unchanged: int = 0              # vectors reused from the parent
+    reencoded_all: str | None = None  # why every document was encoded again (e.g. the encoder changed)
+    retrained: bool = True
+    retrain_reason: str | None = None
+    drift: dict[str, float] = {}    # measured ratios against the baseline (error, imbalance)
+
+
 class Manifest(BaseModel):
     format: str = FORMAT
     version: str
-    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    # milliseconds: versions published within one second still sort by time (retention relies on it)
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
     source: SourceInfo
     encoder: EncoderInfo
     index: IndexInfo
@@ -98,6 +129,10 @@ class Manifest(BaseModel):
     docs: DocsInfo
     search: SearchDefaults = SearchDefaults()
     timings: dict[str, float] = {}
+    embeddings: EmbeddingsInfo | None = None
+    drift: DriftBaseline | None = None
+    lineage: Lineage | None = None
+    options: dict | None = None     # the build options (BuildConfig minus source and roots): reindex's defaults
     vectors: list[str] = []         # embeddings parts (relative to INDEX_ROOT) holding the exact vectors: eval's ground truth
 
     @property
@@ -165,8 +200,16 @@ def list_versions(store: Store) -> list[dict]:
         m = load_manifest(store, v)
         out.append({"version": v, "current": v == live, "created": m.created,
                     "documents": m.source.documents, "shards": len(m.shards),
-                    "factory": m.index.factory, "encoder": m.encoder.name})
-    return out
+                    "factory": m.index.factory, "encoder": m.encoder.name,
+                    "encoder_revision": (m.encoder.revision or "")[:12], "dim": m.encoder.dim,
+                    "lineage": m.lineage.model_dump() if m.lineage else None})
+    return sorted(out, key=lambda d: age_key(d["version"], d["created"]))
+
+
+def age_key(version: str, created: str) -> tuple:
+    """Oldest first: the name's time (to the second), then `created` (to the millisecond) within a second."""
+    stamp = version[:16] if version[:1] == "v" and version[9:10] == "-" else ""
+    return stamp, datetime.fromisoformat(created), version
 
 
 def summary(m: Manifest) -> dict:

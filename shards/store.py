@@ -6,10 +6,12 @@ reader sees the old object or the new one, never half of one.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import os
 import posixpath
+import signal
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -17,6 +19,16 @@ from dataclasses import dataclass, field
 IO_RETRIES = 3          # attempts for one storage call before the error is raised
 IO_RETRY_SLEEP_S = 0.5  # first back-off; doubled on each retry
 CHUNK = 8 << 20         # bytes per read when hashing or copying
+
+# Crash testing: SHARDEX_CRASH_AT=GLOB makes this process SIGKILL itself just before it writes a
+# path (relative to the store's root) matching GLOB, e.g. 'CURRENT' or 'versions/*/manifest.json'.
+# Read once and removed from the environment, so the Ray workers this process starts never inherit it.
+CRASH_AT = os.environ.pop("SHARDEX_CRASH_AT", None)
+
+
+def _crash_point(rel: str) -> None:
+    if CRASH_AT and fnmatch.fnmatch(rel, CRASH_AT):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def resolve_endpoint(s3_endpoint: str | None = None) -> str | None:
@@ -104,6 +116,7 @@ class Store:
         return self.read_bytes(rel).decode()
 
     def write_bytes(self, rel: str, data: bytes) -> None:
+        _crash_point(rel)
         p = self.path(rel)
         if not self.local:
             _retry(self.fs.pipe_file, p, data)
@@ -135,6 +148,7 @@ class Store:
 
     def copy(self, src_rel: str, dst_rel: str) -> None:
         """Copy within the store (server-side on S3); atomic at the destination."""
+        _crash_point(dst_rel)
         src, dst = self.path(src_rel), self.path(dst_rel)
         if not self.local:
             _retry(self.fs.copy, src, dst)
@@ -151,6 +165,15 @@ class Store:
         p = self.path(rel)
         if _retry(self.fs.exists, p):
             _retry(self.fs.rm, p, recursive=recursive)
+
+    def newest(self, rel: str) -> float | None:
+        """The newest modification time (epoch seconds) of any file at or under rel; None when empty."""
+        p = self.path(rel)
+        if not _retry(self.fs.exists, p):
+            return None
+        found = _retry(self.fs.find, p, detail=True, withdirs=False)
+        stamps = [_mtime(info) for info in found.values()]
+        return max((t for t in stamps if t is not None), default=None)
 
     def sha256(self, rel: str) -> str:
         h = hashlib.sha256()
@@ -172,6 +195,7 @@ class Store:
 
     def put_file(self, local_path: str, rel: str) -> None:
         """Upload (or move into place) a finished local file, atomically at the destination."""
+        _crash_point(rel)
         p = self.path(rel)
         if not self.local:
             _retry(self.fs.put_file, local_path, p)
@@ -182,6 +206,14 @@ class Store:
 
         shutil.copyfile(local_path, tmp)
         os.replace(tmp, p)
+
+
+def _mtime(info: dict) -> float | None:
+    """A file's modification time from fsspec's info: 'mtime' locally, 'LastModified' on S3."""
+    t = info.get("mtime", info.get("LastModified"))
+    if t is None:
+        return None
+    return t.timestamp() if hasattr(t, "timestamp") else float(t)
 
 
 def _protocols(fs) -> tuple:

@@ -28,6 +28,18 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def ray_head():
+    """A real `ray start --head` on 2 CPUs with its own ports and temp dir (tests/rayhead.py),
+    started once for every test that submits jobs; yields {"address", "temp_dir"}."""
+    from rayhead import RAY, start_head
+
+    if not RAY.exists():
+        pytest.skip(f"no ray CLI at {RAY}")
+    with start_head() as head:
+        yield head
+
+
 def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
     """Structured vectors (faiss's SyntheticDataset): PQ recall on i.i.d. Gaussians means nothing."""
     from faiss.contrib.datasets import SyntheticDataset

@@ -48,6 +48,7 @@ def test_sharded_and_on_disk_equal_monolithic(ray_session, corpus, tmp_path, fac
     assert all(bool(f.ivfdata) == (ram == "0") for f in m.shards)
     assert len(m.files()) == 1 + shards * (2 if ram == "0" else 1)
     assert m.vectors and m.search.target_recall == 0.95
+    assert m.index.train_device == "cpu" and m.index.train_seconds > 0 and m.index.train_vectors == N
     r = Router(root, backend="local")
     mono = monolithic(root, ids, x)
     xq = x[::53][:60]

@@ -3,24 +3,14 @@
     ray start --head
     ray job submit --working-dir . -- python -m jobs.build_index --config build.yaml
 
-against a real head started with `ray start`, plus what `--working-dir .` uploads
-(Ray's own packaging code over this repo): the packages, never venvs, data or tests.
-
-The head gets its own ports and --temp-dir, and its own process group: teardown kills
-exactly that cluster's processes (never `ray stop`, which stops every Ray on the machine).
+against a real head started with `ray start` (tests/rayhead.py, shared by the session), plus
+what `--working-dir .` uploads (Ray's own packaging code over this repo): the packages, never
+venvs, data or tests.
 """
 from __future__ import annotations
 
-import os
-import random
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -28,154 +18,18 @@ import numpy as np
 import pytest
 
 from conftest import write_vector_corpus
+from rayhead import NEVER, PACKAGES, RAY, REPO
+from rayhead import env as _env
+from rayhead import uploaded_dirs as _uploaded_dirs
+from rayhead import write_config
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent          # the venv's bin, not resolved: `ray` and `python` live here
-RAY = BIN / "ray"
-PACKAGES = ("index_builder", "shards", "jobs")
-NEVER = (".venv/", "venv/", "data/", ".git/", "tests/", "bench/", "__pycache__/", ".pytest_cache/")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _free_range(n: int) -> int:
-    """The first port of n consecutive free ones, below the kernel's ephemeral range
-    and above Ray's default worker ports (10002-19999) that other local clusters use."""
-    for _ in range(50):
-        base = random.randrange(20000, 32000 - n)
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {n} consecutive free ports")
-
-
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    # An activated venv: the job's `python` is the cluster's, which has shardex's dependencies.
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["RAY_AUTH_MODE"] = "disabled"
-    env.update(extra)
-    return env
-
-
-def _procs() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, pgid, cmdline), from /proc (psutil is not a dependency)."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()   # after "pid (comm) ": state ppid pgrp ...
-        if fields[0] == "Z":
-            continue                                    # a zombie is already dead
-        out[int(d.name)] = (int(fields[1]), int(fields[2]), cmd)
-    return out
-
-
-def _cluster_pids(pgid: int, temp_dir: str) -> set[int]:
-    """Every process of this head: its process group (ray start's session), anything naming
-    its temp dir, and their descendants (a job's driver runs in a session of its own)."""
-    procs = _procs()
-    mine = {pid for pid, (_, g, cmd) in procs.items() if g == pgid or f"{temp_dir}/" in cmd or f"{temp_dir} " in cmd}
-    grew = True
-    while grew:
-        kids = {pid for pid, (pp, _, _) in procs.items() if pp in mine} - mine
-        mine |= kids
-        grew = bool(kids)
-    me, pid = set(), os.getpid()
-    while pid > 1:                                      # never ourselves or an ancestor
-        me.add(pid)
-        pid = procs.get(pid, (0,))[0]
-    return mine - me - {1}
-
-
-def _stop_cluster(pgid: int, temp_dir: str) -> None:
-    """A `ray stop` for this head only: SIGTERM its processes, SIGKILL what is left after 5 s."""
-    procs = _procs()
-    left = {pid: procs[pid][2] for pid in _cluster_pids(pgid, temp_dir) if pid in procs}
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        for pid in left:
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.time() + wait
-        while left and time.time() < deadline:
-            time.sleep(0.2)
-            now = _procs()                              # same pid and cmdline: still ours, still alive
-            left = {pid: cmd for pid, cmd in left.items() if pid in now and now[pid][2] == cmd}
-        if not left:
-            return
-
-
-@pytest.fixture(scope="module")
-def head():
-    """A real `ray start --head` on 2 CPUs; yields the dashboard (job API) address."""
-    if not RAY.exists():
-        pytest.skip(f"no ray CLI next to {sys.executable}")
-    # Short: Ray puts unix sockets under it (session_<date>_<pid>/sockets/plasma_store, 107-byte limit).
-    temp_dir = tempfile.mkdtemp(prefix="shx", dir="/tmp")
-    dash = _free_port()
-    workers = _free_range(64)
-    ports = {
-        "--port": _free_port(),
-        "--dashboard-port": dash,
-        "--ray-client-server-port": _free_port(),
-        "--node-manager-port": _free_port(),
-        "--object-manager-port": _free_port(),
-        "--dashboard-agent-listen-port": _free_port(),
-        "--dashboard-agent-grpc-port": _free_port(),
-        "--runtime-env-agent-port": _free_port(),
-        "--metrics-export-port": _free_port(),
-        "--min-worker-port": workers,
-        "--max-worker-port": workers + 63,
-    }
-    cmd = [str(RAY), "start", "--head", "--num-cpus", "2", "--include-dashboard", "true",
-           "--dashboard-host", "127.0.0.1", "--disable-usage-stats", "--temp-dir", temp_dir,
-           *(str(x) for kv in ports.items() for x in kv)]
-    # A session of its own: every daemon it leaves behind is in this process group.
-    start = subprocess.Popen(cmd, cwd=temp_dir, env=_env(), start_new_session=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    pgid = start.pid
-    try:
-        out, _ = start.communicate(timeout=180)
-        assert start.returncode == 0, f"ray start failed:\n{out[-5000:]}"
-        address = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{address}/api/version", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, f"the dashboard at {address} never answered"
-            time.sleep(0.5)
-        yield {"address": address, "temp_dir": temp_dir}
-    finally:
-        if start.poll() is None:
-            start.kill()
-        _stop_cluster(pgid, temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+@pytest.fixture
+def head(ray_head):
+    """The session's `ray start --head` (conftest.py)."""
+    return ray_head
 
 
 def submit(head, config: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -183,19 +37,6 @@ def submit(head, config: Path, timeout: int = 300) -> subprocess.CompletedProces
     cmd = [str(RAY), "job", "submit", "--address", head["address"], "--working-dir", ".",
            "--", "python", "-m", "jobs.build_index", "--config", str(config)]
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def write_config(path: Path, **keys) -> Path:
-    import yaml
-
-    path.write_text(yaml.safe_dump(keys))
-    return path
-
-
-def _uploaded_dirs(temp_dir: str) -> list[Path]:
-    """The working dirs the cluster unpacked from uploads (runtime_resources/working_dir_files/_ray_pkg_*)."""
-    found = Path(temp_dir).glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*")
-    return sorted({d.resolve() for d in found if d.is_dir()})   # session_latest links to the session
 
 
 def test_job_submit_builds_and_publishes(head, tmp_path):

@@ -44,6 +44,10 @@ def s3():
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
+    # moto keeps its state per process, not per server: another module's server left buckets behind
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST"), timeout=10).close()
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")}
     os.environ["AWS_ENDPOINT_URL"] = url
     os.environ.pop("AWS_ENDPOINT_URL_S3", None)

@@ -114,3 +114,66 @@ def test_collect_skips_bad_files_and_keeps_first_duplicate(tmp_path):
 def test_example_queries():
     queries = example_queries()
     assert len(queries) == 3 and all(isinstance(q, str) and q for q in queries)
+
+
+# ---------------------------------------------------------------- man pages and docstring paragraphs
+
+@pytest.mark.parametrize("line,text", [
+    (r"List information about the \fBFILEs\fR (the directory).", "List information about the FILEs (the directory)."),
+    (r".B ls", "ls"),
+    (r'.BR "grep" (1)', "grep (1)"),
+    (r".PP", ""),
+    (r'.\" a comment', ""),
+    (r"print C\-style escapes \(em for \fInongraphic\fP chars", "print C-style escapes  -  for nongraphic chars"),
+    (r".Nm tar", "tar"),
+    (r".TH LS 1", ""),
+    (r"don\(aqt \s-1SMALL\s0 \&.", "don't SMALL ."),
+])
+def test_roff_text(line, text):
+    assert textcorpus.roff_text(line) == text
+
+
+MAN = r""".\" generated
+.TH FROB 1 "2026" "frob 1.0"
+.SH NAME
+frob \- twiddle the \fBbits\fR of a file
+.SH SYNOPSIS
+.B frob
+[\fIOPTION\fR]... FILE
+.SH DESCRIPTION
+.PP
+Frob reads FILE and flips every bit
+whose position is prime.
+.TP
+\fB\-n\fR
+do nothing, verbosely
+.SH "SEE ALSO"
+.BR xxd (1)
+"""
+
+
+def test_man_pages(tmp_path):
+    assert textcorpus.parse_man(MAN) == (
+        "frob - twiddle the bits of a file",
+        "Frob reads FILE and flips every bit whose position is prime. -n do nothing, verbosely")
+    import gzip
+
+    (tmp_path / "man1").mkdir()
+    (tmp_path / "man8").mkdir()
+    with gzip.open(tmp_path / "man1" / "frob.1.gz", "wt") as f:
+        f.write(MAN)
+    (tmp_path / "man1" / "redirect.1").write_text(".so man1/frob.1\n")
+    os.symlink(tmp_path / "man1" / "frob.1.gz", tmp_path / "man8" / "frob.8.gz")
+    (tmp_path / "man8" / "short.8").write_text(".SH NAME\nshort \\- x\n.SH DESCRIPTION\nToo short.\n")
+    assert textcorpus.man_pages(str(tmp_path)) == [
+        {"id": "man:frob.1", "title": "frob - twiddle the bits of a file", "module": "man1", "kind": "man",
+         "text": "Frob reads FILE and flips every bit whose position is prime. -n do nothing, verbosely"}]
+
+
+def test_docstring_paragraphs(tmp_path):
+    para = "one two three four five six seven eight nine"
+    (tmp_path / "m.py").write_text(f'"""Title.\n\n{para}\n\nshort one\n\n{para} ten\n"""\n'
+                                   f'def f():\n    """F title.\n\n    {para}\n    """\n')
+    recs = textcorpus.docstring_paragraphs(str(tmp_path))
+    assert [(r["id"], r["title"], r["text"]) for r in recs] == [
+        ("m#1", "Title.", para), ("m#3", "Title.", para + " ten"), ("m:f#1", "F title.", para)]

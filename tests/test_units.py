@@ -20,7 +20,7 @@ from index_builder.config import BuildConfig, make, parse_bytes
 from index_builder.corpus import ID_MASK, InputShard, _check_schema, int_ids, plan, split_rows, string_ids
 from index_builder.encode_pool import shape
 from index_builder.params import (FLAT_MAX, ID_BYTES, LIST_OVERHEAD, MIN_TRAIN_PER_LIST, Choice, choose_factory,
-                                  nlist_for, pq_m, train_size)
+                                  nlist_factor, nlist_for, pq_m, train_size)
 from index_builder.shard_math import hash_shard, mix64
 from index_builder.tune import nprobe_ladder
 from shards import manifest as mf
@@ -55,9 +55,10 @@ FACTORY_ROWS = [
     (1_000_000, 128, "20M", "IVF4096,PQ8"),
     (1_000_000, 128, "13M", "IVF4096,PQ4"),
     # ... or N grows (same budget)
-    (10_000_000, 128, "1G", "IVF16384,PQ64"),
-    (100_000_000, 128, "4G", "IVF32768,PQ32"),
-    (1_000_000_000, 128, "64G", "IVF131072,PQ32"),   # 57 code bytes; 48 does not divide 128,
+    (10_000_000, 128, "1G", "IVF32768,PQ64"),           # nlist ~ 8*sqrt(N) above 1M
+    (100_000_000, 128, "4G", "IVF65536,PQ32"),
+    (1_000_000_000, 128, "64G", "IVF131072,PQ32"),   # 57 code bytes; 48 does not divide 128; 16*sqrt(N)
+                                                    # lists would need more than 4 GiB of training sample
     # PQ{M} must divide d without OPQ's rotation
     (1_000_000, 96, "40M", "IVF4096,PQ24"),
     (1_000_000, 100, "20M", "IVF4096,PQ4"),
@@ -68,8 +69,8 @@ FACTORY_ROWS = [
     (1_000_000, 256, "50M", "OPQ32_128,IVF4096,PQ32"),
     (1_000_000, 300, "100M", "OPQ64_256,IVF4096,PQ64"),   # M need not divide d with OPQ
     (1_000_000, 384, "20M", "OPQ8_32,IVF4096,PQ8"),
-    (1_000_000, 768, "1G", "OPQ64_256,IVF4096,PQ64"),
-    (100_000, 768, "100M", "OPQ64_256,IVF1024,PQ64"),
+    (1_000_000, 768, "1G", "OPQ128_512,IVF4096,PQ128"),
+    (100_000, 768, "100M", "OPQ128_512,IVF1024,PQ128"),
     (10_000_000, 1024, "300M", "OPQ16_64,IVF16384,PQ16"),
 ]
 
@@ -101,7 +102,7 @@ def test_choose_factory_is_a_valid_faiss_factory(n, d, budget, factory):
     assert index.d == d
     if "IVF" in c.factory:
         ivf = faiss.extract_index_ivf(index)
-        assert ivf.nlist == nlist_for(n)
+        assert ivf.nlist == nlist_for(n, d)
         assert ivf.code_size + ID_BYTES == c.bytes_per_vector
 
 
@@ -163,7 +164,7 @@ def test_choose_factory_empty(n, d):
 
 @pytest.mark.parametrize("n,k", [
     (1, 1), (38, 1), (77, 1), (78, 2), (100, 2), (1_000, 16), (9_984, 256), (10_000, 256),
-    (100_000, 1024), (1_000_000, 4096), (10_000_000, 16384), (100_000_000, 32768), (1_000_000_000, 131072),
+    (100_000, 1024), (1_000_000, 4096), (10_000_000, 32768), (100_000_000, 65536), (1_000_000_000, 524288),
 ])
 def test_nlist_for(n, k):
     assert nlist_for(n) == k
@@ -174,11 +175,11 @@ def test_nlist_for_rules(n):
     k = nlist_for(n)
     assert k >= 1 and k & (k - 1) == 0                     # a power of two
     assert k == 1 or n >= k * MIN_TRAIN_PER_LIST           # enough vectors per list
-    assert k <= 2 * 4 * n ** 0.5 + 1                       # near 4*sqrt(N), never far above
+    assert k <= 2 * nlist_factor(n) * n ** 0.5 + 1         # near c*sqrt(N), never far above
 
 
 @pytest.mark.parametrize("d,code_bytes,need_divisor,m", [
-    (128, 1000, True, 64),
+    (128, 1000, True, 128),
     (128, 64, True, 64),
     (128, 63.9, True, 32),     # 48 does not divide 128
     (128, 31.9, True, 16),     # nor 24
@@ -187,7 +188,7 @@ def test_nlist_for_rules(n):
     (100, 20, True, 4),
     (30, 1000, True, None),    # nothing in PQ_M divides 30
     (30, 1000, False, 24),     # with OPQ: the largest M <= d
-    (768, 1000, False, 64),
+    (768, 1000, False, 128),
     (768, 3.9, False, None),   # not even PQ4 fits
     (768, -8, False, None),
     (8, 8, True, 8),
@@ -197,28 +198,29 @@ def test_pq_m(d, code_bytes, need_divisor, m):
     assert pq_m(d, code_bytes, need_divisor) == m
 
 
-@pytest.mark.parametrize("n,factory,nlist,kw,want", [
-    (1_000, "Flat", None, {}, 1_000),                       # never more than N
-    (50_000, "Flat", None, {}, 10_000),                     # the 10k floor
-    (1_000_000, "IVF64,Flat", 64, {}, 10_000),
-    (1_000_000, "IVF64,PQ16", 64, {}, 25_600),              # PQ's 256 centroids x 100
-    (1_000_000, "OPQ16_64,IVF64,PQ16", 64, {}, 25_600),
-    (1_000_000, "IVF4096,Flat", 4096, {}, 409_600),         # 100 per list
-    (1_000_000, "IVF4096,PQ64", 4096, {}, 409_600),
-    (20_000, "IVF512,PQ32", 512, {}, 20_000),
-    (10**9, "IVF131072,PQ64", 131072, {}, 500_000),         # capped
-    (10**9, "IVF131072,PQ64", 131072, {"cap": 2_000_000}, 2_000_000),
-    (10**9, "IVF1024,Flat", 1024, {"cap": 50_000}, 50_000),
+@pytest.mark.parametrize("n,d,factory,nlist,kw,want", [
+    (1_000, 128, "Flat", None, {}, 1_000),                       # never more than N
+    (50_000, 128, "Flat", None, {}, 10_000),                     # the 10k floor
+    (1_000_000, 128, "IVF64,Flat", 64, {}, 10_000),
+    (1_000_000, 128, "IVF64,PQ16", 64, {}, 25_600),              # PQ's 256 centroids x 100
+    (1_000_000, 128, "OPQ16_64,IVF64,PQ16", 64, {}, 25_600),
+    (1_000_000, 128, "IVF4096,Flat", 4096, {}, 409_600),         # 100 per list
+    (1_000_000, 128, "IVF4096,PQ64", 4096, {}, 409_600),
+    (20_000, 128, "IVF512,PQ32", 512, {}, 20_000),
+    (10**9, 128, "IVF131072,PQ64", 131072, {}, 8_388_608),       # capped: 4 GiB of float32
+    (10**9, 768, "IVF131072,PQ64", 131072, {}, 5_111_808),       # the cap is under 39 a list: 39 a list wins
+    (10**9, 128, "IVF1024,Flat", 1024, {"cap_bytes": 50_000 * 512}, 50_000),
+    (10**9, 768, "IVF65536,PQ64", 65536, {"cap_bytes": 1 << 30}, 2_555_904),
 ])
-def test_train_size(n, factory, nlist, kw, want):
-    assert train_size(n, factory, nlist, **kw) == want
+def test_train_size(n, d, factory, nlist, kw, want):
+    assert train_size(n, d, factory, nlist, **kw) == want
 
 
 @pytest.mark.parametrize("n,d,budget,factory", [r for r in FACTORY_ROWS if "IVF" in r[3] and r[0] <= 1_000_000])
 def test_train_size_trains_every_list(n, d, budget, factory):
     """Up to a million vectors, the auto factory's k-means gets >= 39 training vectors per list."""
-    k = nlist_for(n)
-    assert train_size(n, factory, k) >= min(n, k * MIN_TRAIN_PER_LIST)
+    k = nlist_for(n, d)
+    assert train_size(n, d, factory, k) >= min(n, k * MIN_TRAIN_PER_LIST)
 
 
 # ================================================================ index_builder/shard_math.py

@@ -219,6 +219,7 @@ def test_merge_commit_is_reused(tmp_path, trained):
     first = merge_shard(store, f"{work}/trained.index", work, [0, 1, 2], 0, want, True)
     again = merge_shard(store, f"{work}/trained.index", work, [0, 1, 2], 0, want, True)
     assert again["reused"] and not first["reused"]
+    assert first["rss_anon_peak_mib"] >= first["rss_anon_start_mib"] > 0       # the merge's memory, recorded
     assert json.loads(store.read_text(f"{work}/shards/shard-0.index.json"))["ivfdata"] == "shard-0.ivfdata"
     assert [n for n in store.ls(f"{work}/shards")] == ["shard-0.index", "shard-0.index.json", "shard-0.ivfdata"]
 
@@ -271,3 +272,120 @@ def test_manifest_lists_and_verifies_ivfdata(tmp_path):
     store.write_bytes("versions/v1/shard-0.ivfdata", b"L" * 299 + b"X")
     with pytest.raises(IntegrityError, match="shard-0.ivfdata: size or sha256"):
         verify(store, m)
+
+
+# ================================================================ --factory auto at real sizes, and its plan
+
+from index_builder.params import (ID_BYTES, LIST_OVERHEAD, MIN_TRAIN_PER_LIST, TRAIN_MAX_BYTES,  # noqa: E402
+                                  choose_factory, factory_shape, nlist_for, plan, train_size)
+from shards.config import parse_bytes  # noqa: E402
+
+# (N, d, nlist): about 4*sqrt(N) to 16*sqrt(N), growing with N, halved to fit the training sample
+NLIST_ROWS = [
+    (1_000, None, 16),
+    (1_000_000, 128, 4096),              # 4*sqrt(N)
+    (1_000_001, 128, 8192),              # 8*sqrt(N) above a million
+    (10_000_000, 768, 32768),
+    (100_000_000, 128, 65536),
+    (100_000_001, None, 131072),         # 16*sqrt(N) above a hundred million ...
+    (1_000_000_000, None, 524288),
+    (1_000_000_000, 128, 131072),        # ... unless 39 a list would not fit 4 GiB of sample
+    (1_000_000_000, 768, 32768),
+    (1_000_000_000, 4096, 4096),
+]
+
+
+@pytest.mark.parametrize("n,d,want", NLIST_ROWS)
+def test_nlist_grows_with_n_within_the_training_memory(n, d, want):
+    k = nlist_for(n, d)
+    assert k == want
+    assert k * MIN_TRAIN_PER_LIST * 4 * (d or 0) <= TRAIN_MAX_BYTES or k == 1
+    assert train_size(n, d or 128, f"IVF{k},PQ16", k) >= k * MIN_TRAIN_PER_LIST
+
+
+# (N, d, budget, need_ivf, factory): --sharding ivf never gets plain Flat
+@pytest.mark.parametrize("n,d,budget,need_ivf,want", [
+    (5_000, 32, "1G", False, "Flat"),
+    (5_000, 32, "1G", True, "IVF128,Flat"),
+    (100, 8, "1G", True, "IVF2,Flat"),
+    (1, 8, "1G", True, "IVF1,Flat"),
+    (1_000_000, 384, "512M", False, "OPQ128_384,IVF4096,PQ128"),    # 1M MiniLM vectors in 512 MiB
+    (1_000_000, 384, "100M", True, "OPQ64_256,IVF4096,PQ64"),
+])
+def test_choose_factory_for_ivf_sharding(n, d, budget, need_ivf, want):
+    assert choose_factory(n, d, parse_bytes(budget), need_ivf=need_ivf).factory == want
+
+
+# (factory, d, (dims after pre-transforms, nlist, code bytes))
+@pytest.mark.parametrize("factory,d,want", [
+    ("Flat", 32, (32, None, 128)),
+    ("IVF4096,Flat", 128, (128, 4096, 512)),
+    ("IVF4096,PQ32", 128, (128, 4096, 32)),
+    ("IVF256,PQ16x4", 64, (64, 256, 8)),
+    ("IVF256,PQ32x4fs", 64, (64, 256, 16)),
+    ("OPQ64_256,IVF4096,PQ64", 768, (256, 4096, 64)),
+    ("OPQ16,IVF64,PQ16", 64, (64, 64, 16)),
+    ("PCA64,IVF128,SQ8", 384, (64, 128, 64)),
+    ("PCAR32,IVF16,SQfp16", 64, (32, 16, 64)),
+    ("IVF64,SQ4", 30, (30, 64, 15)),
+    ("HNSW32", 64, (64, None, None)),             # not sized: the plan says so
+    ("IVF1024_HNSW32,PQ8", 64, (64, 1024, 8)),
+])
+def test_factory_shape(factory, d, want):
+    assert factory_shape(factory, d) == want
+
+
+# (N, d, factory, shards, merge RAM budget) -> (memory per shard, on disk, training sample)
+PLAN_ROWS = [
+    (1_000_000, 128, "IVF4096,PQ32", 4, "1G", (1_000_000 / 4 * 40 * LIST_OVERHEAD, False, 409_600)),
+    (1_000_000, 128, "IVF4096,PQ32", 1, "10M", (1_000_000 * 40 * LIST_OVERHEAD, True, 409_600)),
+    # 4 GiB of sample is 1.4M vectors, under 39 a list: the 39 a list win
+    (100_000_000, 768, "OPQ64_256,IVF65536,PQ64", 16, "256M", (100_000_000 / 16 * 72 * LIST_OVERHEAD, True,
+                                                              65536 * MIN_TRAIN_PER_LIST)),
+    (5_000, 32, "Flat", 2, "0", (2_500 * (128 + ID_BYTES) * LIST_OVERHEAD, False, 5_000)),   # Flat: never on disk
+]
+
+
+@pytest.mark.parametrize("n,d,factory,shards,ram,want", PLAN_ROWS)
+def test_plan(n, d, factory, shards, ram, want):
+    p = plan(n, d, factory, shards, parse_bytes(ram))
+    shard, on_disk, train = want
+    assert p.shard_bytes == pytest.approx(shard, abs=1) and p.on_disk == on_disk and p.train_vectors == train
+    assert p.index_bytes == p.shard_bytes * shards and p.train_bytes == train * d * 4
+    text = "\n".join(p.lines())
+    for fragment in ("memory per shard", "disk", "training sample", f"{train:,} vectors"):
+        assert fragment in text
+    assert ("on-disk lists" in text) == on_disk
+
+
+def test_plan_of_an_unknown_encoding():
+    p = plan(10_000, 64, "HNSW32", 2, 1 << 30)
+    assert p.shard_bytes is None and "unknown" in "\n".join(p.lines())
+
+
+# ================================================================ the published default nprobe
+
+from index_builder.tune import choose_nprobe, plateaued  # noqa: E402
+
+
+def _rows(recalls):
+    return [{"nprobe": 2 ** i, "recall": r} for i, r in enumerate(recalls)]
+
+
+# (recall at nprobe 1, 2, 4, ..., target, the default nprobe)
+@pytest.mark.parametrize("recalls,target,want", [
+    ([0.5, 0.8, 0.96], 0.95, 4),               # the smallest reaching the target
+    ([0.95], 0.95, 1),
+    ([0.5, 0.7, 0.83, 0.84, 0.841], 0.95, 8),  # PQ caps recall: the smallest within 0.005 of the best
+    ([0.5, 0.7, 0.836, 0.8395, 0.84], 0.95, 4),
+    ([0.3], 0.95, 1),
+])
+def test_choose_nprobe(recalls, target, want):
+    assert choose_nprobe(_rows(recalls), target)["nprobe"] == want
+
+
+@pytest.mark.parametrize("recalls,want", [([0.5, 0.8], False), ([0.5, 0.8, 0.801], False),
+                                          ([0.83, 0.831, 0.832], True), ([0.7, 0.83, 0.831, 0.8319], True),
+                                          ([0.9, 0.9, 0.95], False)])
+def test_the_ladder_stops_on_a_plateau(recalls, want):
+    assert plateaued(_rows(recalls)) == want

@@ -1,0 +1,149 @@
+"""shardex build against single-process faiss: same vectors, same factory, same threads, same run.
+
+Both are whole commands, timed from outside (interpreter start, imports and, for shardex,
+starting local Ray are included):
+- `shardex build CORPUS ROOT --vector-column vector --factory F --metric M --shards S`
+  (plan, copy of the vectors, train, add, merge, tune, publish with sha256 checks);
+- `python bench/build/single_process.py CORPUS F M OUT.index` (read, train on a sample of
+  the same size, add, write).
+They alternate for --rounds rounds and the best of each is kept. Then both indexes answer
+the dataset's held-out queries at nprobe 1, 2, 4, ... and recall@10 is compared nprobe by
+nprobe. Target: shardex within 1.10x the baseline's wall time, recall@10 within 0.01.
+
+    flock /tmp/shardex-bench.lock .venv/bin/python bench/build/vs_faiss.py --dataset synth-1000000 \\
+        --factory IVF4096,PQ32 --metric l2
+    flock /tmp/shardex-bench.lock .venv/bin/python bench/build/vs_faiss.py --dataset minilm-50000 \\
+        --factory IVF1024,PQ48 --metric ip
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import OUT, faiss_search, loadavg, machine, run_cli, save, shardex_search, sweep  # noqa: E402
+
+
+def baseline(corpus: str, factory: str, metric: str, out: str, threads: int) -> dict:
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "single_process.py")
+    t0 = time.time()
+    p = subprocess.run([sys.executable, script, corpus, factory, metric, out, "--threads", str(threads)],
+                       capture_output=True, text=True)
+    wall = time.time() - t0
+    if p.returncode:
+        raise RuntimeError(p.stderr[-3000:])
+    return {"wall": round(wall, 2), **json.loads(p.stdout.strip().splitlines()[-1])}
+
+
+def shardex(corpus: str, root: str, factory: str, metric: str, shards: int) -> dict:
+    shutil.rmtree(root, ignore_errors=True)
+    wall, out, _ = run_cli(["build", corpus, root, "--vector-column", "vector", "--factory", factory,
+                            "--metric", metric, "--shards", str(shards), "--json"],
+                           env={"RAY_AUTH_MODE": "disabled"})
+    s = json.loads(out)
+    return {"wall": round(wall, 2), "stages": s["seconds"], "nprobe": s["nprobe"],
+            "recall_at_10_published": s["recall_at_10"], "index_bytes": s["index_bytes"]}
+
+
+def ladder(top: int) -> list[int]:
+    out, p = [], 1
+    while p <= top:
+        out.append(p)
+        p *= 2
+    return out
+
+
+def run(dataset: str, factory: str, metric: str, shards: int, rounds: int, top_nprobe: int) -> dict:
+    import faiss
+
+    path = f"{OUT}/{dataset}"
+    if not os.path.exists(f"{path}/gt.npy"):
+        raise SystemExit(f"{path}: no dataset; make it with common.synthetic(N) or minilm.py")
+    work = f"{OUT}/vs_faiss-{dataset}"
+    os.makedirs(work, exist_ok=True)
+    threads = os.cpu_count()
+    load = [loadavg()]
+    runs = {"baseline": [], "shardex": []}
+    for _ in range(rounds):
+        runs["baseline"].append(baseline(f"{path}/corpus", factory, metric, f"{work}/single.index", threads))
+        runs["shardex"].append(shardex(f"{path}/corpus", f"{work}/index", factory, metric, shards))
+        load.append(loadavg())
+    bl = min(runs["baseline"], key=lambda r: r["wall"])
+    sx = min(runs["shardex"], key=lambda r: r["wall"])
+    xq, gt = np.load(f"{path}/queries.npy"), np.load(f"{path}/gt.npy")
+    faiss.omp_set_num_threads(threads)
+    nprobes = ladder(top_nprobe)
+    curve_bl = sweep(faiss_search(faiss.read_index(f"{work}/single.index")), xq, gt, nprobes)
+    search, m = shardex_search(f"{work}/index")
+    curve_sx = sweep(search, xq, gt, nprobes)
+    diffs = [round(a["recall"] - b["recall"], 4) for a, b in zip(curve_sx, curve_bl)]
+    at = next((i for i, p in enumerate(nprobes) if p == sx["nprobe"]), None)
+    return {"dataset": dataset, "vectors": m.ntotal, "dim": m.encoder.dim, "factory": factory, "metric": metric,
+            "shards": shards, "threads": threads, "rounds": rounds, "runs": runs, "baseline": bl, "shardex": sx,
+            "ratio_wall": round(sx["wall"] / bl["wall"], 3),
+            "recall_baseline": curve_bl, "recall_shardex": curve_sx, "recall_diff_shardex_minus_baseline": diffs,
+            "max_abs_recall_diff": max(abs(d) for d in diffs),
+            "at_published_nprobe": ({"nprobe": sx["nprobe"], "shardex": curve_sx[at]["recall"],
+                                     "baseline": curve_bl[at]["recall"]} if at is not None else None),
+            "machine": machine(), "loadavg": load}
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1.4, 1]})
+    left = 0.0
+    for st, sec in res["shardex"]["stages"].items():
+        a.barh("shardex build", sec, left=left, label=st)
+        left += sec
+    a.barh("shardex build", res["shardex"]["wall"] - left, left=left, color="lightgrey", label="start, Ray, exit")
+    bl, left = res["baseline"], 0.0
+    for st, c in (("read", "tab:grey"), ("train", "tab:green"), ("add", "tab:olive"), ("write", "tab:cyan")):
+        a.barh("single process", bl[st], left=left, color=c, hatch="//", label=f"baseline {st}")
+        left += bl[st]
+    a.barh("single process", bl["wall"] - left, left=left, color="lightgrey")
+    a.set_xlabel("seconds")
+    a.legend(fontsize=6, ncol=2, loc="lower right")
+    a.set_title(f"{res['dataset']}: {res['factory']}, {res['threads']} threads; ratio {res['ratio_wall']:.2f}x",
+                fontsize=9)
+    for key, label in (("recall_baseline", "single process"), ("recall_shardex", "shardex")):
+        b.plot([r["nprobe"] for r in res[key]], [r["recall"] for r in res[key]], "o-", label=label, ms=3)
+    b.set_xscale("log", base=2)
+    b.set_xlabel("nprobe")
+    b.set_ylabel("recall@10 (held-out queries)")
+    b.legend(fontsize=8)
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dataset", default="synth-1000000")
+    ap.add_argument("--factory", default="IVF4096,PQ32")
+    ap.add_argument("--metric", default="l2", choices=["l2", "ip"])
+    ap.add_argument("--shards", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--top-nprobe", type=int, default=256)
+    a = ap.parse_args()
+    res = run(a.dataset, a.factory, a.metric, a.shards, a.rounds, a.top_nprobe)
+    name = f"build_vs_faiss-{a.dataset}"
+    print(save(name, res))
+    plot(res, f"{os.path.dirname(save(name, res))}/{name}.png")
+    print(f"{res['dataset']}: shardex {res['shardex']['wall']} s, single process {res['baseline']['wall']} s, "
+          f"ratio {res['ratio_wall']}x; recall@10 max |diff| {res['max_abs_recall_diff']} "
+          f"(at nprobe {res['shardex']['nprobe']}: {res['at_published_nprobe']}); load {res['loadavg']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""shardex eval: recall against exact search per nprobe, on held-out or given queries; JSON, PNG,
+the Ray job wrapper; and the published default nprobe is what eval finds on the same queries."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import build, write_vector_corpus
+from index_builder.cli import main
+from index_builder.eval import EvalConfig, drop_own, evaluate, recall
+from shards.config import make
+from shards.errors import ConfigError
+from shards.manifest import current_version, load_manifest
+from shards.store import Store
+
+N, D = 3000, 32
+
+
+@pytest.fixture(scope="module")
+def index(ray_session, tmp_path_factory):
+    """An ivf-sharded IVF-Flat index (nprobe = nlist is exact search) and its vectors."""
+    tmp = tmp_path_factory.mktemp("eval")
+    ids, x = write_vector_corpus(str(tmp / "corpus"), n=N, d=D, files=2, seed=5)
+    root = str(tmp / "index")
+    build(ray_session, source=str(tmp / "corpus"), index_root=root, vector_column="vector", factory="IVF32,Flat",
+          shards=2, sharding="ivf", metric="l2")
+    return root, ids, x
+
+
+# (distances, ids, own ids, k) -> ids after leaving each query's own id out
+@pytest.mark.parametrize("I,own,k,want", [
+    ([[7, 1, 2]], [7], 2, [[1, 2]]),
+    ([[1, 7, 2]], [7], 2, [[1, 2]]),
+    ([[1, 2, 7]], [7], 2, [[1, 2]]),
+    ([[1, 2, 3]], [7], 2, [[1, 2]]),          # not found: the first k stay
+    ([[7, -1, -1]], [7], 2, [[-1, -1]]),
+    ([[4, 5], [5, 4]], [4, 4], 1, [[5], [5]]),
+])
+def test_drop_own(I, own, k, want):
+    I = np.array(I)
+    _, got = drop_own(np.arange(I.size, dtype=np.float32).reshape(I.shape), I, np.array(own), k)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("I,gt,want", [
+    ([[1, 2, 3]], [[1, 2, 3]], 1.0), ([[1, 2, 9]], [[3, 2, 1]], 2 / 3), ([[1, -1, -1]], [[1, -1, -1]], 1.0),
+    ([[5, 6, 7]], [[1, 2, 3]], 0.0), ([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 0, 0]], (1 + 1 / 3) / 2),
+])
+def test_recall(I, gt, want):
+    assert recall(np.array(I), np.array(gt), 3) == pytest.approx(want)
+
+
+def test_eval_cli_writes_json_and_png(index, tmp_path, capsys):
+    root, _, _ = index
+    out = tmp_path / "report"
+    assert main(["eval", root, "--out", str(out), "--num-queries", "300", "--latency-queries", "20"]) == 0
+    text = capsys.readouterr().out
+    assert "recall@10" in text and str(out / "eval.json") in text
+    rep = json.loads((out / "eval.json").read_text())
+    assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = rep["results"]
+    assert [r["nprobe"] for r in rows] == [1, 2, 4, 8, 16, 32]
+    assert rows[-1]["recall"] == 1.0                      # every list probed: IVF-Flat is exact
+    assert all(a["recall"] <= b["recall"] + 1e-9 for a, b in zip(rows, rows[1:]))
+    assert all(r["qps"] > 0 and r["latency_ms"]["p50"] <= r["latency_ms"]["p99"] for r in rows)
+    assert rows[0]["shards_per_query"] < rows[-1]["shards_per_query"] == 2      # ivf routing: fewer shards at low nprobe
+    assert rep["queries"] == {"source": "300 stored vectors, each left out of its own search", "count": 300,
+                              "held_out": True}
+    assert rep["nprobe_reaching_target"] == next(r["nprobe"] for r in rows if r["recall"] >= 0.95)
+    assert len(rep["machine"]["loadavg"]) == 3
+
+
+def test_published_nprobe_agrees_with_eval(index):
+    """Publish's default nprobe (measured by tune on 200 held-out vectors) is what eval finds on
+    1,000 others: within one step of the ladder, at about the same recall."""
+    root, _, _ = index
+    store = Store(root)
+    m = load_manifest(store, current_version(store))
+    assert m.search.recall_at_10 >= m.search.target_recall == 0.95 and m.search.eval_queries == 200
+    rep = evaluate(make(EvalConfig, {"index_root": root, "num_queries": 1000, "latency_queries": 0, "seed": 7}))
+    assert rep["nprobe_reaching_target"] in (m.search.nprobe // 2, m.search.nprobe, m.search.nprobe * 2)
+    row = next(r for r in rep["results"] if r["nprobe"] == m.search.nprobe)
+    assert abs(row["recall"] - m.search.recall_at_10) < 0.03
+
+
+def test_eval_given_vectors(index, tmp_path):
+    root, _, x = index
+    q = tmp_path / "q.npy"
+    np.save(q, x[:50] + 0.01)
+    rep = evaluate(make(EvalConfig, {"index_root": root, "queries": str(q), "nprobe": "2,32", "k": 5,
+                                     "latency_queries": 0}))
+    assert rep["queries"]["count"] == 50 and not rep["queries"]["held_out"]
+    assert [r["nprobe"] for r in rep["results"]] == [2, 32] and rep["results"][1]["recall"] == 1.0
+
+
+@pytest.mark.parametrize("content,name,match", [
+    ("how to sort\n", "q.txt", "built from precomputed vectors"),
+    ("", "q.txt", "holds no queries"),
+    (np.zeros((3, 7), np.float32), "q.npy", "dimension 7, the index has 32"),
+])
+def test_eval_bad_queries(index, tmp_path, content, name, match):
+    root, _, _ = index
+    path = tmp_path / name
+    np.save(path, content) if name.endswith(".npy") else path.write_text(content)
+    with pytest.raises(ConfigError, match=match):
+        evaluate(make(EvalConfig, {"index_root": root, "queries": str(path)}))
+
+
+@pytest.mark.parametrize("opts,match", [({"nprobe": "0,4"}, "nprobe"), ({"k": 0}, "k: must be"),
+                                        ({"target_recall": 1.5}, "target_recall"), ({"nprobes": 3}, "unknown")])
+def test_eval_config_errors(opts, match):
+    with pytest.raises(ConfigError, match=match):
+        make(EvalConfig, {"index_root": "x", **opts})
+
+
+def test_eval_as_a_ray_job_entrypoint(index, tmp_path):
+    """python -m jobs.eval --config eval.yaml: YAML keys are eval's options; flags override them."""
+    root, _, _ = index
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"index_root: {root}\nnprobe: [4, 32]\nnum_queries: 100\nlatency_queries: 0\n"
+                   f"out: {tmp_path / 'out'}\n")
+    p = subprocess.run([sys.executable, "-m", "jobs.eval", "--config", str(cfg), "--json", "-k", "5"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(p.stdout)
+    assert rep["k"] == 5 and [r["nprobe"] for r in rep["results"]] == [4, 32]
+    assert (tmp_path / "out" / "eval.png").exists()

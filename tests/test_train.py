@@ -1,0 +1,129 @@
+"""Training: the proportional sample, torch k-means (on the CPU here, on CUDA where there is one)
+against faiss's, and centroids placed into the faiss quantizer for every pre-transform and metric."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import clustered, vector_table
+from index_builder.kmeans import kmeans
+from index_builder.train import best_device, make_index, sample, train_index
+from shards.faissio import faiss, ivf, set_nprobe
+from shards.store import Store
+from shards.topk import recall_at_k
+
+
+def _objective(x, C, metric):
+    index = faiss().IndexFlatIP(x.shape[1]) if metric == "ip" else faiss().IndexFlatL2(x.shape[1])
+    index.add(C)
+    return float(index.search(x, 1)[0].sum())
+
+
+def _data(metric, n=20_000, d=32, seed=2):
+    x = clustered(n, d, seed=seed)
+    if metric == "ip":
+        faiss().normalize_L2(x)
+    return x
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_torch_kmeans_on_cpu_is_as_good_as_faiss(metric):
+    x = _data(metric)
+    got = kmeans(x, 128, niter=10, metric=metric, device="cpu")
+    km = faiss().Kmeans(x.shape[1], 128, niter=10, spherical=metric == "ip", seed=1234)
+    km.train(x)
+    a, b = _objective(x, got.centroids, metric), _objective(x, km.centroids, metric)
+    assert got.centroids.shape == (128, 32) and np.isfinite(got.centroids).all()
+    # within 2% of faiss's objective (L2: lower is better; IP: higher is better)
+    assert (a <= b * 1.02) if metric == "l2" else (a >= b * 0.98)
+    if metric == "ip":
+        np.testing.assert_allclose(np.linalg.norm(got.centroids, axis=1), 1, rtol=1e-5)
+
+
+def test_torch_kmeans_subsamples_and_blocks():
+    x = _data("l2", n=9000)
+    got = kmeans(x, 16, niter=3, max_points_per_centroid=100, device="cpu")
+    assert got.points == 1600 and got.block >= 256
+
+
+def test_torch_kmeans_refills_empty_clusters():
+    """60 centroids over 50 distinct points: some clusters empty out; they are refilled, never NaN."""
+    base = clustered(50, 16, seed=5)
+    x = np.repeat(base, 10, axis=0)
+    got = kmeans(x, 60, niter=5, device="cpu")
+    assert np.isfinite(got.centroids).all()
+    assert _objective(x, got.centroids, "l2") < 0.05 * _objective(x, base.mean(0, keepdims=True), "l2")
+
+
+def test_torch_kmeans_needs_k_points():
+    with pytest.raises(ValueError, match="10 training points for 20 centroids"):
+        kmeans(np.zeros((10, 4), np.float32), 20)
+
+
+# (factory, metric): pre-transforms and both metrics, trained with torch's k-means placed into faiss
+# (OPQ trains 8-bit PQs for many rounds whatever the factory's PQ: a smaller sample keeps it quick)
+TRAIN_ROWS = [
+    ("IVF64,Flat", "l2", 12_000),
+    ("IVF64,Flat", "ip", 12_000),
+    ("IVF32,PQ8x4", "ip", 12_000),
+    ("OPQ8_32,IVF32,PQ8x4", "l2", 3_000),
+    ("PCA16,IVF32,Flat", "l2", 12_000),
+]
+
+
+@pytest.mark.parametrize("factory,metric,n", TRAIN_ROWS)
+def test_centroids_from_torch_serve_as_the_faiss_quantizer(factory, metric, n):
+    """The torch-trained index searches as well as the faiss-trained one (recall@10 at nprobe 4)."""
+    x = _data(metric, n=n)
+    xq, xb = x[:200], x[200:]
+    gt = (faiss().IndexFlatIP(32) if metric == "ip" else faiss().IndexFlatL2(32))
+    gt.add(xb)
+    _, I0 = gt.search(xq, 10)
+    recalls = {}
+    for device in ("cpu", "cpu-torch"):
+        index = make_index(factory, 32, metric)
+        assert train_index(index, xb, device) == device
+        assert index.is_trained and ivf(index).quantizer.ntotal == ivf(index).nlist
+        index.add(xb)
+        set_nprobe(index, 4)
+        recalls[device] = recall_at_k(index.search(xq, 10)[1], I0, 10)
+    assert recalls["cpu-torch"] >= recalls["cpu"] - 0.05, recalls
+
+
+def test_sample_is_proportional_to_part_sizes(tmp_path):
+    store = Store(str(tmp_path))
+    sizes = [100, 300, 600, 0, 1000]
+    parts = []
+    for p, n in enumerate(sizes):
+        ids = np.arange(n, dtype=np.int64) + 10_000 * p
+        x = np.full((n, 4), p, dtype=np.float32)
+        store.write_table(f"emb/part-{p}.parquet", vector_table(ids, x))
+        parts.append((f"emb/part-{p}.parquet", n))
+    xt = sample(store, parts, 200, seed=0)
+    assert len(xt) == 200
+    got = np.bincount(xt[:, 0].astype(int), minlength=5)
+    np.testing.assert_array_equal(got, [10, 30, 60, 0, 100])
+    assert len(np.unique(xt, axis=0)) <= 5 and len(sample(store, parts, 2000, seed=0)) == 2000
+
+
+def test_best_device_here():
+    """faiss-cpu is installed: a GPU, if any, is used through torch."""
+    torch = pytest.importorskip("torch")
+    assert best_device() == ("cuda-torch" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_torch_kmeans_on_cuda(metric):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    x = _data(metric, n=100_000, d=64)
+    got = kmeans(x, 1024, niter=10, metric=metric, device="cuda")
+    km = faiss().Kmeans(64, 1024, niter=10, spherical=metric == "ip", seed=1234)
+    km.train(x)
+    a, b = _objective(x, got.centroids, metric), _objective(x, km.centroids, metric)
+    assert (a <= b * 1.02) if metric == "l2" else (a >= b * 0.98)
+    index = make_index("OPQ16_64,IVF1024,PQ16", 64, metric)
+    assert train_index(index, x, "cuda-torch") == "cuda-torch"
+    assert ivf(index).quantizer.ntotal == 1024
