@@ -44,7 +44,7 @@ from .errors import QueryError, SearchError, ShardexError
 from .manifest import current_version, load_manifest, summary
 from .resources import Resources, cluster_cpus, plan_resources  # noqa: F401  (Resources: re-exported)
 from .router import IndexView, _one_line, fan_out, shard_name
-from .store import Store
+from .store import Store, resolve_endpoint
 
 MAX_CONCURRENT_BATCHES = 4  # fan-outs the router keeps in flight at once
 MAX_QUERIES = 4096          # the most --max-queries may be: queries in one request and in one server batch
@@ -532,8 +532,11 @@ class RouterDeployment:
 
 
 def settings(cfg: ServeConfig) -> dict:
-    """What the router replica gets: the config, with the token as its sha256 only."""
+    """What the router replica gets: the config, with the token as its sha256 only, and the S3
+    endpoint of this process (AWS_ENDPOINT_URL), which Ray workers elsewhere may not have."""
     d = cfg.model_dump(exclude={"token"})
+    if cfg.index_root.startswith("s3://"):
+        d["s3_endpoint"] = resolve_endpoint(cfg.s3_endpoint)
     d["token_sha256"] = hashlib.sha256(cfg.token.get_secret_value().encode()).hexdigest() if cfg.token else None
     return d
 
