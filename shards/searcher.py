@@ -18,6 +18,7 @@ NPROBE_GROWTH = 4   # a filtered search that comes back short retries with nprob
 
 class ShardSearcher:
     def __init__(self, store: Store, version: str, shard: FileInfo, threads: int | None = None):
+        self.threads = threads
         if threads:
             faiss().omp_set_num_threads(threads)
         self.index = load_shard(store, version, shard)  # checks ntotal; mmaps a shard merged on disk
@@ -54,6 +55,8 @@ class ShardSearcher:
         form), only matching documents are scanned, and each query gets min(k, matching
         documents of this shard) results: a short answer is retried with a larger nprobe,
         up to every list."""
+        if self.threads:  # OpenMP's thread count is per calling thread: Serve and the local backend search in others
+            faiss().omp_set_num_threads(self.threads)
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         sel = None
         if flt is not None:
