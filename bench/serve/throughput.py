@@ -3,13 +3,18 @@
 Same queries, same k and nprobe, same run, alternating rounds (best of each kept):
   faiss   one index holding every vector (the version's trained index + all vectors),
           searched in this process with every core (OpenMP)
-  router  shards.router.Router over the published S-shard version: one Ray actor per shard
-          (threads split by resources.plan_resources), exact top-k merge in the driver
-Both get the queries in batches of --batch, interleaved batch by batch (faiss, router, faiss, ...)
-so that both see the same load from the rest of the machine. Prints queries/s of each and the
-ratio per round and over all rounds (target >= 0.9), and checks that the two answers are the same. Writes bench/results/serve_throughput.json and .png.
+  router  shards.router.Router over a published S-shard version: one Ray actor per shard
+          (threads split by resources.plan_resources), the coarse quantizer run once in the
+          driver, exact top-k merge in the driver; once with --sharding hash and once with
+          --sharding ivf (same factory, same corpus)
+All get the queries in batches of --batch, interleaved batch by batch (faiss, hash, ivf, faiss, ...)
+so that all see the same load from the rest of the machine. Prints queries/s of each and the
+ratios per round and over all rounds (target >= 0.9), and checks that the answers are the same. Writes bench/results/serve_throughput.json and .png.
 
     flock /tmp/shardex-bench.lock .venv/bin/python bench/serve/throughput.py [--n 200000 --shards 2]
+
+Hash shards split every IVF list in S pieces; on one small machine that alone costs scan
+efficiency (shorter contiguous runs), which is why both sharding modes are measured.
 """
 from __future__ import annotations
 
@@ -47,15 +52,15 @@ def plot(res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 2.2))
-    names = ["faiss, one index, in process", f"router, {res['shards']} shard actors"]
-    vals = [res["faiss_qps"], res["router_qps"]]
-    ax.barh(names, vals, color=["grey", "tab:blue"])
+    fig, ax = plt.subplots(figsize=(6, 2.4))
+    names = ["faiss, one index, in process", f"router, {res['shards']} hash shards", f"router, {res['shards']} ivf shards"]
+    vals = [res["qps"]["faiss"], res["qps"]["hash"], res["qps"]["ivf"]]
+    ax.barh(names, vals, color=["grey", "tab:blue", "tab:green"])
     for i, v in enumerate(vals):
         ax.text(v, i, f" {v:,.0f}", va="center", fontsize=8)
     ax.set_xlabel(f"queries/s (batches of {res['batch']}, k={res['k']}, nprobe={res['nprobe']})")
-    ax.set_title(f"{res['n']:,} x {res['d']} {res['factory']}, {res['machine']}: ratio {res['ratio']:.3f}",
-                 fontsize=9)
+    ax.set_title(f"{res['n']:,} x {res['d']} {res['factory']}, {res['machine']}: ratios hash "
+                 f"{res['ratio']['hash']:.3f}, ivf {res['ratio']['ivf']:.3f}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -82,33 +87,38 @@ def main() -> None:
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
     src, ids, x = corpus(a.n, a.d)
-    root = built(src, f"hash-{a.factory.replace(',', '_')}-{a.n}-s{a.shards}", factory=a.factory,
-                 shards=a.shards, metric="l2")
-    index, m = monolithic(root, ids, x)
+    roots = {mode: built(src, f"{mode}-{a.factory.replace(',', '_')}-{a.n}-s{a.shards}", factory=a.factory,
+                         shards=a.shards, sharding=mode, metric="l2") for mode in ("hash", "ivf")}
+    index, m = monolithic(roots["hash"], ids, x)   # both versions train the same quantizer (same seed)
     nprobe = m.search.nprobe
     faiss().extract_index_ivf(index).nprobe = nprobe
     faiss().omp_set_num_threads(os.cpu_count())
-    router = Router(root)
+    routers = {mode: Router(root) for mode, root in roots.items()}
     xq = queries(x, a.nq)
 
-    Df, If = index.search(xq[:2000], a.k)            # warm both, and check they agree
-    Dr, Ir = router.search_vectors(xq[:2000], a.k, nprobe)
-    same = float(np.mean([set(p) == set(q) for p, q in zip(If, Ir)]))
-    runs = {"faiss": [], "router": []}
-    searches = {"faiss": lambda q: index.search(q, a.k), "router": lambda q: router.search_vectors(q, a.k, nprobe)}
-    for r in range(a.rounds):
+    _, If = index.search(xq[:2000], a.k)            # warm all, and check they agree
+    same = {}
+    for mode, r in routers.items():
+        _, Ir = r.search_vectors(xq[:2000], a.k, nprobe)
+        same[mode] = float(np.mean([set(p) == set(q) for p, q in zip(If, Ir)]))
+    searches = {"faiss": lambda q: index.search(q, a.k),
+                **{mode: (lambda q, r=r: r.search_vectors(q, a.k, nprobe)) for mode, r in routers.items()}}
+    runs = {name: [] for name in searches}
+    for rnd in range(a.rounds):
         secs = interleaved(searches, xq, a.batch)
         for name in runs:
             runs[name].append(round(secs[name], 3))
-        print(f"round {r}: faiss {a.nq / secs['faiss']:,.0f} q/s, router {a.nq / secs['router']:,.0f} q/s, "
-              f"ratio {secs['faiss'] / secs['router']:.3f}  (load {loadavg()[0]})", flush=True)
-    router.close()
-    fq, rq = a.nq * a.rounds / sum(runs["faiss"]), a.nq * a.rounds / sum(runs["router"])
-    per_round = [round(f / r, 3) for f, r in zip(runs["faiss"], runs["router"])]
+        print(f"round {rnd}: " + ", ".join(f"{n} {a.nq / secs[n]:,.0f} q/s" for n in secs)
+              + f"; ratios hash {secs['faiss'] / secs['hash']:.3f}, ivf {secs['faiss'] / secs['ivf']:.3f}"
+              f"  (load {loadavg()[0]})", flush=True)
+    for r in routers.values():
+        r.close()
+    qps = {n: a.nq * a.rounds / sum(v) for n, v in runs.items()}
     res = {"machine": machine(), "n": a.n, "d": a.d, "factory": a.factory, "shards": a.shards, "nprobe": nprobe,
            "recall_at_10_of_nprobe": m.search.recall_at_10, "k": a.k, "queries": a.nq, "batch": a.batch,
-           "runs_s": runs, "faiss_qps": round(fq, 1), "router_qps": round(rq, 1), "ratio": round(rq / fq, 3),
-           "ratio_per_round": per_round,
+           "runs_s": runs, "qps": {n: round(v, 1) for n, v in qps.items()},
+           "ratio": {mode: round(qps[mode] / qps["faiss"], 3) for mode in routers},
+           "ratio_per_round": {mode: [round(f / r, 3) for f, r in zip(runs["faiss"], runs[mode])] for mode in routers},
            "target": 0.9, "same_topk_fraction": same, "loadavg_before": load_before, "loadavg_after": loadavg()}
     save("serve_throughput", res)
     plot(res, os.path.join(os.path.dirname(__file__), "..", "results", "serve_throughput.png"))
