@@ -176,6 +176,89 @@ def cmd_rollback(args) -> int:
     return 0
 
 
+SERVE_HELP = {
+    "host": "address to bind; 127.0.0.1 keeps it on this machine",
+    "port": "HTTP port",
+    "replicas": "replicas of each shard deployment",
+    "token": "bearer token clients must send (also read from $SHARDEX_TOKEN); none: open",
+    "require_all_shards": "answer 503 when a shard is missing, instead of a partial answer that says so",
+    "shard_timeout": "seconds a shard may take before it counts as missing",
+    "poll_seconds": "how often CURRENT is read to swap versions; 0: only POST /admin/reload",
+    "s3_endpoint": "S3 endpoint URL (also read from AWS_ENDPOINT_URL)",
+    "filter_fields": "comma-separated stored fields held per shard for filters (default: the numeric and "
+                     "boolean ones)",
+    "max_queries": "queries in one request (larger: 413); also the largest server-side batch",
+    "batch_wait_ms": "how long a server batch (search fan-out, text encoder) waits for concurrent requests to join it",
+    "encoder_replicas": "replicas of the text encoder deployment",
+    "shard_cpus": "Ray CPUs reserved per shard replica (default: room for two versions side by side)",
+    "threads": "faiss threads per shard replica (default: the cluster's CPUs over the replicas)",
+    "name": "Serve application name (version apps are NAME--VERSION)",
+    "route_prefix": "where the HTTP API is mounted",
+    "load_timeout": "seconds a version may take to come up",
+    "detach": "return once serving, leaving the app on the cluster (for `ray job submit` / RAY_ADDRESS)",
+}
+
+
+def _add_serve_options(p: argparse.ArgumentParser) -> None:
+    from shards.config import ServeConfig
+
+    for name, f in ServeConfig.model_fields.items():
+        if name == "index_root":
+            continue
+        flag = "--" + name.replace("_", "-")
+        if f.annotation is bool:
+            p.add_argument(flag, dest=name, action="store_true", default=None, help=SERVE_HELP.get(name))
+            continue
+        args = typing.get_args(f.annotation)
+        typ = next((a for a in (int, float) if a is f.annotation or a in args), str)
+        default = "" if f.default is None else f" (default: {f.default})"
+        p.add_argument(flag, dest=name, type=typ, default=None, help=f"{SERVE_HELP.get(name, '')}{default}")
+
+
+def cmd_serve(args) -> int:
+    import signal
+    import time
+
+    from shards.config import ServeConfig, make
+    from shards.manifest import current_version, load_manifest
+    from shards.store import Store
+
+    from .raytools import ensure_ray, log
+
+    opts = {k: v for k, v in vars(args).items() if k in ServeConfig.model_fields and v is not None}
+    cfg = ServeConfig.from_yaml(args.config, **opts) if args.config else make(ServeConfig, opts,
+                                                                               where="shardex serve")
+    store = Store(cfg.index_root, cfg.s3_endpoint)
+    load_manifest(store, current_version(store))  # a missing or unreadable index fails here, before Ray starts
+    ensure_ray()
+    from ray import serve
+
+    from shards import serve as sv
+
+    # Serve holds the port from here on; SIGTERM (ray job stop, kill) cleans up like Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        handle = sv.start(cfg)
+        version = sv.wait_ready(handle, cfg.load_timeout)
+        url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+        print(f"serving {version} of {cfg.index_root} at {url}  (POST /search, GET /health, GET /version, "
+              f"GET /docs)", flush=True)
+        if cfg.detach:
+            return 0
+        log("Ctrl-C stops it")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log("stopping")
+        sv.stop(cfg)
+        if not serve.status().applications:
+            serve.shutdown()
+        return 0
+    except BaseException:
+        sv.stop(cfg)
+        raise
+
+
 EVAL_HELP = {
     "version": "the version to evaluate (default: CURRENT)",
     "queries": "query file: .npy vectors, .parquet with a 'vector' or 'text' column, or text, one query a line "
@@ -297,6 +380,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--s3-endpoint", default=None)
     r.set_defaults(fn=cmd_rollback)
 
+    sv = sub.add_parser("serve", help="serve the CURRENT version over HTTP: a Ray Serve app with a router and "
+                        "one deployment per shard; follows CURRENT as it moves")
+    sv.add_argument("index_root", nargs="?", help="index root (local path or s3://)")
+    sv.add_argument("--config", help="YAML file with the same keys (CLI options override it)")
+    _add_serve_options(sv)
+    sv.set_defaults(fn=cmd_serve)
+
     d = sub.add_parser("demo", help="build and query a 2-shard index of the Python standard library's docstrings")
     d.add_argument("--out", default="data/demo", help="where the corpus and index go")
     d.add_argument("--limit", type=int, default=5000, help="documents")
@@ -309,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.cmd in ("build", "reindex") and not args.config and not (args.source and args.index_root):
         parser().error(f"{args.cmd}: give SOURCE and INDEX_ROOT, or --config FILE.yaml")
-    if args.cmd == "eval" and not args.config and not args.index_root:
-        parser().error("eval: give INDEX_ROOT, or --config FILE.yaml")
+    if args.cmd in ("eval", "serve") and not args.config and not args.index_root:
+        parser().error(f"{args.cmd}: give INDEX_ROOT, or --config FILE.yaml")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return args.fn(args)

@@ -67,3 +67,72 @@ def _explain(err: dict) -> str:
         return f"{field}: required"
     msg = err["msg"].removeprefix("Value error, ")
     return f"{field}: {msg}"
+
+
+# ---- serving ------------------------------------------------------------------------------
+
+from typing import Any  # noqa: E402
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator  # noqa: E402
+
+TOKEN_ENV = "SHARDEX_TOKEN"
+
+
+class ServeConfig(BaseModel):
+    """`shardex serve` and `python -m jobs.serve`: one model for flags, YAML and the Python API."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index_root: str
+    host: str = "127.0.0.1"                 # loopback unless told otherwise
+    port: int = Field(8000, ge=1, le=65535)
+    replicas: int = Field(1, ge=1)          # replicas of each shard deployment
+    token: SecretStr | None = None          # bearer token; default: $SHARDEX_TOKEN; none: open
+    require_all_shards: bool = False        # a missing shard makes /search a 503 instead of a partial answer
+    shard_timeout: float = Field(5.0, gt=0)  # seconds one shard may take before it counts as missing
+    poll_seconds: float = Field(10.0, ge=0)  # how often CURRENT is read; 0: only POST /admin/reload swaps
+    s3_endpoint: str | None = None
+    filter_fields: list[str] | None = None  # held per shard for filters; default: numeric and boolean fields
+    max_queries: int = Field(1024, ge=1, le=4096)    # queries in one request; also the largest server batch
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000)  # how long a server batch (router, encoder) waits to fill
+    encoder_replicas: int = Field(1, ge=1)
+    shard_cpus: float | None = Field(None, gt=0)  # Ray CPUs reserved per shard replica; default: see plan
+    threads: int | None = Field(None, ge=1)       # faiss threads per shard replica; default: see plan
+    name: str = Field("shardex", pattern=r"^[A-Za-z0-9_.-]+$")  # Serve application name
+    route_prefix: str = Field("/", pattern=r"^/[A-Za-z0-9_./-]*$")  # where the router's HTTP API is mounted
+    load_timeout: float = Field(600.0, gt=0)      # seconds a new version may take to come up
+    detach: bool = False                          # return once serving, leaving the app on the cluster
+
+    @field_validator("filter_fields", mode="before")
+    @classmethod
+    def _split_fields(cls, v: Any):
+        if isinstance(v, str):
+            v = [x.strip() for x in v.split(",") if x.strip()]
+        return v
+
+    @field_validator("shard_cpus")
+    @classmethod
+    def _cpus(cls, v):
+        if v is not None and v > 1 and v != int(v):
+            raise ValueError(f"{v}: Ray reserves fractions of one CPU or whole CPUs; give at most 1, or a whole number")
+        return v
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v):
+        if v is not None and len(v.get_secret_value()) < 8:
+            raise ValueError("shorter than 8 characters; use a long random string (e.g. `openssl rand -hex 16`)")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _token_from_env(cls, data: Any):
+        import os
+
+        if isinstance(data, dict) and data.get("token") is None and os.environ.get(TOKEN_ENV):
+            data = {**data, "token": os.environ[TOKEN_ENV]}
+        return data
+
+    @classmethod
+    def from_yaml(cls, path: str, **overrides) -> "ServeConfig":
+        return load_yaml(cls, path, **overrides)

@@ -1,7 +1,8 @@
 """Stored fields by id, read from the version's docs/ Parquet files on demand.
 
-Only the rows asked for are kept: each docs file is sorted by id, so its
-row-group statistics let pyarrow skip the groups that cannot hold them.
+Only the rows asked for are read: each docs file is sorted by id, so its
+row-group statistics let pyarrow skip the groups that cannot hold them. The
+router never holds the docs table; it holds the dataset's file list and schema.
 """
 from __future__ import annotations
 
@@ -20,12 +21,18 @@ class DocStore:
         self.fields = m.docs.fields
         self.id_kind = m.docs.id_kind
 
+    @property
+    def schema(self) -> pa.Schema:
+        return self.dataset.schema
+
     def lookup(self, ids: np.ndarray, fields: list[str] | None = None) -> dict[int, dict]:
         """{int id: {"id": public id, "fields": {...}}} for the ids that exist."""
         want = [int(i) for i in np.unique(ids) if i >= 0]
+        fields = self.fields if fields is None else fields
         if not want:
             return {}
-        fields = self.fields if fields is None else fields
+        if not fields and self.id_kind != "str":
+            return {i: {"id": i, "fields": {}} for i in want}  # nothing to read
         cols = ["id"] + (["source_id"] if self.id_kind == "str" else []) + fields
         t: pa.Table = self.dataset.to_table(columns=cols, filter=ds.field("id").isin(want))
         out = {}

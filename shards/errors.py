@@ -25,6 +25,14 @@ class SearchError(ShardexError):
     """A query that cannot be answered: wrong dimension, k out of range, shard failure."""
 
 
+class QueryError(SearchError):
+    """A request that is wrong as asked (the caller's to fix); `field` names the part, e.g. "k"."""
+
+    def __init__(self, field: str, msg: str):
+        super().__init__(f"{field}: {msg}")
+        self.field = field
+
+
 def is_storage_failure(e: BaseException) -> bool:
     """An OS or S3 client error: unreachable endpoint, missing credentials, denied access."""
     return isinstance(e, OSError) or type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs")

@@ -1,0 +1,66 @@
+"""What the serving benchmarks share: a seeded clustered corpus, cached builds, the machine and its load."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "..", "out", "serve")
+RESULTS = os.path.join(HERE, "..", "results")
+sys.path.insert(0, os.path.join(HERE, "..", "..", "tests"))  # conftest's corpus writers
+
+
+def loadavg() -> list[float]:
+    with open("/proc/loadavg") as f:
+        return [float(x) for x in f.read().split()[:3]]
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, CPU only"
+
+
+def corpus(n: int, d: int, seed: int = 0) -> tuple[str, np.ndarray, np.ndarray]:
+    """(source dir, ids, vectors) of n clustered vectors in 4 Parquet files, written once."""
+    from conftest import clustered, write_vector_corpus
+
+    src = os.path.join(OUT, f"corpus-{n}x{d}-{seed}")
+    if not os.path.exists(os.path.join(src, "part-3.parquet")):
+        write_vector_corpus(src, n=n, d=d, files=4, seed=seed, row_group=10_000)
+    return src, np.arange(n, dtype=np.int64) * 3 + 1, clustered(n, d, seed)
+
+
+def built(src: str, name: str, **kw) -> str:
+    """An index root built from src with these options (built once, reused by later runs)."""
+    from index_builder.config import BuildConfig
+    from index_builder.pipeline import build
+
+    root = os.path.join(OUT, name)
+    if not os.path.exists(os.path.join(root, "CURRENT")):
+        build(BuildConfig(source=src, index_root=root, vector_column="vector", part_rows=50_000, **kw))
+    return root
+
+
+def queries(x: np.ndarray, nq: int, seed: int = 1) -> np.ndarray:
+    """Database vectors plus small noise: queries that land where the data is."""
+    rng = np.random.default_rng(seed)
+    q = x[rng.choice(len(x), nq, replace=False)]
+    return (q + rng.normal(0, 0.01, q.shape)).astype(np.float32)
+
+
+def save(name: str, res: dict) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=2)
+    return path
+
+
+def timed(fn, *a) -> float:
+    t0 = time.perf_counter()
+    fn(*a)
+    return time.perf_counter() - t0

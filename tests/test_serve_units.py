@@ -1,0 +1,115 @@
+"""Pure parts of serving: resource plans, routing masks, batch slices, the serve config (tables)."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from shards.config import ServeConfig, load_yaml, make
+from shards.errors import ConfigError, SearchError
+from shards.router import Outcome, ShardFailure, _call_one, route_mask
+from shards.serve import Resources, plan_resources, settings
+
+
+@pytest.mark.parametrize("cluster,node,S,R,E,text,cpus,threads,want", [
+    # one version reserves at most 40% of the cluster, at most 1 CPU a replica
+    (2, 2, 2, 1, 1, True, None, None, Resources(0.26, 1, 0.26, 1)),
+    (2, 2, 2, 1, 1, False, None, None, Resources(0.4, 1, 0.4, 1)),
+    (2, 2, 8, 1, 1, False, None, None, Resources(0.1, 1, 0.1, 1)),
+    (64, 16, 4, 2, 1, False, None, None, Resources(1.0, 8, 1.0, 8)),
+    (64, 16, 2, 1, 1, False, None, None, Resources(1.0, 16, 1.0, 16)),   # threads: at most a node's CPUs
+    (1, 1, 64, 4, 1, False, None, None, Resources(0.01, 1, 0.01, 1)),   # never below 0.01
+    (16, 16, 2, 1, 2, True, 2.0, 4, Resources(2.0, 4, 1.0, 4)),        # given values win
+    (4, 4, 2, 1, 0, False, None, None, Resources(0.8, 2, 0.8, 2)),      # the Python API: no encoder replicas
+])
+def test_plan_resources(cluster, node, S, R, E, text, cpus, threads, want):
+    assert plan_resources(cluster, node, S, R, E, text, cpus, threads) == want
+
+
+@pytest.mark.parametrize("need,want", [
+    ([{0}, {1, 2}, set()], [[1, 0, 0], [0, 1, 1], [0, 0, 0]]),
+    ([[2], [0, 2]], [[0, 0, 1], [1, 0, 1]]),
+    (np.array([[True, False, True]]), [[1, 0, 1]]),
+])
+def test_route_mask(need, want):
+    want = np.array(want, dtype=bool)
+    np.testing.assert_array_equal(route_mask(need, len(want), 3), want)
+
+
+def test_route_mask_shape_is_checked():
+    with pytest.raises(SearchError, match="shape"):
+        route_mask(np.ones((2, 2), bool), 2, 3)
+
+
+def test_outcome_slice_blames_only_shards_a_request_used():
+    asked = np.array([[1, 0, 1], [1, 0, 1], [0, 1, 0]], dtype=bool)
+    o = Outcome(np.arange(6, dtype=np.float32).reshape(3, 2), np.arange(6).reshape(3, 2), asked.sum(1),
+                {0, 1, 2}, {1: "shard-1: no answer within 1 s"}, asked)
+    a, b = o.slice(0, 2), o.slice(2, 3)
+    assert a.report() == {"queried": 2, "answered": 2, "missing": [], "touched": [2, 2]}
+    assert b.report() == {"queried": 1, "answered": 0, "missing": ["shard-1"], "touched": [1]}
+    np.testing.assert_array_equal(b.I, [[4, 5]])
+
+
+def test_call_one_times_out_and_retries_a_dead_replica_once():
+    import ray.exceptions as rx
+
+    calls = []
+
+    def dies_then_answers(s, *a):
+        calls.append(s)
+
+        async def go():
+            if len(calls) == 1:
+                raise rx.ActorDiedError()
+            return "ok"
+        return go()
+
+    assert asyncio.run(_call_one(dies_then_answers, 3, None, None, 1, None, None, 5.0)) == "ok" and calls == [3, 3]
+
+    def slow(s, *a):
+        return asyncio.sleep(10)
+
+    with pytest.raises(ShardFailure, match="shard-0: no answer within 0.05 s"):
+        asyncio.run(_call_one(slow, 0, None, None, 1, None, None, 0.05))
+
+    def broken(s, *a):
+        async def go():
+            raise ValueError("bad shard")
+        return go()
+
+    with pytest.raises(ShardFailure, match="shard-2: ValueError: bad shard"):
+        asyncio.run(_call_one(broken, 2, None, None, 1, None, None, 1.0))
+
+
+@pytest.mark.parametrize("data,msg", [
+    ({"port": 0}, "port: Input should be greater than or equal to 1"),
+    ({"replicas": 0}, "replicas"),
+    ({"shard_timeout": 0}, "shard_timeout"),
+    ({"token": "short"}, "token: shorter than 8 characters"),
+    ({"shard_cpus": 1.5}, "shard_cpus: 1.5: Ray reserves fractions"),
+    ({"max_queries": 5000}, "max_queries"),
+    ({"name": "a b"}, "name"),
+    ({"route_prefix": "api"}, "route_prefix"),
+    ({"bogus": 1}, "bogus: unknown option"),
+])
+def test_serve_config_errors_name_the_field(data, msg):
+    with pytest.raises(ConfigError, match=msg):
+        make(ServeConfig, {"index_root": "x", **data}, where="serve")
+
+
+def test_serve_config_token_from_env_yaml_and_never_shown(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHARDEX_TOKEN", "from-the-environment")
+    cfg = make(ServeConfig, {"index_root": "x", "filter_fields": "year, cat"})
+    assert cfg.token.get_secret_value() == "from-the-environment" and cfg.filter_fields == ["year", "cat"]
+    assert "from-the-environment" not in repr(cfg)
+    s = settings(cfg)
+    assert "token" not in s and len(s["token_sha256"]) == 64
+    y = tmp_path / "serve.yaml"
+    y.write_text("index_root: idx\nport: 9001\nreplicas: 2\nrequire_all_shards: true\ntoken: given-in-yaml\n")
+    cfg = load_yaml(ServeConfig, str(y), port=9002)
+    assert (cfg.port, cfg.replicas, cfg.require_all_shards) == (9002, 2, True)
+    assert cfg.token.get_secret_value() == "given-in-yaml"
+    monkeypatch.delenv("SHARDEX_TOKEN")
+    assert settings(make(ServeConfig, {"index_root": "x"}))["token_sha256"] is None
