@@ -23,6 +23,11 @@ class ShardSearcher:
             faiss().omp_set_num_threads(threads)
         self.index = load_shard(store, version, shard)  # checks ntotal; mmaps a shard merged on disk
         self.name = shard.file
+        if self._ivf is not None:
+            # faiss parallelizes the default mode (0) in search() only, around search_preassigned, so a shard
+            # scanning the router's lists ran one thread whatever `threads` said; mode 3 splits the queries
+            # inside search_preassigned (dynamically), and search() with it gives the same results
+            self._ivf.parallel_mode = 3
 
     @cached_property
     def _ivf(self):
