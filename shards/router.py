@@ -124,9 +124,9 @@ class IndexView:
         """bool [nq, S]: the shards each query must reach."""
         if self.mode != "ivf":
             return np.ones((nq, self.nshards), dtype=bool)
-        from .routing import shards_for_lists
+        from .routing import shard_mask
 
-        return route_mask(shards_for_lists(coarse[1], self.ranges), nq, self.nshards)
+        return route_mask(shard_mask(coarse[1], self.ranges), nq, self.nshards)
 
     def attach(self, D: np.ndarray, I: np.ndarray, fields: list[str] | None) -> list[list[Hit]]:
         docs = self.docs.lookup(I.ravel(), fields)

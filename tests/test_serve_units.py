@@ -9,6 +9,7 @@ import pytest
 from shards.config import ServeConfig, load_yaml, make
 from shards.errors import ConfigError, SearchError
 from shards.router import Outcome, ShardFailure, _call_one, route_mask
+from shards.routing import shard_mask, shards_for_lists
 from shards.serve import Resources, plan_resources, settings
 
 
@@ -40,6 +41,25 @@ def test_route_mask(need, want):
 def test_route_mask_shape_is_checked():
     with pytest.raises(SearchError, match="shape"):
         route_mask(np.ones((2, 2), bool), 2, 3)
+
+
+@pytest.mark.parametrize("lists,ranges,want", [
+    ([[0, 1]], [[0, 2], [2, 4]], [[1, 0]]),
+    ([[3, 2], [1, -1]], [[0, 2], [2, 4]], [[0, 1], [1, 0]]),    # -1: the quantizer found no more lists
+    ([[-1, -1]], [[0, 4]], [[0]]),
+    ([[5, 0, 9], [7, 7, 7]], [[0, 1], [1, 6], [6, 10]], [[1, 1, 1], [0, 0, 1]]),
+])
+def test_shard_mask(lists, ranges, want):
+    np.testing.assert_array_equal(shard_mask(np.array(lists), ranges), np.array(want, dtype=bool))
+
+
+@pytest.mark.parametrize("seed,S", [(0, 2), (1, 5), (2, 16)])
+def test_shard_mask_is_shards_for_lists(seed, S):
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(1, 256), S - 1, replace=False))
+    ranges = [[int(a), int(b)] for a, b in zip([0, *cuts], [*cuts, 256])]
+    lists = rng.integers(-1, 256, (300, 8))
+    np.testing.assert_array_equal(shard_mask(lists, ranges), route_mask(shards_for_lists(lists, ranges), 300, S))
 
 
 def test_outcome_slice_blames_only_shards_a_request_used():
