@@ -10,6 +10,11 @@ probes once; every shard then scans exactly those lists (faiss search_preassigne
 instead of quantizing the query again. Shards agree on the lists, ties included, and S
 shards cost one coarse search, not S.
 
+Scan order. A batch's queries go to the shards grouped by their nearest list (the
+coarse search gives it for free): queries probing the same lists then come one after
+another, and a shard scans each list while it is still in cache. The results are put
+back in the caller's order.
+
 Routing. With --sharding hash every query goes to every shard. With --sharding ivf
 each shard owns a range of IVF lists, and a query goes only to the shards owning the
 lists it probes.
@@ -27,6 +32,7 @@ from .errors import QueryError, SearchError
 from .faissio import faiss
 from .filters import filterable, parse_filter, wire
 from .manifest import Manifest, current_version, load_manifest, vdir
+from .routing import scan_order
 from .searcher import ShardSearcher
 from .store import Store
 
@@ -172,6 +178,15 @@ class Outcome:
         return Outcome(self.D[a:b], self.I[a:b], self.touched[a:b], mine,
                        {s: r for s, r in self.failed.items() if s in mine}, asked)
 
+    def unordered(self, order: np.ndarray) -> "Outcome":
+        """This outcome of the queries xq[order], put back in the order of xq."""
+        def back(a):
+            b = np.empty_like(a)
+            b[order] = a
+            return b
+        self.D, self.I, self.touched, self.asked = back(self.D), back(self.I), back(self.touched), back(self.asked)
+        return self
+
     def report(self) -> dict:
         return {"queried": len(self.queried), "answered": self.answered,
                 "missing": [shard_name(s) for s in sorted(self.failed)],
@@ -194,6 +209,9 @@ async def fan_out(view: IndexView, xq: np.ndarray, k: int, nprobe: int | None, f
     """
     nq = len(xq)
     coarse = await asyncio.to_thread(view.coarse, xq, nprobe) if view.quantizer is not None else None
+    order = scan_order(coarse[1]) if coarse is not None and nq > 1 else None
+    if order is not None:  # neighbouring queries probe the same lists: a shard scans each while it is in cache
+        xq, coarse = xq[order], (coarse[0][order], coarse[1][order])
     route = view.route(nq, coarse)
     heap = faiss().ResultHeap(nq, k, keep_max=view.metric == "ip")
     out = Outcome(heap.D, heap.I, route.sum(1), asked=route)
@@ -208,7 +226,7 @@ async def fan_out(view: IndexView, xq: np.ndarray, k: int, nprobe: int | None, f
             out.asked = route | more
     heap.finalize()
     out.D, out.I = heap.D, heap.I
-    return out
+    return out if order is None else out.unordered(order)
 
 
 async def _round(mask, q, k, nprobe, flt, call, timeout, heap, out: Outcome) -> None:
@@ -335,6 +353,7 @@ class Router:
             ensure_ray()
             res = plan_resources(*cluster_cpus(), self.view.nshards, 1, 0, False, cpus, threads)
             cpus, threads = res.shard_cpus, res.threads
+        self.threads, self.shard_cpus = threads, cpus  # per shard: faiss threads, Ray CPUs reserved
         self.shards = [self._start(s, threads, cpus) for s in self.manifest.shards]
         self._load_attributes()
         self._encoder = None

@@ -34,3 +34,8 @@ def shards_for_lists(lists: np.ndarray, ranges: list[list[int]]) -> list[set[int
     owner = list_owner(np.atleast_2d(lists), ranges)
     return [set(int(s) for s in np.unique(row) if s >= 0) for row in owner]
 
+
+def scan_order(lists: np.ndarray) -> np.ndarray:
+    """The order in which to scan a batch of queries, given the lists [nq, nprobe] each probes:
+    grouped by nearest list (stable), so that queries probing the same lists come one after another."""
+    return np.argsort(np.asarray(lists)[:, 0], kind="stable")

@@ -9,7 +9,7 @@ import pytest
 from shards.config import ServeConfig, load_yaml, make
 from shards.errors import ConfigError, SearchError
 from shards.router import Outcome, ShardFailure, _call_one, route_mask
-from shards.routing import shard_mask, shards_for_lists
+from shards.routing import scan_order, shard_mask, shards_for_lists
 from shards.serve import Resources, plan_resources, settings
 
 
@@ -60,6 +60,26 @@ def test_shard_mask_is_shards_for_lists(seed, S):
     ranges = [[int(a), int(b)] for a, b in zip([0, *cuts], [*cuts, 256])]
     lists = rng.integers(-1, 256, (300, 8))
     np.testing.assert_array_equal(shard_mask(lists, ranges), route_mask(shards_for_lists(lists, ranges), 300, S))
+
+
+@pytest.mark.parametrize("lists,want", [
+    ([[3, 1], [0, 2], [3, 0], [1, 1]], [1, 3, 0, 2]),      # by nearest list; ties keep their order
+    ([[5, 4]], [0]),
+    ([[-1, -1], [2, 0]], [0, 1]),
+])
+def test_scan_order(lists, want):
+    np.testing.assert_array_equal(scan_order(np.array(lists)), want)
+
+
+def test_outcome_unordered_puts_every_row_back():
+    order = np.array([2, 0, 3, 1])
+    D = np.arange(8, dtype=np.float32).reshape(4, 2)
+    asked = np.array([[1, 0], [0, 1], [1, 1], [0, 0]], dtype=bool)
+    o = Outcome(D[order], D[order].astype(np.int64), asked[order].sum(1), {0, 1}, {}, asked[order]).unordered(order)
+    np.testing.assert_array_equal(o.D, D)
+    np.testing.assert_array_equal(o.I, D.astype(np.int64))
+    np.testing.assert_array_equal(o.asked, asked)
+    np.testing.assert_array_equal(o.touched, [1, 1, 2, 0])
 
 
 def test_outcome_slice_blames_only_shards_a_request_used():
