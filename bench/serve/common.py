@@ -45,6 +45,25 @@ def built(src: str, name: str, **kw) -> str:
     return root
 
 
+def monolithic(root: str, ids: np.ndarray, x: np.ndarray):
+    """(one index holding every vector, manifest): the version's own trained index with all of x added,
+    so that it probes the same lists as the version's shards."""
+    from shards.faissio import read_index
+    from shards.manifest import current_version, load_manifest, vdir
+    from shards.store import Store
+
+    store = Store(root)
+    m = load_manifest(store, current_version(store))
+    index = read_index(store, f"{vdir(m.version)}/{m.trained.file}")
+    index.add_with_ids(x, ids)
+    return index, m
+
+
+def same_topk(I: np.ndarray, ref: np.ndarray) -> float:
+    """Fraction of queries whose top-k id sets are equal (ties may order equal distances differently)."""
+    return float(np.mean([set(p) == set(q) for p, q in zip(I, ref)]))
+
+
 def queries(x: np.ndarray, nq: int, seed: int = 1) -> np.ndarray:
     """Database vectors plus small noise: queries that land where the data is."""
     rng = np.random.default_rng(seed)
