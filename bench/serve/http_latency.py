@@ -76,6 +76,23 @@ def http_loop(base: str, queries: list[str], clients: int, per_client: int):
     return lat, took, time.perf_counter() - t0, errors[0]
 
 
+def router_stats(base: str) -> dict:
+    import requests
+
+    return requests.get(base + "/stats", timeout=10).json()
+
+
+def per_request(before: dict, after: dict) -> dict:
+    """The router's counters over the loop: mean ms per request encoding, searching (server batch wait
+    included) and reading fields, and requests per server batch and per shard fan-out."""
+    d = {k: after[k] - before[k] for k in ("requests", "batches", "fanouts", "encode_s", "search_s", "fields_s")}
+    n = max(d["requests"], 1)
+    return {"requests": d["requests"], **{f"{k[:-2]}_ms": round(1000 * d[k] / n, 2)
+                                          for k in ("encode_s", "search_s", "fields_s")},
+            "requests_per_batch": round(n / max(d["batches"], 1), 2),
+            "requests_per_fanout": round(n / max(d["fanouts"], 1), 2)}
+
+
 def plot(res: dict, lat_http: list[float], lat_local: list[float], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -134,13 +151,16 @@ def main() -> None:
     version = sv.wait_ready(sv.start(cfg), 300)
     base = f"http://127.0.0.1:{port}"
     http_loop(base, queries[-50:], 2, 10)             # warm up
+    before = router_stats(base)
     lat, took, secs, errors = http_loop(base, queries, a.clients, a.requests)
+    spent = per_request(before, router_stats(base))
     serve.shutdown()
 
     res = {"machine": machine(), "documents": len(titles), "version": version, "clients": a.clients,
            "requests": len(lat), "errors": errors, "k": 10, "fields": ["title", "text"],
            "http": {**percentiles(lat), "requests_per_s": round(len(lat) / secs, 1)},
            "router_took_ms": percentiles(took),   # inside the router: from request parsed to response built
+           "router_per_request": spent,        # from GET /stats: where a request's time went, and batching
            "python_api_sequential": {**percentiles(lat_local), "requests": len(lat_local)},
            "loadavg_before": load_before, "loadavg_after": loadavg()}
     save("serve_http_latency", res)

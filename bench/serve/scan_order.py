@@ -1,0 +1,112 @@
+"""Why the router sends a batch grouped by nearest list: scan cost with the queries as given and in that order.
+
+The hash-sharded version of bench/serve/throughput.py (200k x 64, IVF1024,Flat, 2 shards), its
+monolithic index, the same queries and nprobe. The coarse search is done once per batch, outside
+the timings; then, with the batch as given and grouped by nearest list (shards.routing.scan_order):
+  shards  both shards scan their half of every probed list at the same time, each in its own
+          Ray actor on one thread (what the router runs): wall seconds, and each actor's thread
+          CPU seconds, summed
+  faiss   the monolithic index scans the same lists in this process on every core
+          (search_preassigned, queries split over threads): wall and process CPU seconds
+Alternating batch by batch, --rounds times. Reports CPU ms per 1000 queries: the work the
+scans cost, apart from the router's dispatch and merge. Writes bench/results/serve_scan_order.json.
+
+    flock /tmp/shardex-bench.lock .venv/bin/python bench/serve/scan_order.py
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+from common import built, corpus, loadavg, machine, monolithic, queries, save  # noqa: I001
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def timed_searcher():
+    import ray
+
+    from shards.searcher import ShardSearcher
+
+    @ray.remote
+    class Timed(ShardSearcher):
+        """The real shard searcher; search also returns its thread's CPU seconds."""
+
+        def timed_search(self, xq, k, nprobe, coarse):
+            c0 = time.thread_time()
+            self.search(xq, k, nprobe, None, coarse)
+            return time.thread_time() - c0
+    return Timed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=200_000)
+    ap.add_argument("--d", type=int, default=64)
+    ap.add_argument("--factory", default="IVF1024,Flat")
+    ap.add_argument("--nq", type=int, default=10_000)
+    ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("-k", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    load_before = loadavg()
+
+    import ray
+
+    from shards.faissio import coarse_search, faiss, ivf, search_preassigned
+    from shards.routing import scan_order
+
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
+    src, ids, x = corpus(a.n, a.d)
+    root = built(src, f"hash-{a.factory.replace(',', '_')}-{a.n}-s2", factory=a.factory, shards=2,
+                 sharding="hash", metric="l2")
+    index, m = monolithic(root, ids, x)
+    nprobe = m.search.nprobe
+    faiss().omp_set_num_threads(os.cpu_count())
+    ivf(index).parallel_mode = 3   # search_preassigned splits the queries over threads only in this mode
+    from shards.store import Store
+
+    Timed = timed_searcher()
+    shards = [Timed.options(num_cpus=0.4).remote(Store(root), m.version, s, 1) for s in m.shards]
+    xq = queries(x, a.nq)
+
+    def shards_scan(q, c):
+        t0 = time.perf_counter()
+        cpu = sum(ray.get([s.timed_search.remote(q, a.k, nprobe, c) for s in shards]))
+        return time.perf_counter() - t0, cpu
+
+    def faiss_scan(q, c):
+        t0, c0 = time.perf_counter(), time.process_time()
+        search_preassigned(index, q, a.k, c)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    batches = []
+    for i in range(0, a.nq, a.batch):
+        q = xq[i:i + a.batch]
+        c = coarse_search(index, q, nprobe)
+        o = scan_order(c[1])
+        batches.append({"given": (q, c), "ordered": (q[o], (c[0][o], c[1][o]))})
+    shards_scan(*batches[0]["given"])
+    faiss_scan(*batches[0]["given"])
+    tot = {f"{who} {order}": np.zeros(2) for who in ("shards", "faiss") for order in ("given", "ordered")}
+    for _ in range(a.rounds):
+        for b in batches:
+            for order in ("given", "ordered"):
+                tot[f"shards {order}"] += shards_scan(*b[order])
+                tot[f"faiss {order}"] += faiss_scan(*b[order])
+    per = 1000 / (a.nq * a.rounds)
+    res = {"machine": machine(), "n": a.n, "d": a.d, "factory": a.factory, "shards": 2, "nprobe": nprobe, "k": a.k,
+           "queries": a.nq, "batch": a.batch, "rounds": a.rounds,
+           "per_1000_queries_ms": {name: {"wall": round(1000 * w * per, 1), "cpu": round(1000 * c * per, 1)}
+                                   for name, (w, c) in tot.items()},
+           "loadavg_before": load_before, "loadavg_after": loadavg()}
+    for name, v in res["per_1000_queries_ms"].items():
+        print(f"{name:16s} wall {v['wall']:7.1f} ms  cpu {v['cpu']:7.1f} ms  per 1000 queries")
+    save("serve_scan_order", res)
+
+
+if __name__ == "__main__":
+    main()
