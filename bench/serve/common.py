@@ -20,6 +20,24 @@ def loadavg() -> list[float]:
         return [float(x) for x in f.read().split()[:3]]
 
 
+def core_pingpong_ns(rounds: int = 200_000) -> int | None:
+    """Cache-line round trip between CPU 0 and CPU 1 (pingpong.c): tens of ns when the host runs this
+    VM's two vCPUs on cores sharing an L3, hundreds when not. None without a C compiler or 2 CPUs."""
+    import shutil
+    import subprocess
+
+    exe = os.path.join(OUT, "pingpong")
+    if (os.cpu_count() or 1) < 2:
+        return None
+    if not os.path.exists(exe):
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            return None
+        os.makedirs(OUT, exist_ok=True)
+        subprocess.run([cc, "-O2", "-pthread", os.path.join(HERE, "pingpong.c"), "-o", exe], check=True)
+    return int(subprocess.run([exe, str(rounds)], capture_output=True, text=True, check=True).stdout)
+
+
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPUs, CPU only"
 

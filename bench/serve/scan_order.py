@@ -9,7 +9,9 @@ the timings; then, with the batch as given and grouped by nearest list (shards.r
   faiss   the monolithic index scans the same lists in this process on every core
           (search_preassigned, queries split over threads): wall and process CPU seconds
 Alternating batch by batch, --rounds times. Reports CPU ms per 1000 queries: the work the
-scans cost, apart from the router's dispatch and merge. Writes bench/results/serve_scan_order.json.
+scans cost, apart from the router's dispatch and merge; also per L3 state (see throughput.py:
+the host runs the two vCPUs on cores sharing an L3 or not, and pingpong.c tells which, between
+batches). Writes bench/results/serve_scan_order.json.
 
     flock /tmp/shardex-bench.lock .venv/bin/python bench/serve/scan_order.py
 """
@@ -21,7 +23,8 @@ import time
 
 import numpy as np
 
-from common import built, corpus, loadavg, machine, monolithic, queries, save  # noqa: I001
+from common import built, core_pingpong_ns, corpus, loadavg, machine, monolithic, queries, save  # noqa: I001
+from throughput import PINGPONG_ROUNDS, l3_state  # noqa: I001
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -91,20 +94,28 @@ def main() -> None:
         batches.append({"given": (q, c), "ordered": (q[o], (c[0][o], c[1][o]))})
     shards_scan(*batches[0]["given"])
     faiss_scan(*batches[0]["given"])
-    tot = {f"{who} {order}": np.zeros(2) for who in ("shards", "faiss") for order in ("given", "ordered")}
+    tot = {}    # (state, "who order") -> [wall, cpu, queries]
     for _ in range(a.rounds):
         for b in batches:
             for order in ("given", "ordered"):
-                tot[f"shards {order}"] += shards_scan(*b[order])
-                tot[f"faiss {order}"] += faiss_scan(*b[order])
-    per = 1000 / (a.nq * a.rounds)
+                for who, scan in (("shards", shards_scan), ("faiss", faiss_scan)):
+                    before = core_pingpong_ns(PINGPONG_ROUNDS)
+                    w, c = scan(*b[order])
+                    for st in ("all", l3_state(before, core_pingpong_ns(PINGPONG_ROUNDS))):
+                        t = tot.setdefault((st, f"{who} {order}"), [0.0, 0.0, 0])
+                        t[0], t[1], t[2] = t[0] + w, t[1] + c, t[2] + len(b[order][0])
+
+    def per_1000(state):
+        return {name: {"wall": round(1e6 * w / n, 1), "cpu": round(1e6 * c / n, 1), "queries": n}
+                for (st, name), (w, c, n) in sorted(tot.items()) if st == state}
     res = {"machine": machine(), "n": a.n, "d": a.d, "factory": a.factory, "shards": 2, "nprobe": nprobe, "k": a.k,
-           "queries": a.nq, "batch": a.batch, "rounds": a.rounds,
-           "per_1000_queries_ms": {name: {"wall": round(1000 * w * per, 1), "cpu": round(1000 * c * per, 1)}
-                                   for name, (w, c) in tot.items()},
+           "queries": a.nq, "batch": a.batch, "rounds": a.rounds, "per_1000_queries_ms": per_1000("all"),
+           "per_1000_queries_ms_by_l3": {st: per_1000(st) for st in sorted({s for s, _ in tot}) if st != "all"},
            "loadavg_before": load_before, "loadavg_after": loadavg()}
-    for name, v in res["per_1000_queries_ms"].items():
-        print(f"{name:16s} wall {v['wall']:7.1f} ms  cpu {v['cpu']:7.1f} ms  per 1000 queries")
+    for st, per in [("all", res["per_1000_queries_ms"]), *res["per_1000_queries_ms_by_l3"].items()]:
+        for name, v in per.items():
+            print(f"{st:9s} {name:16s} wall {v['wall']:7.1f} ms  cpu {v['cpu']:7.1f} ms  per 1000 queries "
+                  f"({v['queries']} queries)")
     save("serve_scan_order", res)
 
 

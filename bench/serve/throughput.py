@@ -1,6 +1,6 @@
 """Batch query throughput through the router's Python API against in-process faiss on the monolithic index.
 
-Same queries, same k and nprobe, same run, batches interleaved:
+Same queries, same k and nprobe, same run:
   faiss      one index holding every vector (the version's own trained index + all vectors),
              index.search in this process with every core (OpenMP): the baseline of the target
   hash, ivf  shards.router.Router over a published S-shard version: one Ray actor per shard
@@ -12,10 +12,18 @@ Same queries, same k and nprobe, same run, batches interleaved:
   faiss_ordered  a reference, not the target: what the router does, in one process: the coarse
              search, the queries grouped by nearest list (the router's scan order), then
              search_preassigned on every core. It shows how much of the router's speed is that order.
-All get the queries in batches of --batch, interleaved batch by batch (faiss, faiss_ordered, hash,
-faiss_ivf, ivf, faiss, ...) so that all see the same load from the rest of the machine. Prints
-queries/s of each and the ratios per round and over all rounds (target >= 0.9), and checks that
-each answers the same top-k as its monolithic index. Writes bench/results/serve_throughput.json and .png.
+Each round runs every one of them over all the queries, in batches of --batch, back to back
+(its steady state), one after another with a 0.1 s pause between, the order rotating from round
+to round. (Interleaving batch by batch was unfair to the router: after each search in the
+main thread, faiss's OpenMP threads spin-wait ~8-10 ms of CPU, which landed in the next
+system's time.) Prints queries/s of each and the ratios per round and over all rounds (target
+>= 0.9), and checks that each answers the same top-k as its monolithic index.
+
+The host may run this VM's two vCPUs on cores that share an L3 or not, and moves them
+(bench/serve/pingpong.c tells which: a cache-line round trip of tens of ns, or of hundreds).
+The ratios depend on it, so the round trip is taken (untimed) between batches, each batch is
+put in the state found before and after it ('mixed' when they differ), and queries/s and
+ratios are also given per state, over the batches run in it. Writes bench/results/serve_throughput.json and .png.
 
     flock /tmp/shardex-bench.lock .venv/bin/python bench/serve/throughput.py [--n 200000 --shards 2]
 
@@ -30,12 +38,14 @@ import os
 
 import numpy as np
 
-from common import built, corpus, loadavg, machine, monolithic, queries, same_topk, save, timed  # noqa: I001
+from common import (built, core_pingpong_ns, corpus, loadavg, machine, monolithic, queries, same_topk,  # noqa: I001
+                    save, timed)
 
 NAMES = {"faiss": "faiss, one index (hash's quantizer)", "faiss_ordered": "the same, in the router's scan order",
          "hash": "router, {S} hash shards", "faiss_ivf": "faiss, one index (ivf's quantizer)",
          "ivf": "router, {S} ivf shards"}
-BASE = {"hash": "faiss", "ivf": "faiss_ivf"}   # each router against the monolithic index of its own quantizer
+BASE = {"hash": "faiss", "ivf": "faiss_ivf"}
+PINGPONG_ROUNDS = 20_000   # a few ms, between batches   # each router against the monolithic index of its own quantizer
 
 
 def ordered(index, k: int, nprobe: int):
@@ -59,13 +69,45 @@ def ordered(index, k: int, nprobe: int):
     return search
 
 
-def interleaved(searches: dict, xq: np.ndarray, batch: int) -> dict:
-    """Seconds each search took over all of xq, alternating between them batch by batch."""
-    secs = dict.fromkeys(searches, 0.0)
-    for i in range(0, len(xq), batch):
-        for name, fn in searches.items():
-            secs[name] += timed(fn, xq[i:i + batch])
-    return secs
+def one_round(searches: dict, xq: np.ndarray, batch: int, first: int) -> dict:
+    """{name: [(seconds, L3 state meanwhile) per batch]}: each runs over all of xq alone, in batches,
+    starting with the first-th. The L3 state is taken (untimed) around each batch: the host moves the vCPUs
+    within seconds."""
+    import time
+
+    names = list(searches)
+    names = names[first % len(names):] + names[:first % len(names)]
+    out = {}
+    for name in names:
+        time.sleep(0.1)  # no one's spinning threads in the next one's time
+        out[name], before = [], core_pingpong_ns(PINGPONG_ROUNDS)
+        for i in range(0, len(xq), batch):
+            t = timed(searches[name], xq[i:i + batch])
+            after = core_pingpong_ns(PINGPONG_ROUNDS)
+            out[name].append((t, l3_state(before, after)))
+            before = after
+    return {n: out[n] for n in searches}
+
+
+def l3_state(before: int | None, after: int | None) -> str:
+    """'shared' or 'separate' L3 when both round trips agree (below or above 200 ns), else 'mixed'."""
+    if before is None or after is None:
+        return "unknown"
+    if before < 200 and after < 200:
+        return "shared"
+    return "separate" if before >= 200 and after >= 200 else "mixed"
+
+
+def by_l3(batches: dict, per_batch: int) -> dict:
+    """Per L3 state: each one's queries/s over its batches run in that state, and the routers' ratios."""
+    out = {}
+    for st in sorted({x for v in batches.values() for _, x in v}):
+        n = {name: sum(1 for _, x in v if x == st) for name, v in batches.items()}
+        qps = {name: round(per_batch * n[name] / sum(t for t, x in v if x == st), 1)
+               for name, v in batches.items() if n[name]}
+        out[st] = {"batches": n, "qps": qps,
+                   "ratio": {mode: round(qps[mode] / qps[b], 3) for mode, b in BASE.items() if mode in qps and b in qps}}
+    return out
 
 
 def plot(res: dict, path: str) -> None:
@@ -81,8 +123,10 @@ def plot(res: dict, path: str) -> None:
         ax.text(v, i, f" {v:,.0f}", va="center", fontsize=8)
     ax.set_xlim(0, max(vals) * 1.18)
     ax.set_xlabel(f"queries/s (batches of {res['batch']}, k={res['k']}, nprobe={res['nprobe']})")
+    by = "; ".join(f"{st} L3: " + ", ".join(f"{m} {r:.2f}" for m, r in v["ratio"].items())
+                   for st, v in res["by_l3"].items() if v["ratio"])
     ax.set_title(f"{res['n']:,} x {res['d']} {res['factory']}, {res['machine']}: router / faiss = hash "
-                 f"{res['ratio']['hash']:.3f}, ivf {res['ratio']['ivf']:.3f}", fontsize=9)
+                 f"{res['ratio']['hash']:.3f}, ivf {res['ratio']['ivf']:.3f}\n{by}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -96,7 +140,7 @@ def main() -> None:
     ap.add_argument("--nq", type=int, default=20_000)
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("-k", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=8)
     a = ap.parse_args()
     load_before = loadavg()
 
@@ -129,14 +173,18 @@ def main() -> None:
     same = {"faiss_ordered": same_topk(got["faiss_ordered"], got["faiss"]),
             **{mode: same_topk(got[mode], got[b]) for mode, b in BASE.items()}}
     print("same top-k as the monolithic index:", same, flush=True)
-    runs = {name: [] for name in searches}
+    runs, batches = {name: [] for name in searches}, {name: [] for name in searches}
     for rnd in range(a.rounds):
-        secs = interleaved(searches, xq, a.batch)
-        for name in runs:
+        got = one_round(searches, xq, a.batch, rnd)
+        secs = {name: sum(t for t, _ in v) for name, v in got.items()}
+        for name, v in got.items():
             runs[name].append(round(secs[name], 3))
-        print(f"round {rnd}: " + ", ".join(f"{n} {a.nq / secs[n]:,.0f} q/s" for n in secs)
+            batches[name] += v
+        print(f"round {rnd}: " + ", ".join(f"{n} {a.nq / t:,.0f} q/s" for n, t in secs.items())
               + "; ratios " + ", ".join(f"{mode} {secs[b] / secs[mode]:.3f}" for mode, b in BASE.items())
               + f"  (load {loadavg()[0]})", flush=True)
+    l3 = by_l3(batches, a.batch)
+    print("by L3 state:", {st: v["ratio"] for st, v in l3.items()}, flush=True)
     per_shard = {mode: {"threads": r.threads, "cpus": r.shard_cpus} for mode, r in routers.items()}
     for r in routers.values():
         r.close()
@@ -149,6 +197,7 @@ def main() -> None:
            "ratio_per_round": {mode: [round(f / r, 3) for f, r in zip(runs[b], runs[mode])]
                                for mode, b in BASE.items()},
            "ratio_hash_to_faiss_ordered": round(qps["hash"] / qps["faiss_ordered"], 3),
+           "by_l3": l3,
            "target": 0.9, "same_topk_fraction": same, "loadavg_before": load_before, "loadavg_after": loadavg()}
     save("serve_throughput", res)
     plot(res, os.path.join(os.path.dirname(__file__), "..", "results", "serve_throughput.png"))
