@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from common import OUT, loadavg, machine, save
+from common import OUT, core_pingpong_ns, loadavg, machine, save
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -151,9 +151,9 @@ def main() -> None:
     version = sv.wait_ready(sv.start(cfg), 300)
     base = f"http://127.0.0.1:{port}"
     http_loop(base, queries[-50:], 2, 10)             # warm up
-    before = router_stats(base)
+    before, pp = router_stats(base), [core_pingpong_ns()]
     lat, took, secs, errors = http_loop(base, queries, a.clients, a.requests)
-    spent = per_request(before, router_stats(base))
+    spent, pp = per_request(before, router_stats(base)), pp + [core_pingpong_ns()]
     serve.shutdown()
 
     res = {"machine": machine(), "documents": len(titles), "version": version, "clients": a.clients,
@@ -162,7 +162,7 @@ def main() -> None:
            "router_took_ms": percentiles(took),   # inside the router: from request parsed to response built
            "router_per_request": spent,        # from GET /stats: where a request's time went, and batching
            "python_api_sequential": {**percentiles(lat_local), "requests": len(lat_local)},
-           "loadavg_before": load_before, "loadavg_after": loadavg()}
+           "core_pingpong_ns": pp, "loadavg_before": load_before, "loadavg_after": loadavg()}
     save("serve_http_latency", res)
     plot(res, lat, lat_local, os.path.join(os.path.dirname(__file__), "..", "results", "serve_http_latency.png"))
     print(res)

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from common import built, corpus, loadavg, machine, monolithic, queries, same_topk, save, timed
+from common import built, core_pingpong_ns, corpus, loadavg, machine, monolithic, queries, same_topk, save, timed
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -87,7 +87,9 @@ def main() -> None:
             tuned = tuned or load_manifest(Store(root), current_version(Store(root))).search.nprobe
             mono = monolithic(root, ids, x)[0]
             for nprobe in sorted({a.small_nprobe, tuned}):
+                before = core_pingpong_ns()
                 m = measure(root, xq, a.k, nprobe, a.batch, a.rounds)
+                m["core_pingpong_ns"] = [before, core_pingpong_ns()]   # the L3 state: see throughput.py
                 set_nprobe(mono, nprobe)
                 m["same_topk_as_monolithic"] = same_topk(m.pop("I"), mono.search(xq[:1000], a.k)[1])
                 cases.append({"shards": S, "sharding": sharding, "nprobe": nprobe, **m})
