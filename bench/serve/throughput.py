@@ -111,22 +111,30 @@ def by_l3(batches: dict, per_batch: int) -> dict:
 
 
 def plot(res: dict, path: str) -> None:
+    """queries/s of each, over all batches and per L3 state (states seen in too few batches left out)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3))
-    names = [NAMES[n].format(S=res["shards"]) for n in NAMES][::-1]
-    vals = [res["qps"][n] for n in NAMES][::-1]
-    ax.barh(names, vals, color=["grey", "lightgrey", "tab:blue", "grey", "tab:green"][::-1])
-    for i, v in enumerate(vals):
-        ax.text(v, i, f" {v:,.0f}", va="center", fontsize=8)
-    ax.set_xlim(0, max(vals) * 1.18)
+    groups = {"all batches": res["qps"], **{f"{st} L3": v["qps"] for st, v in res["by_l3"].items()
+                                            if st in ("shared", "separate") and len(v["ratio"]) == 2}}
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    names = list(NAMES)[::-1]
+    h = 0.8 / len(groups)
+    for g, (label, qps) in enumerate(groups.items()):
+        ys = [i + (g - (len(groups) - 1) / 2) * h for i in range(len(names))]
+        vals = [qps.get(n, 0) for n in names]
+        ax.barh(ys, vals, height=h, label=label)
+        for y, v in zip(ys, vals):
+            ax.text(v, y, f" {v:,.0f}", va="center", fontsize=6)
+    ax.set_yticks(range(len(names)), [NAMES[n].format(S=res["shards"]) for n in names], fontsize=8)
+    ax.set_xlim(0, max(max(q.values()) for q in groups.values()) * 1.15)
     ax.set_xlabel(f"queries/s (batches of {res['batch']}, k={res['k']}, nprobe={res['nprobe']})")
-    by = "; ".join(f"{st} L3: " + ", ".join(f"{m} {r:.2f}" for m, r in v["ratio"].items())
-                   for st, v in res["by_l3"].items() if v["ratio"])
-    ax.set_title(f"{res['n']:,} x {res['d']} {res['factory']}, {res['machine']}: router / faiss = hash "
-                 f"{res['ratio']['hash']:.3f}, ivf {res['ratio']['ivf']:.3f}\n{by}", fontsize=8)
+    by = "; ".join(f"{st} L3: hash {v['ratio']['hash']:.2f}, ivf {v['ratio']['ivf']:.2f}"
+                   for st, v in res["by_l3"].items() if st in ("shared", "separate") and len(v["ratio"]) == 2)
+    ax.set_title(f"{res['n']:,} x {res['d']} {res['factory']}, {res['machine']}\nrouter / faiss: hash "
+                 f"{res['ratio']['hash']:.2f}, ivf {res['ratio']['ivf']:.2f} ({by})", fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
