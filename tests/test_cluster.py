@@ -296,7 +296,8 @@ def test_encoder_actors_fit_the_gpu_group():
         cfg = validated(ep)
         if "actors" not in type(cfg).model_fields:
             continue  # serve and eval run no encoder pool
-        nodes = {g["groupName"]: (*ray_resources(g), g["maxReplicas"]) for g in job["rayClusterSpec"]["workerGroupSpecs"]}
+        groups = job["rayClusterSpec"]["workerGroupSpecs"]
+        nodes = {g["groupName"]: (*ray_resources(g), g["maxReplicas"]) for g in groups}
         assert fits(cfg, nodes) == [], where
         checked += 1
     assert checked >= 3
