@@ -26,7 +26,7 @@ import time
 import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from shards.config import load_yaml, make
+from shards.config import load_yaml
 from shards.errors import ConfigError, StorageError
 from shards.faissio import faiss, load_shard, metric_type, nlist, probed_lists, read_index, set_nprobe
 from shards.manifest import Manifest, current_version, load_manifest, vdir
@@ -342,8 +342,3 @@ def lines(report: dict) -> list[str]:
                + f" (published default: nprobe {report['published_nprobe']})")
     return out
 
-
-def config_from(opts: dict, config_path: str | None = None) -> EvalConfig:
-    if config_path:
-        return EvalConfig.from_yaml(config_path, **opts)
-    return make(EvalConfig, opts, where="shardex eval")
