@@ -67,11 +67,26 @@ def _add_build_options(p: argparse.ArgumentParser, model: str = "BuildConfig") -
                        help=f"{HELP.get(name, '')} (default: {dflt})")
 
 
-def _config_from(args) -> "object":
+def config_model(name: str):
+    """A command's config model by name (the parser's config_model default): what its YAML is parsed into."""
+    if name == "ServeConfig":
+        from shards.config import ServeConfig
+
+        return ServeConfig
+    if name == "EvalConfig":
+        from .eval import EvalConfig
+
+        return EvalConfig
     from . import config
+
+    return getattr(config, name)
+
+
+def _config_from(args) -> "object":
+    """The typed config of a command: its --config YAML, overridden by the flags given."""
     from .config import make
 
-    model = getattr(config, getattr(args, "config_model", "BuildConfig"))
+    model = config_model(getattr(args, "config_model", "BuildConfig"))
     opts = {k: v for k, v in vars(args).items() if k in model.model_fields and v is not None}
     if args.config:
         return model.from_yaml(args.config, **opts)
@@ -202,6 +217,7 @@ SERVE_HELP = {
 def _add_serve_options(p: argparse.ArgumentParser) -> None:
     from shards.config import ServeConfig
 
+    p.set_defaults(config_model="ServeConfig")
     for name, f in ServeConfig.model_fields.items():
         if name == "index_root":
             continue
@@ -219,15 +235,12 @@ def cmd_serve(args) -> int:
     import signal
     import time
 
-    from shards.config import ServeConfig, make
     from shards.manifest import current_version, load_manifest
     from shards.store import Store
 
     from .raytools import ensure_ray, log
 
-    opts = {k: v for k, v in vars(args).items() if k in ServeConfig.model_fields and v is not None}
-    cfg = ServeConfig.from_yaml(args.config, **opts) if args.config else make(ServeConfig, opts,
-                                                                               where="shardex serve")
+    cfg = _config_from(args)
     store = Store(cfg.index_root, cfg.s3_endpoint)
     load_manifest(store, current_version(store))  # a missing or unreadable index fails here, before Ray starts
     ensure_ray()
@@ -278,6 +291,7 @@ EVAL_HELP = {
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
     from .eval import EvalConfig
 
+    p.set_defaults(config_model="EvalConfig")
     for name, f in EvalConfig.model_fields.items():
         if name == "index_root":
             continue
@@ -290,10 +304,9 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .eval import EvalConfig, config_from, evaluate, lines, write_report
+    from .eval import evaluate, lines, write_report
 
-    opts = {k: v for k, v in vars(args).items() if k in EvalConfig.model_fields and v is not None}
-    cfg = config_from(opts, args.config)
+    cfg = _config_from(args)
     report = evaluate(cfg)
     js, png = write_report(report, cfg.out, cfg.s3_endpoint)
     if args.json:

@@ -26,7 +26,7 @@ import time
 import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from shards.config import load_yaml, make
+from shards.config import load_yaml
 from shards.errors import ConfigError, StorageError
 from shards.faissio import faiss, load_shard, metric_type, nlist, probed_lists, read_index, set_nprobe
 from shards.manifest import Manifest, current_version, load_manifest, vdir
@@ -162,10 +162,11 @@ def nprobe_ladder(nl: int) -> list[int]:
 
 def sweep(shards: list, xq: np.ndarray, gt: np.ndarray, k: int, nprobes: list, metric: str,
           own: np.ndarray | None = None, latency_queries: int = 0, stop_at: float | None = None,
-          route=None) -> list[dict]:
+          route=None, progress=None) -> list[dict]:
     """Per nprobe: recall@k (and, when asked, QPS, latency and shards per query). own: the held-out
     query ids to leave out; stop_at: stop at the first nprobe reaching that recall; route:
-    (trained index, ranges) under ivf sharding, to count the shards each query needs."""
+    (trained index, ranges) under ivf sharding, to count the shards each query needs; progress: called
+    with each row as it is measured."""
     kk = k + (own is not None)
     rows = []
     for p in nprobes:
@@ -181,6 +182,8 @@ def sweep(shards: list, xq: np.ndarray, gt: np.ndarray, k: int, nprobes: list, m
             asked = shards_for_lists(probed_lists(trained, xq, p), ranges)
             row["shards_per_query"] = round(float(np.mean([len(a) for a in asked])), 3)
         rows.append(row)
+        if progress:
+            progress(row)
         if stop_at is not None and row["recall"] >= stop_at:
             break
     return rows
@@ -235,6 +238,8 @@ def _encode(texts: list[str], m: Manifest, path: str) -> np.ndarray:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
+    from .raytools import log  # progress on stderr, as every stage logs it (a Ray job's logs show it)
+
     store = Store(cfg.index_root, cfg.s3_endpoint)
     version = cfg.version or current_version(store)
     m = load_manifest(store, version)
@@ -248,12 +253,14 @@ def evaluate(cfg: EvalConfig) -> dict:
     threads = cfg.threads or os.cpu_count() or 1
     faiss().omp_set_num_threads(threads)
     shards = [load_shard(store, version, f) for f in m.shards]
+    log(f"eval: {version}: {len(shards)} shard(s), {m.ntotal:,} vectors loaded; {threads} thread(s)")
     metric, k = m.index.metric, cfg.k
     if cfg.queries:
         xq, own, source = load_queries(cfg.queries, m, cfg.s3_endpoint), None, cfg.queries
     else:
         xq, own = sample_queries(store, m.vectors, min(cfg.num_queries, m.ntotal), cfg.seed)
         source = f"{len(xq)} stored vectors, each left out of its own search"
+    log(f"eval: exact top-{k} of {len(xq):,} queries over {len(m.vectors)} stored part(s)")
     _, gt = exact_topk(store, m.vectors, xq, k + (own is not None), metric)
     _, gt = drop_own(np.zeros(gt.shape, np.float32), gt, own, k)
     nl = nlist(shards[0])
@@ -261,7 +268,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     route = None
     if m.sharding.mode == "ivf" and m.sharding.ranges:
         route = (read_index(store, f"{vdir(version)}/trained.index"), m.sharding.ranges)
-    rows = sweep(shards, xq, gt, k, nprobes, metric, own, min(cfg.latency_queries, len(xq)), route=route)
+    rows = sweep(shards, xq, gt, k, nprobes, metric, own, min(cfg.latency_queries, len(xq)), route=route,
+                 progress=lambda r: log(f"eval: nprobe {r['nprobe']}: recall@{k} {r['recall']:.4f}, "
+                                        f"{r['qps']:,.0f} QPS"))
     best = smallest_reaching(rows, cfg.target_recall)
     return {"index_root": cfg.index_root, "version": version, "factory": m.index.factory, "metric": metric,
             "nlist": nl, "shards": len(m.shards), "sharding": m.sharding.mode, "vectors": m.ntotal, "k": k,
@@ -333,8 +342,3 @@ def lines(report: dict) -> list[str]:
                + f" (published default: nprobe {report['published_nprobe']})")
     return out
 
-
-def config_from(opts: dict, config_path: str | None = None) -> EvalConfig:
-    if config_path:
-        return EvalConfig.from_yaml(config_path, **opts)
-    return make(EvalConfig, opts, where="shardex eval")

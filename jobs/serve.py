@@ -8,6 +8,10 @@ poll_seconds, ...); flags after --config override them. Inside a job, RAY_ADDRES
 is set, so the app is deployed on the job's cluster. The job runs until it is
 stopped (`ray job stop`), which deletes the app; with `detach: true` it returns
 once the app serves and leaves it running on the cluster.
+
+`ray job stop` gives a job 3 s before it kills it: enough to delete the apps, not always to
+shut Serve's proxy down after them. To have the job stop Serve as well, give it longer:
+`--runtime-env-json '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "30"}}'`.
 """
 import sys
 

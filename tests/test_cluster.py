@@ -2,10 +2,15 @@
 
 - the `ray up` YAML passes Ray's own cluster-config validation (what `ray up` runs);
 - every rayVersion and every image is the Ray that pyproject.toml pins;
-- every entrypoint names an existing jobs.* module, and its config (the file the ConfigMap
-  mounts, plus any flags) is valid for that job: it is parsed by the job's own CLI code;
+- every entrypoint (in the manifests and in cluster/README.md) names an existing jobs.* module,
+  and its config (the file the ConfigMap mounts, plus any flags) is valid for that job: it is
+  parsed by the job's own CLI code, into the config model of that job;
+- the RayService's serveConfigV2 passes Serve's own schema (what the dashboard checks on the
+  PUT KubeRay sends), its import path resolves to shardex's app builder, and its args are a
+  valid `shardex serve` config;
 - resources are consistent: GPU groups ask for GPUs, the encoder actors a job's config asks for
-  fit on one GPU node and within the GPU group, and every Ray cluster spec is the same one.
+  fit on one GPU node and within the GPU group, a driver that asks for CPUs fits a node that has
+  its config mounted, serving replicas fit a node, and every Ray cluster spec is the same one.
 """
 from __future__ import annotations
 
@@ -62,15 +67,25 @@ def cluster_specs() -> list[tuple[str, dict]]:
 
 
 def entrypoints() -> list[tuple[str, str, dict]]:
-    """(where, entrypoint, its RayCluster spec) of every RayJob and RayCronJob."""
+    """(where, entrypoint, its RayJob spec) of every RayJob and RayCronJob."""
     out = []
     for where, d in manifests():
         if d["kind"] == "RayJob":
-            out.append((where, d["spec"]["entrypoint"], d["spec"]["rayClusterSpec"]))
+            out.append((where, d["spec"]["entrypoint"], d["spec"]))
         elif d["kind"] == "RayCronJob":
-            t = d["spec"]["jobTemplate"]
-            out.append((where, t["entrypoint"], t["rayClusterSpec"]))
+            out.append((where, d["spec"]["jobTemplate"]["entrypoint"], d["spec"]["jobTemplate"]))
     return out
+
+
+def readme_commands() -> list[str]:
+    """The `python -m jobs.* --config X` commands cluster/README.md tells an operator to submit."""
+    text = (CLUSTER / "README.md").read_text()
+    return [m.group(0).strip() for m in re.finditer(r"python -m jobs\.\w+ --config \S+", text)]
+
+
+def rayservice() -> dict:
+    (d,) = [d for _, d in manifests() if d["kind"] == "RayService"]
+    return d
 
 
 def walk(node, key: str):
@@ -91,12 +106,14 @@ def test_every_file_loads():
     files = sorted(p for p in CLUSTER.rglob("*") if p.is_file())
     names = {p.relative_to(CLUSTER).as_posix() for p in files}
     assert {"aws.yaml", "Dockerfile", "README.md", "kuberay/raycluster.yaml", "kuberay/rayjob-build.yaml",
-            "kuberay/raycronjob-reindex.yaml", "kuberay/cronjob-reindex.yaml"} <= names
+            "kuberay/rayjob-eval.yaml", "kuberay/rayservice.yaml", "kuberay/raycronjob-reindex.yaml",
+            "kuberay/cronjob-reindex.yaml", "jobs/build.yaml", "jobs/reindex.yaml", "jobs/serve.yaml",
+            "jobs/eval.yaml"} <= names
     for p in files:
         if p.suffix == ".yaml":
             assert docs(p), f"{p}: empty"
     kinds = {d["kind"] for _, d in manifests()}
-    assert {"RayCluster", "RayJob", "RayCronJob", "CronJob"} <= kinds
+    assert {"RayCluster", "RayJob", "RayCronJob", "RayService", "CronJob"} <= kinds
     for where, d in manifests():
         meta = d.get("metadata", {})
         assert d.get("apiVersion") and (meta.get("name") or meta.get("generateName")), where
@@ -146,32 +163,64 @@ def job_command(module: str) -> str:
 
 
 def validated(entrypoint: str):
-    """Parse an entrypoint as the job would, with /config/* read from cluster/jobs/; the config model."""
+    """Parse an entrypoint as the job would, with /config/* (a manifest's) or a bare file name (the
+    README's copy of a template) read from cluster/jobs/; the job's config model."""
     from index_builder.cli import _config_from, parser
 
     argv = shlex.split(entrypoint)
     assert argv[:2] == ["python", "-m"] and argv[2].startswith("jobs."), entrypoint
     cmd = job_command(argv[2])
-    args = [str(JOB_CONFIGS / Path(a).relative_to(CONFIG_MOUNT)) if a.startswith(CONFIG_MOUNT + "/") else a
-            for a in argv[3:]]
+    args = [str(JOB_CONFIGS / Path(a).relative_to(CONFIG_MOUNT)) if a.startswith(CONFIG_MOUNT + "/")
+            else str(JOB_CONFIGS / a) if a.endswith(".yaml") and "/" not in a else a for a in argv[3:]]
     ns = parser().parse_args([cmd, *args])
     assert ns.config and Path(ns.config).is_file(), f"{entrypoint}: its --config is not in {JOB_CONFIGS}"
     return _config_from(ns)
 
 
+def config_mounted(group: dict) -> bool:
+    spec = group["template"]["spec"]
+    mounts = [m for c in spec["containers"] for m in c.get("volumeMounts", [])]
+    vols = {v["name"]: v for v in spec.get("volumes", [])}
+    return any(m["mountPath"] == CONFIG_MOUNT and vols[m["name"]].get("configMap", {}).get("name") == CONFIGMAP
+               for m in mounts)
+
+
+def driver_groups(job: dict) -> list[tuple[str, dict]]:
+    """The groups whose pods may run a RayJob's driver: the head, unless the entrypoint asks for
+    resources (entrypointNumCpus/Gpus), which a head with num-cpus 0 never has."""
+    spec = job["rayClusterSpec"]
+    cpus, gpus = float(job.get("entrypointNumCpus", 0)), float(job.get("entrypointNumGpus", 0))
+    if not cpus and not gpus:
+        return [("head", spec["headGroupSpec"])]
+    return [(g["groupName"], g) for g in spec["workerGroupSpecs"]
+            if ray_resources(g)[0] >= cpus and ray_resources(g)[1] >= gpus]
+
+
+# what each job's YAML is parsed into
+JOB_MODELS = {"jobs.build_index": "BuildConfig", "jobs.reindex": "ReindexConfig", "jobs.serve": "ServeConfig",
+              "jobs.eval": "EvalConfig"}
+
+
 def test_every_entrypoint_names_a_job_and_a_valid_config():
-    from index_builder.config import BuildConfig, ReindexConfig
+    from index_builder.cli import config_model
 
     seen, used = {}, set()
-    for where, ep, spec in entrypoints():
+    for where, ep, job in entrypoints():
         cfg = validated(ep)
         seen[shlex.split(ep)[2]] = type(cfg)
         used.add(Path(shlex.split(ep)[shlex.split(ep).index("--config") + 1]).name)
-        mounts = [m for c in spec["headGroupSpec"]["template"]["spec"]["containers"] for m in c["volumeMounts"]]
-        vols = {v["name"]: v for v in spec["headGroupSpec"]["template"]["spec"]["volumes"]}
-        (m,) = [m for m in mounts if m["mountPath"] == CONFIG_MOUNT]
-        assert vols[m["name"]]["configMap"]["name"] == CONFIGMAP, where
-    assert seen["jobs.build_index"] is BuildConfig and seen["jobs.reindex"] is ReindexConfig
+        groups = driver_groups(job)
+        assert groups, f"{where}: no group of its cluster can run the driver ({job.get('entrypointNumCpus')} CPUs)"
+        for name, g in groups:
+            assert config_mounted(g), f"{where}: {name} may run the driver but has no {CONFIG_MOUNT} from {CONFIGMAP}"
+    for ep in readme_commands():
+        cfg = validated(ep)
+        seen[shlex.split(ep)[2]] = type(cfg)
+        used.add(shlex.split(ep)[shlex.split(ep).index("--config") + 1])
+    jobs = sorted(f"jobs.{p.stem}" for p in (REPO / "jobs").glob("*.py") if p.stem != "__init__")
+    assert sorted(JOB_MODELS) == jobs, "a jobs.* module this test does not know"
+    assert {k: v.__name__ for k, v in seen.items()} == JOB_MODELS   # every job is deployed, with its own model
+    assert {m: config_model(n) for m, n in JOB_MODELS.items()} == seen
     assert used == {p.name for p in JOB_CONFIGS.glob("*.yaml")}, "a config in cluster/jobs/ that no job uses"
 
 
@@ -242,12 +291,18 @@ def fits(cfg, nodes: dict[str, tuple[float, float, int]]) -> list[str]:
 
 
 def test_encoder_actors_fit_the_gpu_group():
-    for where, ep, spec in entrypoints():
+    checked = 0
+    for where, ep, job in entrypoints():
         cfg = validated(ep)
-        nodes = {g["groupName"]: (*ray_resources(g), g["maxReplicas"]) for g in spec["workerGroupSpecs"]}
+        if "actors" not in type(cfg).model_fields:
+            continue  # serve and eval run no encoder pool
+        groups = job["rayClusterSpec"]["workerGroupSpecs"]
+        nodes = {g["groupName"]: (*ray_resources(g), g["maxReplicas"]) for g in groups}
         assert fits(cfg, nodes) == [], where
+        checked += 1
+    assert checked >= 3
     # the check can fail: more actors than the group can hold
-    cfg = validated(entrypoints()[0][1]).model_copy(update={"actors": 9})
+    cfg = validated("python -m jobs.build_index --config /config/build.yaml").model_copy(update={"actors": 9})
     assert fits(cfg, nodes) and "actors" in fits(cfg, nodes)[-1]
 
 
@@ -267,3 +322,79 @@ def test_launcher_node_types_fit_the_jobs():
     for ep in ("python -m jobs.build_index --config /config/build.yaml",
                "python -m jobs.reindex --config /config/reindex.yaml"):
         assert fits(validated(ep), nodes) == [], ep
+
+
+# ---------------------------------------------------------------- the RayService
+
+def serve_config() -> dict:
+    return yaml.safe_load(rayservice()["spec"]["serveConfigV2"])
+
+
+def test_rayservice_config_passes_serves_schema_and_names_shardex_app():
+    """What the dashboard checks when KubeRay PUTs serveConfigV2, then what Serve's build task does:
+    import the path, and shardex's builder turns the args into a valid `shardex serve` config."""
+    from ray._common.utils import import_attr
+    from ray.serve.schema import ServeDeploySchema
+
+    from shards import serve_app
+    from shards.config import ServeConfig
+
+    raw = serve_config()
+    schema = ServeDeploySchema.model_validate(raw)
+    (app,) = schema.applications
+    assert import_attr(app.import_path) is serve_app.app
+    cfg = serve_app.config(app.args)
+    assert isinstance(cfg, ServeConfig) and cfg.index_root.startswith("s3://")
+    assert cfg.name == app.name and app.route_prefix == "/"           # the version apps are <name>--<version>
+    head = rayservice()["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    assert schema.http_options.port == ports["serve"] and schema.http_options.host == "0.0.0.0"
+
+    broken = copy.deepcopy(raw)                                       # the schema check is real
+    broken["applications"][0]["import_path"] = "shards"
+    with pytest.raises(Exception, match="invalid import path"):
+        ServeDeploySchema.model_validate(broken)
+
+
+@pytest.mark.parametrize("change,error", [
+    ({"poll_secs": 30}, "poll_secs: unknown option"),
+    ({"replicas": 0}, "replicas: Input should be greater than or equal to 1"),
+    ({"port": 8000}, "port: set by http_options.port"),
+    ({"token": "0123456789abcdef"}, "token: would be logged"),
+])
+def test_rayservice_bad_args_are_refused_naming_the_key(change, error):
+    from shards import serve_app
+    from shards.errors import ConfigError
+
+    (app,) = serve_config()["applications"]
+    with pytest.raises(ConfigError, match=error):
+        serve_app.config({**app["args"], **change})
+
+
+def test_serving_replicas_fit_a_node():
+    """A shard replica (shard_cpus, threads) fits a cpu-index node; two versions fit the group at its
+    maximum size during a swap; the same for serve.yaml on the launcher's cpu_index nodes."""
+    from shards import serve_app
+
+    (app,) = serve_config()["applications"]
+    cfg = serve_app.config(app["args"])
+    spec = rayservice()["spec"]["rayClusterConfig"]
+    (cpu,) = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "cpu-index"]
+    node_cpus, _ = ray_resources(cpu)
+    assert cfg.threads <= cfg.shard_cpus <= node_cpus
+    replicas_per_node = node_cpus // cfg.shard_cpus
+    assert 2 * cfg.replicas <= replicas_per_node * cpu["maxReplicas"]    # one shard, two versions at once
+
+    aws = docs(CLUSTER / "aws.yaml")[0]["available_node_types"]["cpu_index"]
+    job = validated("python -m jobs.serve --config serve.yaml")
+    assert job.threads <= job.shard_cpus <= aws["resources"]["CPU"] and job.host == "0.0.0.0"
+    assert {k: v for k, v in app["args"].items() if k not in ("name", "shard_timeout")} == \
+        {k: v for k, v in yaml.safe_load((JOB_CONFIGS / "serve.yaml").read_text()).items()
+         if k not in ("host", "port")}, "serve.yaml and the RayService's args serve the same way"
+
+
+def test_eval_driver_runs_where_its_threads_are():
+    (job,) = [j for _, ep, j in entrypoints() if "jobs.eval" in ep]
+    cfg = validated(job["entrypoint"])
+    groups = driver_groups(job)
+    assert float(job["entrypointNumCpus"]) == cfg.threads and [n for n, _ in groups] == ["cpu-index"]

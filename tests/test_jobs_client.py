@@ -1,21 +1,25 @@
 """The job entrypoints through Ray's JobSubmissionClient, against the session's `ray start --head`.
 
-A build, then the nightly reindex as a job: both end SUCCEEDED with progress in their logs. A
-job that fails ends FAILED with the one-line cause in its logs. Each job's runtime env (the
+A build, then the nightly reindex as a job: both end SUCCEEDED with progress in their logs; so
+does an eval. A serve job answers over HTTP until `ray job stop`, which ends it STOPPED with its
+Serve apps deleted. A job that fails ends FAILED with the one-line cause in its logs. Each job's runtime env (the
 working dir, filtered by .gitignore and .rayignore) holds the code the job imports and nothing else.
 """
 from __future__ import annotations
 
 import ast
 import importlib.util
+import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import requests
 
-from conftest import clustered, vector_table, write_vector_corpus
-from rayhead import NEVER, REPO, uploaded_dirs, wait_job, write_config
+from conftest import build, clustered, vector_table, write_vector_corpus
+from rayhead import NEVER, REPO, free_port, uploaded_dirs, wait_job, write_config
 
 pytestmark = pytest.mark.slow
 JOBS = sorted(p.stem for p in (REPO / "jobs").glob("*.py") if p.stem != "__init__")
@@ -63,6 +67,81 @@ def test_build_then_reindex_as_jobs(client, tmp_path):
     m = load_manifest(Store(str(root)), v2)
     assert m.source.documents == 2100 and m.docs.fields == ["title"] and m.lineage.parent == v1
     assert [v["version"] for v in list_versions(Store(str(root)))] == [v1, v2]
+
+
+@pytest.fixture(scope="module")
+def small_index(ray_session, tmp_path_factory):
+    """2,000 x 16 vectors, IVF16,Flat in 2 shards, built in this process (the jobs below only read it)."""
+    tmp = tmp_path_factory.mktemp("jobs-index")
+    src, root = tmp / "corpus", tmp / "index"
+    _, x = write_vector_corpus(str(src), n=2000, d=16, files=2, seed=5)
+    s = build(ray_session, source=str(src), index_root=str(root), vector_column="vector", fields=["title"],
+              factory="IVF16,Flat", shards=2, part_rows=500)
+    return {"root": str(root), "version": s.version, "x": x}
+
+
+def test_eval_as_a_job(client, small_index, tmp_path):
+    out = tmp_path / "report"
+    cfg = write_config(tmp_path / "eval.yaml", index_root=small_index["root"], k=5, nprobe=[1, 4, 16],
+                       num_queries=200, latency_queries=20, out=str(out))
+    status, logs, _ = submit(client, "jobs.eval", cfg)
+    assert status == "SUCCEEDED", logs[-4000:]
+    v = small_index["version"]
+    for line in (f"eval: {v}: 2 shard(s), 2,000 vectors loaded", "eval: exact top-5 of 200 queries over",
+                 "eval: nprobe 1: recall@5", "eval: nprobe 4: recall@5", "eval: nprobe 16: recall@5"):
+        assert line in logs, f"{line!r} not in the job's logs:\n{logs[-4000:]}"
+    report = json.loads((out / "eval.json").read_text())
+    assert report["version"] == v and [r["nprobe"] for r in report["results"]] == [1, 4, 16]
+    assert report["results"][-1]["recall"] >= 0.99            # every list probed: IVF-Flat is exact
+    assert (out / "eval.png").stat().st_size > 0 and f"version      {v}" in logs
+
+
+def wait_for_log(client, job: str, text: str, timeout: float = 180) -> str:
+    from ray.job_submission import JobStatus
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        logs = client.get_job_logs(job)
+        if text in logs:
+            return logs
+        assert client.get_job_status(job) in (JobStatus.PENDING, JobStatus.RUNNING), logs[-4000:]
+        time.sleep(0.5)
+    raise AssertionError(f"no {text!r} in the logs of {job} after {timeout} s:\n{client.get_job_logs(job)[-4000:]}")
+
+
+def serve_apps(address: str) -> list[str]:
+    """The Serve applications on the cluster, from the dashboard's Serve REST API."""
+    r = requests.get(f"{address}/api/serve/applications/", timeout=30)
+    r.raise_for_status()
+    return sorted(r.json().get("applications") or {})
+
+
+def test_serve_as_a_job_answers_until_stopped(client, ray_head, small_index, tmp_path):
+    port = free_port()
+    cfg = write_config(tmp_path / "serve.yaml", index_root=small_index["root"], port=port, poll_seconds=0,
+                       shard_cpus=0.05, threads=1)
+    job = client.submit_job(entrypoint=f"python -m jobs.serve --config {cfg}", runtime_env={"working_dir": str(REPO)})
+    try:
+        logs = wait_for_log(client, job, "serving ")
+        v = small_index["version"]
+        assert f"serving {v} of {small_index['root']} at http://127.0.0.1:{port}" in logs
+        base = f"http://127.0.0.1:{port}"
+        assert requests.get(base + "/health", timeout=30).json()["version"] == v
+        r = requests.post(base + "/search", json={"vectors": small_index["x"][:2].tolist(), "k": 3}, timeout=30)
+        assert r.status_code == 200 and r.json()["version"] == v and r.json()["results"][0][0]["id"] == 1
+        assert serve_apps(ray_head["address"]) == ["shardex", f"shardex--{v}"]
+    finally:
+        client.stop_job(job)
+    assert wait_job(client, job, timeout=60) == "STOPPED"
+    assert "stopping" in client.get_job_logs(job)
+    # Within `ray job stop`'s 3 s grace (RAY_JOB_STOP_WAIT_TIME_S) the job deletes its apps; Serve's proxy
+    # itself may outlive it (jobs/serve.py says how to give it longer), but shardex answers no more.
+    assert serve_apps(ray_head["address"]) == []
+    try:
+        assert requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 404
+    except requests.ConnectionError:
+        pass
+    requests.delete(f"{ray_head['address']}/api/serve/applications/", timeout=60).raise_for_status()  # Serve too
 
 
 def test_failing_job_ends_failed_with_its_cause(client, tmp_path):
