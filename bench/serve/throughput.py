@@ -106,7 +106,8 @@ def by_l3(batches: dict, per_batch: int) -> dict:
         qps = {name: round(per_batch * n[name] / sum(t for t, x in v if x == st), 1)
                for name, v in batches.items() if n[name]}
         out[st] = {"batches": n, "qps": qps,
-                   "ratio": {mode: round(qps[mode] / qps[b], 3) for mode, b in BASE.items() if mode in qps and b in qps}}
+                   "ratio": {mode: round(qps[mode] / qps[b], 3)
+                             for mode, b in BASE.items() if mode in qps and b in qps}}
     return out
 
 
