@@ -19,6 +19,7 @@ import yaml
 from conftest import build, write_vector_corpus
 from rayhead import free_port
 from test_cluster import rayservice
+from test_serve import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -70,8 +71,10 @@ def test_rayservice_config_serves_and_survives_a_reapply(ray_session, head, tmp_
     put(address, config)
     got = wait_status(address, {name: "RUNNING", f"{name}--{v}": "RUNNING"})
     assert set(got) == {name, f"{name}--{v}"}
-    h = requests.get(base + "/health", timeout=30)
-    assert h.status_code == 200 and h.json()["version"] == v
+    # RUNNING is Serve's view; /health is the router's own (first pings of fresh replicas can be slow
+    # on a loaded machine), which a readiness probe waits on the same way
+    h = wait_for(lambda: (r := requests.get(base + "/health", timeout=30)).status_code == 200 and r, 60, "/health")
+    assert h.json()["version"] == v
     r = requests.post(base + "/search", json={"vectors": x[:2].tolist(), "k": 3}, timeout=30).json()
     assert r["version"] == v and r["results"][0][0]["id"] == 1 and r["results"][0][0]["fields"] == {"title": "doc 1"}
     served = requests.get(base + "/version", timeout=30).json()["serving"]
