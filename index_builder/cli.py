@@ -432,6 +432,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shardex: error: storage: {storage_message(e)}; check the endpoint, credentials and paths "
               f"(--debug shows where)", file=sys.stderr)
         return 1
+    finally:
+        stop_ray()
+
+
+def stop_ray() -> None:
+    """Stop the local Ray this command started (or leave the cluster it joined) now, rather than in
+    Ray's exit hook, which first sleeps half a second for worker logs that have already arrived."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -90,6 +90,25 @@ def test_centroids_from_torch_serve_as_the_faiss_quantizer(factory, metric, n):
     assert recalls["cpu-torch"] >= recalls["cpu"] - 0.05, recalls
 
 
+@pytest.mark.parametrize("factory", ["IVF16,PQ4", "OPQ4_32,IVF16,PQ4", "PQ4"])
+def test_polysemous_training_is_skipped_and_changes_no_result(factory):
+    """make_index turns off the polysemous step index_factory turns on; the same seed then gives
+    the same distances and ids as faiss's own default index, step included."""
+    f = faiss()
+    x = _data("l2", n=2_560)
+    got = []
+    for index in (make_index(factory, 32, "l2"), f.index_factory(32, factory)):
+        pq = [f.downcast_index(i) for i in (index, getattr(index, "index", index))]
+        got.append(any(getattr(i, "do_polysemous_training", False) for i in pq))
+        index.train(x)
+        index.add_with_ids(x, np.arange(len(x))) if isinstance(index, f.IndexIDMap2) else index.add(x)
+        set_nprobe(index, 4) if ivf(index) else None
+        got.append(index.search(x[:100], 10))
+    assert got[0] is False and got[2] is True
+    np.testing.assert_array_equal(got[1][1], got[3][1])
+    np.testing.assert_array_equal(got[1][0], got[3][0])
+
+
 def test_sample_is_proportional_to_part_sizes(tmp_path):
     store = Store(str(tmp_path))
     sizes = [100, 300, 600, 0, 1000]

@@ -3,7 +3,9 @@
 It reads the same Parquet files shardex reads, trains the same factory on a sample of the
 same size (index_builder.params.train_size, drawn at random from the whole corpus in
 memory), adds every vector with its id, and writes the index to one file. Prints its
-timings as JSON on stdout.
+timings as JSON on stdout. faiss's defaults as they are, unless --no-polysemous: then it
+skips the polysemous training index_factory turns on for 8-bit PQs, as shardex does (the
+search results are the same; see index_builder.train.skip_polysemous).
 
     .venv/bin/python bench/build/single_process.py CORPUS_DIR FACTORY METRIC OUT.index [--threads T]
 """
@@ -26,6 +28,8 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-polysemous", action="store_true",
+                    help="turn off the polysemous training index_factory turns on for 8-bit PQs (as shardex does)")
     a = ap.parse_args()
     t0 = time.time()
     import faiss
@@ -46,6 +50,10 @@ def main() -> None:
     index = faiss.index_factory(xb.shape[1], a.factory,
                                 faiss.METRIC_INNER_PRODUCT if a.metric == "ip" else faiss.METRIC_L2)
     nl = faiss.extract_index_ivf(index).nlist if "IVF" in a.factory else None
+    if a.no_polysemous:
+        pq = faiss.downcast_index(faiss.extract_index_ivf(index) if nl else index)
+        if hasattr(pq, "do_polysemous_training"):
+            pq.do_polysemous_training = False
     n_train = train_size(len(xb), xb.shape[1], a.factory, nl)
     xt = xb[np.random.default_rng(a.seed).choice(len(xb), n_train, replace=False)]
     index.train(xt)
@@ -56,7 +64,8 @@ def main() -> None:
     t4 = time.time()
     print(json.dumps({"read": round(t1 - t0, 2), "train": round(t2 - t1, 2), "add": round(t3 - t2, 2),
                       "write": round(t4 - t3, 2), "total_in_process": round(t4 - t0, 2),
-                      "train_vectors": n_train, "vectors": len(xb), "threads": a.threads}))
+                      "train_vectors": n_train, "vectors": len(xb), "threads": a.threads,
+                      "polysemous": not a.no_polysemous}))
 
 
 if __name__ == "__main__":
