@@ -26,7 +26,7 @@ from .params import plan as plan_index  # noqa: I001
 from .publish import copy_files, file_info, publish, write_quarantine
 from .raytools import ensure_ray, log, node_cpus, ray_get
 from .shard_math import ivf_ranges, sum_digests
-from .train import train_task
+from .train import sample_parallel, train_record, train_task
 from .tune import EVAL_QUERIES, tune_task
 
 
@@ -123,11 +123,13 @@ def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, corpus, parts, e
     if reuse_trained:  # by the driver: a reindex killed here leaves nothing half-done (tests crash it here)
         store.copy(reuse_trained, f"{work}/trained.index")
     with t.stage("train"):
-        res = train_resources()
+        res, t0 = train_resources(), time.time()
+        size = 0 if reuse_trained else train_size(n, enc.dim, factory, _nlist_of(factory))
+        drawn = ([] if store.exists(train_record(f"{work}/trained.index")) else  # a killed run's, done
+                 sample_parallel(store, [(r, p.rows) for r, p in zip(emb, live)], size, cfg.seed, EVAL_QUERIES))
         tr = ray_get(train_task.options(**res).remote(
-            store, [(r, p.rows) for r, p in zip(emb, live)], factory, enc.dim, metric,
-            train_size(n, enc.dim, factory, _nlist_of(factory)), cfg.seed, f"{work}/trained.index", res["num_cpus"],
-            EVAL_QUERIES, f"{work}/trained.index" if reuse_trained else None))
+            store, drawn, factory, enc.dim, metric, cfg.seed, f"{work}/trained.index", res["num_cpus"],
+            f"{work}/trained.index" if reuse_trained else None, t0))
     trained = f"{work}/trained.index"
     with t.stage("add"):
         added = ray_get([add_task.options(num_cpus=1).remote(store, trained, r, p.part, cfg.shards, work,

@@ -1,6 +1,7 @@
 """train: one trained (empty) index from a sample drawn across all parts in proportion to their sizes.
 
-The sample is read one part at a time (never the corpus whole). The IVF k-means, the
+The sample is drawn by one small task per part, in parallel across the cluster, each returning
+only its rows; the corpus is never loaded whole, nor read by one task. The IVF k-means, the
 expensive step, runs where it is fastest:
 - "faiss-gpu": faiss's own k-means with a GPU flat index assigning points, when faiss-gpu
   is installed and sees a GPU;
@@ -73,20 +74,37 @@ def quotas(sizes: list[int], size: int) -> np.ndarray:
 def sample(store: Store, parts: list[tuple[str, int]], size: int, seed: int, queries: int = 0):
     """`size` training vectors taken from each part in proportion to its row count, one part in
     memory at a time. With queries > 0, also that many (query vectors, ids) drawn the same way
-    while the parts are read anyway: tune's held-out queries. Returns xt, or (xt, xq, qids)."""
+    while the parts are read anyway: tune's held-out queries. Returns xt, or (xt, xq, qids).
+    In this process; sample_parallel draws the same rows in one Ray task per part."""
+    qt, qq = quotas([n for _, n in parts], size), quotas([n for _, n in parts], queries)
+    drawn = [draw(store, rel, a, b, (seed, i)) for i, ((rel, _), a, b) in enumerate(zip(parts, qt, qq)) if a or b]
+    return joined(drawn, queries)
+
+
+def sample_parallel(store: Store, parts: list[tuple[str, int]], size: int, seed: int, queries: int) -> list:
+    """The rows sample() draws, read by one task per part across the cluster: at a billion vectors
+    one task reading every part in turn would take hours. Returns the tasks' refs (for joined)."""
+    qt, qq = quotas([n for _, n in parts], size), quotas([n for _, n in parts], queries)
+    return [draw_task.options(num_cpus=0.5).remote(store, rel, int(a), int(b), (seed, i))
+            for i, ((rel, _), a, b) in enumerate(zip(parts, qt, qq)) if a or b]
+
+
+def draw(store: Store, rel: str, a: int, b: int, seed: tuple[int, int]):
+    """a training rows and b query rows (with their ids) of one part, at random (seeded by part)."""
     rng = np.random.default_rng(seed)
-    sizes = [n for _, n in parts]
-    qt, qq = quotas(sizes, size), quotas(sizes, queries)
-    xs, xq, qids = [], [], []
-    for (rel, n), a, b in zip(parts, qt, qq):
-        if a > 0 or b > 0:
-            ids, x = read_vectors(store, rel)
-            xs.append(x[rng.choice(len(x), size=min(a, len(x)), replace=False)])
-            take = rng.choice(len(x), size=min(b, len(x)), replace=False)
-            xq.append(x[take])
-            qids.append(ids[take])
-    xt = np.concatenate(xs)
-    return (xt, np.concatenate(xq), np.concatenate(qids)) if queries else xt
+    ids, x = read_vectors(store, rel)
+    take = rng.choice(len(x), size=min(b, len(x)), replace=False)
+    return x[rng.choice(len(x), size=min(a, len(x)), replace=False)], x[take], ids[take]
+
+
+draw_task = ray.remote(max_retries=3)(draw)
+
+
+def joined(drawn: list, queries: int):
+    xt = np.concatenate([t for t, _, _ in drawn])
+    if not queries:
+        return xt
+    return xt, np.concatenate([q for _, q, _ in drawn]), np.concatenate([i for _, _, i in drawn])
 
 
 def best_device() -> str:
@@ -176,19 +194,23 @@ def queries_rel(work: str) -> str:
     return f"{work}/tune-queries.npz"
 
 
+def train_record(out_rel: str) -> str:
+    return out_rel + ".json"
+
+
 @ray.remote
-def train_task(store: Store, parts: list[tuple[str, int]], factory: str, d: int, metric: str,
-               size: int, seed: int, out_rel: str, threads: int, queries: int = 0,
-               reuse_rel: str | None = None) -> dict:
-    """Writes out_rel (the trained index), the tune queries beside it, and out_rel + '.json'
-    (how it was trained) last. reuse_rel: a trained index to take as it is (a reindex whose
-    quantizer has not drifted); the tune queries are still drawn."""
-    record = out_rel + ".json"
+def train_task(store: Store, drawn: list, factory: str, d: int, metric: str, seed: int, out_rel: str,
+               threads: int, reuse_rel: str | None = None, t0: float | None = None) -> dict:
+    """Writes out_rel (the trained index), the tune queries beside it, and train_record(out_rel)
+    (how it was trained) last. drawn: sample_parallel's refs (training rows and tune queries).
+    reuse_rel: a trained index to take as it is (a reindex whose quantizer has not drifted); the
+    tune queries are still drawn. t0: when the driver started the sampling."""
+    record = train_record(out_rel)
     if store.exists(record):
         return {**json.loads(store.read_text(record)), "reused": True}
     faiss().omp_set_num_threads(threads)
-    t0 = time.time()
-    xt, xq, qids = sample(store, parts, 0 if reuse_rel else size, seed, queries=max(queries, 1))
+    t0 = t0 or time.time()
+    xt, xq, qids = joined(ray.get(drawn), 1)
     buf = io.BytesIO()
     np.savez(buf, xq=xq, ids=qids)
     store.write_bytes(queries_rel(posixpath.dirname(out_rel)), buf.getvalue())

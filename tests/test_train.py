@@ -146,3 +146,24 @@ def test_torch_kmeans_on_cuda(metric):
     index = make_index("OPQ16_64,IVF1024,PQ16", 64, metric)
     assert train_index(index, x, "cuda-torch") == "cuda-torch"
     assert ivf(index).quantizer.ntotal == 1024
+
+
+def test_parallel_sample_draws_the_same_rows_as_the_sequential_one(tmp_path, ray_session):
+    """One Ray task per part (what the build runs) draws exactly what sample() draws in process."""
+    import ray
+
+    from index_builder.train import joined, sample_parallel
+
+    store = Store(str(tmp_path))
+    parts = []
+    for p, n in enumerate([500, 1500, 0, 1000]):
+        ids = np.arange(n, dtype=np.int64) + 10_000 * p
+        store.write_table(f"emb/part-{p}.parquet", vector_table(ids, clustered(n, 8, seed=p) if n else
+                                                                np.zeros((0, 8), np.float32)))
+        parts.append((f"emb/part-{p}.parquet", n))
+    want = sample(store, parts, 300, seed=7, queries=30)
+    got = joined(ray.get(sample_parallel(store, parts, 300, 7, 30)), 30)
+    for a, b in zip(want, got):
+        np.testing.assert_array_equal(a, b)
+    assert len(got[0]) == 300 and len(got[1]) == len(got[2]) == 30
+    assert set(got[2] // 10_000) == {0, 1, 3}
