@@ -38,11 +38,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import OUT, faiss_search, loadavg, machine, run_cli, save, shardex_search, sweep  # noqa: E402
 
 
-def baseline(corpus: str, factory: str, metric: str, out: str, threads: int, polysemous: bool = True) -> dict:
+def baseline(corpus: str, factory: str, metric: str, out: str, threads: int, polysemous: bool = True,
+             seed: int = 0) -> dict:
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "single_process.py")
     t0 = time.time()
-    p = subprocess.run([sys.executable, script, corpus, factory, metric, out, "--threads", str(threads)]
-                       + ([] if polysemous else ["--no-polysemous"]), capture_output=True, text=True)
+    p = subprocess.run([sys.executable, script, corpus, factory, metric, out, "--threads", str(threads),
+                        "--seed", str(seed)] + ([] if polysemous else ["--no-polysemous"]),
+                       capture_output=True, text=True)
     wall = time.time() - t0
     if p.returncode:
         raise RuntimeError(p.stderr[-3000:])
@@ -78,7 +80,7 @@ def running_head(on: bool):
 
 
 def run(dataset: str, factory: str, metric: str, shards: int, rounds: int, top_nprobe: int,
-        on_cluster: bool = False) -> dict:
+        on_cluster: bool = False, seed_spread: bool = False) -> dict:
     import faiss
 
     path = f"{OUT}/{dataset}"
@@ -112,6 +114,12 @@ def run(dataset: str, factory: str, metric: str, shards: int, rounds: int, top_n
     search, m = shardex_search(f"{work}/index")
     curve_sx = sweep(search, xq, gt, nprobes)
     diffs = [round(a["recall"] - b["recall"], 4) for a, b in zip(curve_sx, curve_bl)]
+    spread = {}
+    if seed_spread:  # faiss against itself: the same build from another random training sample
+        baseline(f"{path}/corpus", factory, metric, f"{work}/single-seed1.index", threads, False, seed=1)
+        curve_s1 = sweep(faiss_search(faiss.read_index(f"{work}/single-seed1.index")), xq, gt, nprobes)
+        spread = {"recall_baseline_seed1": curve_s1, "max_abs_recall_diff_baseline_seeds":
+                  round(max(abs(a["recall"] - b["recall"]) for a, b in zip(curve_s1, curve_bw)), 4)}
     at = next((i for i, p in enumerate(nprobes) if p == sx["nprobe"]), None)
     return {"dataset": dataset, "vectors": m.ntotal, "dim": m.encoder.dim, "factory": factory, "metric": metric,
             "shards": shards, "threads": threads, "rounds": rounds, "runs": runs, "baseline": bl, "shardex": sx,
@@ -121,7 +129,7 @@ def run(dataset: str, factory: str, metric: str, shards: int, rounds: int, top_n
             "max_abs_recall_diff_baselines": max(abs(a["recall"] - b["recall"]) for a, b in zip(curve_bl, curve_bw)),
             **({"shardex_on_cluster": cl, "ratio_wall_on_cluster": round(cl["wall"] / bl["wall"], 3)} if cl else {}),
             "recall_baseline": curve_bl, "recall_shardex": curve_sx, "recall_diff_shardex_minus_baseline": diffs,
-            "max_abs_recall_diff": max(abs(d) for d in diffs),
+            "max_abs_recall_diff": max(abs(d) for d in diffs), **spread,
             "at_published_nprobe": ({"nprobe": sx["nprobe"], "shardex": curve_sx[at]["recall"],
                                      "baseline": curve_bl[at]["recall"]} if at is not None else None),
             "machine": machine(), "loadavg": load}
@@ -171,15 +179,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--top-nprobe", type=int, default=256)
     ap.add_argument("--on-cluster", action="store_true", help="also time shardex against a running Ray head")
+    ap.add_argument("--seed-spread", action="store_true",
+                    help="also build the baseline from another training sample: how far faiss moves by itself")
     a = ap.parse_args()
-    res = run(a.dataset, a.factory, a.metric, a.shards, a.rounds, a.top_nprobe, a.on_cluster)
+    res = run(a.dataset, a.factory, a.metric, a.shards, a.rounds, a.top_nprobe, a.on_cluster, a.seed_spread)
     name = f"build_vs_faiss-{a.dataset}"
     print(save(name, res))
     plot(res, f"{os.path.dirname(save(name, res))}/{name}.png")
     print(f"{res['dataset']}: shardex {res['shardex']['wall']} s, single process {res['baseline']['wall']} s, "
           f"ratio {res['ratio_wall']}x, {res['ratio_wall_same_work']}x against faiss without polysemous training "
           f"({res['baseline_same_work']['wall']} s; on a running cluster: {res.get('ratio_wall_on_cluster')}x); "
-          f"recall@10 max |diff| {res['max_abs_recall_diff']} "
+          f"recall@10 max |diff| {res['max_abs_recall_diff']} (faiss seed 0 against seed 1: "
+          f"{res.get('max_abs_recall_diff_baseline_seeds')}) "
           f"(at nprobe {res['shardex']['nprobe']}: {res['at_published_nprobe']}); load {res['loadavg']}")
 
 
