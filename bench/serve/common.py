@@ -1,6 +1,7 @@
 """What the serving benchmarks share: a seeded clustered corpus, cached builds, the machine and its load."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -101,3 +102,16 @@ def timed(fn, *a) -> float:
     t0 = time.perf_counter()
     fn(*a)
     return time.perf_counter() - t0
+
+
+def corpus_args(nq: int, rounds: int) -> argparse.ArgumentParser:
+    """The options the corpus-and-batch benchmarks share (their defaults: 200k x 64, IVF1024,Flat)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=200_000)
+    ap.add_argument("--d", type=int, default=64)
+    ap.add_argument("--factory", default="IVF1024,Flat")
+    ap.add_argument("--nq", type=int, default=nq)
+    ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("-k", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    return ap

@@ -11,12 +11,12 @@ bench/results/serve_routing.json and .png.
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
 
-from common import built, core_pingpong_ns, corpus, loadavg, machine, monolithic, queries, same_topk, save, timed
+from common import (built, core_pingpong_ns, corpus, corpus_args, loadavg, machine, monolithic, queries, same_topk,
+                    save, timed)
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -58,14 +58,7 @@ def plot(res: dict, path: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=200_000)
-    ap.add_argument("--d", type=int, default=64)
-    ap.add_argument("--factory", default="IVF1024,Flat")
-    ap.add_argument("--nq", type=int, default=10_000)
-    ap.add_argument("--batch", type=int, default=1000)
-    ap.add_argument("-k", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap = corpus_args(nq=10_000, rounds=2)
     ap.add_argument("--small-nprobe", type=int, default=4, help="also measured beside the tuned nprobe")
     a = ap.parse_args()
     load_before = loadavg()

@@ -17,13 +17,13 @@ batches). Writes bench/results/serve_scan_order.json.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import numpy as np
 
-from common import built, core_pingpong_ns, corpus, loadavg, machine, monolithic, queries, save  # noqa: I001
+from common import (built, core_pingpong_ns, corpus, corpus_args, loadavg, machine, monolithic, queries,  # noqa: I001
+                    save)
 from throughput import PINGPONG_ROUNDS, l3_state  # noqa: I001
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -46,14 +46,7 @@ def timed_searcher():
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=200_000)
-    ap.add_argument("--d", type=int, default=64)
-    ap.add_argument("--factory", default="IVF1024,Flat")
-    ap.add_argument("--nq", type=int, default=10_000)
-    ap.add_argument("--batch", type=int, default=1000)
-    ap.add_argument("-k", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap = corpus_args(nq=10_000, rounds=3)
     a = ap.parse_args()
     load_before = loadavg()
 

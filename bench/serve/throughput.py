@@ -33,13 +33,12 @@ sharding modes are measured.
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
 
-from common import (built, core_pingpong_ns, corpus, loadavg, machine, monolithic, queries, same_topk,  # noqa: I001
-                    save, timed)
+from common import (built, core_pingpong_ns, corpus, corpus_args, loadavg, machine, monolithic, queries,  # noqa: I001
+                    same_topk, save, timed)
 
 NAMES = {"faiss": "faiss, one index (hash's quantizer)", "faiss_ordered": "the same, in the router's scan order",
          "hash": "router, {S} hash shards", "faiss_ivf": "faiss, one index (ivf's quantizer)",
@@ -141,15 +140,8 @@ def plot(res: dict, path: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=200_000)
-    ap.add_argument("--d", type=int, default=64)
-    ap.add_argument("--factory", default="IVF1024,Flat")
+    ap = corpus_args(nq=20_000, rounds=8)
     ap.add_argument("--shards", type=int, default=2)
-    ap.add_argument("--nq", type=int, default=20_000)
-    ap.add_argument("--batch", type=int, default=1000)
-    ap.add_argument("-k", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=8)
     a = ap.parse_args()
     load_before = loadavg()
 
