@@ -76,17 +76,19 @@ def sample(store: Store, parts: list[tuple[str, int]], size: int, seed: int, que
     memory at a time. With queries > 0, also that many (query vectors, ids) drawn the same way
     while the parts are read anyway: tune's held-out queries. Returns xt, or (xt, xq, qids).
     In this process; sample_parallel draws the same rows in one Ray task per part."""
-    qt, qq = quotas([n for _, n in parts], size), quotas([n for _, n in parts], queries)
-    drawn = [draw(store, rel, a, b, (seed, i)) for i, ((rel, _), a, b) in enumerate(zip(parts, qt, qq)) if a or b]
-    return joined(drawn, queries)
+    return joined([draw(store, *job) for job in draw_jobs(parts, size, seed, queries)], queries)
 
 
 def sample_parallel(store: Store, parts: list[tuple[str, int]], size: int, seed: int, queries: int) -> list:
     """The rows sample() draws, read by one task per part across the cluster: at a billion vectors
     one task reading every part in turn would take hours. Returns the tasks' refs (for joined)."""
+    return [draw_task.options(num_cpus=0.5).remote(store, *job) for job in draw_jobs(parts, size, seed, queries)]
+
+
+def draw_jobs(parts: list[tuple[str, int]], size: int, seed: int, queries: int) -> list[tuple]:
+    """(part, training rows, query rows, seed) for every part that gives any: the one plan both samplers run."""
     qt, qq = quotas([n for _, n in parts], size), quotas([n for _, n in parts], queries)
-    return [draw_task.options(num_cpus=0.5).remote(store, rel, int(a), int(b), (seed, i))
-            for i, ((rel, _), a, b) in enumerate(zip(parts, qt, qq)) if a or b]
+    return [(rel, int(a), int(b), (seed, i)) for i, ((rel, _), a, b) in enumerate(zip(parts, qt, qq)) if a or b]
 
 
 def draw(store: Store, rel: str, a: int, b: int, seed: tuple[int, int]):
