@@ -82,7 +82,7 @@ def sample(store: Store, parts: list[tuple[str, int]], size: int, seed: int, que
 def sample_parallel(store: Store, parts: list[tuple[str, int]], size: int, seed: int, queries: int) -> list:
     """The rows sample() draws, read by one task per part across the cluster: at a billion vectors
     one task reading every part in turn would take hours. Returns the tasks' refs (for joined)."""
-    return [draw_task.options(num_cpus=0.5).remote(store, *job) for job in draw_jobs(parts, size, seed, queries)]
+    return [draw_task.options(num_cpus=1).remote(store, *job) for job in draw_jobs(parts, size, seed, queries)]
 
 
 def draw_jobs(parts: list[tuple[str, int]], size: int, seed: int, queries: int) -> list[tuple]:
