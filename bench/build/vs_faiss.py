@@ -38,7 +38,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import OUT, faiss_search, loadavg, machine, run_cli, save, shardex_search, sweep  # noqa: E402
+from common import OUT, RESULTS, faiss_search, loadavg, machine, run_cli, save, shardex_search, sweep  # noqa: E402
 
 
 def baseline(corpus: str, factory: str, metric: str, out: str, threads: int, polysemous: bool = True,
@@ -169,7 +169,7 @@ def plot(res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1.4, 1]})
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
     left = 0.0
     for st, sec in res["shardex"]["stages"].items():
         a.barh("shardex build", sec, left=left, label=st)
@@ -182,13 +182,18 @@ def plot(res: dict, path: str) -> None:
             left += bl[st]
         a.barh(row, bl["wall"] - left, left=left, color="lightgrey")
     a.set_xlabel("seconds")
-    a.legend(fontsize=6, ncol=2, loc="lower right")
+    a.legend(fontsize=6, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     a.set_title(f"{res['dataset']}: {res['factory']}, {res['threads']} threads; ratio {res['ratio_wall']:.2f}x "
                 f"({res['ratio_wall_same_work']:.2f}x same work)",
                 fontsize=9)
     for key, label in (("recall_baseline", "faiss defaults"), ("recall_baseline_same_work", "faiss, no polysemous"),
                        ("recall_shardex", "shardex")):
         b.plot([r["nprobe"] for r in res[key]], [r["recall"] for r in res[key]], "o-", label=label, ms=3)
+    for key, label in (("recall_faiss_by_seed", "faiss"), ("recall_shardex_by_seed", "shardex")):
+        if key in res:  # --seeds: each side's range over its seeds
+            r = np.array([[row["recall"] for row in c] for c in res[key]])
+            b.fill_between([row["nprobe"] for row in res[key][0]], r.min(axis=0), r.max(axis=0), alpha=0.25,
+                           label=f"{label}, {len(r)} seeds")
     b.set_xscale("log", base=2)
     b.set_xlabel("nprobe")
     b.set_ylabel("recall@10 (held-out queries)")
@@ -209,9 +214,13 @@ def main() -> None:
     ap.add_argument("--on-cluster", action="store_true", help="also time shardex against a running Ray head")
     ap.add_argument("--seeds", type=int, default=1,
                     help="also build both sides from seeds 1..N-1 (untimed) and compare mean recall per nprobe")
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG from this dataset's saved JSON")
     a = ap.parse_args()
-    res = run(a.dataset, a.factory, a.metric, a.shards, a.rounds, a.top_nprobe, a.on_cluster, a.seeds)
     name = f"build_vs_faiss-{a.dataset}"
+    if a.replot:
+        with open(f"{RESULTS}/{name}.json") as f:
+            return plot(json.load(f), f"{RESULTS}/{name}.png")
+    res = run(a.dataset, a.factory, a.metric, a.shards, a.rounds, a.top_nprobe, a.on_cluster, a.seeds)
     print(save(name, res))
     plot(res, f"{os.path.dirname(save(name, res))}/{name}.png")
     print(f"{res['dataset']}: shardex {res['shardex']['wall']} s, single process {res['baseline']['wall']} s, "
