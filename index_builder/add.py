@@ -21,8 +21,9 @@ import pyarrow as pa
 import ray
 
 from shards.errors import IntegrityError
-from shards.faissio import faiss, ivf, metric_type, nlist, no_search_flags, pretransform, read_index, to_bytes
+from shards.faissio import faiss, ivf, nlist, no_search_flags, pretransform, read_index, to_bytes
 from shards.store import Store
+from shards.topk import exact_knn
 
 from .encode import read_vectors
 from .shard_math import hash_shard, ids_digest, range_shard
@@ -79,9 +80,7 @@ def part_ground_truth(store: Store, work: str, part: int, ids: np.ndarray, x: np
     if not store.exists(queries_rel(work)):
         return
     q = np.load(io.BytesIO(store.read_bytes(queries_rel(work))))
-    flat = faiss().IndexFlat(x.shape[1], metric_type(metric))
-    flat.add(x)
-    D, I = flat.search(np.ascontiguousarray(q["xq"]), min(K + 1, len(x)))
+    D, I = exact_knn(q["xq"], x, min(K + 1, len(x)), metric)
     pad = K + 1 - D.shape[1]
     worst = -np.inf if metric == "ip" else np.inf
     D = np.pad(D, ((0, 0), (0, pad)), constant_values=worst)

@@ -28,11 +28,11 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from shards.config import load_yaml
 from shards.errors import ConfigError, StorageError
-from shards.faissio import faiss, load_shard, metric_type, nlist, probed_lists, read_index, set_nprobe
+from shards.faissio import faiss, load_shard, nlist, probed_lists, read_index, set_nprobe
 from shards.manifest import Manifest, current_version, load_manifest, vdir
 from shards.routing import shards_for_lists
 from shards.store import Store
-from shards.topk import merge_topk
+from shards.topk import exact_knn, merge_topk
 
 from .encode import read_vectors
 
@@ -116,9 +116,7 @@ def exact_topk(store: Store, emb_rels: list[str], xq: np.ndarray, k: int, metric
     res = []
     for rel in emb_rels:
         ids, x = read_vectors(store, rel)
-        flat = faiss().IndexFlat(x.shape[1], metric_type(metric))
-        flat.add(x)
-        D, I = flat.search(xq, min(k, len(x)))
+        D, I = exact_knn(xq, x, min(k, len(x)), metric)
         res.append((D, np.where(I >= 0, ids[np.maximum(I, 0)], -1)))
     return merge_topk(res, k, metric)
 

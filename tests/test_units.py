@@ -26,6 +26,7 @@ from index_builder.shard_math import hash_shard, mix64
 from index_builder.tune import nprobe_ladder
 from shards import manifest as mf
 from shards import store as store_mod
+from shards import topk as topk_mod
 from shards.errors import ConfigError, CorpusError, IntegrityError, ShardexError, StorageError
 from shards.manifest import (DocsInfo, EncoderInfo, FileInfo, IndexInfo, Manifest, ShardingInfo, SourceInfo,
                              current_version, list_versions, load_manifest, new_version_name, set_current, vdir,
@@ -709,6 +710,29 @@ def test_merge_topk_of_real_flat_shards_is_the_monolithic_topk(sizes, k, metric)
     wantD, wantI = index(0, n).search(xq, k)
     assert np.array_equal(I, wantI)
     assert np.allclose(D, wantD, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("n,nq,k,block_bytes", [
+    (5_000, 200, 11, 64 << 20),   # one block, as a part's tune ground truth
+    (5_000, 37, 10, 4 * 37 * 999),  # blocks of 999 rows, the last one short
+    (25, 7, 10, 4 * 7 * 10),      # blocks of exactly k rows
+    (6, 5, 10, 64 << 20),         # fewer rows than k: -1 padding
+    (1, 3, 1, 64 << 20),
+])
+def test_exact_knn_is_faiss_flat_search(n, nq, k, block_bytes, metric, monkeypatch):
+    """The ground truth of tune and eval: the same neighbours, in the same order, as faiss's IndexFlat."""
+    faiss = pytest.importorskip("faiss")
+    monkeypatch.setattr(topk_mod, "BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(n + k)
+    d = 48
+    xb, xq = rng.standard_normal((n, d)).astype(np.float32), rng.standard_normal((nq, d)).astype(np.float32)
+    flat = faiss.IndexFlat(d, faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2)
+    flat.add(xb)
+    wantD, wantI = flat.search(xq, k)
+    D, I = topk_mod.exact_knn(xq, xb, k, metric)
+    assert np.array_equal(I, wantI)
+    assert np.allclose(D[I >= 0], wantD[wantI >= 0], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("I,gt,k,want", [
