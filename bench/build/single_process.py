@@ -36,6 +36,7 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from index_builder.params import train_size
+    from index_builder.train import skip_polysemous
 
     faiss.omp_set_num_threads(a.threads)
     ids, xs = [], []
@@ -50,10 +51,8 @@ def main() -> None:
     index = faiss.index_factory(xb.shape[1], a.factory,
                                 faiss.METRIC_INNER_PRODUCT if a.metric == "ip" else faiss.METRIC_L2)
     nl = faiss.extract_index_ivf(index).nlist if "IVF" in a.factory else None
-    if a.no_polysemous:
-        pq = faiss.downcast_index(faiss.extract_index_ivf(index) if nl else index)
-        if hasattr(pq, "do_polysemous_training"):
-            pq.do_polysemous_training = False
+    if a.no_polysemous:  # shardex's own switch, so both sides turn off exactly the same step
+        skip_polysemous(index)
     n_train = train_size(len(xb), xb.shape[1], a.factory, nl)
     xt = xb[np.random.default_rng(a.seed).choice(len(xb), n_train, replace=False)]
     index.train(xt)
