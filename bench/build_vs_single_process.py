@@ -22,10 +22,10 @@ import numpy as np
 import pyarrow.dataset as ds
 
 from index_builder.config import BuildConfig
-from index_builder.encoder import Encoder
+from shards.encoder import Encoder
 from index_builder.pipeline import build
-from index_builder.raytools import ensure_ray
-from index_builder.textcorpus import write_corpus
+from shards.raytools import ensure_ray
+from index_builder.demo.textcorpus import write_corpus
 
 OUT = os.path.join(os.path.dirname(__file__), "out")          # scratch: corpus and index (ignored by git)
 RESULTS = os.path.join(os.path.dirname(__file__), "results")  # what bench/README.md reports
@@ -92,7 +92,7 @@ def main() -> None:
     info = write_corpus(corpus, limit=a.docs)
     sx = shardex(corpus, os.path.join(work, "index"), a.shards)
     bl = baseline(corpus, sx["factory"], "ip", threads=os.cpu_count())
-    from index_builder.encoder import pick_device
+    from shards.encoder import pick_device
 
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, device {pick_device()}", "documents": info["documents"],
            "shardex": sx, "baseline": bl, "ratio_build_over_baseline": round(sx["build"] / bl["total"], 2)}

@@ -46,7 +46,7 @@ HELP = {
 
 
 def _add_build_options(p: argparse.ArgumentParser, model: str = "BuildConfig") -> None:
-    from . import config
+    from index_builder import config
 
     p.set_defaults(config_model=model)
     inherits = model == "ReindexConfig"  # reindex: build options left out are the live version's
@@ -74,17 +74,17 @@ def config_model(name: str):
 
         return ServeConfig
     if name == "EvalConfig":
-        from .eval import EvalConfig
+        from index_builder.eval.evaluate import EvalConfig
 
         return EvalConfig
-    from . import config
+    from index_builder import config
 
     return getattr(config, name)
 
 
 def _config_from(args) -> "object":
     """The typed config of a command: its --config YAML, overridden by the flags given."""
-    from .config import make
+    from index_builder.config import make
 
     model = config_model(getattr(args, "config_model", "BuildConfig"))
     opts = {k: v for k, v in vars(args).items() if k in model.model_fields and v is not None}
@@ -94,7 +94,7 @@ def _config_from(args) -> "object":
 
 
 def cmd_build(args) -> int:
-    from .pipeline import as_dict, build
+    from index_builder.pipeline import as_dict, build
 
     s = build(_config_from(args))
     print(json.dumps(as_dict(s), indent=2) if args.json else "\n".join(s.lines()))
@@ -102,7 +102,7 @@ def cmd_build(args) -> int:
 
 
 def cmd_encode(args) -> int:
-    from .embeddings import as_dict, encode
+    from index_builder.encode.encode_only import as_dict, encode
 
     args.index_root = args.embeddings_uri
     s = encode(_config_from(args))
@@ -111,7 +111,7 @@ def cmd_encode(args) -> int:
 
 
 def cmd_reindex(args) -> int:
-    from .reindex import as_dict, reindex
+    from index_builder.reindex.incremental import as_dict, reindex
 
     s = reindex(_config_from(args))
     print(json.dumps(as_dict(s), indent=2, default=str) if args.json else "\n".join(s.lines()))
@@ -121,8 +121,8 @@ def cmd_reindex(args) -> int:
 def cmd_prune(args) -> int:
     from shards.config import parse_duration
     from shards.errors import ConfigError
-    from shards.retention import as_dict, prune
-    from shards.store import Store
+    from shards.storage.retention import as_dict, prune
+    from shards.storage.store import Store
 
     try:
         grace = parse_duration(args.grace)
@@ -136,7 +136,7 @@ def cmd_prune(args) -> int:
 def cmd_search(args) -> int:
     import numpy as np
 
-    from shards.router import Router
+    from shards.search.router import Router
 
     if not args.query and not args.vectors:
         raise ShardexError("search: give one or more QUERY strings, or --vectors FILE.npy")
@@ -159,8 +159,8 @@ def _snippet(fields: dict, width: int = 90) -> str:
 
 
 def cmd_versions(args) -> int:
-    from shards.manifest import list_versions
-    from shards.store import Store
+    from shards.storage.manifest import list_versions
+    from shards.storage.store import Store
 
     vs = list_versions(Store(args.index_root, args.s3_endpoint))
     if args.json:
@@ -183,8 +183,8 @@ def _lineage(lin: dict | None) -> str:
 
 
 def cmd_rollback(args) -> int:
-    from shards.manifest import set_current
-    from shards.store import Store
+    from shards.storage.manifest import set_current
+    from shards.storage.store import Store
 
     set_current(Store(args.index_root, args.s3_endpoint), args.version)
     print(f"CURRENT -> {args.version}")
@@ -235,10 +235,10 @@ def cmd_serve(args) -> int:
     import signal
     import time
 
-    from shards.manifest import current_version, load_manifest
-    from shards.store import Store
+    from shards.storage.manifest import current_version, load_manifest
+    from shards.storage.store import Store
 
-    from .raytools import ensure_ray, log
+    from shards.raytools import ensure_ray, log
 
     cfg = _config_from(args)
     store = Store(cfg.index_root, cfg.s3_endpoint)
@@ -246,7 +246,7 @@ def cmd_serve(args) -> int:
     ensure_ray()
     from ray import serve
 
-    from shards import serve as sv
+    from shards.serve import deployments as sv
 
     # Serve holds the port from here on; SIGTERM (ray job stop, kill) cleans up like Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -289,7 +289,7 @@ EVAL_HELP = {
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
-    from .eval import EvalConfig
+    from index_builder.eval.evaluate import EvalConfig
 
     p.set_defaults(config_model="EvalConfig")
     for name, f in EvalConfig.model_fields.items():
@@ -304,7 +304,7 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .eval import evaluate, lines, write_report
+    from index_builder.eval.evaluate import evaluate, lines, write_report
 
     cfg = _config_from(args)
     report = evaluate(cfg)
@@ -318,7 +318,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from index_builder.demo.run import run_demo
 
     return run_demo(args.out, args.limit, args.shards)
 

@@ -11,23 +11,23 @@ import numpy as np
 
 from shards.config import parse_bytes
 from shards.errors import ConfigError, CorpusError, IntegrityError
-from shards.manifest import (DocsInfo, DriftBaseline, EmbeddingsInfo, IndexInfo, Lineage, Manifest, SearchDefaults,
+from shards.storage.manifest import (DocsInfo, DriftBaseline, EmbeddingsInfo, IndexInfo, Lineage, Manifest, SearchDefaults,
                              ShardingInfo, SourceInfo, new_version_name, vdir)
-from shards.store import Store, resolve_endpoint
+from shards.storage.store import Store, resolve_endpoint
 
-from .add import add_task, split_task
-from .config import BuildConfig
-from .corpus import plan
-from .encode import part_rel
-from .encode_pool import encode_corpus
-from .merge import expected_digest, merge_task, ram_budget_exceeded, shard_info, shard_rel
-from .params import choose_factory, train_size
-from .params import plan as plan_index  # noqa: I001
-from .publish import copy_files, file_info, publish, write_quarantine
-from .raytools import ensure_ray, log, node_cpus, ray_get
-from .shard_math import ivf_ranges, sum_digests
-from .train import sample_parallel, train_record, train_task
-from .tune import EVAL_QUERIES, tune_task
+from index_builder.build.add import add_task, split_task
+from index_builder.config import BuildConfig
+from index_builder.plan.corpus import plan_corpus
+from index_builder.encode.parts import part_rel
+from index_builder.encode.pool import encode_corpus
+from index_builder.build.merge import expected_digest, merge_task, ram_budget_exceeded, shard_info, shard_rel
+from index_builder.plan.factory import choose_factory, train_size
+from index_builder.plan.factory import index_plan
+from index_builder.build.publish import copy_files, file_info, publish, write_quarantine
+from shards.raytools import ensure_ray, log, node_cpus, ray_get
+from index_builder.shard_math import ivf_ranges, sum_digests
+from index_builder.train.quantizer import sample_parallel, train_record, train_task
+from index_builder.build.tune import EVAL_QUERIES, tune_task
 
 
 @dataclass
@@ -89,7 +89,7 @@ def build(cfg: BuildConfig) -> Summary:
     cfg = with_endpoint(cfg)
     store, t = Store(cfg.index_root, cfg.s3_endpoint), Timer()
     with t.stage("plan"):
-        corpus = plan(cfg)  # before Ray starts: a bad corpus fails in a second
+        corpus = plan_corpus(cfg)  # before Ray starts: a bad corpus fails in a second
     ensure_ray()
     log(f"plan: {len(corpus.files)} file(s), {corpus.total_rows:,} rows, {len(corpus.shards)} part(s)")
     shown = None
@@ -146,7 +146,7 @@ def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, corpus, parts, e
         best = ray_get(tune_task.options(num_cpus=node_cpus()).remote(
             store, work, cfg.shards, [p.part for p in live], metric, cfg.target_recall, node_cpus()))
     with t.stage("baseline"):
-        from .drift import baseline_task
+        from index_builder.reindex.drift import baseline_task
 
         base = ray_get(baseline_task.options(num_cpus=node_cpus()).remote(
             store, f"{work}/trained.index", work, cfg.shards, [(r, p.rows) for r, p in zip(emb, live)], cfg.seed,
@@ -209,7 +209,7 @@ def _show_plan(cfg: BuildConfig, n: int, d: int, metric: str | None, ram_budget:
     choice, factory = _choose(cfg, n, d)
     log(f"index: {factory} over {n:,} x {d}" + (f" ({metric})" if metric else "")
         + (f": {choice.reason}" if choice else ""))
-    for line in plan_index(n, d, factory, cfg.shards, ram_budget).lines():
+    for line in index_plan(n, d, factory, cfg.shards, ram_budget).lines():
         log(line)
     return n, factory
 

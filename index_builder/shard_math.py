@@ -50,7 +50,7 @@ def ivf_ranges(list_sizes, shards: int) -> list[list[int]]:
 
 def range_shard(lists: np.ndarray, ranges: list[list[int]]) -> np.ndarray:
     """--sharding ivf: the serving shard of each vector, from the IVF list it was assigned to."""
-    from shards.routing import list_owner
+    from shards.search.shard_selection import list_owner
 
     return list_owner(lists, ranges)
 

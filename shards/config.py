@@ -10,7 +10,7 @@ import re
 import yaml
 from pydantic import ValidationError
 
-from .errors import ConfigError
+from shards.errors import ConfigError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.I)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

@@ -1,41 +1,4 @@
-"""`shardex serve` as a Serve import path: for Serve config files and KubeRay's RayService.
+"""`shards.serve_app:app`, the Serve import path RayService configs name: the app lives in shards.serve.app."""
+from shards.serve.app import app, config
 
-    applications:
-      - name: shardex                      # = args.name: the version apps are shardex--<version>
-        import_path: shards.serve_app:app
-        route_prefix: /
-        args: {index_root: s3://bucket/indexes/wiki, name: shardex, poll_seconds: 30}
-
-`args` takes `shardex serve`'s option names with underscores (as jobs.serve's YAML does).
-The app is the same router as `shardex serve` starts (shards/serve.py): it loads CURRENT
-itself, deploys each version beside the one it serves and swaps, so the config names only
-the router. A declarative re-apply of the config (KubeRay does one after a restart of its
-operator) leaves the version apps alone: Serve deletes only the declarative apps missing
-from the config, and the router deploys its versions imperatively.
-"""
-from __future__ import annotations
-
-from .config import ServeConfig, make
-from .errors import ConfigError
-
-# Set by the config file itself, not by args: the HTTP proxy's address, the app's route and lifetime.
-NOT_ARGS = {"host": "http_options.host", "port": "http_options.port", "route_prefix": "the app's route_prefix",
-            "detach": "nothing (a config-file app stays until the config drops it)"}
-WHERE = "serve config args"
-
-
-def config(args: dict) -> ServeConfig:
-    """The ServeConfig of a config file's args, refusing the keys the file sets elsewhere."""
-    for k, where in NOT_ARGS.items():
-        if k in args:
-            raise ConfigError(f"{WHERE}: {k}: set by {where} in a Serve config file; remove it from args")
-    if "token" in args:  # Serve logs the args it builds an app with
-        raise ConfigError(f"{WHERE}: token: would be logged; give it as $SHARDEX_TOKEN in the pods' environment")
-    return make(ServeConfig, dict(args), where=WHERE)
-
-
-def app(args: dict):
-    """The application builder Serve calls with the config's args."""
-    from . import serve as sv
-
-    return sv.RouterDeployment.options(name="router").bind(sv.settings(config(args)))
+__all__ = ["app", "config"]

@@ -21,10 +21,10 @@ import pytest
 
 from conftest import build, clustered, vector_table
 from index_builder.cli import main
-from shards.faissio import index_ids
-from shards.manifest import current_version, load_manifest
-from shards.router import Router
-from shards.store import Store
+from shards.storage.faissio import index_ids
+from shards.storage.manifest import current_version, load_manifest
+from shards.search.router import Router
+from shards.storage.store import Store
 
 SHARDEX = str(Path(sys.executable).with_name("shardex"))
 PREFIX = "shardex: error: "

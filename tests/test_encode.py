@@ -14,10 +14,10 @@ import pytest
 
 from conftest import build
 from index_builder.config import BuildConfig
-from index_builder.encoder import Encoder, padding_of
-from index_builder.textcorpus import stdlib_docstrings, write_corpus
+from shards.encoder import Encoder, padding_of
+from index_builder.demo.textcorpus import stdlib_docstrings, write_corpus
 from shards.errors import ConfigError
-from shards.router import Router
+from shards.search.router import Router
 
 TEXTS = ["short", "a sentence of middling length about files", "word " * 400, "", "ünïcödé text",
          "read a csv file", "x " * 30] * 10
@@ -100,7 +100,7 @@ def e5_like(tmp_path_factory):
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Pooling
 
-    from index_builder.encoder import resolve_model
+    from shards.encoder import resolve_model
 
     base = SentenceTransformer(resolve_model(None), device="cpu")
     m = SentenceTransformer(modules=[base[0], Pooling(384, pooling_mode="mean", include_prompt=False)],
@@ -159,7 +159,7 @@ def docs(tmp_path_factory):
 
 
 def test_encode_writes_parts_build_takes(ray_session, docs, tmp_path, enc):
-    from index_builder.embeddings import encode
+    from index_builder.encode.encode_only import encode
 
     src, rows = docs
     out = str(tmp_path / "emb")
@@ -187,7 +187,7 @@ def test_encode_writes_parts_build_takes(ray_session, docs, tmp_path, enc):
 
 
 def test_encode_refuses_a_directory_of_other_embeddings(ray_session, docs, tmp_path):
-    from index_builder.embeddings import encode
+    from index_builder.encode.encode_only import encode
 
     src, _ = docs
     out = str(tmp_path / "emb")
@@ -202,7 +202,7 @@ def test_killed_encoder_actor_part_is_redone_once(ray_session, docs, tmp_path, c
     and every id is in the output exactly once."""
     import ray
 
-    from index_builder.embeddings import encode
+    from index_builder.encode.encode_only import encode
 
     src, rows = docs
     out = str(tmp_path / "emb")
@@ -223,7 +223,7 @@ def test_killed_encoder_actor_part_is_redone_once(ray_session, docs, tmp_path, c
 
 def _wait_for_busy_actor(out: str, ray, timeout: float = 300) -> str:
     """The name of an encoder actor, once at least one part is committed (so the pool is mid-run)."""
-    from index_builder.encode_pool import ACTOR_PREFIX
+    from index_builder.encode.pool import ACTOR_PREFIX
 
     t0 = time.time()
     while time.time() - t0 < timeout:

@@ -23,7 +23,7 @@ TEXTS = ["short", "a sentence of middling length about files", "word " * 400, "r
 
 @pytest.fixture(scope="module")
 def fp32():
-    from index_builder.encoder import Encoder
+    from shards.encoder import Encoder
 
     return Encoder(MODEL, device="cuda", dtype="fp32")
 
@@ -35,7 +35,7 @@ def test_fp32_on_cuda_equals_sentence_transformers(fp32):
 
 @pytest.mark.parametrize("dtype,floor", [("fp16", 0.999), ("bf16", 0.99)])
 def test_half_precision_stays_close(fp32, dtype, floor):
-    from index_builder.encoder import Encoder
+    from shards.encoder import Encoder
 
     e = Encoder(MODEL, device="cuda", dtype=dtype)
     assert e.info().dtype == dtype and next(e.model.parameters()).dtype == getattr(torch, {"fp16": "float16",
@@ -45,7 +45,7 @@ def test_half_precision_stays_close(fp32, dtype, floor):
 
 
 def test_auto_dtype_is_fp16_on_cuda():
-    from index_builder.encoder import Encoder
+    from shards.encoder import Encoder
 
     assert Encoder(MODEL, device="cuda").info().dtype == "fp16"
 

@@ -11,11 +11,11 @@ import pytest
 
 from conftest import build, write_vector_corpus
 from index_builder.cli import main
-from index_builder.eval import EvalConfig, drop_own, evaluate, recall
+from index_builder.eval.evaluate import EvalConfig, drop_own, evaluate, recall
 from shards.config import make
 from shards.errors import ConfigError
-from shards.manifest import current_version, load_manifest
-from shards.store import Store
+from shards.storage.manifest import current_version, load_manifest
+from shards.storage.store import Store
 
 N, D = 3000, 32
 

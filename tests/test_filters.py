@@ -9,7 +9,7 @@ import pytest
 
 from conftest import build, clustered, vector_table
 from shards.errors import ConfigError
-from shards.filters import (Attributes, Clause, FilterError, Selection, filterable, parse_filter, selector_kind,
+from shards.search.filters import (Attributes, Clause, FilterError, Selection, filterable, parse_filter, selector_kind,
                             unwire, wire)
 
 KINDS = {"year": "int", "price": "float", "cat": "str", "ok": "bool"}
@@ -100,7 +100,7 @@ def test_selector_kind(ids, nmatch, kind):
 
 @pytest.mark.parametrize("kind", ["bitmap", "batch", "not-batch"])
 def test_every_selector_selects_exactly_the_matches(kind):
-    from shards.faissio import faiss
+    from shards.storage.faissio import faiss
 
     rng = np.random.default_rng(0)
     ids = np.sort(rng.choice(5000, 600, replace=False)).astype(np.int64)
@@ -154,7 +154,7 @@ def test_filtered_search_equals_brute_force(ray_session, corpus, tmp_path, facto
     """Exact indexes (and IVF with every list probed) return brute force's filtered top-k; at
     nprobe=1, IVF still returns k matching results whenever k documents match, even when the
     query's own lists (and, with ivf sharding, its own shards) hold fewer."""
-    from shards.router import Router
+    from shards.search.router import Router
 
     src, ids, x, attrs = corpus
     root = str(tmp_path / "index")

@@ -8,12 +8,12 @@ import pytest
 
 from conftest import build, write_vector_corpus
 from shards.errors import ConfigError
-from shards.faissio import faiss, index_ids, ivf, probed_lists, read_index, set_nprobe
-from shards.manifest import current_version, load_manifest, vdir, verify
-from shards.router import Router
-from shards.routing import shards_for_lists
-from shards.store import Store
-from shards.topk import merge_topk
+from shards.storage.faissio import faiss, index_ids, ivf, probed_lists, read_index, set_nprobe
+from shards.storage.manifest import current_version, load_manifest, vdir, verify
+from shards.search.router import Router
+from shards.search.shard_selection import shards_for_lists
+from shards.storage.store import Store
+from shards.search.topk import merge_topk
 from test_invariants import assert_same_topk, monolithic
 
 N, D = 4000, 32

@@ -40,9 +40,9 @@ def submit(head, config: Path, timeout: int = 300) -> subprocess.CompletedProces
 
 
 def test_job_submit_builds_and_publishes(head, tmp_path):
-    from shards.manifest import current_version, load_manifest
-    from shards.router import Router
-    from shards.store import Store
+    from shards.storage.manifest import current_version, load_manifest
+    from shards.search.router import Router
+    from shards.storage.store import Store
 
     n, d = 2000, 32
     ids, x = write_vector_corpus(str(tmp_path / "corpus"), n=n, d=d, files=2, seed=3)
@@ -121,7 +121,7 @@ def _repo_copy(dst: Path) -> Path:
     blob("tests/fixtures/corpus.parquet")
     blob("index_builder/__pycache__/cli.cpython-311.pyc", 4096)
     blob("shardex.egg-info/SOURCES.txt", 4096)
-    blob("build/lib/shards/router.py", 4096)
+    blob("build/lib/shards/search/router.py", 4096)
     blob("dist/shardex-0.1.0-py3-none-any.whl")
     return dst
 

@@ -41,8 +41,8 @@ def submit(client, module: str, config: Path, *flags: str) -> tuple[str, str, st
 
 
 def test_build_then_reindex_as_jobs(client, tmp_path):
-    from shards.manifest import current_version, list_versions, load_manifest
-    from shards.store import Store
+    from shards.storage.manifest import current_version, list_versions, load_manifest
+    from shards.storage.store import Store
 
     src, root = tmp_path / "corpus", tmp_path / "index"
     write_vector_corpus(str(src), n=2000, d=16, files=2, seed=4)

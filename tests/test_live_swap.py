@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from conftest import build, write_vector_corpus
-from shards.manifest import current_version
-from shards.store import Store
+from shards.storage.manifest import current_version
+from shards.storage.store import Store
 from test_reindex import mutate
 from test_serve import Client, free_port, start_app, wait_for
 
@@ -55,7 +55,7 @@ def reindex_process(src, root) -> subprocess.Popen:
 def test_reindex_while_serving_swaps_with_no_failed_request(ray_session, tmp_path):
     from ray import serve
 
-    from shards.serve import app_name
+    from shards.serve.deployments import app_name
 
     src, root = tmp_path / "corpus", tmp_path / "index"
     ids, x = write_vector_corpus(str(src), n=N, d=D, files=2, seed=1)

@@ -2,7 +2,7 @@
 
 One build (v1) per module; each test reindexes its own copy of the corpus and index. The
 crash tests run `shardex reindex` as a real process that kills itself (SIGKILL) at a chosen
-write (shards/store.py, SHARDEX_CRASH_AT), joined to this session's Ray cluster.
+write (shards/storage/store.py, SHARDEX_CRASH_AT), joined to this session's Ray cluster.
 """
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ import pytest
 
 from conftest import build, clustered, vector_table, write_vector_corpus
 from index_builder.config import ReindexConfig
-from index_builder.drift import decide, imbalance
-from index_builder.reindex import reindex, space_change
-from shards.faissio import index_ids
-from shards.manifest import EncoderInfo, current_version, list_versions, load_manifest, vdir
-from shards.retention import versions_to_keep
-from shards.router import Router
-from shards.store import Store
+from index_builder.reindex.drift import decide, imbalance
+from index_builder.reindex.incremental import reindex, space_change
+from shards.storage.faissio import index_ids
+from shards.storage.manifest import EncoderInfo, current_version, list_versions, load_manifest, vdir
+from shards.storage.retention import versions_to_keep
+from shards.search.router import Router
+from shards.storage.store import Store
 
 N, D = 3000, 32
 SHARDEX = os.path.join(os.path.dirname(sys.executable), "shardex")
@@ -212,7 +212,7 @@ def test_drifted_vectors_retrain(case):
 def test_piled_up_lists_retrain(case):
     """New vectors right on one centroid: no error to speak of, but one list takes them all."""
     store = Store(str(case["root"]))
-    from shards.faissio import ivf, read_index
+    from shards.storage.faissio import ivf, read_index
 
     trained = read_index(store, f"{vdir(case['version'])}/trained.index")  # held: the quantizer lives in it
     c = ivf(trained).quantizer.reconstruct(0)

@@ -16,12 +16,12 @@ import pytest
 
 from conftest import build
 from index_builder.config import ReindexConfig
-from index_builder.reindex import reindex
-from index_builder.textcorpus import SCHEMA, stdlib_docstrings
-from shards.faissio import index_ids
-from shards.manifest import current_version, load_manifest
-from shards.router import Router
-from shards.store import Store
+from index_builder.reindex.incremental import reindex
+from index_builder.demo.textcorpus import SCHEMA, stdlib_docstrings
+from shards.storage.faissio import index_ids
+from shards.storage.manifest import current_version, load_manifest
+from shards.search.router import Router
+from shards.storage.store import Store
 
 pytestmark = pytest.mark.slow
 V1_DOCS, K = 128, 8
@@ -102,7 +102,7 @@ def test_changed_documents_answer_with_new_text_and_fields(text):
 def test_another_encoder_reencodes_everything(text, tmp_path, capsys):
     """Same weights, CLS pooling instead of mean: another vector space, so nothing is reused."""
     from index_builder.cli import main
-    from index_builder.encoder import resolve_model
+    from shards.encoder import resolve_model
 
     model = tmp_path / "minilm-cls"
     base = resolve_model(None)

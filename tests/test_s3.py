@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from conftest import build, write_vector_corpus
-from shards.faissio import index_ids, read_index
-from shards.manifest import CURRENT, current_version, load_manifest, vdir
-from shards.router import Router
-from shards.store import Store
+from shards.storage.faissio import index_ids, read_index
+from shards.storage.manifest import CURRENT, current_version, load_manifest, vdir
+from shards.search.router import Router
+from shards.storage.store import Store
 
 pytestmark = pytest.mark.s3
 

@@ -19,9 +19,9 @@ import pytest
 import requests
 
 from conftest import build, clustered, vector_table
-from shards.faissio import read_index
-from shards.manifest import current_version, load_manifest, set_current, vdir
-from shards.store import Store
+from shards.storage.faissio import read_index
+from shards.storage.manifest import current_version, load_manifest, set_current, vdir
+from shards.storage.store import Store
 from test_invariants import assert_same_topk
 
 N, D, TOKEN = 3000, 32, "test-token-0123456789"
@@ -96,7 +96,7 @@ class Client:
 
 
 def start_app(root: str, **kw):
-    from shards import serve as sv
+    from shards.serve import deployments as sv
     from shards.config import ServeConfig
 
     kw = {"filter_fields": FILTERABLE, **kw}
@@ -337,7 +337,7 @@ def test_openapi_fuzz_finds_no_5xx(app):
 def replica_of(cfg, version: str, shard: str) -> str:
     from ray import serve
 
-    from shards.serve import app_name
+    from shards.serve.deployments import app_name
 
     return serve.get_deployment_handle(shard, app_name(cfg.name, version)).ping.remote().result()["replica"]
 
@@ -403,7 +403,7 @@ def test_killed_shard_replica_is_reported_never_silent(app, index):
 def test_hot_swap_under_load_loses_no_request(app, index):
     from ray import serve
 
-    from shards.serve import app_name
+    from shards.serve.deployments import app_name
 
     c, v2 = app["client"], index["v2"]
     old = c.get("/version").json()["version"]

@@ -16,9 +16,9 @@ pytestmark = pytest.mark.s3
 def test_serving_an_s3_index_equals_the_local_python_api(ray_session, s3, tmp_path):  # noqa: F811
     from ray import serve
 
-    from shards import serve as sv
+    from shards.serve import deployments as sv
     from shards.config import ServeConfig
-    from shards.router import Router
+    from shards.search.router import Router
 
     n, d = 2000, 16
     x = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)

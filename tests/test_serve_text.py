@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from conftest import build
-from index_builder.textcorpus import example_queries, write_corpus
+from index_builder.demo.textcorpus import example_queries, write_corpus
 from test_serve import free_port
 
 pytestmark = pytest.mark.slow
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def text_app(ray_session, tmp_path_factory):
     from ray import serve
 
-    from shards import serve as sv
+    from shards.serve import deployments as sv
     from shards.config import ServeConfig
 
     tmp = tmp_path_factory.mktemp("text-serve")
@@ -34,7 +34,7 @@ def text_app(ray_session, tmp_path_factory):
 
 
 def test_text_queries_answer_like_the_python_api(text_app):
-    from shards.router import Router
+    from shards.search.router import Router
 
     qs = example_queries()
     r = requests.post(text_app["base"] + "/search", json={"queries": qs, "k": 5}, timeout=120)
@@ -53,7 +53,7 @@ def test_text_queries_answer_like_the_python_api(text_app):
 def test_concurrent_text_requests_share_encoder_batches(text_app):
     from ray import serve
 
-    from shards.serve import app_name
+    from shards.serve.deployments import app_name
 
     enc = serve.get_deployment_handle("encoder", app_name(text_app["cfg"].name, text_app["version"]))
     before = enc.ping.remote().result()

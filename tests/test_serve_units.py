@@ -8,9 +8,9 @@ import pytest
 
 from shards.config import ServeConfig, load_yaml, make
 from shards.errors import ConfigError, SearchError
-from shards.router import Outcome, ShardFailure, _call_one, route_mask
-from shards.routing import scan_order, shard_mask, shards_for_lists
-from shards.serve import Resources, plan_resources, settings
+from shards.search.router import Outcome, ShardFailure, _call_one, route_mask
+from shards.search.shard_selection import scan_order, shard_mask, shards_for_lists
+from shards.serve.deployments import Resources, plan_resources, settings
 
 
 @pytest.mark.parametrize("cluster,node,S,R,E,text,cpus,threads,want", [

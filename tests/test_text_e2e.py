@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from conftest import build
-from index_builder.textcorpus import write_corpus
-from shards.faissio import index_ids
-from shards.manifest import current_version, list_versions
-from shards.router import Router
-from shards.store import Store
+from index_builder.demo.textcorpus import write_corpus
+from shards.storage.faissio import index_ids
+from shards.storage.manifest import current_version, list_versions
+from shards.search.router import Router
+from shards.storage.store import Store
 
 pytestmark = pytest.mark.slow
 SHARDEX = os.path.join(os.path.dirname(sys.executable), "shardex")

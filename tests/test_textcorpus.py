@@ -6,8 +6,8 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from index_builder import textcorpus
-from index_builder.textcorpus import COLUMNS, collect, example_queries, stdlib_docstrings, write_corpus
+from index_builder.demo import textcorpus
+from index_builder.demo.textcorpus import COLUMNS, collect, example_queries, stdlib_docstrings, write_corpus
 
 MIN_WORDS = 8
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from conftest import clustered, vector_table
-from index_builder.kmeans import kmeans
-from index_builder.train import best_device, make_index, sample, train_index
-from shards.faissio import faiss, ivf, set_nprobe
-from shards.store import Store
-from shards.topk import recall_at_k
+from index_builder.train.kmeans import kmeans
+from index_builder.train.quantizer import best_device, make_index, sample, train_index
+from shards.storage.faissio import faiss, ivf, set_nprobe
+from shards.storage.store import Store
+from shards.search.topk import recall_at_k
 
 
 def _objective(x, C, metric):
@@ -152,7 +152,7 @@ def test_parallel_sample_draws_the_same_rows_as_the_sequential_one(tmp_path, ray
     """One Ray task per part (what the build runs) draws exactly what sample() draws in process."""
     import ray
 
-    from index_builder.train import joined, sample_parallel
+    from index_builder.train.quantizer import joined, sample_parallel
 
     store = Store(str(tmp_path))
     parts = []

@@ -15,30 +15,30 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from index_builder import params
+from index_builder.plan import factory as params
 from index_builder.config import BuildConfig, make, parse_bytes
-from index_builder.corpus import ID_MASK, InputShard, _check_schema, int_ids, plan, split_rows, string_ids
-from index_builder.encode_pool import shape
-from index_builder.params import (FLAT_MAX, ID_BYTES, LIST_OVERHEAD, MIN_TRAIN_PER_LIST, Choice, choose_factory,
+from index_builder.plan.corpus import ID_MASK, InputShard, _check_schema, int_ids, plan_corpus, split_rows, string_ids
+from index_builder.encode.pool import shape
+from index_builder.plan.factory import (FLAT_MAX, ID_BYTES, LIST_OVERHEAD, MIN_TRAIN_PER_LIST, Choice, choose_factory,
                                   nlist_factor, nlist_for, pq_m, train_size)
-from index_builder.reuse import vector_hashes
+from index_builder.encode.reuse import vector_hashes
 from index_builder.shard_math import hash_shard, mix64
-from index_builder.tune import nprobe_ladder
-from shards import manifest as mf
-from shards import store as store_mod
-from shards import topk as topk_mod
+from index_builder.build.tune import nprobe_ladder
+from shards.storage import manifest as mf
+from shards.storage import store as store_mod
+from shards.search import topk as topk_mod
 from shards.errors import ConfigError, CorpusError, IntegrityError, ShardexError, StorageError
-from shards.manifest import (DocsInfo, EncoderInfo, FileInfo, IndexInfo, Manifest, ShardingInfo, SourceInfo,
+from shards.storage.manifest import (DocsInfo, EncoderInfo, FileInfo, IndexInfo, Manifest, ShardingInfo, SourceInfo,
                              current_version, list_versions, load_manifest, new_version_name, set_current, vdir,
                              verify, write_manifest)
-from shards.store import Store
-from shards.topk import merge_topk, recall_at_k
+from shards.storage.store import Store
+from shards.search.topk import merge_topk, recall_at_k
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 FLT_MAX = float(np.finfo(np.float32).max)
 
 
-# ================================================================ index_builder/params.py
+# ================================================================ index_builder/plan/factory.py
 
 # (N, d, memory budget, the factory --factory auto must choose)
 FACTORY_ROWS = [
@@ -425,7 +425,7 @@ def test_from_yaml_with_overrides(tmp_path):
     assert c.budget_bytes == 2 * GiB and c.fields == ["title", "url"]
 
 
-# ================================================================ index_builder/corpus.py
+# ================================================================ index_builder/plan/corpus.py
 
 @pytest.mark.parametrize("n,part_rows,parts", [
     (0, 10, []),
@@ -532,7 +532,7 @@ def test_plan_parts_cover_every_file_row_once(tmp_path, rows, part_rows, row_gro
         t = pa.table({"id": pa.array(range(start, start + n), pa.int64()), "text": pa.array([f"t{i}" for i in range(n)], pa.string())})
         pq.write_table(t, src / f"f{f}.parquet", row_group_size=row_group)
         start += n
-    corpus = plan(cfg(source=str(src), part_rows=part_rows))
+    corpus = plan_corpus(cfg(source=str(src), part_rows=part_rows))
     assert corpus.rows == list(rows) and corpus.total_rows == sum(rows) and corpus.id_kind == "int"
     assert [s.part for s in corpus.shards] == list(range(len(corpus.shards)))
     for f, n in zip(corpus.files, rows):
@@ -549,8 +549,8 @@ def test_plan_skip_puts_drops_in_their_part(tmp_path):
                    src / "a.parquet")
     pq.write_table(pa.table({"id": pa.array([7, 1], pa.int64()), "text": list("gh")}), src / "b.parquet")
     with pytest.raises(CorpusError, match=r"a\.parquet row 2: null id .*--bad-rows skip"):
-        plan(cfg(source=str(src), part_rows=3))
-    corpus = plan(cfg(source=str(src), part_rows=3, bad_rows="skip"))
+        plan_corpus(cfg(source=str(src), part_rows=3))
+    corpus = plan_corpus(cfg(source=str(src), part_rows=3, bad_rows="skip"))
     assert corpus.rejected_ids == 3
     drops = {(os.path.basename(s.file), s.start): [r for r, _ in s.drops] for s in corpus.shards}
     assert drops == {("a.parquet", 0): [2], ("a.parquet", 3): [4], ("b.parquet", 0): [1]}
@@ -562,7 +562,7 @@ def test_input_shard_rows():
     assert InputShard(0, "f", 10, 25).rows == 15
 
 
-# ================================================================ index_builder/encode_pool.py
+# ================================================================ index_builder/encode/pool.py
 
 # (total CPUs, CPUs of the largest node, GPUs, GPUs per actor, --actors) -> (actors, threads, GPUs per actor)
 SHAPE_ROWS = [
@@ -620,7 +620,7 @@ def test_pool_shape_sweep(node):
             assert (n, g) == (gpus, 1.0) and 1 <= threads <= min(4, node)
 
 
-# ================================================================ shards/topk.py
+# ================================================================ shards/search/topk.py
 
 def _shard_results(rng, nq, sizes, k_s, metric, id_base=1000):
     """Per-shard (D, I) as a faiss index returns them: sorted best first, padded to k_s with -1."""
@@ -756,7 +756,7 @@ def test_nprobe_ladder(nl, ladder):
     assert nprobe_ladder(nl) == ladder
 
 
-# ================================================================ shards/store.py
+# ================================================================ shards/storage/store.py
 
 def _tmp_files(root) -> list[str]:
     return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if ".tmp-" in f]
@@ -911,7 +911,7 @@ def test_store_pickles_by_uri(tmp_path):
     assert t.root == s.root and t.read_text("x") == "y"
 
 
-# ================================================================ shards/manifest.py
+# ================================================================ shards/storage/manifest.py
 
 VERSION_RE = re.compile(r"^v\d{8}-\d{6}-[0-9a-z]{1,6}-[0-9a-f]{4}$")
 

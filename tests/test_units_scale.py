@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from conftest import clustered
-from index_builder.add import add_assigned, part_dir
-from index_builder.merge import index_digest, merge_shard, open_merged, shard_info
+from index_builder.build.add import add_assigned, part_dir
+from index_builder.build.merge import index_digest, merge_shard, open_merged, shard_info
 from index_builder.shard_math import ids_digest, ivf_ranges, range_shard, sum_digests
 from shards.errors import ConfigError, IntegrityError
-from shards.faissio import coarse_search, faiss, ivf, probed_lists, search_preassigned, set_nprobe, write_index
-from shards.routing import list_owner, shards_for_lists
-from shards.store import Store
+from shards.storage.faissio import coarse_search, faiss, ivf, probed_lists, search_preassigned, set_nprobe, write_index
+from shards.search.shard_selection import list_owner, shards_for_lists
+from shards.storage.store import Store
 
 # ================================================================ ivf_ranges
 
@@ -243,7 +243,7 @@ def test_add_assigned_equals_add_with_ids(trained):
 # ================================================================ the manifest's on-disk shards
 
 def test_manifest_lists_and_verifies_ivfdata(tmp_path):
-    from shards.manifest import (DocsInfo, EncoderInfo, FileInfo, IndexInfo, Manifest, ShardingInfo, SourceInfo,
+    from shards.storage.manifest import (DocsInfo, EncoderInfo, FileInfo, IndexInfo, Manifest, ShardingInfo, SourceInfo,
                                  load_manifest, verify, write_manifest)
 
     store = Store(str(tmp_path))
@@ -276,8 +276,8 @@ def test_manifest_lists_and_verifies_ivfdata(tmp_path):
 
 # ================================================================ --factory auto at real sizes, and its plan
 
-from index_builder.params import (ID_BYTES, LIST_OVERHEAD, MIN_TRAIN_PER_LIST, TRAIN_MAX_BYTES,  # noqa: E402
-                                  choose_factory, factory_shape, nlist_for, plan, train_size)
+from index_builder.plan.factory import (ID_BYTES, LIST_OVERHEAD, MIN_TRAIN_PER_LIST, TRAIN_MAX_BYTES,  # noqa: E402
+                                  choose_factory, factory_shape, nlist_for, index_plan, train_size)
 from shards.config import parse_bytes  # noqa: E402
 
 # (N, d, nlist): about 4*sqrt(N) to 16*sqrt(N), growing with N, halved to fit the training sample
@@ -348,7 +348,7 @@ PLAN_ROWS = [
 
 @pytest.mark.parametrize("n,d,factory,shards,ram,want", PLAN_ROWS)
 def test_plan(n, d, factory, shards, ram, want):
-    p = plan(n, d, factory, shards, parse_bytes(ram))
+    p = index_plan(n, d, factory, shards, parse_bytes(ram))
     shard, on_disk, train = want
     assert p.shard_bytes == pytest.approx(shard, abs=1) and p.on_disk == on_disk and p.train_vectors == train
     assert p.index_bytes == p.shard_bytes * shards and p.train_bytes == train * d * 4
@@ -359,13 +359,13 @@ def test_plan(n, d, factory, shards, ram, want):
 
 
 def test_plan_of_an_unknown_encoding():
-    p = plan(10_000, 64, "HNSW32", 2, 1 << 30)
+    p = index_plan(10_000, 64, "HNSW32", 2, 1 << 30)
     assert p.shard_bytes is None and "unknown" in "\n".join(p.lines())
 
 
 # ================================================================ the published default nprobe
 
-from index_builder.tune import choose_nprobe, plateaued  # noqa: E402
+from index_builder.build.tune import choose_nprobe, plateaued  # noqa: E402
 
 
 def _rows(recalls):

@@ -107,10 +107,10 @@ def faiss_search(index):
 
 def shardex_search(root: str):
     """The published version's shards in this process, merged exactly (what the router answers)."""
-    from index_builder.eval import search_all
-    from shards.faissio import load_shard
-    from shards.manifest import current_version, load_manifest
-    from shards.store import Store
+    from index_builder.eval.evaluate import search_all
+    from shards.storage.faissio import load_shard
+    from shards.storage.manifest import current_version, load_manifest
+    from shards.storage.store import Store
 
     store = Store(root)
     m = load_manifest(store, current_version(store))

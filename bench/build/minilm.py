@@ -1,7 +1,7 @@
 """Real embeddings for bench/build: all-MiniLM-L6-v2 vectors of text every machine has.
 
 Documents: passages of at most WORDS words from the standard library's docstrings
-(index_builder.textcorpus) and from the DESCRIPTION-and-after text of the English man pages
+(index_builder.demo.textcorpus) and from the DESCRIPTION-and-after text of the English man pages
 under /usr/share/man (roff requests and font escapes stripped). Queries, held out of the
 corpus: the one-line summaries from the man pages' NAME sections ("ls - list directory
 contents" -> "list directory contents"), encoded as queries.
@@ -73,7 +73,7 @@ def man_pages() -> list[tuple[str, str]]:
 
 def texts(n: int) -> tuple[list[str], list[str]]:
     """(n document passages, NQ query texts), deterministic, no duplicates, queries not in the corpus."""
-    from index_builder.textcorpus import stdlib_docstrings
+    from index_builder.demo.textcorpus import stdlib_docstrings
 
     docs, seen = [], set()
     for rec in stdlib_docstrings(min_words=MIN_WORDS):
@@ -94,7 +94,7 @@ def make(n: int) -> str:
     path = f"{OUT}/minilm-{n}"
     if os.path.exists(f"{path}/gt.npy"):
         return path
-    from index_builder.encoder import Encoder
+    from shards.encoder import Encoder
 
     docs, queries = texts(n)
     os.makedirs(f"{path}/chunks", exist_ok=True)

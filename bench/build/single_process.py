@@ -1,11 +1,11 @@
 """The baseline of bench/build/vs_faiss.py: one process, plain faiss, no Ray, nothing checked or published.
 
 It reads the same Parquet files shardex reads, trains the same factory on a sample of the
-same size (index_builder.params.train_size, drawn at random from the whole corpus in
+same size (index_builder.plan.factory.train_size, drawn at random from the whole corpus in
 memory), adds every vector with its id, and writes the index to one file. Prints its
 timings as JSON on stdout. faiss's defaults as they are, unless --no-polysemous: then it
 skips the polysemous training index_factory turns on for 8-bit PQs, as shardex does (the
-search results are the same; see index_builder.train.skip_polysemous).
+search results are the same; see index_builder.train.quantizer.skip_polysemous).
 
     .venv/bin/python bench/build/single_process.py CORPUS_DIR FACTORY METRIC OUT.index [--threads T]
 """
@@ -35,8 +35,8 @@ def main() -> None:
     import faiss
     import pyarrow.parquet as pq
 
-    from index_builder.params import train_size
-    from index_builder.train import skip_polysemous
+    from index_builder.plan.factory import train_size
+    from index_builder.train.quantizer import skip_polysemous
 
     faiss.omp_set_num_threads(a.threads)
     ids, xs = [], []

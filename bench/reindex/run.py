@@ -1,7 +1,7 @@
 """What a nightly reindex costs next to a full build, when 1% of the corpus changed.
 
 Real documents (the paragraphs of this Python's standard-library docstrings, plus the man pages
-installed here: index_builder/textcorpus.py), at least 20,000 of them. In one process and one
+installed here: index_builder/demo/textcorpus.py), at least 20,000 of them. In one process and one
 Ray session:
   1. `shardex build` of the corpus (the full cost: every document through the encoder);
   2. 1% of the corpus changes: 0.5% of documents edited, 0.25% deleted, 0.25% new (real
@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 
 from index_builder.config import BuildConfig, ReindexConfig
 from index_builder.pipeline import build
-from index_builder.raytools import ensure_ray
-from index_builder.reindex import reindex
-from index_builder.textcorpus import SCHEMA, chunks, docstring_paragraphs, man_pages, spread
+from shards.raytools import ensure_ray
+from index_builder.reindex.incremental import reindex
+from index_builder.demo.textcorpus import SCHEMA, chunks, docstring_paragraphs, man_pages, spread
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "..", "out", "reindex")

@@ -67,9 +67,9 @@ def built(src: str, name: str, **kw) -> str:
 def monolithic(root: str, ids: np.ndarray, x: np.ndarray):
     """(one index holding every vector, manifest): the version's own trained index with all of x added,
     so that it probes the same lists as the version's shards."""
-    from shards.faissio import read_index
-    from shards.manifest import current_version, load_manifest, vdir
-    from shards.store import Store
+    from shards.storage.faissio import read_index
+    from shards.storage.manifest import current_version, load_manifest, vdir
+    from shards.storage.store import Store
 
     store = Store(root)
     m = load_manifest(store, current_version(store))

@@ -33,7 +33,7 @@ def text_index(docs: int) -> tuple[str, list[str]]:
 
     from index_builder.config import BuildConfig
     from index_builder.pipeline import build
-    from index_builder.textcorpus import write_corpus
+    from index_builder.demo.textcorpus import write_corpus
 
     src, root = os.path.join(OUT, f"text-{docs}"), os.path.join(OUT, f"text-index-{docs}-s2")
     if not os.path.exists(os.path.join(src, "part-1.parquet")):
@@ -126,9 +126,9 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from shards import serve as sv
+    from shards.serve import deployments as sv
     from shards.config import ServeConfig
-    from shards.router import Router
+    from shards.search.router import Router
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
     root, titles = text_index(a.docs)

@@ -22,7 +22,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def measure(root: str, xq: np.ndarray, k: int, nprobe: int, batch: int, rounds: int) -> dict:
-    from shards.router import Router
+    from shards.search.router import Router
 
     r = Router(root)
     touched = np.concatenate([r.search_outcome(xq[i:i + batch], k, nprobe).touched
@@ -68,9 +68,9 @@ def main() -> None:
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
     src, ids, x = corpus(a.n, a.d)
     xq = queries(x, a.nq)
-    from shards.faissio import set_nprobe
-    from shards.manifest import current_version, load_manifest
-    from shards.store import Store
+    from shards.storage.faissio import set_nprobe
+    from shards.storage.manifest import current_version, load_manifest
+    from shards.storage.store import Store
 
     cases, tuned = [], None
     for S in (4, 8):

@@ -2,7 +2,7 @@
 
 The hash-sharded version of bench/serve/throughput.py (200k x 64, IVF1024,Flat, 2 shards), its
 monolithic index, the same queries and nprobe. The coarse search is done once per batch, outside
-the timings; then, with the batch as given and grouped by nearest list (shards.routing.scan_order):
+the timings; then, with the batch as given and grouped by nearest list (shards.search.shard_selection.scan_order):
   shards  both shards scan their half of every probed list at the same time, each in its own
           Ray actor on one thread (what the router runs): wall seconds, and each actor's thread
           CPU seconds, summed
@@ -32,7 +32,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 def timed_searcher():
     import ray
 
-    from shards.searcher import ShardSearcher
+    from shards.search.searcher import ShardSearcher
 
     @ray.remote
     class Timed(ShardSearcher):
@@ -52,8 +52,8 @@ def main() -> None:
 
     import ray
 
-    from shards.faissio import coarse_search, faiss, ivf, search_preassigned
-    from shards.routing import scan_order
+    from shards.storage.faissio import coarse_search, faiss, ivf, search_preassigned
+    from shards.search.shard_selection import scan_order
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
     src, ids, x = corpus(a.n, a.d)
@@ -63,7 +63,7 @@ def main() -> None:
     nprobe = m.search.nprobe
     faiss().omp_set_num_threads(os.cpu_count())
     ivf(index).parallel_mode = 3   # search_preassigned splits the queries over threads only in this mode
-    from shards.store import Store
+    from shards.storage.store import Store
 
     Timed = timed_searcher()
     shards = [Timed.options(num_cpus=0.4).remote(Store(root), m.version, s, 1) for s in m.shards]

@@ -3,7 +3,7 @@
 Same queries, same k and nprobe, same run:
   faiss      one index holding every vector (the version's own trained index + all vectors),
              index.search in this process with every core (OpenMP): the baseline of the target
-  hash, ivf  shards.router.Router over a published S-shard version: one Ray actor per shard
+  hash, ivf  shards.search.router.Router over a published S-shard version: one Ray actor per shard
              (threads split by resources.plan_resources), the coarse quantizer run once in the
              driver, exact top-k merge in the driver; built with --sharding hash and --sharding ivf
              (same factory, same corpus). The two builds train their own quantizers (k-means on
@@ -49,8 +49,8 @@ PINGPONG_ROUNDS = 20_000   # a few ms, between batches   # each router against t
 
 def ordered(index, k: int, nprobe: int):
     """search(xq) -> (D, I): coarse search, the router's scan order, search_preassigned on every core."""
-    from shards.faissio import coarse_search, ivf, search_preassigned
-    from shards.routing import scan_order
+    from shards.storage.faissio import coarse_search, ivf, search_preassigned
+    from shards.search.shard_selection import scan_order
 
     iv = ivf(index)
 
@@ -149,8 +149,8 @@ def main() -> None:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-    from shards.faissio import faiss
-    from shards.router import Router
+    from shards.storage.faissio import faiss
+    from shards.search.router import Router
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
     src, ids, x = corpus(a.n, a.d)

@@ -1,0 +1,158 @@
+"""add: one Ray task per embeddings part, adding its vectors to copies of the trained index.
+
+--sharding hash: the part's vectors go to one sub-index per serving shard, by id hash:
+  work/<run>/add/part-N/shard-s.index
+--sharding ivf: the shard of a vector depends on its IVF list and on ranges that need every
+  part's list sizes, so the part goes to one index (all.index) and its list assignments are
+  recorded (lists.parquet: id, list); split_task cuts it by range once the ranges are known.
+
+done.json (the commit, written last) holds per shard the vector count, the bytes of the
+sub-index and a digest of the ids that went in, which merge checks the merged shard against.
+Memory: one part's vectors plus its sub-indexes; vectors are added in chunks of CHUNK.
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from shards.errors import IntegrityError
+from shards.storage.faissio import faiss, ivf, nlist, no_search_flags, pretransform, read_index, to_bytes
+from shards.storage.store import Store
+from shards.search.topk import exact_knn
+
+from index_builder.encode.parts import read_vectors
+from index_builder.shard_math import hash_shard, ids_digest, range_shard
+
+CHUNK = 1 << 16  # vectors per faiss add call: bounds the add's temporary buffers
+
+
+def part_dir(work: str, part: int) -> str:
+    return f"{work}/add/part-{part:05d}"
+
+
+def add_assigned(index, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """add_with_ids in chunks, returning the IVF list of every vector. The assignment is
+    computed here (pre-transform, then the quantizer, as IndexIVF.add_with_ids does) and given
+    to add_core, so the record of which list each id went to does not come from the lists."""
+    f, iv = faiss(), ivf(index)
+    lists = np.empty(len(x), dtype=np.int64)
+    for a in range(0, len(x), CHUNK):
+        xt = np.ascontiguousarray(pretransform(index, x[a:a + CHUNK]))
+        xi = np.ascontiguousarray(ids[a:a + CHUNK], dtype=np.int64)
+        _, L = iv.quantizer.search(xt, 1)
+        lists[a:a + len(xt)] = L[:, 0]
+        iv.add_core(len(xt), f.swig_ptr(xt), f.swig_ptr(xi), f.swig_ptr(np.ascontiguousarray(L[:, 0])))
+    _set_ntotal(index, iv.ntotal)
+    return lists
+
+
+def _set_ntotal(index, n: int) -> None:
+    """IndexPreTransform keeps its own ntotal: bring every wrapper level in line with the IVF."""
+    f = faiss()
+    index = f.downcast_index(index)
+    while isinstance(index, f.IndexPreTransform):
+        index.ntotal = n
+        index = f.downcast_index(index.index)
+
+
+def add_chunked(index, x: np.ndarray, ids: np.ndarray) -> None:
+    for a in range(0, len(x), CHUNK):
+        index.add_with_ids(x[a:a + CHUNK], ids[a:a + CHUNK])
+
+
+def _write(store: Store, rel: str, index) -> int:
+    data = to_bytes(index)
+    store.write_bytes(rel, data)
+    return len(data)
+
+
+def part_ground_truth(store: Store, work: str, part: int, ids: np.ndarray, x: np.ndarray, metric: str) -> None:
+    """Exact top-(K+1) of tune's queries among this part's vectors, while they are in memory: tune
+    merges the parts' answers instead of reading the whole corpus again."""
+    from index_builder.train.quantizer import queries_rel
+    from index_builder.build.tune import K
+
+    if not store.exists(queries_rel(work)):
+        return
+    q = np.load(io.BytesIO(store.read_bytes(queries_rel(work))))
+    D, I = exact_knn(q["xq"], x, min(K + 1, len(x)), metric)
+    pad = K + 1 - D.shape[1]
+    worst = -np.inf if metric == "ip" else np.inf
+    D = np.pad(D, ((0, 0), (0, pad)), constant_values=worst)
+    I = np.pad(np.where(I >= 0, ids[np.maximum(I, 0)], -1), ((0, 0), (0, pad)), constant_values=-1)
+    buf = io.BytesIO()
+    np.savez(buf, D=D, I=I)
+    store.write_bytes(f"{part_dir(work, part)}/gt.npz", buf.getvalue())
+
+
+@ray.remote(max_retries=3)
+def add_task(store: Store, trained_rel: str, emb_rel: str, part: int, S: int, work: str,
+             sharding: str = "hash", metric: str = "l2") -> dict:
+    out = part_dir(work, part)
+    if store.exists(f"{out}/done.json"):
+        return {**json.loads(store.read_text(f"{out}/done.json")), "reused": True}
+    faiss().omp_set_num_threads(1)
+    t0 = time.time()
+    trained = read_index(store, trained_rel, no_search_flags())
+    ids, x = read_vectors(store, emb_rel)
+    done = {"part": part, "vectors": len(ids), "digest": list(ids_digest(ids))}
+    part_ground_truth(store, work, part, ids, x, metric)
+    if sharding == "ivf":
+        index = faiss().clone_index(trained)
+        lists = add_assigned(index, x, ids)
+        store.write_table(f"{out}/lists.parquet", pa.table({"id": ids, "list": lists.astype(np.int32)}))
+        done["list_sizes"] = np.bincount(lists, minlength=nlist(trained)).tolist()
+        done["bytes_all"] = _write(store, f"{out}/all.index", index)
+    else:
+        sh = hash_shard(ids, S)
+        counts, sizes, digests = [], [], []
+        for s in range(S):
+            m = sh == s
+            index = faiss().clone_index(trained)
+            add_chunked(index, x[m], ids[m])
+            sizes.append(_write(store, f"{out}/shard-{s}.index", index))
+            counts.append(int(m.sum()))
+            digests.append(list(ids_digest(ids[m])))
+        done.update(counts=counts, bytes=sizes, digests=digests)
+    done["seconds"] = time.time() - t0
+    store.write_text(f"{out}/done.json", json.dumps(done))
+    return {**done, "reused": False}
+
+
+@ray.remote(max_retries=3)
+def split_task(store: Store, trained_rel: str, work: str, part: int, ranges: list[list[int]]) -> dict:
+    """--sharding ivf: cut a part's all.index into one sub-index per list range. The digest of
+    each shard's ids comes from the add's record of lists, not from the index being cut."""
+    out = part_dir(work, part)
+    marker = f"{out}/split.json"
+    if store.exists(marker):
+        done = json.loads(store.read_text(marker))
+        if done["ranges"] == ranges:
+            return {**done, "reused": True}
+    faiss().omp_set_num_threads(1)
+    t0 = time.time()
+    trained = read_index(store, trained_rel, no_search_flags())
+    whole = read_index(store, f"{out}/all.index", no_search_flags())
+    rec = store.read_table(f"{out}/lists.parquet")
+    ids, sh = rec.column("id").to_numpy(), range_shard(rec.column("list").to_numpy(), ranges)
+    counts, sizes, digests = [], [], []
+    for s, (a, b) in enumerate(ranges):
+        sub = faiss().clone_index(trained)
+        ivf(whole).copy_subset_to(ivf(sub), faiss().InvertedLists.SUBSET_TYPE_INVLIST, a, b)
+        _set_ntotal(sub, ivf(sub).ntotal)
+        sizes.append(_write(store, f"{out}/shard-{s}.index", sub))
+        counts.append(int(sub.ntotal))
+        digests.append(list(ids_digest(ids[sh == s])))
+    want = [d[0] for d in digests]
+    if counts != want or sum(counts) != whole.ntotal:
+        raise IntegrityError(f"{store.uri(out)}/all.index: cut by list range into {counts} vectors, its record of "
+                             f"lists says {want}; delete {store.uri(out)} and rebuild")
+    done = {"part": part, "ranges": ranges, "counts": counts, "bytes": sizes, "digests": digests,
+            "seconds": time.time() - t0}
+    store.write_text(marker, json.dumps(done))
+    return {**done, "reused": False}

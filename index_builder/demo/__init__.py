@@ -1,0 +1,1 @@
+"""Demo data, apart from the pipeline: the standard library's docstrings and man pages as a corpus."""

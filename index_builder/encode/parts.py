@@ -1,0 +1,225 @@
+"""encode: turn each input shard into an embeddings part, a docs part and (skip mode) a rejects part.
+
+Layout under INDEX_ROOT/embeddings/<fp>/ (fp: corpus + encoder + columns):
+  part-N.parquet           (id int64, vector fixed_size_list<float32>[d])   written last: the commit
+  docs/part-N.parquet      (id, [source_id], stored fields), sorted by id
+  rejected/part-N.parquet  (file, row, id, reason) for rows that were quarantined
+
+A part whose part-N.parquet exists is finished and never redone: every write is
+atomic, so a killed run leaves only whole files behind.
+
+Why an actor pool and not Ray Data: each part must commit as one unit for the
+exactly-once guarantee, and one part's rows fit in memory, so a plain pool of
+long-lived actors (the model loads once per actor) with one queue of parts is
+the simplest design that keeps the devices busy.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from shards.errors import CorpusError
+from shards.storage.store import Store
+
+from index_builder.config import BuildConfig
+from index_builder.plan.corpus import InputShard, first_line, int_ids, open_parquet
+from index_builder.encode.reuse import CHANGED, HASH, NEW, Reuse, fill, match, origin_column, text_hashes, vector_hashes
+
+
+@dataclass
+class PartResult:
+    part: int
+    rows: int          # valid documents written
+    rejected: int      # rows quarantined (including the id check's)
+    seconds: float
+    reused: bool
+    tokens: int = 0           # real tokens encoded
+    padded: int = 0           # tokens computed, padding included (length-sorted batches)
+    padded_unsorted: int = 0  # what input-order batches would have computed
+    encoded: int = 0          # texts the encoder was given (a reindex gives it only new and changed ones)
+    new: int = 0              # reindex: documents not in the live version
+    changed: int = 0          # reindex: live documents whose encoded column changed
+
+
+def part_rel(fp: str, part: int, kind: str = "") -> str:
+    sub = f"{kind}/" if kind else ""
+    return f"embeddings/{fp}/{sub}part-{part:05d}.parquet"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one part's files go. build: embeddings/<fp>/ with docs/ and rejected/ beside the
+    vectors. `shardex encode`: part files at the top of EMBEDDINGS_URI holding the source's
+    own id and the stored fields next to the vector, so `build --vector-column vector` reads
+    them as a corpus; rejects under _rejected/, which corpus readers skip."""
+
+    prefix: str
+    docs: str | None = "docs/"
+    rejected: str = "rejected/"
+
+    @classmethod
+    def build(cls, fp: str) -> "Layout":
+        return cls(f"embeddings/{fp}/")
+
+    @classmethod
+    def flat(cls) -> "Layout":
+        return cls("", None, "_rejected/")
+
+    def rel(self, part: int, sub: str = "") -> str:
+        return f"{self.prefix}{sub}part-{part:05d}.parquet"
+
+
+def read_shard(shard: InputShard, columns: list[str], s3_endpoint: str | None) -> pa.Table:
+    """Rows [start, stop) of the shard's file, reading only the row groups that hold them."""
+    f = open_parquet(shard.file, s3_endpoint)
+    md = f.metadata
+    groups, first, pos = [], None, 0
+    for g in range(md.num_row_groups):
+        n = md.row_group(g).num_rows
+        if pos + n > shard.start and pos < shard.stop:
+            groups.append(g)
+            first = pos if first is None else first
+        pos += n
+    try:
+        t = f.read_row_groups(groups, columns=columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CorpusError(f"{shard.file}: rows {shard.start}-{shard.stop}: not a readable Parquet file ({first_line(e)})") from None
+    t = t.slice(shard.start - (first or 0), shard.rows)
+    return t.append_column("__row", pa.array(np.arange(shard.start, shard.stop, dtype=np.int64)))
+
+
+def _text_problems(col: pa.ChunkedArray) -> np.ndarray:
+    """A reason per row, '' where the text is fine."""
+    null = col.is_null().to_numpy(zero_copy_only=False)
+    empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(col), ""), False).to_numpy(zero_copy_only=False)
+    return np.where(null, "null text", np.where(empty, "empty text", "")).astype(object)
+
+
+def _vector_problems(col: pa.ChunkedArray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(reason per row, float32 matrix with zeros in rejected rows)."""
+    col = col.combine_chunks()
+    null = col.is_null().to_numpy(zero_copy_only=False)
+    lens = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False)
+    bad_dim = ~null & (lens != dim)
+    why = np.full(len(col), "", dtype=object)
+    why[null] = "null vector"
+    for i in np.flatnonzero(bad_dim):
+        why[i] = f"vector has {lens[i]} values, expected {dim}"
+    ok = ~null & ~bad_dim
+    x = np.zeros((len(col), dim), dtype=np.float32)
+    if ok.any():
+        vals = pc.list_flatten(col.filter(pa.array(ok))).to_numpy(zero_copy_only=False)
+        x[ok] = vals.astype(np.float32).reshape(-1, dim)
+    why[ok & ~np.isfinite(x).all(axis=1)] = "vector has NaN or inf"
+    return why, x
+
+
+def prepare(shard: InputShard, cfg: BuildConfig, layout: Layout, dim: int | None, kind: str,
+            encode=None, reuse: Reuse | None = None) -> PartResult:
+    """One input shard -> its committed part. encode: texts -> float32 vectors, None for a vector column.
+    reuse (a reindex): the live parts to take unchanged documents' vectors from; only the rest is encoded."""
+    t0 = time.time()
+    store = Store(cfg.index_root, cfg.s3_endpoint)
+    emb = layout.rel(shard.part)
+    if store.exists(emb):
+        n = _num_rows(store, emb)
+        rej = _num_rows(store, layout.rel(shard.part, layout.rejected))
+        return PartResult(shard.part, n, rej, 0.0, True, **_origin_counts(store, emb, reuse))
+
+    data_col = cfg.vector_column or cfg.text_column
+    cols = list(dict.fromkeys([cfg.id_column, data_col, *cfg.stored_fields]))
+    t = read_shard(shard, cols, cfg.s3_endpoint)
+    rows = t.column("__row").to_numpy()
+    why = np.full(len(t), "", dtype=object)
+    for r, reason in shard.drops:
+        why[r - shard.start] = reason
+    if cfg.vector_column:
+        vwhy, x = _vector_problems(t.column(data_col), dim)
+    else:
+        vwhy, x = _text_problems(t.column(data_col)), None
+    why = np.where(why == "", vwhy, why)
+    bad = why != ""
+    if bad.any() and cfg.bad_rows == "error":
+        i = int(np.flatnonzero(bad)[0])
+        raise CorpusError(f"{shard.file} row {rows[i]}: {why[i]} (column {data_col!r}); "
+                          "fix the row, or pass --bad-rows skip to quarantine it")
+    keep = pa.array(~bad)
+    good = t.filter(keep)
+    ids = int_ids(good.column(cfg.id_column), kind)
+    texts = None if cfg.vector_column else good.column(data_col).to_pylist()
+    h = vector_hashes(x[~bad]) if cfg.vector_column else text_hashes(texts)
+    m = match(store, reuse, ids, h) if reuse is not None else None
+    if cfg.vector_column:
+        x = x[~bad]
+    elif m is not None:
+        x = fill(m, texts, encode)
+    else:
+        x = encode(texts)
+    if bad.any():
+        store.write_table(layout.rel(shard.part, layout.rejected),
+                          _rejects(t.filter(pa.array(bad)), shard, cfg, why[bad]))
+    if layout.docs:
+        store.write_table(layout.rel(shard.part, layout.docs), _docs(good, ids, cfg, kind))
+        out = vectors_table(ids, x, {HASH: pa.array(h, pa.int64()), **(origin_column(m.origin) if m else {})})
+    else:  # the source's own ids and the stored fields travel with the vectors
+        out = vectors_table(good.column(cfg.id_column), x, {f: good.column(f) for f in cfg.stored_fields})
+    store.write_table(emb, out)  # last: its presence marks the part done
+    counts = {"new": int((m.origin == NEW).sum()), "changed": int((m.origin == CHANGED).sum())} if m else {}
+    return PartResult(shard.part, len(ids), int(bad.sum()), time.time() - t0, False, **counts)
+
+
+def _origin_counts(store: Store, rel: str, reuse: Reuse | None) -> dict:
+    """new/changed of a part a killed reindex already wrote (from its origin column)."""
+    if reuse is None:
+        return {}
+    o = store.read_table(rel, columns=["origin"]).column("origin").to_numpy()
+    return {"new": int((o == NEW).sum()), "changed": int((o == CHANGED).sum())}
+
+
+def _num_rows(store: Store, rel: str) -> int:
+    if not store.exists(rel):
+        return 0
+    import pyarrow.parquet as pq
+
+    with store.open(rel) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def vectors_table(ids, x: np.ndarray, fields: dict | None = None) -> pa.Table:
+    """(id, vector fixed_size_list<float32>[d], *fields); ids: int64 array, or the source's id column."""
+    d = x.shape[1]
+    vec = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(x, dtype=np.float32).ravel()), d)
+    ids = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids, pa.int64())
+    return pa.table({"id": ids, "vector": vec, **(fields or {})})
+
+
+def read_vectors(store: Store, rel: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64, x float32 [n, d]) of one embeddings part."""
+    t = store.read_table(rel)
+    vec = t.column("vector").combine_chunks()
+    d = vec.type.list_size
+    x = vec.values.to_numpy(zero_copy_only=False).reshape(-1, d)
+    return t.column("id").to_numpy(), np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _docs(good: pa.Table, ids: np.ndarray, cfg: BuildConfig, kind: str) -> pa.Table:
+    cols = {"id": pa.array(ids, pa.int64())}
+    if kind == "str":
+        cols["source_id"] = good.column(cfg.id_column)
+    for f in cfg.stored_fields:
+        cols[f] = good.column(f)
+    return pa.table(cols).sort_by("id")  # sorted: row-group statistics let lookups skip most groups
+
+
+def _rejects(bad: pa.Table, shard: InputShard, cfg: BuildConfig, why: np.ndarray) -> pa.Table:
+    n = len(bad)
+    return pa.table({
+        "file": pa.array([shard.file] * n),
+        "row": bad.column("__row"),
+        "id": pc.cast(bad.column(cfg.id_column), pa.string()),
+        "reason": pa.array(list(why), pa.string()),
+    })

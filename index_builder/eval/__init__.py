@@ -1,0 +1,1 @@
+"""Measuring a version: recall against exact search, QPS and latency per nprobe."""

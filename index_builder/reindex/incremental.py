@@ -1,0 +1,321 @@
+"""`shardex reindex SOURCE INDEX_ROOT`: a new version from a changed corpus, encoding only what changed.
+
+1. plan      the corpus as a build would; options not given are the live version's
+2. encode    each input shard: hash the encoded column of every row, compare (id, hash) with the
+             live version's embeddings; a match keeps its stored vector, the rest is encoded
+             (everything is encoded when the encoder differs from the live version's)
+3. diff      new, changed, deleted and unchanged documents, from the parts' origin column
+4. drift     keep the live quantizer unless --retrain, another encoder, another factory, or the
+             new vectors' quantization error or the lists' imbalance passed its threshold
+5. index     add, merge, tune and publish as a build does, with the kept quantizer in place
+6. prune     with --keep N, old versions and stale scratch go (shards/storage/retention.py)
+
+A reindex killed anywhere leaves CURRENT as it was; run again, it reuses what it finished.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from shards.errors import ShardexError
+from shards.storage.manifest import EncoderInfo, Manifest, current_version, load_manifest, vdir
+from shards.storage.retention import Pruned, prune
+from shards.storage.store import Store
+
+from index_builder.config import BuildConfig, ReindexConfig, make
+from index_builder.plan.corpus import Corpus, int_ids, open_parquet, plan_corpus, read_columns
+from index_builder.reindex.drift import Decision, decide, delta_task, imbalance, list_sizes, load_npy
+from index_builder.encode.parts import part_rel
+from index_builder.encode.pool import encode_corpus
+from index_builder.plan.factory import choose_factory
+from index_builder.pipeline import Summary, Timer, build, index_and_publish, short_hash, with_endpoint
+from shards.raytools import ensure_ray, log, ray_get
+from index_builder.encode.reuse import CHANGED, KEPT, NEW, Reuse
+
+# Encoder settings that change the vectors of the documents: any difference re-encodes everything.
+# (query_prefix only changes queries; dtype changes precision, not the space.)
+SPACE_FIELDS = ("name", "revision", "modules", "dim", "normalize", "document_prefix", "max_seq_length")
+# Build options whose change alone makes a new version worth publishing.
+RESULT_OPTIONS = ("fields", "factory", "memory_budget", "shards", "sharding", "metric", "target_recall",
+                  "query_prefix")
+
+
+@dataclass
+class ReindexSummary:
+    version: str
+    parent: str | None
+    published: bool
+    new: int = 0
+    changed: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    encoded: int = 0                  # documents the encoder ran on (new + changed, or all)
+    reencoded_all: str | None = None
+    retrained: bool = False
+    retrain_reason: str | None = None
+    drift: dict = field(default_factory=dict)
+    build: Summary | None = None
+    pruned: Pruned | None = None
+
+    def lines(self) -> list[str]:
+        if not self.published:
+            out = [f"version      {self.version}  (CURRENT, unchanged: the corpus matches it)"]
+        else:
+            out = list(self.build.lines())
+        out.append(f"reindex      from {self.parent or '(none: a full build)'}: {self.new:,} new, "
+                   f"{self.changed:,} changed, {self.deleted:,} deleted, {self.unchanged:,} unchanged")
+        out.append(f"encoded      {self.encoded:,} document(s)"
+                   + (f": all of them, {self.reencoded_all}" if self.reencoded_all else ""))
+        q = f"retrained ({self.retrain_reason})" if self.retrained else "reused the live version's"
+        ratios = ", ".join(f"{k} {v:.2f}x" for k, v in self.drift.items())
+        out.append(f"quantizer    {q}" + (f"; drift {ratios} of the baseline" if ratios else ""))
+        if self.pruned:
+            out += self.pruned.lines()
+        return out
+
+
+def space_change(new: EncoderInfo, live: EncoderInfo) -> str | None:
+    """None when the new encoder's document vectors can share an index with the live ones; else why not."""
+    for f in SPACE_FIELDS:
+        a, b = getattr(live, f), getattr(new, f)
+        if a != b:
+            return f"the encoder's {f} changed ({a!r} -> {b!r})"
+    return None
+
+
+def effective_config(cfg: ReindexConfig, live: Manifest | None) -> BuildConfig:
+    """Build options: the live version's, overridden by the ones given."""
+    opts = {k: v for k, v in ((live.options or {}) if live else {}).items() if k in BuildConfig.model_fields}
+    return make(BuildConfig, {**opts, **cfg.build_options()}, where="shardex reindex")
+
+
+def _live(store: Store) -> Manifest | None:
+    try:
+        return load_manifest(store, current_version(store))
+    except ShardexError:
+        if store.exists("CURRENT"):
+            raise  # CURRENT names a version that cannot be read: never build around it
+        return None
+
+
+@dataclass
+class LiveIds:
+    """Every id of the live version, and the embeddings part that holds it."""
+
+    ids: np.ndarray          # sorted
+    part: np.ndarray         # index into parts, per id
+    parts: list[str]
+    missing: str | None      # why the live vectors cannot be reused (None when they can)
+
+    @classmethod
+    def read(cls, store: Store, m: Manifest) -> "LiveIds":
+        missing, parts = None, (m.embeddings.parts if m.embeddings else [])
+        if not m.embeddings:
+            missing = f"{m.version} records no embeddings (built before reindex support)"
+        else:
+            gone = [p for p in parts if not store.exists(p)]
+            if gone:
+                missing = f"{len(gone)} of {m.version}'s embeddings parts are gone (e.g. {store.uri(gone[0])})"
+        if missing:  # the ids still come from the version's own docs
+            ids = [store.read_table(f"{vdir(m.version)}/{f}", columns=["id"]).column("id").to_numpy()
+                   for f in m.docs.files]
+            part = [np.full(len(a), -1) for a in ids]
+        else:
+            ids = [store.read_table(p, columns=["id"]).column("id").to_numpy() for p in parts]
+            part = [np.full(len(a), i) for i, a in enumerate(ids)]
+        ids, part = np.concatenate(ids), np.concatenate(part)
+        order = np.argsort(ids, kind="stable")
+        return cls(ids[order], part[order], list(parts), missing)
+
+    def parts_of(self, ids: np.ndarray) -> list[int]:
+        """The live parts holding any of these ids."""
+        if len(self.ids) == 0:
+            return []
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        hit = self.ids[pos] == ids
+        return sorted(int(p) for p in np.unique(self.part[pos[hit]]) if p >= 0)
+
+
+def shard_ids(corpus: Corpus, cfg: BuildConfig) -> dict[int, np.ndarray]:
+    """The int64 ids of every input shard's rows (null ids left out), reading only the id column."""
+    out = {}
+    for uri in corpus.files:
+        col = read_columns(uri, open_parquet(uri, cfg.s3_endpoint), [cfg.id_column]).column(0)
+        valid = col.is_valid().to_numpy(zero_copy_only=False)
+        ids = np.full(len(col), -1, dtype=np.int64)
+        ids[valid] = int_ids(col.filter(pa.array(valid)), corpus.id_kind)
+        for s in corpus.shards:
+            if s.file == uri:
+                out[s.part] = ids[s.start:s.stop][valid[s.start:s.stop]]
+    return out
+
+
+@dataclass
+class Diff:
+    new: int
+    changed: int
+    deleted: int
+    unchanged: int
+    changed_ids: np.ndarray
+    deleted_ids: np.ndarray
+
+
+def diff(store: Store, emb: list[str], live: LiveIds) -> Diff:
+    """What the reindex found, from the origin column of its parts (so a resumed run counts the same)."""
+    ids, origin = [], []
+    for rel in emb:
+        t = store.read_table(rel, columns=["id", "origin"])
+        ids.append(t.column("id").to_numpy())
+        origin.append(t.column("origin").to_numpy())
+    ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
+    origin = np.concatenate(origin) if origin else np.empty(0, np.int8)
+    deleted = np.setdiff1d(live.ids, ids)
+    return Diff(new=int((origin == NEW).sum()), changed=int((origin == CHANGED).sum()), deleted=len(deleted),
+                unchanged=int((origin == KEPT).sum()), changed_ids=ids[origin == CHANGED], deleted_ids=deleted)
+
+
+def reindex(cfg: ReindexConfig) -> ReindexSummary:
+    cfg = with_endpoint(cfg)
+    store = Store(cfg.index_root, cfg.s3_endpoint)
+    live = _live(store)
+    bcfg = effective_config(cfg, live)
+    if live is None:
+        log(f"reindex: no live version under {store.root}: a full build")
+        s = build(bcfg)
+        return _finish(cfg, store, ReindexSummary(s.version, None, True, new=s.documents, build=s,
+                                                  retrained=True, retrain_reason="first version"), [s.work])
+    t = Timer()
+    with t.stage("plan"):
+        corpus = plan_corpus(bcfg)
+        old = LiveIds.read(store, live)
+        cands = {p: old.parts_of(ids) for p, ids in shard_ids(corpus, bcfg).items()}
+    ensure_ray()
+    log(f"plan: {len(corpus.files)} file(s), {corpus.total_rows:,} rows, {len(corpus.shards)} part(s); "
+        f"live {live.version}: {len(old.ids):,} documents")
+    why: dict = {}
+
+    def fp_of(info: EncoderInfo) -> str:
+        why["all"] = old.missing or space_change(info, live.encoder)
+        if why["all"]:
+            log(f"reindex: encoding every document: {why['all']}")
+        return short_hash(corpus.fingerprint, info, "reindex", live.version, why["all"])
+
+    def reuse_of(shard) -> Reuse:
+        return Reuse(tuple(old.parts[i] for i in cands.get(shard.part, [])), encode_all=bool(why["all"]))
+
+    with t.stage("encode"):
+        parts, enc, fp = encode_corpus(bcfg, corpus, fp_of, reuse_of=reuse_of)
+    emb = [part_rel(fp, p.part) for p in parts if p.rows]
+    d = diff(store, emb, old)
+    log(f"reindex: {d.new:,} new, {d.changed:,} changed, {d.deleted:,} deleted, {d.unchanged:,} unchanged")
+    encoded = sum(p.encoded for p in parts)
+    out = ReindexSummary(live.version, live.version, False, d.new, d.changed, d.deleted, d.unchanged, encoded,
+                         reencoded_all=why["all"])
+    if not (d.new or d.changed or d.deleted or why["all"] or cfg.retrain) and _same_options(bcfg, live):
+        log(f"reindex: nothing changed since {live.version}; CURRENT stays")
+        store.rm(f"embeddings/{fp}", recursive=True)  # this run's copy of the live vectors: nobody uses it
+        return _finish(cfg, store, out, [])
+
+    metric = bcfg.metric or enc.metric
+    with t.stage("drift"):
+        dec = _quantizer(cfg, bcfg, store, live, old, enc, metric, emb, d, why["all"])
+    log(f"quantizer: {'retrain: ' + dec.reason if dec.retrain else 'reuse ' + live.version + chr(39) + 's'}"
+        + (f" (drift {dec.ratios})" if dec.ratios else ""))
+    if dec.retrain:
+        run_cfg, trained = bcfg, None
+    else:
+        run_cfg = bcfg.model_copy(update={"factory": live.index.factory, "metric": live.index.metric})
+        trained = f"{vdir(live.version)}/trained.index"
+
+    def annotate(m: Manifest) -> Manifest:
+        from shards.storage.manifest import Lineage
+
+        m.lineage = Lineage(kind="reindex", parent=live.version, new=d.new, changed=d.changed, deleted=d.deleted,
+                            unchanged=d.unchanged, reencoded_all=why["all"], retrained=dec.retrain,
+                            retrain_reason=dec.reason, drift=dec.ratios)
+        m.options = {**(m.options or {}), "factory": bcfg.factory, "metric": bcfg.metric}  # the request, not the pick
+        if not dec.retrain:
+            m.index.auto_reason = live.index.auto_reason
+            if live.drift:  # the baseline stays the one measured when the quantizer was trained
+                m.drift = m.drift.model_copy(update={k: getattr(live.drift, k) for k in
+                                                     ("error_kind", "error", "sample", "imbalance", "trained_in")})
+        return m
+
+    s = index_and_publish(run_cfg, store, t, corpus, parts, enc, fp, reuse_trained=trained, annotate=annotate)
+    out = ReindexSummary(s.version, live.version, True, d.new, d.changed, d.deleted, d.unchanged, encoded,
+                         why["all"], dec.retrain, dec.reason, dec.ratios, build=s)
+    return _finish(cfg, store, out, [s.work])
+
+
+def _same_options(bcfg: BuildConfig, live: Manifest) -> bool:
+    opts = live.options or {}
+    return all(opts.get(k) == getattr(bcfg, k) for k in RESULT_OPTIONS)
+
+
+def _quantizer(cfg: ReindexConfig, bcfg: BuildConfig, store: Store, live: Manifest, old: LiveIds,
+               enc: EncoderInfo, metric: str, emb: list[str], d: Diff, reencoded_all: str | None) -> Decision:
+    """Reuse the live quantizer, or retrain, and why."""
+    if reencoded_all:
+        return Decision(True, f"every vector is new ({reencoded_all})")
+    if cfg.retrain:
+        return Decision(True, "--retrain")
+    if metric != live.index.metric:
+        return Decision(True, f"metric changed ({live.index.metric} -> {metric})")
+    n = d.new + d.changed + d.unchanged
+    want = choose_factory(n, enc.dim, bcfg.budget_bytes).factory if bcfg.factory == "auto" else bcfg.factory
+    if want != live.index.factory:
+        what = f"--factory auto picks {want} for {n:,} documents" if bcfg.factory == "auto" else f"--factory {want}"
+        return Decision(True, f"{what}; the live index is {live.index.factory}")
+    b = live.drift
+    if b is None or (b.error_kind is None and b.imbalance is None):
+        return Decision(False, None)  # nothing trained to drift (Flat), or no baseline recorded
+    return _drift_check(cfg, store, live, old, emb, d, b)
+
+
+def _drift_check(cfg, store: Store, live: Manifest, old: LiveIds, emb: list[str], d: Diff, b) -> Decision:
+    trained = f"{vdir(live.version)}/trained.index"
+    kind = b.error_kind
+    added = [delta_task.options(num_cpus=1).remote(store, trained, rel, None, kind) for rel in emb]
+    gone_ids = np.concatenate([d.changed_ids, d.deleted_ids])
+    gone = []
+    if len(gone_ids) and old.missing is None:
+        pos = np.searchsorted(old.ids, gone_ids)
+        for p in np.unique(old.part[pos]):
+            ids = gone_ids[old.part[pos] == p]
+            gone.append(delta_task.options(num_cpus=1).remote(store, trained, old.parts[p], ids.tolist(), kind))
+    added, gone = ray_get(added), ray_get(gone)
+    n_new = sum(a["n"] for a in added)
+    new_error = sum(a["error_sum"] for a in added) / n_new if n_new and kind else None
+    projected = None
+    if b.imbalance is not None:
+        sizes = _live_sizes(store, live)
+        for a in added:
+            if a["counts"] is not None:
+                sizes = sizes + a["counts"]
+        for g in gone:
+            if g["counts"] is not None:
+                sizes = sizes - g["counts"]
+        projected = imbalance(np.maximum(sizes, 0))
+    return decide(b.error, new_error, b.imbalance, projected, cfg.drift_error, cfg.drift_imbalance)
+
+
+def _live_sizes(store: Store, live: Manifest) -> np.ndarray:
+    if live.drift and live.drift.lists:
+        return load_npy(store, f"{vdir(live.version)}/{live.drift.lists}")
+    from shards.storage.faissio import load_shard
+
+    return sum(list_sizes(load_shard(store, live.version, s)) for s in live.shards)
+
+
+def _finish(cfg: ReindexConfig, store: Store, out: ReindexSummary, own_work: list[str]) -> ReindexSummary:
+    if cfg.keep:
+        out.pruned = prune(store, cfg.keep, cfg.grace_seconds, tuple(own_work))
+        log(f"prune: {len(out.pruned.versions)} version(s), {len(out.pruned.work)} work dir(s), "
+            f"{len(out.pruned.embeddings)} embeddings dir(s) deleted")
+    return out
+
+
+def as_dict(s: ReindexSummary) -> dict:
+    return asdict(s)

@@ -1,0 +1,1 @@
+"""The train stage: a sample drawn across the parts, and the quantizer trained on it once."""

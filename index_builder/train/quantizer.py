@@ -1,0 +1,231 @@
+"""train: one trained (empty) index from a sample drawn across all parts in proportion to their sizes.
+
+The sample is drawn by one small task per part, in parallel across the cluster, each returning
+only its rows; the corpus is never loaded whole, nor read by one task. The IVF k-means, the
+expensive step, runs where it is fastest:
+- "faiss-gpu": faiss's own k-means with a GPU flat index assigning points, when faiss-gpu
+  is installed and sees a GPU;
+- "cuda-torch": k-means in torch on CUDA (kmeans.py), its centroids placed into the faiss
+  quantizer, when torch sees a GPU but faiss is the CPU build;
+- "cpu": faiss on the CPU otherwise.
+Everything else (OPQ/PCA pre-transforms, PQ codebooks) is trained by faiss on the CPU; it
+subsamples to 65k points, so it is cheap next to k-means. A GPU that runs out of memory
+falls back to the next device down, with a log line, rather than failing the build.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import posixpath
+import sys
+import time
+
+import numpy as np
+import ray
+
+from shards.storage.faissio import faiss, ivf, metric_type, nlist, read_index, write_index
+from shards.storage.store import Store
+
+from index_builder.encode.parts import read_vectors
+from shards.raytools import log
+
+DEVICES = ("faiss-gpu", "cuda-torch", "cpu")
+
+
+def make_index(factory: str, d: int, metric: str):
+    """index_factory, wrapped in an IDMap when the index has no IVF (so add_with_ids works), with
+    polysemous training off."""
+    f = faiss()
+    index = skip_polysemous(f.index_factory(d, factory, metric_type(metric)))
+    try:
+        f.extract_index_ivf(index)
+    except RuntimeError:
+        if not isinstance(index, (f.IndexIDMap, f.IndexIDMap2)):
+            index = f.IndexIDMap2(index)
+    return index
+
+
+def skip_polysemous(index):
+    """index_factory turns on polysemous training for every 8-bit PQ ("PQ48" unless written "PQ48np").
+    It only reorders the PQ centroids so that Hamming distances between codes approximate real ones,
+    which matters to polysemous search (polysemous_ht), and shardex never searches that way: the
+    codebooks, the codes' distances and so the results are the same without it. It is most of the
+    training time of a PQ index (33 of 39 s for IVF1024,PQ48 on 50k x 384, 2 cores)."""
+    f = faiss()
+    inner = f.downcast_index(index)
+    while True:
+        if hasattr(inner, "do_polysemous_training"):
+            inner.do_polysemous_training = False
+        nxt = getattr(inner, "index", None)
+        if nxt is None:
+            return index
+        inner = f.downcast_index(nxt)
+
+
+def quotas(sizes: list[int], size: int) -> np.ndarray:
+    """How many of `size` to take from each part, in proportion to its rows (remainder to the biggest)."""
+    total = sum(sizes)
+    quota = np.floor(np.array(sizes) * size / max(total, 1)).astype(int)
+    quota[np.argsort([-n for n in sizes])[: size - quota.sum()]] += 1
+    return np.minimum(quota, sizes)
+
+
+def sample(store: Store, parts: list[tuple[str, int]], size: int, seed: int, queries: int = 0):
+    """`size` training vectors taken from each part in proportion to its row count, one part in
+    memory at a time. With queries > 0, also that many (query vectors, ids) drawn the same way
+    while the parts are read anyway: tune's held-out queries. Returns xt, or (xt, xq, qids).
+    In this process; sample_parallel draws the same rows in one Ray task per part."""
+    return joined([draw(store, *job) for job in draw_jobs(parts, size, seed, queries)], queries)
+
+
+def sample_parallel(store: Store, parts: list[tuple[str, int]], size: int, seed: int, queries: int) -> list:
+    """The rows sample() draws, read by one task per part across the cluster: at a billion vectors
+    one task reading every part in turn would take hours. Returns the tasks' refs (for joined)."""
+    return [draw_task.options(num_cpus=1).remote(store, *job) for job in draw_jobs(parts, size, seed, queries)]
+
+
+def draw_jobs(parts: list[tuple[str, int]], size: int, seed: int, queries: int) -> list[tuple]:
+    """(part, training rows, query rows, seed) for every part that gives any: the one plan both samplers run."""
+    qt, qq = quotas([n for _, n in parts], size), quotas([n for _, n in parts], queries)
+    return [(rel, int(a), int(b), (seed, i)) for i, ((rel, _), a, b) in enumerate(zip(parts, qt, qq)) if a or b]
+
+
+def draw(store: Store, rel: str, a: int, b: int, seed: tuple[int, int]):
+    """a training rows and b query rows (with their ids) of one part, at random (seeded by part)."""
+    rng = np.random.default_rng(seed)
+    ids, x = read_vectors(store, rel)
+    take = rng.choice(len(x), size=min(b, len(x)), replace=False)
+    return x[rng.choice(len(x), size=min(a, len(x)), replace=False)], x[take], ids[take]
+
+
+draw_task = ray.remote(max_retries=3)(draw)
+
+
+def joined(drawn: list, queries: int):
+    xt = np.concatenate([t for t, _, _ in drawn])
+    if not queries:
+        return xt
+    return xt, np.concatenate([q for _, q, _ in drawn]), np.concatenate([i for _, _, i in drawn])
+
+
+def best_device() -> str:
+    """The fastest place for k-means on this worker: faiss-gpu, else torch on CUDA, else the CPU."""
+    f = faiss()
+    if hasattr(f, "StandardGpuResources") and f.get_num_gpus() > 0:
+        return "faiss-gpu"
+    if sys.platform.startswith("linux") and not glob.glob("/dev/nvidia*"):
+        return "cpu"  # no NVIDIA device at all: spare the worker torch's import (seconds of the train stage)
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda-torch"
+    except ImportError:
+        pass
+    return "cpu"
+
+
+def train_chain(index, xt: np.ndarray) -> np.ndarray:
+    """Train the OPQ/PCA pre-transforms on xt; return xt as the IVF index under them sees it."""
+    f = faiss()
+    index = f.downcast_index(index)
+    while isinstance(index, f.IndexPreTransform):
+        for i in range(index.chain.size()):
+            vt = index.chain.at(i)
+            if not vt.is_trained:
+                vt.train(xt)
+            xt = vt.apply(xt)
+        index = f.downcast_index(index.index)
+    return np.ascontiguousarray(xt, dtype=np.float32)
+
+
+def train_index(index, xt: np.ndarray, device: str, seed: int = 1234) -> str:
+    """Train `index` on xt with its IVF k-means on `device` ("faiss-gpu", "cuda-torch", "cpu-torch" for
+    torch on the CPU, or "cpu"). Returns the device that did the k-means (after any fallback)."""
+    iv = ivf(index)
+    if iv is None or device == "cpu":
+        index.train(xt)
+        return "cpu"
+    iv.cp.seed = seed
+    try:
+        if device == "faiss-gpu":
+            _faiss_gpu_train(index, iv, xt)
+        else:
+            _torch_train(index, iv, xt, "cuda" if device == "cuda-torch" else "cpu", seed)
+        return device
+    except (RuntimeError, MemoryError) as e:
+        if "memory" not in str(e).lower() and "cuda" not in str(e).lower():
+            raise
+        fallback = DEVICES[DEVICES.index(device) + 1] if device in DEVICES[:-1] else "cpu"
+        log(f"train: k-means on {device} failed ({str(e).splitlines()[0][:120]}); retrying on {fallback}")
+        _untrain(iv)
+        return train_index(index, xt, fallback, seed)
+
+
+def _faiss_gpu_train(index, iv, xt: np.ndarray) -> None:
+    """faiss's k-means with a GPU index doing the assignments (the centroids come back to the CPU quantizer)."""
+    f = faiss()
+    iv.clustering_index = f.index_cpu_to_all_gpus(f.IndexFlat(iv.d, iv.metric_type))
+    try:
+        index.train(xt)
+    finally:
+        iv.clustering_index = None
+
+
+def _torch_train(index, iv, xt: np.ndarray, device: str, seed: int) -> None:
+    """torch k-means in the IVF's input space, centroids added to the quantizer; then faiss trains
+    the rest (it skips a quantizer that already holds nlist centroids)."""
+    from index_builder.train.kmeans import kmeans
+
+    xq = train_chain(index, xt)
+    metric = "ip" if iv.metric_type == faiss().METRIC_INNER_PRODUCT else "l2"
+    res = kmeans(xq, int(iv.nlist), niter=int(iv.cp.niter), metric=metric, spherical=bool(iv.cp.spherical),
+                 seed=seed, device=device)
+    iv.quantizer.reset()
+    iv.quantizer.add(res.centroids)
+    index.train(xt)
+
+
+def _untrain(iv) -> None:
+    iv.quantizer.reset()
+    iv.is_trained = False
+
+
+def queries_rel(work: str) -> str:
+    return f"{work}/tune-queries.npz"
+
+
+def train_record(out_rel: str) -> str:
+    return out_rel + ".json"
+
+
+@ray.remote
+def train_task(store: Store, drawn: list, factory: str, d: int, metric: str, seed: int, out_rel: str,
+               threads: int, reuse_rel: str | None = None, t0: float | None = None) -> dict:
+    """Writes out_rel (the trained index), the tune queries beside it, and train_record(out_rel)
+    (how it was trained) last. drawn: sample_parallel's refs (training rows and tune queries).
+    reuse_rel: a trained index to take as it is (a reindex whose quantizer has not drifted); the
+    tune queries are still drawn. t0: when the driver started the sampling."""
+    record = train_record(out_rel)
+    if store.exists(record):
+        return {**json.loads(store.read_text(record)), "reused": True}
+    faiss().omp_set_num_threads(threads)
+    t0 = t0 or time.time()
+    xt, xq, qids = joined(ray.get(drawn), 1)
+    buf = io.BytesIO()
+    np.savez(buf, xq=xq, ids=qids)
+    store.write_bytes(queries_rel(posixpath.dirname(out_rel)), buf.getvalue())
+    t1 = time.time()
+    if reuse_rel:
+        if reuse_rel != out_rel:
+            store.copy(reuse_rel, out_rel)
+        index, device = read_index(store, out_rel), "reused"
+    else:
+        index = make_index(factory, d, metric)
+        device = train_index(index, xt, best_device(), seed)
+        write_index(store, out_rel, index)
+    done = {"train_vectors": len(xt), "seconds": time.time() - t0, "sample_seconds": t1 - t0,
+            "device": device, "nlist": nlist(index)}
+    store.write_text(record, json.dumps(done))
+    return {**done, "reused": False}

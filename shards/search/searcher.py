@@ -1,0 +1,159 @@
+"""One serving shard: load it (checked against the manifest) and answer top-k searches, filtered or not."""
+from __future__ import annotations
+
+import os
+import tempfile
+from functools import cached_property
+
+import numpy as np
+
+from shards.errors import IntegrityError, SearchError
+from shards.storage.faissio import faiss, index_ids, ivf, load_shard
+from shards.search.filters import Attributes, SelectionCache
+from shards.storage.manifest import FileInfo, Manifest, vdir
+from shards.storage.store import Store
+
+NPROBE_GROWTH = 4   # a filtered search that comes back short retries with nprobe this many times larger
+
+
+class ShardSearcher:
+    def __init__(self, store: Store, version: str, shard: FileInfo, threads: int | None = None):
+        self.threads = threads
+        if threads:
+            faiss().omp_set_num_threads(threads)
+        self.index = load_shard(store, version, shard)  # checks ntotal; mmaps a shard merged on disk
+        self.name = shard.file
+        if self._ivf is not None:
+            # faiss parallelizes the default mode (0) in search() only, around search_preassigned, so a shard
+            # scanning the router's lists ran one thread whatever `threads` said; mode 3 splits the queries
+            # inside search_preassigned (dynamically), and search() with it gives the same results
+            self._ivf.parallel_mode = 3
+
+    @cached_property
+    def _ivf(self):
+        return ivf(self.index)
+
+    @property
+    def nlist(self) -> int:
+        return int(self._ivf.nlist) if self._ivf is not None else 1
+
+    def load_attributes(self, store: Store, m: Manifest, kinds: dict[str, str]) -> int:
+        """Hold the filterable columns of this shard's own documents; returns their bytes.
+
+        Every docs file is read with only the id and those columns, and only this shard's
+        rows are kept, so a shard holds 1/S of the attributes and none of the text.
+        """
+        self.attrs = Attributes.from_table(_own_rows(store, m, np.sort(index_ids(self.index)), list(kinds)),
+                                           kinds)
+        if len(self.attrs) != self.index.ntotal:
+            raise IntegrityError(f"{self.name}: {self.index.ntotal} vectors but {len(self.attrs)} rows of "
+                                 f"{store.uri(vdir(m.version))}/docs/ carry its ids")
+        self.selections = SelectionCache()
+        return self.attrs.nbytes()
+
+    def search(self, xq: np.ndarray, k: int, nprobe: int | None = None, flt: list | None = None,
+               coarse: tuple[np.ndarray, np.ndarray] | None = None):
+        """(D, I) of the k best per query.
+
+        coarse: the router's (Dq, Iq) for these queries; the shard then scans exactly those
+        lists rather than quantizing the queries again. With a filter (the router's wire
+        form), only matching documents are scanned, and each query gets min(k, matching
+        documents of this shard) results: a short answer is retried with a larger nprobe,
+        up to every list."""
+        if self.threads:  # OpenMP's thread count is per calling thread: Serve and the local backend search in others
+            faiss().omp_set_num_threads(self.threads)
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        sel = None
+        if flt is not None:
+            if getattr(self, "attrs", None) is None:
+                raise SearchError(f"{self.name}: filters need the shard's attributes; none were loaded")
+            sel = self.selections.get(self.attrs, flt)
+            if sel.count == 0:
+                return (np.full((len(xq), k), _worst(self.index), dtype=np.float32),
+                        np.full((len(xq), k), -1, dtype=np.int64))
+        if coarse is not None and self._ivf is not None:
+            D, I = self._preassigned(xq, k, coarse, sel.sel if sel else None)
+        else:
+            D, I = self.index.search(xq, k, params=self._params(nprobe, sel.sel if sel else None))
+        if sel is None:
+            return D, I
+        want, p = min(k, sel.count), (coarse[1].shape[1] if coarse is not None else nprobe) or \
+            self._default_nprobe()
+        while p < self.nlist:
+            short = np.flatnonzero((I >= 0).sum(1) < want)
+            if not len(short):
+                break
+            p = min(self.nlist, p * NPROBE_GROWTH)
+            D[short], I[short] = self.index.search(xq[short], k, params=self._params(p, sel.sel))
+        return D, I
+
+    def _preassigned(self, xq, k, coarse, sel):
+        """Scan the lists the router chose. The C++ call, not the Python wrapper: the wrapper
+        takes no per-call parameters and reads nprobe from the shared index."""
+        from shards.storage.faissio import pretransform
+
+        f = faiss()
+        Dq, Iq = (np.ascontiguousarray(coarse[0], np.float32), np.ascontiguousarray(coarse[1], np.int64))
+        p = f.SearchParametersIVF(nprobe=int(Iq.shape[1]))  # the C++ reads Iq as [n, nprobe]
+        if sel is not None:
+            p.sel = sel
+        x = np.ascontiguousarray(pretransform(self.index, xq), np.float32)
+        n = len(x)
+        D, I = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+        self._ivf.search_preassigned_c(n, f.swig_ptr(x), k, f.swig_ptr(Iq), f.swig_ptr(Dq), f.swig_ptr(D),
+                                       f.swig_ptr(I), False, p)
+        return D, I
+
+    def _default_nprobe(self) -> int:
+        return int(self._ivf.nprobe) if self._ivf is not None else 1
+
+    def _params(self, nprobe: int | None, sel):
+        """Per-call search parameters: nprobe and the selector never touch the shared index,
+        so concurrent searches with different settings cannot race."""
+        f = faiss()
+        if self._ivf is not None:
+            p = f.SearchParametersIVF(nprobe=int(nprobe or self._default_nprobe()))
+        elif sel is None:
+            return None
+        else:
+            p = f.SearchParameters()
+        if sel is not None:
+            p.sel = sel
+        if isinstance(self.index, f.IndexPreTransform):
+            outer = f.SearchParametersPreTransform()
+            outer.index_params = p
+            outer._inner = p  # keep the inner parameters alive as long as the outer ones
+            return outer
+        return p
+
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+
+def _worst(index) -> float:
+    return -np.finfo(np.float32).max if index.metric_type == faiss().METRIC_INNER_PRODUCT \
+        else np.finfo(np.float32).max
+
+
+def _own_rows(store: Store, m: Manifest, ids: np.ndarray, fields: list[str]):
+    """The id and `fields` columns of the docs rows whose id is in `ids` (sorted), file by file."""
+    import pyarrow as pa
+
+    parts = []
+    for f in m.docs.files:
+        t = store.read_table(f"{vdir(m.version)}/{f}", columns=["id", *fields])
+        got = t.column("id").to_numpy()
+        pos = np.minimum(np.searchsorted(ids, got), len(ids) - 1) if len(ids) else got * 0
+        keep = (ids[pos] == got) if len(ids) else np.zeros(len(got), bool)
+        if keep.any():
+            parts.append(t.filter(pa.array(keep)))
+    if not parts:
+        schema = store.read_table(f"{vdir(m.version)}/{m.docs.files[0]}", columns=["id", *fields]).schema
+        return schema.empty_table()
+    return pa.concat_tables(parts)
+
+
+def scratch_dir() -> str:
+    d = os.path.join(tempfile.gettempdir(), "shardex-cache")
+    os.makedirs(d, exist_ok=True)
+    return d

@@ -1,0 +1,1 @@
+"""The Ray Serve app: shard and router deployments, the HTTP API, live version swaps."""

@@ -1,0 +1,218 @@
+"""faiss indexes on storage, and the few index facts shardex needs (nprobe, ids, metric)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+import uuid
+from contextlib import contextmanager
+
+import numpy as np
+
+from shards.storage.store import Store
+
+
+def faiss():
+    import faiss as _faiss  # lazy: the CLI's --help and the router's HTTP layer stay light
+
+    return _faiss
+
+
+def metric_type(metric: str) -> int:
+    f = faiss()
+    return f.METRIC_INNER_PRODUCT if metric == "ip" else f.METRIC_L2
+
+
+def keep_max(metric: str) -> bool:
+    """Inner product: larger is better. L2: smaller is better."""
+    return metric == "ip"
+
+
+def to_bytes(index) -> bytes:
+    return faiss().serialize_index(index).tobytes()
+
+
+def from_bytes(data: bytes, io_flags: int = 0):
+    return faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8), io_flags)
+
+
+def write_index(store: Store, rel: str, index) -> None:
+    """On a local store faiss writes the file itself (then it is renamed into place): no serialized
+    copies in memory, which for a big shard were twice its size on top of it."""
+    if not store.local:
+        store.write_bytes(rel, to_bytes(index))
+        return
+    path = store.path(rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        faiss().write_index(index, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_index(store: Store, rel: str, io_flags: int = 0):
+    return from_bytes(store.read_bytes(rel), io_flags)
+
+
+def no_search_flags() -> int:
+    """io_flags for an index that is added to, cut or merged but not searched: IVFPQ's table of
+    precomputed distances (nlist x M x 256 floats, 134 MB at IVF4096,PQ32) is not built on read.
+    Building it took most of the time of reading a part's sub-index."""
+    return faiss().IO_FLAG_SKIP_PRECOMPUTE_TABLE
+
+
+def ivf(index):
+    """The IndexIVF inside (through pre-transforms and wrappers), or None for a flat index."""
+    try:
+        return faiss().extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def set_nprobe(index, nprobe: int | None) -> None:
+    i = ivf(index)
+    if i is not None and nprobe:
+        i.nprobe = int(nprobe)
+
+
+def nlist(index) -> int | None:
+    i = ivf(index)
+    return int(i.nlist) if i is not None else None
+
+
+def index_ids(index) -> np.ndarray:
+    """Every id stored in the index (IVF inverted lists or an IDMap), unsorted."""
+    f = faiss()
+    i = ivf(index)
+    if i is None:
+        return f.vector_to_array(f.downcast_index(index).id_map).astype(np.int64)
+    inv = i.invlists
+    parts = [f.rev_swig_ptr(inv.get_ids(l), inv.list_size(l)).copy()
+             for l in range(inv.nlist) if inv.list_size(l)]
+    return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
+
+
+def quantizer_bytes(index) -> bytes:
+    """What must be identical between indexes that are merged: the trained index, emptied."""
+    f = faiss()
+    c = f.clone_index(index)
+    c.reset()
+    return to_bytes(c)
+
+
+# ---------------------------------------------------------------- pre-transforms and the coarse quantizer
+
+def pretransform(index, x: np.ndarray) -> np.ndarray:
+    """x through the index's OPQ/PCA chain (IndexPreTransform), as the index sees it; x itself when none."""
+    f = faiss()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    index = f.downcast_index(index)
+    while isinstance(index, f.IndexPreTransform):
+        for i in range(index.chain.size()):
+            x = index.chain.at(i).apply(x)
+        index = f.downcast_index(index.index)
+    return x
+
+
+def coarse_search(trained_index, xq: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, lists) [nq, nprobe]: what the IVF index's own search probes for these queries."""
+    i = ivf(trained_index)
+    if i is None:
+        raise ValueError("coarse_search: the index has no IVF quantizer (a flat index probes nothing)")
+    return i.quantizer.search(pretransform(trained_index, xq), min(int(nprobe), int(i.nlist)))
+
+
+def probed_lists(trained_index, xq: np.ndarray, nprobe: int) -> np.ndarray:
+    """The IVF lists [nq, nprobe] each query probes: the pre-transform chain, then quantizer.search.
+    With --sharding ivf, routing.shards_for_lists turns them into the shards to ask."""
+    return coarse_search(trained_index, xq, nprobe)[1]
+
+
+def search_preassigned(index, xq: np.ndarray, k: int, coarse: tuple[np.ndarray, np.ndarray]):
+    """(D, I) of an IVF index searched in the lists given (coarse_search's output), not its own choice.
+    A shard searched this way probes exactly the lists the router computed, ties in the
+    coarse quantizer included."""
+    i = ivf(index)
+    Dq, Iq = coarse
+    i.nprobe = Iq.shape[1]
+    return i.search_preassigned(pretransform(index, xq), k, np.ascontiguousarray(Iq, dtype=np.int64),
+                                np.ascontiguousarray(Dq, dtype=np.float32))
+
+
+# ---------------------------------------------------------------- shards on storage, in RAM or on disk
+
+@contextmanager
+def faiss_quiet():
+    """faiss's on-disk code printf()s notes (an .ivfdata resized, its path fixed up) on stdout,
+    where a `--json` caller reads its answer: file descriptor 1 goes to /dev/null meanwhile."""
+    sys.stdout.flush()
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+
+
+def read_ondisk(index_path: str):
+    """An index whose inverted lists live in a .ivfdata file beside it, mmapped read-only.
+    The .ivfdata is found next to the .index (its name kept, its directory fixed up)."""
+    f = faiss()
+    with faiss_quiet():
+        return f.read_index(index_path, f.IO_FLAG_ONDISK_SAME_DIR | f.IO_FLAG_READ_ONLY)
+
+
+def cache_root() -> str:
+    """Where shards fetched from S3 are kept for mmap: $SHARDEX_CACHE_DIR, else <tmp>/shardex-cache."""
+    d = os.environ.get("SHARDEX_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "shardex-cache")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def fetch_files(store: Store, dir_rel: str, names: list[tuple[str, int | None]], local_dir: str) -> None:
+    """Download dir_rel/<name> for each (name, expected size) into local_dir, names kept (so an
+    .index finds its .ivfdata); a file already there at its expected size is reused."""
+    os.makedirs(local_dir, exist_ok=True)
+    for name, size in names:
+        dst = os.path.join(local_dir, name)
+        if os.path.exists(dst) and (size is None or os.path.getsize(dst) == size):
+            continue
+        tmp = f"{dst}.tmp-{uuid.uuid4().hex[:8]}"
+        store.fs.get_file(store.path(f"{dir_rel}/{name}"), tmp)
+        os.replace(tmp, dst)
+
+
+def open_shard_file(store: Store, dir_rel: str, fileinfo, cache_dir: str | None = None):
+    """The index dir_rel/<fileinfo.file>: mmapped from the store (local) or from a local copy (S3)
+    when it has an .ivfdata; read into RAM otherwise."""
+    rel = f"{dir_rel}/{fileinfo.file}"
+    if not fileinfo.ivfdata:
+        return faiss().read_index(store.path(rel)) if store.local else read_index(store, rel)
+    if store.local:
+        return read_ondisk(store.path(rel))
+    key = hashlib.sha256(store.uri(dir_rel).encode()).hexdigest()[:16]
+    d = os.path.join(cache_dir or cache_root(), key)
+    fetch_files(store, dir_rel, [(fileinfo.file, fileinfo.bytes), (fileinfo.ivfdata, fileinfo.ivfdata_bytes)], d)
+    return read_ondisk(os.path.join(d, fileinfo.file))
+
+
+def load_shard(store: Store, version: str, fileinfo, cache_dir: str | None = None):
+    """One published shard, checked against its manifest entry. A shard merged on disk
+    (fileinfo.ivfdata) is mmapped: in place on a local store, from a local copy under
+    cache_dir (default cache_root()) when on S3. Others are read into RAM."""
+    from shards.errors import IntegrityError
+    from shards.storage.manifest import vdir
+
+    index = open_shard_file(store, vdir(version), fileinfo, cache_dir)
+    if fileinfo.ntotal is not None and index.ntotal != fileinfo.ntotal:
+        raise IntegrityError(f"{store.uri(vdir(version))}/{fileinfo.file}: holds {index.ntotal} vectors, "
+                             f"the manifest says {fileinfo.ntotal}")
+    return index

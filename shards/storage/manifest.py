@@ -1,0 +1,218 @@
+"""The manifest of one published version, and the CURRENT pointer.
+
+INDEX_ROOT/CURRENT names the live version; versions/<v>/manifest.json says
+everything needed to load and check that version.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timezone
+
+from pydantic import BaseModel, Field
+
+from shards.errors import IntegrityError, StorageError
+from shards.storage.store import Store
+
+FORMAT = "shardex-index/1"
+CURRENT = "CURRENT"
+
+
+class EncoderInfo(BaseModel):
+    name: str                       # model name or path; "precomputed" for a vector column
+    revision: str | None = None     # sha256 of the weights
+    modules: str | None = None      # sha256 of the modules' types and configs (pooling, normalisation)
+    dim: int
+    normalize: bool
+    metric: str                     # "ip" | "l2"
+    query_prefix: str = ""
+    document_prefix: str = ""
+    max_seq_length: int | None = None
+    dtype: str = "fp32"             # what the documents were encoded in: fp32, fp16 or bf16
+
+
+class FileInfo(BaseModel):
+    file: str
+    sha256: str
+    bytes: int
+    ntotal: int | None = None
+    ivfdata: str | None = None          # on-disk inverted lists beside `file` (merged shards over the RAM budget)
+    ivfdata_sha256: str | None = None
+    ivfdata_bytes: int | None = None
+
+    def ivfdata_info(self) -> "FileInfo | None":
+        """The .ivfdata file as a FileInfo of its own, so verify checks it like any other file."""
+        if not self.ivfdata:
+            return None
+        return FileInfo(file=self.ivfdata, sha256=self.ivfdata_sha256 or "", bytes=self.ivfdata_bytes or 0)
+
+
+class SourceInfo(BaseModel):
+    uri: str
+    fingerprint: str
+    documents: int                  # valid documents, all in the index exactly once
+    rejected: int = 0               # rows sent to quarantine (--bad-rows skip)
+    quarantine: str | None = None   # file in this version holding them, with a reason
+
+
+class IndexInfo(BaseModel):
+    factory: str
+    metric: str
+    auto_reason: str | None = None  # why --factory auto chose this factory
+    nlist: int | None = None
+    train_vectors: int = 0
+    train_seconds: float = 0.0
+    train_device: str = "cpu"       # "cpu", "cuda-torch" (k-means in torch on CUDA), "faiss-gpu", or "reused"
+
+
+class ShardingInfo(BaseModel):
+    mode: str = "hash"
+    shards: int
+    # mode "ivf": shard s owns the IVF lists [ranges[s][0], ranges[s][1]), contiguous, covering 0..nlist
+    ranges: list[list[int]] | None = None
+
+
+class DocsInfo(BaseModel):
+    files: list[str]
+    fields: list[str]
+    id_kind: str = "int"            # "int", or "str" when string ids were mapped to int64
+
+
+class SearchDefaults(BaseModel):
+    nprobe: int | None = None
+    recall_at_10: float | None = None
+    eval_queries: int = 0
+    target_recall: float | None = None  # nprobe is the smallest reaching this recall@10 (when any does)
+
+
+class EmbeddingsInfo(BaseModel):
+    """Where this version's vectors are: a later reindex reuses them instead of re-encoding."""
+    parts: list[str]                # relative to INDEX_ROOT: embeddings/<fp>/part-N.parquet (id, vector, hash)
+    hash: str = "blake2b-64 of the encoded column's value"  # what the hash column is
+
+
+class DriftBaseline(BaseModel):
+    """The trained quantizer's fit when it was trained; a reindex compares new vectors against it."""
+    error_kind: str | None = None   # "codec": ||x - decode(encode(x))||^2; "coarse": to the IVF centroid
+    error: float | None = None      # mean squared error over `sample` indexed vectors
+    sample: int = 0
+    imbalance: float | None = None  # of the IVF list sizes: nlist * sum(n_l^2) / N^2 (1 = even)
+    lists: str | None = None        # file in this version: int64 size of every IVF list (numpy .npy)
+    trained_in: str | None = None   # the version whose build trained the quantizer
+
+
+class Lineage(BaseModel):
+    """How this version came about: a full build, or a reindex of `parent`."""
+    kind: str = "build"             # "build" | "reindex"
+    parent: str | None = None       # the version that was CURRENT when the reindex started
+    new: int = 0
+    changed: int = 0                # encoded column changed: re-encoded
+    deleted: int = 0
+    unchanged: int = 0              # vectors reused from the parent
+    reencoded_all: str | None = None  # why every document was encoded again (e.g. the encoder changed)
+    retrained: bool = True
+    retrain_reason: str | None = None
+    drift: dict[str, float] = {}    # measured ratios against the baseline (error, imbalance)
+
+
+class Manifest(BaseModel):
+    format: str = FORMAT
+    version: str
+    # milliseconds: versions published within one second still sort by time (retention relies on it)
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
+    source: SourceInfo
+    encoder: EncoderInfo
+    index: IndexInfo
+    sharding: ShardingInfo
+    trained: FileInfo
+    shards: list[FileInfo]
+    docs: DocsInfo
+    search: SearchDefaults = SearchDefaults()
+    timings: dict[str, float] = {}
+    embeddings: EmbeddingsInfo | None = None
+    drift: DriftBaseline | None = None
+    lineage: Lineage | None = None
+    options: dict | None = None     # the build options (BuildConfig minus source and roots): reindex's defaults
+    vectors: list[str] = []         # embeddings parts (relative to INDEX_ROOT) holding the exact vectors: eval's ground truth
+
+    @property
+    def ntotal(self) -> int:
+        return sum(s.ntotal or 0 for s in self.shards)
+
+    def files(self) -> list[FileInfo]:
+        return [self.trained, *self.shards, *(f for s in self.shards if (f := s.ivfdata_info()))]
+
+
+def vdir(version: str) -> str:
+    return f"versions/{version}"
+
+
+def new_version_name(run_id: str) -> str:
+    """Sortable by time; the run, then a random tag, so two publishes never share a name:
+    v20261122-053000-ab12cd-9f3e."""
+    return datetime.now(timezone.utc).strftime("v%Y%m%d-%H%M%S-") + f"{run_id[:6]}-{uuid.uuid4().hex[:4]}"
+
+
+def write_manifest(store: Store, m: Manifest) -> None:
+    store.write_text(f"{vdir(m.version)}/manifest.json", m.model_dump_json(indent=2))
+
+
+def load_manifest(store: Store, version: str) -> Manifest:
+    rel = f"{vdir(version)}/manifest.json"
+    try:
+        m = Manifest.model_validate_json(store.read_bytes(rel))
+    except FileNotFoundError:
+        raise StorageError(f"{store.uri(rel)}: no such version {version!r}") from None
+    if m.format != FORMAT:
+        raise StorageError(f"{store.uri(rel)}: format {m.format!r}, this shardex reads {FORMAT!r}")
+    return m
+
+
+def verify(store: Store, m: Manifest) -> None:
+    """Re-read every file the manifest lists; raise unless sizes and sha256 match."""
+    for f in m.files():
+        rel = f"{vdir(m.version)}/{f.file}"
+        got = store.size(rel)
+        if got != f.bytes or store.sha256(rel) != f.sha256:
+            raise IntegrityError(f"{store.uri(rel)}: size or sha256 differs from the manifest")
+
+
+def current_version(store: Store) -> str:
+    try:
+        v = store.read_text(CURRENT).strip()
+    except FileNotFoundError:
+        raise StorageError(f"{store.uri(CURRENT)}: no published version under {store.root}") from None
+    return v
+
+
+def set_current(store: Store, version: str) -> None:
+    """Point CURRENT at a version whose manifest exists. The one write that publishes."""
+    load_manifest(store, version)
+    store.write_text(CURRENT, version + "\n")
+
+
+def list_versions(store: Store) -> list[dict]:
+    live = store.read_text(CURRENT).strip() if store.exists(CURRENT) else None
+    out = []
+    for v in store.ls("versions"):
+        if not store.exists(f"{vdir(v)}/manifest.json"):
+            continue  # an unfinished publish: never CURRENT, safe to delete
+        m = load_manifest(store, v)
+        out.append({"version": v, "current": v == live, "created": m.created,
+                    "documents": m.source.documents, "shards": len(m.shards),
+                    "factory": m.index.factory, "encoder": m.encoder.name,
+                    "encoder_revision": (m.encoder.revision or "")[:12], "dim": m.encoder.dim,
+                    "lineage": m.lineage.model_dump() if m.lineage else None})
+    return sorted(out, key=lambda d: age_key(d["version"], d["created"]))
+
+
+def age_key(version: str, created: str) -> tuple:
+    """Oldest first: the name's time (to the second), then `created` (to the millisecond) within a second."""
+    stamp = version[:16] if version[:1] == "v" and version[9:10] == "-" else ""
+    return stamp, datetime.fromisoformat(created), version
+
+
+def summary(m: Manifest) -> dict:
+    """What GET /version and `shardex versions` show."""
+    return json.loads(m.model_dump_json(include={"version", "created", "source", "encoder",
+                                                  "index", "sharding", "search"}))

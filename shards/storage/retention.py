@@ -1,0 +1,106 @@
+"""Retention: delete old versions and stale scratch, never CURRENT or the version before it.
+
+What goes, with --keep N:
+- versions/<v> outside the N newest, unless it is CURRENT, the version published before CURRENT,
+  or CURRENT's parent (the version a reindex started from); age: manifest.age_key;
+- versions/<v> without a manifest (a publish that died) older than the grace period;
+- work/<run>/ scratch older than the grace period (and the caller's own finished runs at once);
+- embeddings/<fp>/ that no kept version uses, older than the grace period.
+
+The grace period protects a job that is running now: its scratch keeps being written. A
+version is deleted manifest first, so a half-deleted one is never listed.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+from shards.errors import ConfigError
+from shards.storage.manifest import CURRENT, age_key, load_manifest, vdir
+from shards.storage.store import Store
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Pruned:
+    kept: list[str] = field(default_factory=list)
+    versions: list[str] = field(default_factory=list)     # deleted (or, dry run, to delete)
+    unfinished: list[str] = field(default_factory=list)
+    work: list[str] = field(default_factory=list)
+    embeddings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    def lines(self) -> list[str]:
+        verb = "would delete" if self.dry_run else "deleted"
+        out = [f"kept         {len(self.kept)} version(s): {', '.join(self.kept) or '-'}"]
+        for what, names in (("versions", self.versions), ("unfinished", self.unfinished),
+                            ("work", self.work), ("embeddings", self.embeddings)):
+            out.append(f"{what:<12} {verb} {len(names)}" + (f": {', '.join(names)}" if names else ""))
+        return out + [f"note         {n}" for n in self.notes]
+
+
+def versions_to_keep(names: list[str], current: str | None, parent: str | None, keep: int) -> set[str]:
+    """names oldest first -> the N newest, CURRENT, the version before it, and its parent."""
+    if keep < 1:
+        raise ConfigError(f"keep: must be at least 1, got {keep}")
+    kept = set(names[-keep:])
+    if current in names:
+        kept.add(current)
+        i = names.index(current)
+        if i > 0:
+            kept.add(names[i - 1])
+    if parent in names:
+        kept.add(parent)
+    return kept
+
+
+def stale(store: Store, rel: str, now: float, grace_s: float) -> bool:
+    t = store.newest(rel)
+    return t is None or now - t >= grace_s
+
+
+def prune(store: Store, keep: int, grace_s: float, own_work: tuple[str, ...] = (), dry_run: bool = False) -> Pruned:
+    now = time.time()
+    current = store.read_text(CURRENT).strip() if store.exists(CURRENT) else None
+    names = store.ls("versions")
+    done = [v for v in names if store.exists(f"{vdir(v)}/{MANIFEST}")]
+    manifests = {v: load_manifest(store, v) for v in done}
+    done.sort(key=lambda v: age_key(v, manifests[v].created))
+    parent = manifests[current].lineage.parent if current in manifests and manifests[current].lineage else None
+    kept = versions_to_keep(done, current, parent, keep)
+    out = Pruned(kept=sorted(kept), dry_run=dry_run)
+    out.versions = sorted(set(done) - kept)
+    out.unfinished = [v for v in names if v not in manifests and stale(store, vdir(v), now, grace_s)]
+    out.work = [w for w in store.ls("work") if f"work/{w}" in own_work or stale(store, f"work/{w}", now, grace_s)]
+
+    used, unknown = set(), []
+    for v in kept:
+        e = manifests[v].embeddings
+        if e is None:
+            unknown.append(v)
+        else:
+            used |= {p.split("/")[1] for p in e.parts}
+    if unknown:
+        out.notes.append(f"embeddings/ left alone: {', '.join(sorted(unknown))} do(es) not record which "
+                         "embeddings it uses (built before shardex recorded them)")
+    else:
+        out.embeddings = [fp for fp in store.ls("embeddings")
+                          if fp not in used and stale(store, f"embeddings/{fp}", now, grace_s)]
+    if dry_run:
+        return out
+    for v in out.versions:
+        store.rm(f"{vdir(v)}/{MANIFEST}")  # first: from here on it is no longer listed
+        store.rm(vdir(v), recursive=True)
+    for v in out.unfinished:
+        store.rm(vdir(v), recursive=True)
+    for w in out.work:
+        store.rm(f"work/{w}", recursive=True)
+    for fp in out.embeddings:
+        store.rm(f"embeddings/{fp}", recursive=True)
+    return out
+
+
+def as_dict(p: Pruned) -> dict:
+    return asdict(p)
