@@ -72,8 +72,8 @@ PROBE = ["a", "Read a CSV file.", "word " * 600, "ünïcödé  text\twith\nbreak
 
 class FastTokenizer:
     """The model's own Rust tokenizer, padded here into tensors. transformers' padding and tensor
-    building cost about 8 times the tokenizing itself (measured on an H100 host: 3.1k against 25k
-    docs/s), which starves a GPU that encodes 23k docs/s. Used only where it gives exactly the
+    building cost several times the tokenizing itself, enough to starve a GPU (bench/README.md has
+    the figures). Used only where it gives exactly the
     features sentence-transformers would (checked on a probe at load); otherwise the model's
     own preprocessing runs."""
 

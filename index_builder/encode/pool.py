@@ -10,8 +10,8 @@ here is a part (one Parquet file, committed by a rename), and a plain queue of p
 over named actors makes that unit explicit: a part is either committed or redone
 whole. map_batches re-chunks rows into blocks of its own, so a block would have to be
 mapped back to parts to commit them, and Ray's issue tracker reports it running about
-25% slower than direct iteration while holding several times the dataset in memory.
-This pool reaches 1.31x a plain single-process loop's docs/s on the CPU (bench/README.md).
+slower than direct iteration while holding several times the dataset in memory.
+bench/README.md compares this pool with a plain single-process loop.
 """
 from __future__ import annotations
 
