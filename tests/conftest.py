@@ -1,12 +1,12 @@
-"""Shared fixtures: one local Ray per test session, seeded tiny corpora written to real Parquet."""
+"""Fixtures only (helpers live in tests/helpers.py): one local Ray per test session, a real
+`ray start --head`, a seeded vector corpus on real Parquet, and a moto S3 server."""
 from __future__ import annotations
 
 import os
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+
+from helpers import write_vector_corpus
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,35 +40,6 @@ def ray_head():
         yield head
 
 
-def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
-    """Structured vectors (faiss's SyntheticDataset): PQ recall on i.i.d. Gaussians means nothing."""
-    from faiss.contrib.datasets import SyntheticDataset
-
-    return SyntheticDataset(d, 0, n, 0, seed=seed).get_database().astype(np.float32)
-
-
-def vector_table(ids, x: np.ndarray, **extra) -> pa.Table:
-    vec = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])
-    return pa.table({"id": ids, "vector": vec, **extra})
-
-
-def write_vector_corpus(path, n: int = 3000, d: int = 32, files: int = 2, seed: int = 0,
-                        row_group: int = 500) -> tuple[np.ndarray, np.ndarray]:
-    """n clustered vectors with int64 ids (3*i+1) and a 'title' field, split over `files` files."""
-    os.makedirs(path, exist_ok=True)
-    x = clustered(n, d, seed)
-    ids = np.arange(n, dtype=np.int64) * 3 + 1
-    t = vector_table(ids, x, title=[f"doc {i}" for i in ids])
-    for f, (a, b) in enumerate(_bounds(n, files)):
-        pq.write_table(t.slice(a, b - a), os.path.join(path, f"part-{f}.parquet"), row_group_size=row_group)
-    return ids, x
-
-
-def _bounds(n: int, k: int) -> list[tuple[int, int]]:
-    b = np.linspace(0, n, k + 1).astype(int)
-    return list(zip(b[:-1], b[1:]))
-
-
 @pytest.fixture
 def vector_corpus(tmp_path):
     """(source dir, ids, vectors) of a 3,000 x 32 clustered corpus in 2 files."""
@@ -77,10 +48,33 @@ def vector_corpus(tmp_path):
     return str(src), ids, x
 
 
-def build(ray_session, **kw):
-    """Build with the real pipeline; part_rows small so every stage has several units of work."""
-    from index_builder.config import BuildConfig
-    from index_builder.pipeline import build as _build
+@pytest.fixture(scope="module")
+def s3():
+    """The endpoint URL of a fresh moto server with buckets 'corpus' and 'indexes'; AWS_ENDPOINT_URL
+    points at it for the module."""
+    import urllib.request
 
-    kw.setdefault("part_rows", 1000)
-    return _build(BuildConfig(**kw))
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    # moto keeps its state per process, not per server: another module's server left buckets behind
+    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST"), timeout=10).close()
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")}
+    os.environ["AWS_ENDPOINT_URL"] = url
+    os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": url}, key="testing", secret="testing")
+    for bucket in ("corpus", "indexes"):
+        fs.mkdir(bucket)
+    try:
+        yield url
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()

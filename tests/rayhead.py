@@ -20,17 +20,12 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import free_port
+
 BIN = Path(sys.executable).parent          # the venv's bin, not resolved: `ray` and `python` live here
 RAY = BIN / "ray"
 PACKAGES = ("index_builder", "shards", "jobs")
 NEVER = (".venv/", "venv/", "data/", ".git/", "tests/", "bench/", "cluster/", "__pycache__/", ".pytest_cache/")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def free_range(n: int) -> int:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import build, clustered, vector_table
+from helpers import build, clustered, vector_table
 from index_builder.cli import main
 from shards.storage.faissio import index_ids
 from shards.storage.manifest import current_version, load_manifest

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-CLUSTER = REPO / "cluster"
+from helpers import CLUSTER, REPO, docs, manifests, rayservice
+
 JOB_CONFIGS = CLUSTER / "jobs"        # the shardex-jobs ConfigMap, mounted at /config
 CONFIG_MOUNT = "/config"
 CONFIGMAP = "shardex-jobs"
@@ -34,23 +34,6 @@ CONFIGMAP = "shardex-jobs"
 def pinned_ray() -> str:
     m = re.search(r'"ray\[[^\]]*\]==([\d.]+)"', (REPO / "pyproject.toml").read_text())
     return m.group(1)
-
-
-def docs(path: Path) -> list[dict]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
-
-
-def manifests() -> list[tuple[str, dict]]:
-    """Every Kubernetes object under cluster/kuberay, with the RayJobs embedded in ConfigMaps."""
-    out = []
-    for f in sorted((CLUSTER / "kuberay").glob("*.yaml")):
-        for d in docs(f):
-            out.append((f.name, d))
-            if d["kind"] == "ConfigMap":
-                for key, text in d.get("data", {}).items():
-                    if key.endswith(".yaml"):
-                        out += [(f"{f.name}:{key}", e) for e in yaml.safe_load_all(text) if e]
-    return out
 
 
 def cluster_specs() -> list[tuple[str, dict]]:
@@ -81,11 +64,6 @@ def readme_commands() -> list[str]:
     """The `python -m jobs.* --config X` commands cluster/README.md tells an operator to submit."""
     text = (CLUSTER / "README.md").read_text()
     return [m.group(0).strip() for m in re.finditer(r"python -m jobs\.\w+ --config \S+", text)]
-
-
-def rayservice() -> dict:
-    (d,) = [d for _, d in manifests() if d["kind"] == "RayService"]
-    return d
 
 
 def walk(node, key: str):

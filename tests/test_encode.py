@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from conftest import build
+from helpers import build
 from index_builder.config import BuildConfig
 from shards.encoder import Encoder, padding_of
 from index_builder.demo.textcorpus import stdlib_docstrings, write_corpus

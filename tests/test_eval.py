@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import build, write_vector_corpus
+from helpers import build, write_vector_corpus
 from index_builder.cli import main
 from index_builder.eval.evaluate import EvalConfig, drop_own, evaluate, recall
 from shards.config import make

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import build, clustered, vector_table
+from helpers import build, clustered, vector_table
 from shards.errors import ConfigError
 from shards.search.filters import (Attributes, Clause, FilterError, Selection, filterable, parse_filter, selector_kind,
                             unwire, wire)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import build, write_vector_corpus
-from shards.storage.faissio import index_ids, read_index, set_nprobe
-from shards.storage.manifest import current_version, load_manifest, vdir
+from helpers import assert_same_topk, build, monolithic, write_vector_corpus
+from shards.storage.faissio import index_ids
+from shards.storage.manifest import current_version, load_manifest
 from shards.search.router import Router
 from shards.storage.store import Store
 
@@ -18,25 +18,6 @@ def corpus(tmp_path_factory):
     src = tmp_path_factory.mktemp("vec") / "corpus"
     ids, x = write_vector_corpus(str(src), n=N, d=D, files=3, seed=7)
     return str(src), ids, x
-
-
-def monolithic(root: str, ids: np.ndarray, x: np.ndarray):
-    """One index: the version's own trained index, every vector added to it."""
-    store = Store(root)
-    m = load_manifest(store, current_version(store))
-    index = read_index(store, f"{vdir(m.version)}/trained.index")
-    index.add_with_ids(x, ids)
-    set_nprobe(index, m.search.nprobe)
-    return index
-
-
-def assert_same_topk(D1, I1, D2, I2):
-    """Identical results, ties aside: equal distances, and equal ids wherever the distance is not tied."""
-    np.testing.assert_allclose(D1, D2, rtol=1e-5, atol=1e-6)
-    for d, a, b in zip(D1, I1, I2):
-        tied = np.isclose(d[:, None], d[None, :], rtol=1e-6).sum(1) > 1
-        np.testing.assert_array_equal(a[~tied], b[~tied])
-        assert set(a) == set(b) or tied.any()
 
 
 @pytest.mark.parametrize("factory,shards", [

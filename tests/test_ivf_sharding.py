@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import build, write_vector_corpus
+from helpers import assert_same_topk, build, monolithic, write_vector_corpus
 from shards.errors import ConfigError
 from shards.storage.faissio import faiss, index_ids, ivf, probed_lists, read_index, set_nprobe
 from shards.storage.manifest import current_version, load_manifest, vdir, verify
@@ -14,7 +14,6 @@ from shards.search.router import Router
 from shards.search.shard_selection import shards_for_lists
 from shards.storage.store import Store
 from shards.search.topk import merge_topk
-from test_invariants import assert_same_topk, monolithic
 
 N, D = 4000, 32
 
@@ -134,5 +133,3 @@ def test_ivf_on_disk_shards_on_s3(ray_session, s3, corpus, tmp_path, monkeypatch
     D2, I2 = rl.search_vectors(x[:30], k=10, nprobe=4)
     np.testing.assert_array_equal(I1, I2)
 
-
-from test_s3 import s3  # noqa: E402,F401  (the moto server fixture)

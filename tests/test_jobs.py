@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import write_vector_corpus
-from rayhead import NEVER, PACKAGES, RAY, REPO
+from helpers import write_vector_corpus
+from helpers import REPO
+from rayhead import NEVER, PACKAGES, RAY
 from rayhead import env as _env
 from rayhead import uploaded_dirs as _uploaded_dirs
 from rayhead import write_config

@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from conftest import build, clustered, vector_table, write_vector_corpus
-from rayhead import NEVER, REPO, free_port, uploaded_dirs, wait_job, write_config
+from helpers import REPO, build, clustered, free_port, vector_table, write_vector_corpus
+from rayhead import NEVER, uploaded_dirs, wait_job, write_config
 
 pytestmark = pytest.mark.slow
 JOBS = sorted(p.stem for p in (REPO / "jobs").glob("*.py") if p.stem != "__init__")

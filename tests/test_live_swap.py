@@ -22,11 +22,9 @@ import time
 import numpy as np
 import pytest
 
-from conftest import build, write_vector_corpus
+from helpers import Client, build, free_port, mutate, start_app, wait_until, write_vector_corpus
 from shards.storage.manifest import current_version
 from shards.storage.store import Store
-from test_reindex import mutate
-from test_serve import Client, free_port, start_app, wait_for
 
 N, D, K = 3000, 32, 5
 SHARDEX = os.path.join(os.path.dirname(sys.executable), "shardex")
@@ -65,7 +63,7 @@ def test_reindex_while_serving_swaps_with_no_failed_request(ray_session, tmp_pat
     cfg = start_app(str(root), port=port, poll_seconds=0.5, filter_fields=[])
     try:
         base = f"http://127.0.0.1:{port}"
-        m = mutate(src)  # 100 deleted, 100 changed, 100 new (tests/test_reindex.py)
+        m = mutate(src)  # 100 deleted, 100 changed, 100 new
         gone, new, changed = int(m["gone"][0]), int(m["new"][0]), int(m["changed"][0])
         xq = np.stack([x[np.searchsorted(ids, gone)], m["new_x"][0], m["changed_x"][0]])
         body = {"vectors": xq.tolist(), "k": K, "nprobe": 16}          # every list: exact answers
@@ -83,13 +81,12 @@ def test_reindex_while_serving_swaps_with_no_failed_request(ray_session, tmp_pat
         assert p.returncode == 0, log[-4000:]
         v2 = current_version(Store(str(root)))
         assert v2 != v1 and f"reindex      from {v1}: 100 new, 100 changed, 100 deleted" in log, log[-2000:]
-        wait_for(lambda: Client(base).get("/version").json()["version"] == v2, 30,
-                        "the router to follow CURRENT")
+        wait_until(lambda: Client(base).get("/version").json()["version"] == v2, 30, what="the router to follow CURRENT")
         time.sleep(1.0)
         stop.set()
         [t.join() for t in ts]
-        assert wait_for(lambda: app_name(cfg.name, v1) not in serve.status().applications, 60,
-                        "the old version's app to be released")
+        wait_until(lambda: app_name(cfg.name, v1) not in serve.status().applications, 60,
+                   what="the old version's app to be released")
         stats = Client(base).get("/stats").json()
     finally:
         serve.shutdown()

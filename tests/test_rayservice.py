@@ -16,10 +16,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import build, write_vector_corpus
-from rayhead import free_port
-from test_cluster import rayservice
-from test_serve import wait_for
+from helpers import build, free_port, rayservice, wait_until, write_vector_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +70,8 @@ def test_rayservice_config_serves_and_survives_a_reapply(ray_session, head, tmp_
     assert set(got) == {name, f"{name}--{v}"}
     # RUNNING is Serve's view; /health is the router's own (first pings of fresh replicas can be slow
     # on a loaded machine), which a readiness probe waits on the same way
-    h = wait_for(lambda: (r := requests.get(base + "/health", timeout=30)).status_code == 200 and r, 60, "/health")
+    h = wait_until(lambda: (r := requests.get(base + "/health", timeout=30)).status_code == 200 and r, 60,
+                   what="/health")
     assert h.json()["version"] == v
     r = requests.post(base + "/search", json={"vectors": x[:2].tolist(), "k": 3}, timeout=30).json()
     assert r["version"] == v and r["results"][0][0]["id"] == 1 and r["results"][0][0]["fields"] == {"title": "doc 1"}

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import build, clustered, vector_table, write_vector_corpus
+from helpers import build, mutate, read_part, vector_table, write_vector_corpus
 from index_builder.config import ReindexConfig
 from index_builder.reindex.drift import decide, imbalance
 from index_builder.reindex.incremental import reindex, space_change
@@ -110,26 +110,6 @@ def case(v1, tmp_path):
     shutil.copytree(v1["src"], src)
     shutil.copytree(v1["root"], root)
     return {**v1, "src": src, "root": root}
-
-
-def read_file(src, f: int):
-    t = pq.read_table(src / f"part-{f}.parquet")
-    x = t.column("vector").combine_chunks().values.to_numpy().reshape(-1, D)
-    return t.column("id").to_numpy(), x.copy(), t.column("title").to_pylist()
-
-
-def mutate(src, seed: int = 11, shift: float = 0.0, k: int = 100):
-    """Delete k rows and change k rows of file 1, add a file of k new documents."""
-    ids, x, titles = read_file(src, 1)
-    gone, changed = ids[:k], ids[k:2 * k]
-    fresh = clustered(2 * k, D, seed=seed) + shift
-    x, titles, ids = x[k:], titles[k:], ids[k:]
-    x[:k] = fresh[:k]
-    titles[:k] = [f"changed {i}" for i in changed]
-    pq.write_table(vector_table(ids, x, title=titles), src / "part-1.parquet")
-    new = np.arange(k, dtype=np.int64) * 3 + 10**6
-    pq.write_table(vector_table(new, fresh[k:], title=[f"new {i}" for i in new]), src / "part-2.parquet")
-    return {"gone": gone, "changed": changed, "changed_x": fresh[:k], "new": new, "new_x": fresh[k:]}
 
 
 def stored_vectors(root, version: str) -> dict[int, np.ndarray]:
@@ -238,7 +218,7 @@ def test_keep_prunes_old_versions_and_scratch(case):
     root, store = str(case["root"]), Store(str(case["root"]))
     made = [case["version"]]
     for i in range(3):
-        ids, x, titles = read_file(case["src"], 0)
+        ids, x, titles = read_part(case["src"], 0)
         titles[i] = f"edited {i}"
         x[i] += 0.01
         pq.write_table(vector_table(ids, x, title=titles), case["src"] / "part-0.parquet")

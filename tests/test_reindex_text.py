@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import build
+from helpers import build
 from index_builder.config import ReindexConfig
 from index_builder.reindex.incremental import reindex
 from index_builder.demo.textcorpus import SCHEMA, stdlib_docstrings

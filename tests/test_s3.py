@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import build, write_vector_corpus
+from helpers import build, write_vector_corpus
 from shards.storage.faissio import index_ids, read_index
 from shards.storage.manifest import CURRENT, current_version, load_manifest, vdir
 from shards.search.router import Router
@@ -32,38 +32,6 @@ KW = dict(vector_column="vector", fields=["title"], factory="IVF16,Flat", shards
 
 
 # ---------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def s3():
-    """The endpoint URL of a fresh moto server with buckets 'corpus' and 'indexes'; AWS_ENDPOINT_URL
-    points at it for the module."""
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    # moto keeps its state per process, not per server: another module's server left buckets behind
-    import urllib.request
-
-    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST"), timeout=10).close()
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")}
-    os.environ["AWS_ENDPOINT_URL"] = url
-    os.environ.pop("AWS_ENDPOINT_URL_S3", None)
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": url}, key="testing", secret="testing")
-    for bucket in ("corpus", "indexes"):
-        fs.mkdir(bucket)
-    try:
-        yield url
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
-
 
 @pytest.fixture(scope="module")
 def s3fs_client(s3):

@@ -7,49 +7,24 @@ The tests run in file order and share the app; the ones that change what it serv
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import threading
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
-import requests
 
-from conftest import build, clustered, vector_table
+from helpers import (AUTH, FILTERABLE, TOKEN, Client, as_arrays, assert_same_topk, build, clustered, free_port,
+                     monolithic, start_app, wait_until, write_filterable_corpus)
 from shards.storage.faissio import read_index
-from shards.storage.manifest import current_version, load_manifest, set_current, vdir
+from shards.storage.manifest import current_version, set_current, vdir
 from shards.storage.store import Store
-from test_invariants import assert_same_topk
 
-N, D, TOKEN = 3000, 32, "test-token-0123456789"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-FILTERABLE = ["year", "cat", "price"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_corpus(path: str, ids: np.ndarray, x: np.ndarray, seed: int) -> dict:
-    """Two files with a title and three filterable attributes; returns the attributes."""
-    os.makedirs(path, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    attrs = {"year": rng.integers(1990, 2020, len(ids)), "cat": rng.choice(["a", "b", "c", "d"], len(ids)),
-             "price": np.round(rng.random(len(ids)) * 100, 2)}
-    t = vector_table(ids, x, title=[f"doc {i}" for i in ids], **attrs)
-    h = len(ids) // 2
-    pq.write_table(t.slice(0, h), f"{path}/part-0.parquet", row_group_size=500)
-    pq.write_table(t.slice(h), f"{path}/part-1.parquet", row_group_size=500)
-    return attrs
+N, D = 3000, 32
 
 
 def build_version(ray_session, root: str, src: str, ids: np.ndarray, x: np.ndarray, seed: int) -> dict:
-    attrs = write_corpus(src, ids, x, seed)
+    attrs = write_filterable_corpus(src, ids, x, seed)
     s = build(ray_session, source=src, index_root=root, vector_column="vector", fields=["title", *FILTERABLE],
               factory="IVF32,Flat", shards=2, metric="ip")
     return {"root": root, "version": s.version, "ids": ids, "x": x, "attrs": attrs, "nprobe": s.nprobe}
@@ -71,40 +46,11 @@ def index(ray_session, tmp_path_factory):
     v3 = build_version(ray_session, root, str(tmp / "c3"), ids[:1000], clustered(1000, D, seed=12), 3)
     set_current(Store(root), v1["version"])
     ivf_root = str(tmp / "ivf-index")
-    attrs = write_corpus(str(tmp / "c1"), ids + 1, v1["x"], 1)
+    attrs = write_filterable_corpus(str(tmp / "c1"), ids + 1, v1["x"], 1)
     s = build(ray_session, source=str(tmp / "c1"), index_root=ivf_root, vector_column="vector", fields=["title"],
               factory="IVF32,Flat", shards=4, sharding="ivf", metric="ip")
     ivf = {"root": ivf_root, "version": s.version, "ids": ids + 1, "x": v1["x"], "attrs": attrs, "nprobe": s.nprobe}
     return {"root": root, "tmp": tmp, "v1": v1, "v2": v2, "v3": v3, "ivf": ivf}
-
-
-class Client:
-    def __init__(self, base: str):
-        self.base = base
-        self.s = requests.Session()
-
-    def post(self, path: str, body=None, headers=AUTH, **kw):
-        return self.s.post(self.base + path, json=body, headers=headers, timeout=60, **kw)
-
-    def get(self, path: str, headers=AUTH):
-        return self.s.get(self.base + path, headers=headers, timeout=60)
-
-    def search(self, **body):
-        r = self.post("/search", body)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-
-def start_app(root: str, **kw):
-    from shards.serve import deployments as sv
-    from shards.config import ServeConfig
-
-    kw = {"filter_fields": FILTERABLE, **kw}
-    cfg = ServeConfig(index_root=root, port=kw.pop("port"), token=TOKEN, shard_timeout=1.5,
-                      shard_cpus=0.05, threads=1, max_queries=64, **kw)
-    h = sv.start(cfg)
-    sv.wait_ready(h, 120)
-    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -117,19 +63,9 @@ def app(ray_session, index):
     serve.shutdown()
 
 
-def monolithic(v: dict, nprobe: int):
-    store = Store(v["root"])
-    m = load_manifest(store, v["version"])
-    ix = read_index(store, f"{vdir(m.version)}/trained.index")
-    ix.add_with_ids(v["x"], v["ids"])
-    ix.nprobe = nprobe
-    return ix
-
-
-def as_arrays(res: dict, k: int):
-    D = np.array([[h["score"] for h in hs] + [-np.inf] * (k - len(hs)) for hs in res["results"]], dtype=np.float32)
-    I = np.array([[h["id"] for h in hs] + [-1] * (k - len(hs)) for hs in res["results"]], dtype=np.int64)
-    return D, I
+def monolithic_of(v: dict, nprobe: int):
+    """One index over all of version v's vectors (helpers.monolithic), at this nprobe."""
+    return monolithic(v["root"], v["ids"], v["x"], v["version"], nprobe)
 
 
 # ---- answers -----------------------------------------------------------------------------------
@@ -143,7 +79,7 @@ def test_search_equals_monolithic(app, index, k, nprobe):
     assert res["version"] == v["version"]
     assert res["shards"] == {"queried": 2, "answered": 2, "missing": [], "touched": [2] * len(xq)}
     D1, I1 = as_arrays(res, k)
-    D2, I2 = monolithic(v, nprobe or v["nprobe"]).search(xq, k)
+    D2, I2 = monolithic_of(v, nprobe or v["nprobe"]).search(xq, k)
     assert_same_topk(D1, I1, D2, I2)
     assert (np.diff(D1, axis=1) <= 1e-6).all()  # inner product: best (largest) first
 
@@ -249,7 +185,7 @@ def test_ivf_routing_reports_shards_touched_and_stays_exact(app, index):
     xq = v["x"][::151][:20]
     for nprobe in (1, 4, 32):
         res = c.search(vectors=xq.tolist(), k=10, nprobe=nprobe)
-        D2, I2 = monolithic(v, nprobe).search(xq, 10)
+        D2, I2 = monolithic_of(v, nprobe).search(xq, 10)
         assert_same_topk(*as_arrays(res, 10), D2, I2)
         touched = res["shards"]["touched"]
         assert all(1 <= t <= 4 for t in touched)
@@ -352,16 +288,6 @@ def load_loop(client: Client, body: dict, stop: threading.Event, out: list, max_
         out.append((t, r.status_code, r.json()))
 
 
-def wait_for(fn, timeout: float, what: str):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        v = fn()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_killed_shard_replica_is_reported_never_silent(app, index):
     import ray
 
@@ -374,9 +300,9 @@ def test_killed_shard_replica_is_reported_never_silent(app, index):
     [t.start() for t in ts]
     time.sleep(0.5)
     ray.kill(actor, no_restart=True)
-    down = wait_for(lambda: (h := c.get("/health", {})).status_code == 503 and h.json(), 20, "/health to report")
+    down = wait_until(lambda: (h := c.get("/health", {})).status_code == 503 and h.json(), 20, what="/health to report")
     assert down["missing"] == ["shard-1"] and down["field"] == "shards"
-    wait_for(lambda: c.get("/health", {}).status_code == 200, 90, "Serve to replace the replica")
+    wait_until(lambda: c.get("/health", {}).status_code == 200, 90, what="Serve to replace the replica")
     time.sleep(0.5)
     stop.set()
     [t.join() for t in ts]
@@ -385,7 +311,7 @@ def test_killed_shard_replica_is_reported_never_silent(app, index):
     full = [r for _, _, r in out if r["shards"]["answered"] == 2]
     part = [r for _, _, r in out if r["shards"]["answered"] < 2]
     assert full and part, (len(full), len(part))
-    D2, I2 = monolithic(v, v["nprobe"]).search(xq, 10)
+    D2, I2 = monolithic_of(v, v["nprobe"]).search(xq, 10)
     for r in full:
         assert_same_topk(*as_arrays(r, 10), D2, I2)
     store = Store(index["root"])
@@ -432,8 +358,8 @@ def test_hot_swap_under_load_loses_no_request(app, index):
         assert res["shards"]["answered"] == 2
         if t > switched_at:
             assert res["version"] == v2["version"]
-    gone = wait_for(lambda: app_name(app["cfg"].name, old) not in serve.status().applications, 60,
-                    "the old version to be released")
+    gone = wait_until(lambda: app_name(app["cfg"].name, old) not in serve.status().applications, 60,
+                      what="the old version to be released")
     assert gone
     assert c.post("/admin/reload").json()["switched"] is False
 
@@ -474,13 +400,13 @@ def test_strict_app_follows_current_and_refuses_partial_answers(app, index):
     assert c.search(**body)["shards"]["answered"] == 2
 
     ray.kill(ray.get_actor(replica_of(cfg, v, "shard-0"), namespace="serve"), no_restart=True)
-    r = wait_for(lambda: (x := c.post("/search", body)).status_code == 503 and x.json(), 20, "a 503")
+    r = wait_until(lambda: (x := c.post("/search", body)).status_code == 503 and x.json(), 20, what="a 503")
     assert r["missing"] == ["shard-0"] and r["field"] == "shards"
-    wait_for(lambda: c.post("/search", body).status_code == 200, 90, "the replica to come back")
+    wait_until(lambda: c.post("/search", body).status_code == 200, 90, what="the replica to come back")
 
     v3 = index["v3"]
     set_current(Store(index["root"]), v3["version"])
-    wait_for(lambda: c.get("/version").json()["version"] == v3["version"], 60, "the poll to load v3")
+    wait_until(lambda: c.get("/version").json()["version"] == v3["version"], 60, what="the poll to load v3")
     res = c.search(vectors=v3["x"][:2].tolist(), k=5)
     assert res["version"] == v3["version"] and all(h["id"] % 3 == 0 for hs in res["results"] for h in hs)
     assert app["client"].get("/version").json()["version"] == v  # the first app does not poll

@@ -11,8 +11,7 @@ import time
 import pytest
 import requests
 
-from conftest import build, write_vector_corpus
-from test_serve import free_port
+from helpers import build, free_port, write_vector_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,14 +6,12 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import build
-from test_s3 import s3  # noqa: F401  (fixture)
-from test_serve import as_arrays, free_port, write_corpus
+from helpers import as_arrays, build, free_port, write_filterable_corpus
 
 pytestmark = pytest.mark.s3
 
 
-def test_serving_an_s3_index_equals_the_local_python_api(ray_session, s3, tmp_path):  # noqa: F811
+def test_serving_an_s3_index_equals_the_local_python_api(ray_session, s3, tmp_path):
     from ray import serve
 
     from shards.serve import deployments as sv
@@ -23,7 +21,7 @@ def test_serving_an_s3_index_equals_the_local_python_api(ray_session, s3, tmp_pa
     n, d = 2000, 16
     x = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
     ids = np.arange(n, dtype=np.int64) * 5
-    write_corpus(str(tmp_path / "c"), ids, x, seed=4)
+    write_filterable_corpus(str(tmp_path / "c"), ids, x, seed=4)
     kw = dict(source=str(tmp_path / "c"), vector_column="vector", fields=["title", "year", "cat"],
               factory="IVF16,Flat", shards=2, metric="l2")
     build(ray_session, index_root="s3://indexes/served", **kw)

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import build
+from helpers import build, free_port
 from index_builder.demo.textcorpus import example_queries, write_corpus
-from test_serve import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import build
+from helpers import build
 from index_builder.demo.textcorpus import write_corpus
 from shards.storage.faissio import index_ids
 from shards.storage.manifest import current_version, list_versions

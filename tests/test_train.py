@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import clustered, vector_table
+from helpers import clustered, vector_table
 from index_builder.train.kmeans import kmeans
 from index_builder.train.quantizer import best_device, make_index, sample, train_index
 from shards.storage.faissio import faiss, ivf, set_nprobe

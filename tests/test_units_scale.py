@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import clustered
+from helpers import clustered
 from index_builder.build.add import add_assigned, part_dir
 from index_builder.build.merge import index_digest, merge_shard, open_merged, shard_info
 from index_builder.shard_math import ids_digest, ivf_ranges, range_shard, sum_digests
