@@ -1,11 +1,12 @@
-"""The little Ray glue every stage shares: connect, log, size, and unwrap task errors."""
+"""The little Ray glue every stage shares: connect, log, size, wait, and unwrap and describe task errors.
+
+Ray is imported where it is used: the router describes shard errors with one_line and stays light.
+"""
 from __future__ import annotations
 
 import os
 import sys
 import time
-
-import ray
 
 _T0 = time.time()
 
@@ -17,6 +18,8 @@ def log(msg: str) -> None:
 
 def ensure_ray(address: str | None = None) -> None:
     """Join the cluster in RAY_ADDRESS (or the job's), else start a local one."""
+    import ray
+
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -29,11 +32,15 @@ def node_cpus() -> int:
     """CPUs of the largest alive node: the most threads one actor can have. At least 1: on a cluster
     whose head has num-cpus 0 and no worker up yet, a task asking for 0 CPUs would run on the head
     (and a thread count of 0 means nothing); asking for 1 waits for, or scales up, a worker."""
+    import ray
+
     return max(1, int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)))
 
 
 def ray_get(refs):
     """ray.get, re-raising a task's own exception (a ShardexError keeps its one-line message)."""
+    import ray
+
     try:
         return ray.get(refs)
     except ray.exceptions.RayTaskError as e:
@@ -41,3 +48,31 @@ def ray_get(refs):
         if isinstance(cause, Exception):
             raise cause from None
         raise
+
+
+def one_line(e: BaseException, verbatim: type | tuple = ()) -> str:
+    """An error in one line: the message itself of an error of a `verbatim` type (shardex's own errors
+    are written to be read), else the type and first line of the error or, for the error of a Ray
+    task or actor call, of the exception raised there (its `cause`)."""
+    if isinstance(e, verbatim):
+        return str(e)
+    cause = getattr(e, "cause", None)
+    e = cause if isinstance(cause, BaseException) else e
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def wait_until(ready, timeout: float, period: float = 0.2):
+    """The first true value of ready(), asked every `period` seconds; None once `timeout` seconds
+    have passed. ready() raises to stop waiting early (a failure that waiting cannot mend)."""
+    t0 = time.time()
+    while not (got := ready()):
+        if time.time() - t0 > timeout:
+            return None
+        time.sleep(period)
+    return got
+
+
+async def as_coroutine(aw):
+    """A coroutine of an awaitable (a Ray ObjectRef, a Serve DeploymentResponse), for wait_for and gather."""
+    return await aw
