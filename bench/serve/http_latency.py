@@ -126,7 +126,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from shards.serve import deployments as sv
+    from shards.serve import lifecycle as sv
     from shards.config import ServeConfig
     from shards.search.router import Router
 

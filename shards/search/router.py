@@ -1,39 +1,25 @@
-"""The router: check a request, send its queries to the shards that need them, merge the top-k exactly.
+"""The router: what it knows of a version (IndexView: checks, coarse lists, routing, stored fields), and the
+Python API (`Router`), which searches it through the fan-out of shards/search/fanout.py.
 
-The same fan-out serves the Python API (`Router`: shard searchers as Ray actors, or in
-this process) and the Ray Serve app (shards/serve/deployments.py: shard deployments). What differs
-is only how one shard is called; that is the `call` argument of `fan_out`.
-
-Coarse quantization once. For an IVF index the router holds the version's coarse
-quantizer (trained.index, with any OPQ pre-transform) and finds the lists each query
-probes once; every shard then scans exactly those lists (faiss search_preassigned)
-instead of quantizing the query again. Shards agree on the lists, ties included, and S
-shards cost one coarse search, not S.
-
-Scan order. A batch's queries go to the shards grouped by their nearest list (the
-coarse search gives it for free): queries probing the same lists then come one after
-another, and a shard scans each list while it is still in cache. The results are put
-back in the caller's order.
-
-Routing. With --sharding hash every query goes to every shard. With --sharding ivf
-each shard owns a range of IVF lists, and a query goes only to the shards owning the
-lists it probes.
+The fan-out is the same for the Python API (shard searchers as Ray actors, or in this
+process: RayShards, LocalShards) and for the Ray Serve app (shards/serve/: shard
+deployments). What differs is only how one shard is called: the `call` given to `fan_out`.
 """
 from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from shards.storage.docstore import DocStore
 from shards.errors import QueryError, SearchError
-from shards.storage.faissio import faiss
+from shards.raytools import ensure_ray, ray_get
+from shards.search.fanout import Outcome, fan_out
 from shards.search.filters import filterable, parse_filter, wire
-from shards.storage.manifest import Manifest, current_version, load_manifest, vdir
-from shards.search.shard_selection import scan_order
 from shards.search.searcher import ShardSearcher
+from shards.storage.docstore import DocStore
+from shards.storage.manifest import Manifest, current_version, load_manifest, vdir
 from shards.storage.store import Store
 
 K_MAX = 1000
@@ -47,10 +33,6 @@ class Hit:
 
     def as_dict(self) -> dict:
         return {"id": self.id, "score": self.score, "fields": self.fields}
-
-
-def shard_name(s: int) -> str:
-    return f"shard-{s}"
 
 
 class IndexView:
@@ -152,159 +134,6 @@ def route_mask(need, nq: int, S: int) -> np.ndarray:
     return m
 
 
-# ---- the fan-out ------------------------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    """One fan-out: the merged top-k, which shards each query reached, and who answered."""
-
-    D: np.ndarray
-    I: np.ndarray
-    touched: np.ndarray                                   # [nq] shards each query was sent to
-    queried: set = field(default_factory=set)             # shard numbers asked at least once
-    failed: dict = field(default_factory=dict)            # shard number -> one-line reason
-    asked: np.ndarray | None = None                       # bool [nq, S]: which shard got which query
-
-    @property
-    def answered(self) -> int:
-        return len(self.queried) - len(self.failed)
-
-    def slice(self, a: int, b: int) -> "Outcome":
-        """Queries a..b of a shared fan-out (one request of a server batch): a shard that failed
-        counts against them only if one of them was sent to it."""
-        asked = self.asked[a:b]
-        mine = {int(s) for s in np.flatnonzero(asked.any(0))}
-        return Outcome(self.D[a:b], self.I[a:b], self.touched[a:b], mine,
-                       {s: r for s, r in self.failed.items() if s in mine}, asked)
-
-    def unordered(self, order: np.ndarray) -> "Outcome":
-        """This outcome of the queries xq[order], put back in the order of xq."""
-        def back(a):
-            b = np.empty_like(a)
-            b[order] = a
-            return b
-        self.D, self.I, self.touched, self.asked = back(self.D), back(self.I), back(self.touched), back(self.asked)
-        return self
-
-    def report(self) -> dict:
-        return {"queried": len(self.queried), "answered": self.answered,
-                "missing": [shard_name(s) for s in sorted(self.failed)],
-                "touched": self.touched.tolist()}
-
-
-class ShardFailure(Exception):
-    pass
-
-
-async def fan_out(view: IndexView, xq: np.ndarray, k: int, nprobe: int | None, flt: list | None,
-                  call, timeout: float | None = None) -> Outcome:
-    """Send each query to the shards it needs, concurrently, and merge their top-k exactly.
-
-    call(s, xq, k, nprobe, flt, coarse) -> awaitable (D, I) of shard s, where coarse is the
-    (Dq, Iq) of those queries (None without IVF). A shard that fails or
-    does not answer within `timeout` seconds is recorded in Outcome.failed and left out.
-    With a filter under IVF routing, a query still short of k results after its own
-    shards is sent to the others as well: a filter may leave its nearest lists empty.
-    """
-    nq = len(xq)
-    coarse = await asyncio.to_thread(view.coarse, xq, nprobe) if view.quantizer is not None else None
-    order = scan_order(coarse[1]) if coarse is not None and nq > 1 else None
-    if order is not None:  # neighbouring queries probe the same lists: a shard scans each while it is in cache
-        xq, coarse = xq[order], (coarse[0][order], coarse[1][order])
-    route = view.route(nq, coarse)
-    heap = faiss().ResultHeap(nq, k, keep_max=view.metric == "ip")
-    out = Outcome(heap.D, heap.I, route.sum(1), asked=route)
-    q = (xq, coarse)
-    await _round(route, q, k, nprobe, flt, call, timeout, heap, out)
-    if flt is not None and view.mode == "ivf":
-        short = (heap.I >= 0).sum(1) < k
-        more = ~route & short[:, None]
-        if more.any():
-            await _round(more, q, k, nprobe, flt, call, timeout, heap, out)
-            out.touched = out.touched + more.sum(1)
-            out.asked = route | more
-    heap.finalize()
-    out.D, out.I = heap.D, heap.I
-    return out if order is None else out.unordered(order)
-
-
-async def _round(mask, q, k, nprobe, flt, call, timeout, heap, out: Outcome) -> None:
-    xq, coarse = q
-    jobs = {s: np.flatnonzero(mask[:, s]) for s in range(mask.shape[1]) if mask[:, s].any()}
-    jobs = {s: rows for s, rows in jobs.items() if s not in out.failed}
-    out.queried |= set(jobs)
-    res = await asyncio.gather(*[_call_one(call, s, *_rows(xq, coarse, rows), k, nprobe, flt, timeout)
-                                 for s, rows in jobs.items()], return_exceptions=True)
-    for (s, rows), r in zip(jobs.items(), res):
-        if isinstance(r, BaseException):
-            out.failed[s] = str(r) if isinstance(r, ShardFailure) else _one_line(r)
-            continue
-        D, I = r
-        if len(rows) == len(xq):
-            heap.add_result(D, I)
-        else:
-            heap.add_result_subset(rows, np.ascontiguousarray(D, dtype=np.float32),
-                                   np.ascontiguousarray(I, dtype=np.int64))
-
-
-def _rows(xq, coarse, rows):
-    """The queries (and their coarse assignment) of some rows: the arrays themselves for all rows."""
-    if len(rows) == len(xq):
-        return xq, coarse
-    return xq[rows], (None if coarse is None else (coarse[0][rows], coarse[1][rows]))
-
-
-async def _call_one(call, s, xq, coarse, k, nprobe, flt, timeout):
-    """One shard's answer; a replica that died mid-call is retried once on another replica."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout if timeout else None
-    for attempt in (0, 1):
-        aw = call(s, xq, k, nprobe, flt, coarse)
-        left = None if deadline is None else max(deadline - loop.time(), 0.0)
-        try:
-            return await asyncio.wait_for(_awaitable(aw), left)
-        except asyncio.TimeoutError:
-            _cancel(aw)
-            raise ShardFailure(f"{shard_name(s)}: no answer within {timeout:g} s") from None
-        except Exception as e:
-            if attempt == 0 and _replica_died(e) and (deadline is None or deadline > loop.time()):
-                continue
-            raise ShardFailure(f"{shard_name(s)}: {_one_line(e)}") from None
-
-
-async def _awaitable(aw):
-    return await aw
-
-
-def _cancel(aw) -> None:
-    cancel = getattr(aw, "cancel", None)
-    try:
-        if callable(cancel):
-            cancel()
-        elif type(aw).__name__ == "ObjectRef":
-            import ray
-
-            ray.cancel(aw)
-    except Exception:  # best effort: the answer is already being ignored
-        pass
-
-
-def _replica_died(e: BaseException) -> bool:
-    try:
-        import ray.exceptions as rx
-    except ImportError:
-        return False
-    return isinstance(e, rx.RayActorError)
-
-
-def _one_line(e: BaseException) -> str:
-    cause = getattr(e, "cause", None)
-    e = cause if isinstance(cause, BaseException) else e
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
-
-
 # ---- the Python API -----------------------------------------------------------------------
 
 
@@ -325,14 +154,68 @@ class _Loop:
         self.thread.join(timeout=5)
 
 
-class Router:
-    """Search a published version from Python.
+class LocalShards:
+    """backend="local": the shards' searchers in this process, searched in threads."""
 
-    backend="ray": one Ray actor per shard (joins RAY_ADDRESS or starts local Ray), reserving `cpus`
-    and running `threads` faiss threads each (default: resources.plan_resources);
-    backend="local": the shards are loaded into this process and searched in threads.
+    def __init__(self, store: Store, version: str, shards: list, threads: int | None, cpus: float | None):
+        self.threads, self.cpus = threads, cpus
+        self.shards = [ShardSearcher(store, version, sh, threads) for sh in shards]
+
+    def load_attributes(self, store: Store, m: Manifest, kinds: dict) -> None:
+        for s in self.shards:
+            s.load_attributes(store, m, kinds)
+
+    def call(self, s, xq, k, nprobe, flt, coarse):
+        return asyncio.to_thread(self.shards[s].search, xq, k, nprobe, flt, coarse)
+
+    def close(self) -> None:
+        self.shards = []
+
+
+class RayShards:
+    """backend="ray": one Ray actor per shard (joins RAY_ADDRESS or starts local Ray), reserving `cpus`
+    and running `threads` faiss threads each (default: resources.plan_resources)."""
+
+    def __init__(self, store: Store, version: str, shards: list, threads: int | None, cpus: float | None):
+        import ray
+
+        from shards.serve.resources import cluster_cpus, plan_resources
+
+        ensure_ray()
+        res = plan_resources(*cluster_cpus(), len(shards), 1, 0, False, cpus, threads)
+        self.threads, self.cpus = res.threads, res.shard_cpus
+        actor = ray.remote(ShardSearcher).options(num_cpus=self.cpus)
+        self.shards = [actor.remote(store, version, sh, self.threads) for sh in shards]
+        self._last = None
+
+    def load_attributes(self, store: Store, m: Manifest, kinds: dict) -> None:
+        ray_get([s.load_attributes.remote(store, m, kinds) for s in self.shards])
+
+    def call(self, s, xq, k, nprobe, flt, coarse):
+        x, c = self._put(xq, coarse)
+        return self.shards[s].search.remote(x, k, nprobe, flt, c)
+
+    def _put(self, xq, coarse):
+        """Shards asked for all the queries share one object-store copy of them and their lists."""
+        import ray
+
+        if self._last is None or self._last[0] is not xq or self._last[1] is not coarse:
+            self._last = (xq, coarse, ray.put(xq), ray.put(coarse))
+        return self._last[2], self._last[3]
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.shards:
+            ray.kill(a)
+        self.shards = []
+
+
+class Router:
+    """Search a published version from Python, its shards searched by LocalShards or RayShards
+    (backend "local" or "ray"; threads and cpus are per shard).
     A shard that fails raises SearchError naming it: the Python API never returns a
-    partial answer (the HTTP router reports one instead; see shards/serve/deployments.py).
+    partial answer (the HTTP router reports one instead; see shards/serve/http.py).
     """
 
     def __init__(self, index_root: str, version: str | None = None, s3_endpoint: str | None = None,
@@ -345,53 +228,19 @@ class Router:
         self.docs = self.view.docs
         self.backend = backend
         self.timeout = timeout
-        if backend != "local":
-            from shards.raytools import ensure_ray
-
-            from shards.serve.resources import cluster_cpus, plan_resources
-
-            ensure_ray()
-            res = plan_resources(*cluster_cpus(), self.view.nshards, 1, 0, False, cpus, threads)
-            cpus, threads = res.shard_cpus, res.threads
-        self.threads, self.shard_cpus = threads, cpus  # per shard: faiss threads, Ray CPUs reserved
-        self.shards = [self._start(s, threads, cpus) for s in self.manifest.shards]
-        self._load_attributes()
+        client = LocalShards if backend == "local" else RayShards
+        self.client = client(self.store, self.version, self.manifest.shards, threads, cpus)
+        self.threads, self.shard_cpus = self.client.threads, self.client.cpus  # per shard
+        if self.view.kinds:
+            self.client.load_attributes(self.store, self.manifest, self.view.kinds)
         self._encoder = None
         self._loop = _Loop()
-        self._last = None
         self.last: Outcome | None = None
 
-    def _start(self, shard, threads, cpus):
-        if self.backend == "local":
-            return ShardSearcher(self.store, self.version, shard, threads)
-        import ray
-
-        return ray.remote(ShardSearcher).options(num_cpus=cpus).remote(self.store, self.version, shard, threads)
-
-    def _load_attributes(self) -> None:
-        if not self.view.kinds:
-            return
-        if self.backend == "local":
-            for s in self.shards:
-                s.load_attributes(self.store, self.manifest, self.view.kinds)
-            return
-        from shards.raytools import ray_get
-
-        ray_get([s.load_attributes.remote(self.store, self.manifest, self.view.kinds) for s in self.shards])
-
-    def _call(self, s, xq, k, nprobe, flt, coarse):
-        if self.backend == "local":
-            return asyncio.to_thread(self.shards[s].search, xq, k, nprobe, flt, coarse)
-        x, c = self._put(xq, coarse)
-        return self.shards[s].search.remote(x, k, nprobe, flt, c)
-
-    def _put(self, xq, coarse):
-        """Shards asked for all the queries share one object-store copy of them and their lists."""
-        import ray
-
-        if self._last is None or self._last[0] is not xq or self._last[1] is not coarse:
-            self._last = (xq, coarse, ray.put(xq), ray.put(coarse))
-        return self._last[2], self._last[3]
+    @property
+    def shards(self) -> list:
+        """Each shard's ShardSearcher (local) or Ray actor."""
+        return self.client.shards
 
     @property
     def metric(self) -> str:
@@ -402,7 +251,7 @@ class Router:
         return self.view.dim
 
     def encoder(self):
-        """The index's own encoder, loaded on first use (the only import of the builder here)."""
+        """The index's own encoder, loaded on first use."""
         if self._encoder is None:
             from shards.encoder import Encoder
 
@@ -418,7 +267,7 @@ class Router:
         """The fan-out's whole outcome: merged (D, I), shards touched per query, failures."""
         xq = self.view.vectors(xq)
         nprobe, flt = self.view.check(k, nprobe, None, filter)
-        out = self._loop.run(fan_out(self.view, xq, k, nprobe, flt, self._call, self.timeout))
+        out = self._loop.run(fan_out(self.view, xq, k, nprobe, flt, self.client.call, self.timeout))
         self.last = out
         if out.failed:
             raise SearchError("; ".join(out.failed[s] for s in sorted(out.failed)))
@@ -441,10 +290,5 @@ class Router:
         return self.view.attach(D, I, fields)
 
     def close(self) -> None:
-        if self.backend != "local":
-            import ray
-
-            for a in self.shards:
-                ray.kill(a)
-        self.shards = []
+        self.client.close()
         self._loop.close()

@@ -1,1 +1,1 @@
-"""The Ray Serve app: shard and router deployments, the HTTP API, live version swaps."""
+"""The Ray Serve app: the version deployments, the router's HTTP API, its batching, live version swaps, start/stop."""

@@ -7,7 +7,7 @@
         args: {index_root: s3://bucket/indexes/wiki, name: shardex, poll_seconds: 30}
 
 `args` takes `shardex serve`'s option names with underscores (as jobs.serve's YAML does).
-The app is the same router as `shardex serve` starts (shards/serve/deployments.py): it loads CURRENT
+The app is the same router as `shardex serve` starts (shards/serve/lifecycle.py): it loads CURRENT
 itself, deploys each version beside the one it serves and swaps, so the config names only
 the router. A declarative re-apply of the config (KubeRay does one after a restart of its
 operator) leaves the version apps alone: Serve deletes only the declarative apps missing
@@ -36,6 +36,6 @@ def config(args: dict) -> ServeConfig:
 
 def app(args: dict):
     """The application builder Serve calls with the config's args."""
-    from shards.serve import deployments as sv
+    from shards.serve.lifecycle import router_app
 
-    return sv.RouterDeployment.options(name="router").bind(sv.settings(config(args)))
+    return router_app(config(args))

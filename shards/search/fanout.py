@@ -1,0 +1,171 @@
+"""The fan-out: send each query to the shards that need it, concurrently, and merge their top-k exactly.
+
+Coarse quantization once. For an IVF index the router holds the version's coarse
+quantizer (trained.index, with any OPQ pre-transform) and finds the lists each query
+probes once; every shard then scans exactly those lists (faiss search_preassigned)
+instead of quantizing the query again. Shards agree on the lists, ties included, and S
+shards cost one coarse search, not S.
+
+Scan order. A batch's queries go to the shards grouped by their nearest list (the
+coarse search gives it for free): queries probing the same lists then come one after
+another, and a shard scans each list while it is still in cache. The results are put
+back in the caller's order.
+
+Routing. With --sharding hash every query goes to every shard. With --sharding ivf
+each shard owns a range of IVF lists, and a query goes only to the shards owning the
+lists it probes.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shards.raytools import as_coroutine, one_line
+from shards.search.shard_selection import scan_order
+from shards.storage.faissio import faiss
+
+
+def shard_name(s: int) -> str:
+    return f"shard-{s}"
+
+
+@dataclass
+class Outcome:
+    """One fan-out: the merged top-k, which shards each query reached, and who answered."""
+
+    D: np.ndarray
+    I: np.ndarray
+    touched: np.ndarray                                   # [nq] shards each query was sent to
+    queried: set = field(default_factory=set)             # shard numbers asked at least once
+    failed: dict = field(default_factory=dict)            # shard number -> one-line reason
+    asked: np.ndarray | None = None                       # bool [nq, S]: which shard got which query
+
+    @property
+    def answered(self) -> int:
+        return len(self.queried) - len(self.failed)
+
+    def slice(self, a: int, b: int) -> Outcome:
+        """Queries a..b of a shared fan-out (one request of a server batch): a shard that failed
+        counts against them only if one of them was sent to it."""
+        asked = self.asked[a:b]
+        mine = {int(s) for s in np.flatnonzero(asked.any(0))}
+        return Outcome(self.D[a:b], self.I[a:b], self.touched[a:b], mine,
+                       {s: r for s, r in self.failed.items() if s in mine}, asked)
+
+    def unordered(self, order: np.ndarray) -> Outcome:
+        """This outcome of the queries xq[order], put back in the order of xq."""
+        def back(a):
+            b = np.empty_like(a)
+            b[order] = a
+            return b
+        self.D, self.I, self.touched, self.asked = back(self.D), back(self.I), back(self.touched), back(self.asked)
+        return self
+
+    def report(self) -> dict:
+        return {"queried": len(self.queried), "answered": self.answered,
+                "missing": [shard_name(s) for s in sorted(self.failed)],
+                "touched": self.touched.tolist()}
+
+
+class ShardFailure(Exception):
+    pass
+
+
+async def fan_out(view, xq: np.ndarray, k: int, nprobe: int | None, flt: list | None,
+                  call, timeout: float | None = None) -> Outcome:
+    """Send each query to the shards it needs, concurrently, and merge their top-k exactly.
+
+    view is the version's IndexView (shards/search/router.py): its coarse lists, routing and metric.
+    call(s, xq, k, nprobe, flt, coarse) -> awaitable (D, I) of shard s, where coarse is the
+    (Dq, Iq) of those queries (None without IVF). A shard that fails or
+    does not answer within `timeout` seconds is recorded in Outcome.failed and left out.
+    With a filter under IVF routing, a query still short of k results after its own
+    shards is sent to the others as well: a filter may leave its nearest lists empty.
+    """
+    nq = len(xq)
+    coarse = await asyncio.to_thread(view.coarse, xq, nprobe) if view.quantizer is not None else None
+    order = scan_order(coarse[1]) if coarse is not None and nq > 1 else None
+    if order is not None:  # neighbouring queries probe the same lists: a shard scans each while it is in cache
+        xq, coarse = xq[order], (coarse[0][order], coarse[1][order])
+    route = view.route(nq, coarse)
+    heap = faiss().ResultHeap(nq, k, keep_max=view.metric == "ip")
+    out = Outcome(heap.D, heap.I, route.sum(1), asked=route)
+    q = (xq, coarse)
+    await _round(route, q, k, nprobe, flt, call, timeout, heap, out)
+    if flt is not None and view.mode == "ivf":
+        short = (heap.I >= 0).sum(1) < k
+        more = ~route & short[:, None]
+        if more.any():
+            await _round(more, q, k, nprobe, flt, call, timeout, heap, out)
+            out.touched = out.touched + more.sum(1)
+            out.asked = route | more
+    heap.finalize()
+    out.D, out.I = heap.D, heap.I
+    return out if order is None else out.unordered(order)
+
+
+async def _round(mask, q, k, nprobe, flt, call, timeout, heap, out: Outcome) -> None:
+    xq, coarse = q
+    jobs = {s: np.flatnonzero(mask[:, s]) for s in range(mask.shape[1]) if mask[:, s].any()}
+    jobs = {s: rows for s, rows in jobs.items() if s not in out.failed}
+    out.queried |= set(jobs)
+    res = await asyncio.gather(*[_call_one(call, s, *_rows(xq, coarse, rows), k, nprobe, flt, timeout)
+                                 for s, rows in jobs.items()], return_exceptions=True)
+    for (s, rows), r in zip(jobs.items(), res):
+        if isinstance(r, BaseException):
+            out.failed[s] = one_line(r, ShardFailure)
+            continue
+        D, I = r
+        if len(rows) == len(xq):
+            heap.add_result(D, I)
+        else:
+            heap.add_result_subset(rows, np.ascontiguousarray(D, dtype=np.float32),
+                                   np.ascontiguousarray(I, dtype=np.int64))
+
+
+def _rows(xq, coarse, rows):
+    """The queries (and their coarse assignment) of some rows: the arrays themselves for all rows."""
+    if len(rows) == len(xq):
+        return xq, coarse
+    return xq[rows], (None if coarse is None else (coarse[0][rows], coarse[1][rows]))
+
+
+async def _call_one(call, s, xq, coarse, k, nprobe, flt, timeout):
+    """One shard's answer; a replica that died mid-call is retried once on another replica."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout if timeout else None
+    for attempt in (0, 1):
+        aw = call(s, xq, k, nprobe, flt, coarse)
+        left = None if deadline is None else max(deadline - loop.time(), 0.0)
+        try:
+            return await asyncio.wait_for(as_coroutine(aw), left)
+        except asyncio.TimeoutError:
+            _cancel(aw)
+            raise ShardFailure(f"{shard_name(s)}: no answer within {timeout:g} s") from None
+        except Exception as e:
+            if attempt == 0 and _replica_died(e) and (deadline is None or deadline > loop.time()):
+                continue
+            raise ShardFailure(f"{shard_name(s)}: {one_line(e)}") from None
+
+
+def _cancel(aw) -> None:
+    cancel = getattr(aw, "cancel", None)
+    try:
+        if callable(cancel):
+            cancel()
+        elif type(aw).__name__ == "ObjectRef":
+            import ray
+
+            ray.cancel(aw)
+    except Exception:  # best effort: the answer is already being ignored
+        pass
+
+
+def _replica_died(e: BaseException) -> bool:
+    try:
+        import ray.exceptions as rx
+    except ImportError:
+        return False
+    return isinstance(e, rx.RayActorError)

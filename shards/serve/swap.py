@@ -1,0 +1,134 @@
+"""The live version swap: which version the router serves, and the switch to the next one.
+
+The router loads a version by deploying its app beside the one being served, waiting
+until every replica is up, and then replacing one reference: a request holds the
+version it started with until it ends, so every response names the version that
+answered it. The old app is deleted once its last request is done.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from ray import serve
+
+from shards.config import ServeConfig
+from shards.errors import SearchError, ShardexError
+from shards.raytools import as_coroutine, one_line
+from shards.search.fanout import shard_name
+from shards.search.router import IndexView
+from shards.serve.resources import Resources, cluster_cpus, plan_resources
+from shards.serve.versions import app_name, delete_app, deploy_version, version_app
+from shards.storage.manifest import current_version
+from shards.storage.store import Store
+
+DRAIN_SECONDS = 60.0        # the longest an old version waits for its last requests before it is deleted
+
+
+@dataclass
+class Live:
+    """A loaded version as the router holds it."""
+
+    view: IndexView
+    app: str
+    shards: list
+    encoder: object | None
+    loaded_at: float = field(default_factory=time.time)
+    inflight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)  # set while no request holds it
+
+    def __post_init__(self):
+        self.idle.set()
+
+    @property
+    def version(self) -> str:
+        return self.view.version
+
+    @contextmanager
+    def held(self):
+        """One request's hold on this version: it is not deleted before the request ends."""
+        self.inflight += 1
+        self.idle.clear()
+        try:
+            yield self
+        finally:
+            self.inflight -= 1
+            if not self.inflight:
+                self.idle.set()
+
+    def call(self, s, xq, k, nprobe, flt, coarse):
+        """fan_out's call: shard s of this version, through its Serve handle."""
+        return self.shards[s].search.remote(xq, k, nprobe, flt, coarse)
+
+
+class Versions:
+    """The version the router serves (`live`), the last load error, and the swaps; a swap counts in stats."""
+
+    def __init__(self, cfg: ServeConfig, store: Store, stats: dict):
+        self.cfg, self.store, self.stats = cfg, store, stats
+        self.live: Live | None = None
+        self.load_error: str | None = None
+        self.failed_version: str | None = None
+        self.lock = asyncio.Lock()
+
+    async def watch(self) -> None:
+        """Load CURRENT, then follow it every poll_seconds (0: only the first load)."""
+        while True:
+            v = None
+            try:
+                v = await asyncio.to_thread(current_version, self.store)
+                if v != self.failed_version:
+                    await self.swap_to(v)
+            except Exception as e:  # noqa: BLE001 - reported by /health and status(); the old version serves on
+                self.load_error = one_line(e, ShardexError)
+                self.failed_version = v
+            if self.cfg.poll_seconds == 0 and self.live is not None:
+                return
+            await asyncio.sleep(self.cfg.poll_seconds or 5.0)
+
+    async def swap_to(self, version: str) -> bool:
+        """Serve `version` (loading it beside the served one); False if it is served already."""
+        async with self.lock:
+            if self.live is not None and self.live.version == version:
+                return False
+            try:
+                new = await self._load(version)
+            except Exception as e:
+                self.failed_version = version
+                self.load_error = one_line(e, ShardexError)
+                raise SearchError(self.load_error) from None
+            old, self.live = self.live, new  # the switch: one reference, read once by each request
+            self.load_error, self.failed_version = None, None
+            self.stats["swaps"] += old is not None
+        if old is not None:
+            asyncio.get_running_loop().create_task(self._release(old))
+        return True
+
+    async def _load(self, version: str) -> Live:
+        view = await asyncio.to_thread(IndexView, self.store, version, self.cfg.filter_fields)
+        res = self._resources(view)
+        name = app_name(self.cfg.name, version)
+        await asyncio.to_thread(deploy_version, version_app(self.cfg, view, res), name, self.cfg.load_timeout)
+        shards = [serve.get_deployment_handle(shard_name(s), name) for s in range(view.nshards)]
+        enc = serve.get_deployment_handle("encoder", name) if view.text else None
+        live = Live(view, name, shards, enc)
+        pings = await asyncio.gather(*[as_coroutine(h.ping.remote()) for h in shards], return_exceptions=True)
+        bad = [f"{shard_name(s)}: {one_line(p)}" for s, p in enumerate(pings) if isinstance(p, BaseException)]
+        if bad:
+            await asyncio.to_thread(delete_app, name)
+            raise SearchError(f"{name}: " + "; ".join(bad))
+        return live
+
+    def _resources(self, view: IndexView) -> Resources:
+        return plan_resources(*cluster_cpus(), view.nshards, self.cfg.replicas, self.cfg.encoder_replicas,
+                              view.text, self.cfg.shard_cpus, self.cfg.threads)
+
+    async def _release(self, old: Live) -> None:
+        """Delete a replaced version once its last request is done (or DRAIN_SECONDS passed)."""
+        try:
+            await asyncio.wait_for(old.idle.wait(), DRAIN_SECONDS)
+        except asyncio.TimeoutError:
+            pass
+        await asyncio.to_thread(delete_app, old.app)

@@ -1,0 +1,161 @@
+"""The version apps: one Serve application per loaded version, its deployments, its name, deploy and delete.
+
+    <name>--<version>      no HTTP route of its own:
+                             shard-0 .. shard-{S-1}   one deployment per shard, --replicas each
+                             encoder                  text indexes only: the index's own encoder
+                             version                  the app's (empty) ingress
+
+The router (shards/serve/http.py) deploys one beside the version it serves and swaps to it
+(shards/serve/swap.py); concurrent text queries are encoded as one batch (@serve.batch on the encoder).
+"""
+import asyncio
+import threading
+import time
+
+import numpy as np
+from ray import serve
+
+from shards.config import ServeConfig
+from shards.errors import SearchError
+from shards.raytools import wait_until
+from shards.search.fanout import shard_name
+from shards.search.router import IndexView
+from shards.serve.resources import Resources
+from shards.storage.manifest import load_manifest
+from shards.storage.store import Store
+
+APP_SEP = "--"
+
+
+def app_name(name: str, version: str) -> str:
+    return f"{name}{APP_SEP}{version}"
+
+
+@serve.deployment(max_ongoing_requests=32, graceful_shutdown_timeout_s=5, max_constructor_retry_count=2,
+                  health_check_period_s=5)
+class ShardDeployment:
+    """One shard of one version. Searches run one at a time in a thread (faiss uses the threads)."""
+
+    def __init__(self, index_root: str, s3_endpoint: str | None, version: str, s: int, kinds: dict,
+                 threads: int):
+        from shards.search.searcher import ShardSearcher
+
+        store = Store(index_root, s3_endpoint)
+        m = load_manifest(store, version)
+        self.s, self.version = s, version
+        self.searcher = ShardSearcher(store, version, m.shards[s], threads)
+        self.attr_bytes = self.searcher.load_attributes(store, m, kinds) if kinds else 0
+        self.lock = threading.Lock()
+
+    def _search(self, *a):
+        with self.lock:
+            return self.searcher.search(*a)
+
+    async def search(self, xq: np.ndarray, k: int, nprobe: int | None, flt: list | None, coarse=None):
+        return await asyncio.to_thread(self._search, xq, k, nprobe, flt, coarse)
+
+    async def ping(self) -> dict:
+        import ray
+
+        return {"shard": shard_name(self.s), "version": self.version, "ntotal": self.searcher.ntotal(),
+                "attribute_bytes": self.attr_bytes, "replica": ray.get_runtime_context().get_actor_name()}
+
+
+def _texts(items: list) -> int:
+    return sum(len(t) for t in items)
+
+
+@serve.deployment(max_ongoing_requests=256, graceful_shutdown_timeout_s=5, max_constructor_retry_count=2)
+class EncoderDeployment:
+    """The version's own query encoder; concurrent requests' texts are encoded as one batch."""
+
+    def __init__(self, index_root: str, s3_endpoint: str | None, version: str, threads: int, max_batch: int,
+                 batch_wait_s: float):
+        from shards.encoder import Encoder
+
+        m = load_manifest(Store(index_root, s3_endpoint), version)
+        self.encoder = Encoder.for_index(m.encoder, threads=threads)
+        self.encode.set_max_batch_size(max_batch)
+        self.encode.set_batch_wait_timeout_s(batch_wait_s)
+        self.counts = {"requests": 0, "batches": 0, "texts": 0, "seconds": 0.0}
+
+    @serve.batch(max_batch_size=1024, batch_wait_timeout_s=0.002, batch_size_fn=_texts)
+    async def encode(self, batches: list[list[str]]) -> list[np.ndarray]:
+        flat = [t for b in batches for t in b]
+        self.counts["requests"] += len(batches)
+        self.counts["batches"] += 1
+        self.counts["texts"] += len(flat)
+        t = time.perf_counter()
+        x = await asyncio.to_thread(self.encoder.encode_queries, flat)
+        self.counts["seconds"] += time.perf_counter() - t
+        cuts = np.cumsum([len(b) for b in batches])[:-1]
+        return np.split(x, cuts)
+
+    async def ping(self) -> dict:
+        return {"encoder": self.encoder.name, **self.counts}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=2)
+class VersionIngress:
+    """The version app's ingress: it binds the shards and the encoder into one application."""
+
+    def __init__(self, version: str, *parts):
+        self.version = version
+
+    async def ping(self) -> str:
+        return self.version
+
+
+def version_app(cfg: ServeConfig, view: IndexView, res: Resources):
+    v, S = view.version, view.nshards
+    common = dict(index_root=cfg.index_root, s3_endpoint=cfg.s3_endpoint, version=v)
+    shards = [ShardDeployment.options(name=shard_name(s), num_replicas=cfg.replicas,
+                                      ray_actor_options={"num_cpus": res.shard_cpus})
+              .bind(s=s, kinds=view.kinds, threads=res.threads, **common) for s in range(S)]
+    parts = list(shards)
+    if view.text:
+        parts.append(EncoderDeployment.options(name="encoder", num_replicas=cfg.encoder_replicas,
+                                               ray_actor_options={"num_cpus": res.encoder_cpus})
+                     .bind(threads=res.encoder_threads, max_batch=cfg.max_queries,
+                           batch_wait_s=cfg.batch_wait_ms / 1000, **common))
+    return VersionIngress.options(name="version").bind(v, *parts)
+
+
+def deploy_version(target, name: str, timeout: float) -> None:
+    """Deploy an app beside the others and wait until all its replicas run (blocking)."""
+    from ray.serve.api import RunTarget
+
+    # Shard and encoder calls are internal, one per request per shard: no access log for them.
+    serve.run_many([RunTarget(target=target, name=name, route_prefix=None,
+                              logging_config={"enable_access_log": False})], wait_for_applications_running=False)
+    try:
+        if not wait_until(lambda: _running(name), timeout):
+            raise SearchError(f"{name}: not running after {timeout:g} s (not enough CPUs for two versions side "
+                              "by side? see --shard-cpus)")
+    except SearchError:
+        delete_app(name)
+        raise
+
+
+def _running(name: str) -> bool:
+    """Whether app `name` runs; a failed deploy raises, naming the cause."""
+    st = serve.status().applications.get(name)
+    if st is not None and st.status == "DEPLOY_FAILED":
+        raise SearchError(f"{name}: {_deploy_message(st)}")
+    return st is not None and st.status == "RUNNING"
+
+
+def _deploy_message(st) -> str:
+    msgs = [f"{d}: {o.message}" for d, o in st.deployments.items() if o.message and o.status != "HEALTHY"]
+    text = "; ".join(msgs) or st.message or "deploy failed"
+    # A replica's constructor error arrives as a traceback: keep its last line, which names the cause.
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else text
+
+
+def delete_app(name: str) -> None:
+    """Delete a Serve app and wait until it is gone; one already gone is no error."""
+    try:
+        serve.delete(name, _blocking=True)
+    except Exception:  # already gone
+        pass
