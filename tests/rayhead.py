@@ -20,7 +20,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from helpers import free_port
+from helpers import free_port, wait_until
 
 BIN = Path(sys.executable).parent          # the venv's bin, not resolved: `ray` and `python` live here
 RAY = BIN / "ray"
@@ -142,22 +142,21 @@ def start_head(num_cpus: int = 2):
         out, _ = start.communicate(timeout=180)
         assert start.returncode == 0, f"ray start failed:\n{out[-5000:]}"
         address = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{address}/api/version", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, f"the dashboard at {address} never answered"
-            time.sleep(0.5)
+        wait_until(lambda: _answers(f"{address}/api/version"), 60, 0.5, what=f"the dashboard at {address} to answer")
         yield {"address": address, "temp_dir": temp_dir, "gcs": f"127.0.0.1:{ports['--port']}"}
     finally:
         if start.poll() is None:
             start.kill()
         stop_cluster(pgid, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 def uploaded_dirs(temp_dir: str) -> list[Path]:
@@ -177,11 +176,12 @@ def wait_job(client, job_id: str, timeout: float = 300) -> str:
     """Poll a submitted job until it ends; its final status as a string (SUCCEEDED, FAILED, STOPPED)."""
     from ray.job_submission import JobStatus
 
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    def ended():
         st = client.get_job_status(job_id)
-        if st in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            return str(st.value)
-        time.sleep(0.5)
-    client.stop_job(job_id)
-    raise AssertionError(f"job {job_id} still {st} after {timeout} s:\n{client.get_job_logs(job_id)[-4000:]}")
+        return str(st.value) if st in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) else None
+
+    try:
+        return wait_until(ended, timeout, 0.5, what=lambda: f"job {job_id} to end (still {client.get_job_status(job_id)})")
+    except AssertionError as e:
+        client.stop_job(job_id)
+        raise AssertionError(f"{e}:\n{client.get_job_logs(job_id)[-4000:]}") from None

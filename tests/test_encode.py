@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from helpers import build
+from helpers import build, wait_until
 from index_builder.config import BuildConfig
 from shards.encoder import Encoder, padding_of
 from index_builder.demo.textcorpus import stdlib_docstrings, write_corpus
@@ -225,14 +224,12 @@ def _wait_for_busy_actor(out: str, ray, timeout: float = 300) -> str:
     """The name of an encoder actor, once at least one part is committed (so the pool is mid-run)."""
     from index_builder.encode.pool import ACTOR_PREFIX
 
-    t0 = time.time()
-    while time.time() - t0 < timeout:
+    def busy():
         names = [n for n in ray.util.list_named_actors() if n.startswith(ACTOR_PREFIX)]
         done = [f for f in os.listdir(out) if f.startswith("part-")] if os.path.isdir(out) else []
-        if names and done:
-            return sorted(names)[0]
-        time.sleep(0.1)
-    raise AssertionError("no part was committed")
+        return sorted(names)[0] if names and done else None
+
+    return wait_until(busy, timeout, 0.1, what="an encoder actor with a part committed")
 
 
 def test_fast_tokenizer_gives_the_models_own_features(enc):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from helpers import REPO, build, clustered, free_port, vector_table, write_vector_corpus
+from helpers import REPO, build, clustered, free_port, vector_table, wait_until, write_vector_corpus
 from rayhead import NEVER, uploaded_dirs, wait_job, write_config
 
 pytestmark = pytest.mark.slow
@@ -99,14 +98,15 @@ def test_eval_as_a_job(client, small_index, tmp_path):
 def wait_for_log(client, job: str, text: str, timeout: float = 180) -> str:
     from ray.job_submission import JobStatus
 
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    def logged():
         logs = client.get_job_logs(job)
         if text in logs:
             return logs
         assert client.get_job_status(job) in (JobStatus.PENDING, JobStatus.RUNNING), logs[-4000:]
-        time.sleep(0.5)
-    raise AssertionError(f"no {text!r} in the logs of {job} after {timeout} s:\n{client.get_job_logs(job)[-4000:]}")
+        return None
+
+    return wait_until(logged, timeout, 0.5,
+                      what=lambda: f"{text!r} in the logs of {job}:\n{client.get_job_logs(job)[-4000:]}")
 
 
 def serve_apps(address: str) -> list[str]:

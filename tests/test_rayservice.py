@@ -10,7 +10,6 @@ Bad args fail that app's deploy with the key named, in the status KubeRay shows.
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import requests
@@ -35,13 +34,12 @@ def apps(address: str) -> dict:
 
 def wait_status(address: str, want: dict, timeout: float = 180) -> dict:
     """Wait until each named app has the wanted status; the apps' details."""
-    t0, got = time.time(), {}
-    while time.time() - t0 < timeout:
+    def reached():
         got = apps(address)
-        if all(got.get(a, {}).get("status") == s for a, s in want.items()):
-            return got
-        time.sleep(0.5)
-    raise AssertionError(f"not {want} after {timeout} s: { {a: d.get('status') for a, d in got.items()} }")
+        return got if all(got.get(a, {}).get("status") == s for a, s in want.items()) else None
+
+    return wait_until(reached, timeout, 0.5,
+                      what=lambda: f"{want} (now { {a: d.get('status') for a, d in apps(address).items()} })")
 
 
 @pytest.fixture

@@ -10,12 +10,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from helpers import build
+from helpers import build, wait_until
 from index_builder.demo.textcorpus import write_corpus
 from shards.storage.faissio import index_ids
 from shards.storage.manifest import current_version, list_versions
@@ -48,14 +47,14 @@ def text_index(ray_session, tmp_path_factory):
 
 def _wait_for_new_parts(store: Store, v1_parts: int, proc, timeout: float = 240) -> dict:
     """Poll until the killed run has committed at least one part of its own; return {path: mtime}."""
-    t0 = time.time()
-    while time.time() - t0 < timeout:
+    def committed():
         parts = {p: os.path.getmtime(p) for p in _part_files(store)}
         if len(parts) > v1_parts:
             return parts
         assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-        time.sleep(0.2)
-    raise AssertionError("the build never committed a part")
+        return None
+
+    return wait_until(committed, timeout, what="the killed build to commit a part of its own")
 
 
 def _part_files(store: Store) -> list[str]:
