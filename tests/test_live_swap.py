@@ -53,7 +53,7 @@ def reindex_process(src, root) -> subprocess.Popen:
 def test_reindex_while_serving_swaps_with_no_failed_request(ray_session, tmp_path):
     from ray import serve
 
-    from shards.serve.deployments import app_name
+    from shards.serve.versions import app_name
 
     src, root = tmp_path / "corpus", tmp_path / "index"
     ids, x = write_vector_corpus(str(src), n=N, d=D, files=2, seed=1)

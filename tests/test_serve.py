@@ -273,7 +273,7 @@ def test_openapi_fuzz_finds_no_5xx(app):
 def replica_of(cfg, version: str, shard: str) -> str:
     from ray import serve
 
-    from shards.serve.deployments import app_name
+    from shards.serve.versions import app_name
 
     return serve.get_deployment_handle(shard, app_name(cfg.name, version)).ping.remote().result()["replica"]
 
@@ -329,7 +329,7 @@ def test_killed_shard_replica_is_reported_never_silent(app, index):
 def test_hot_swap_under_load_loses_no_request(app, index):
     from ray import serve
 
-    from shards.serve.deployments import app_name
+    from shards.serve.versions import app_name
 
     c, v2 = app["client"], index["v2"]
     old = c.get("/version").json()["version"]

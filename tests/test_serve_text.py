@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def text_app(ray_session, tmp_path_factory):
     from ray import serve
 
-    from shards.serve import deployments as sv
+    from shards.serve import lifecycle as sv
     from shards.config import ServeConfig
 
     tmp = tmp_path_factory.mktemp("text-serve")
@@ -52,7 +52,7 @@ def test_text_queries_answer_like_the_python_api(text_app):
 def test_concurrent_text_requests_share_encoder_batches(text_app):
     from ray import serve
 
-    from shards.serve.deployments import app_name
+    from shards.serve.versions import app_name
 
     enc = serve.get_deployment_handle("encoder", app_name(text_app["cfg"].name, text_app["version"]))
     before = enc.ping.remote().result()
