@@ -16,13 +16,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
-import time
 
 import numpy as np
 import pytest
 
-from helpers import Client, build, free_port, mutate, start_app, wait_until, write_vector_corpus
+from helpers import Client, build, free_port, mutate, start_app, under_load, wait_until, write_vector_corpus
 from shards.storage.manifest import current_version
 from shards.storage.store import Store
 
@@ -31,16 +29,9 @@ SHARDEX = os.path.join(os.path.dirname(sys.executable), "shardex")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def query_loop(base: str, body: dict, stop: threading.Event, out: list, pause: float, max_requests: int = 5000):
-    """(sent, received, status, json) per request; paced so the reindex gets CPU time too."""
-    c = Client(base)
-    for _ in range(max_requests):
-        if stop.is_set():
-            return
-        t = time.time()
-        r = c.post("/search", body)
-        out.append((t, time.time(), r.status_code, r.json()))
-        time.sleep(pause)
+def served(out: list, version: str) -> int:
+    """How many of under_load's answers came from this version."""
+    return sum(code == 200 and r["version"] == version for _, _, code, r in list(out))
 
 
 def reindex_process(src, root) -> subprocess.Popen:
@@ -68,23 +59,22 @@ def test_reindex_while_serving_swaps_with_no_failed_request(ray_session, tmp_pat
         xq = np.stack([x[np.searchsorted(ids, gone)], m["new_x"][0], m["changed_x"][0]])
         body = {"vectors": xq.tolist(), "k": K, "nprobe": 16}          # every list: exact answers
 
-        out, stop = [], threading.Event()
-        ts = [threading.Thread(target=query_loop, args=(base, body, stop, out, 0.02)) for _ in range(3)]
-        [t.start() for t in ts]
-        p = reindex_process(src, root)
-        try:
-            log, _ = p.communicate(timeout=240)
-        finally:
-            if p.poll() is None:
-                os.killpg(p.pid, 9)
-                p.wait()
-        assert p.returncode == 0, log[-4000:]
-        v2 = current_version(Store(str(root)))
-        assert v2 != v1 and f"reindex      from {v1}: 100 new, 100 changed, 100 deleted" in log, log[-2000:]
-        wait_until(lambda: Client(base).get("/version").json()["version"] == v2, 30, what="the router to follow CURRENT")
-        time.sleep(1.0)
-        stop.set()
-        [t.join() for t in ts]
+        # paced, so the reindex gets CPU time too
+        with under_load(base, body, threads=3, pause=0.02) as out:
+            wait_until(lambda: served(out, v1) >= 10, 60, what="10 answers from v1 before the reindex")
+            p = reindex_process(src, root)
+            try:
+                log, _ = p.communicate(timeout=240)
+            finally:
+                if p.poll() is None:
+                    os.killpg(p.pid, 9)
+                    p.wait()
+            assert p.returncode == 0, log[-4000:]
+            v2 = current_version(Store(str(root)))
+            assert v2 != v1 and f"reindex      from {v1}: 100 new, 100 changed, 100 deleted" in log, log[-2000:]
+            wait_until(lambda: Client(base).get("/version").json()["version"] == v2, 30,
+                       what="the router to follow CURRENT")
+            wait_until(lambda: served(out, v2) >= 10, 60, what="10 answers from v2")
         wait_until(lambda: app_name(cfg.name, v1) not in serve.status().applications, 60,
                    what="the old version's app to be released")
         stats = Client(base).get("/stats").json()

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from helpers import (AUTH, FILTERABLE, TOKEN, Client, as_arrays, assert_same_topk, build, clustered, free_port,
-                     monolithic, start_app, wait_until, write_filterable_corpus)
+                     monolithic, start_app, under_load, wait_until, write_filterable_corpus)
 from shards.storage.faissio import read_index
 from shards.storage.manifest import current_version, set_current, vdir
 from shards.storage.store import Store
 
+pytestmark = pytest.mark.slow
 N, D = 3000, 32
 
 
@@ -278,14 +279,10 @@ def replica_of(cfg, version: str, shard: str) -> str:
     return serve.get_deployment_handle(shard, app_name(cfg.name, version)).ping.remote().result()["replica"]
 
 
-def load_loop(client: Client, body: dict, stop: threading.Event, out: list, max_requests: int = 400):
-    s = Client(client.base)
-    for _ in range(max_requests):
-        if stop.is_set():
-            return
-        t = time.time()
-        r = s.post("/search", body)
-        out.append((t, r.status_code, r.json()))
+def answered(out: list, shards: int, after: float = 0.0, version: str | None = None) -> bool:
+    """Whether under_load's `out` holds an answer from `shards` shards (of `version`), sent after `after`."""
+    return any(code == 200 and r["shards"]["answered"] == shards and t > after and version in (None, r["version"])
+               for t, _, code, r in list(out))
 
 
 def test_killed_shard_replica_is_reported_never_silent(app, index):
@@ -295,21 +292,22 @@ def test_killed_shard_replica_is_reported_never_silent(app, index):
     xq = v["x"][::97][:4]
     body = {"vectors": xq.tolist(), "k": 10}
     actor = ray.get_actor(replica_of(app["cfg"], v["version"], "shard-1"), namespace="serve")
-    out, stop = [], threading.Event()
-    ts = [threading.Thread(target=load_loop, args=(c, body, stop, out)) for _ in range(3)]
-    [t.start() for t in ts]
-    time.sleep(0.5)
-    ray.kill(actor, no_restart=True)
-    down = wait_until(lambda: (h := c.get("/health", {})).status_code == 503 and h.json(), 20, what="/health to report")
-    assert down["missing"] == ["shard-1"] and down["field"] == "shards"
-    wait_until(lambda: c.get("/health", {}).status_code == 200, 90, what="Serve to replace the replica")
-    time.sleep(0.5)
-    stop.set()
-    [t.join() for t in ts]
+    with under_load(c.base, body, threads=3) as out:
+        # each phase ends on what it is there to see, not after a time: a request to the killed
+        # replica may take the whole 1.5 s shard timeout before it comes back partial
+        wait_until(lambda: answered(out, 2), 60, what="a whole answer before the kill")
+        ray.kill(actor, no_restart=True)
+        down = wait_until(lambda: (h := c.get("/health", {})).status_code == 503 and h.json(), 20,
+                          what="/health to report")
+        assert down["missing"] == ["shard-1"] and down["field"] == "shards"
+        wait_until(lambda: answered(out, 1), 60, what="a partial answer while shard-1 is down")
+        wait_until(lambda: c.get("/health", {}).status_code == 200, 90, what="Serve to replace the replica")
+        healed = time.time()
+        wait_until(lambda: answered(out, 2, after=healed), 60, what="a whole answer from the new replica")
 
-    assert all(code == 200 for _, code, _ in out), [r for r in out if r[1] != 200][:2]
-    full = [r for _, _, r in out if r["shards"]["answered"] == 2]
-    part = [r for _, _, r in out if r["shards"]["answered"] < 2]
+    assert all(code == 200 for _, _, code, _ in out), [r for r in out if r[2] != 200][:2]
+    full = [r for _, _, _, r in out if r["shards"]["answered"] == 2]
+    part = [r for _, _, _, r in out if r["shards"]["answered"] < 2]
     assert full and part, (len(full), len(part))
     D2, I2 = monolithic_of(v, v["nprobe"]).search(xq, 10)
     for r in full:
@@ -334,25 +332,20 @@ def test_hot_swap_under_load_loses_no_request(app, index):
     c, v2 = app["client"], index["v2"]
     old = c.get("/version").json()["version"]
     set_current(Store(index["root"]), v2["version"])  # what a build's publish does last
-    time.sleep(0.5)
     assert c.get("/version").json()["version"] == old  # poll_seconds=0: only a reload swaps
 
     body = {"vectors": v2["x"][:2].tolist(), "k": 5}
-    out, stop = [], threading.Event()
-    ts = [threading.Thread(target=load_loop, args=(c, body, stop, out)) for _ in range(4)]
-    [t.start() for t in ts]
-    time.sleep(0.5)
-    r = c.post("/admin/reload")
-    switched_at = time.time()
-    assert r.status_code == 200 and r.json() == {"version": v2["version"], "previous": old, "switched": True}
-    time.sleep(1.0)
-    stop.set()
-    [t.join() for t in ts]
+    with under_load(c.base, body, threads=4) as out:
+        wait_until(lambda: answered(out, 2, version=old), 60, what="answers from the old version after CURRENT moved")
+        r = c.post("/admin/reload")
+        switched_at = time.time()
+        assert r.status_code == 200 and r.json() == {"version": v2["version"], "previous": old, "switched": True}
+        wait_until(lambda: sum(t > switched_at for t, *_ in list(out)) >= 8, 60, what="8 requests sent after the swap")
 
-    assert out and all(code == 200 for _, code, _ in out), [o for o in out if o[1] != 200][:2]
-    versions = [res["version"] for _, _, res in out]
+    assert out and all(code == 200 for _, _, code, _ in out), [o for o in out if o[2] != 200][:2]
+    versions = [res["version"] for _, _, _, res in out]
     assert set(versions) == {old, v2["version"]}
-    for t, _, res in out:  # each answer comes whole from the version it names
+    for t, _, _, res in out:  # each answer comes whole from the version it names
         ids = np.array([h["id"] for hs in res["results"] for h in hs])
         assert (ids % 3 == (2 if res["version"] == v2["version"] else 1)).all()
         assert res["shards"]["answered"] == 2
