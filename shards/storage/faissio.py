@@ -86,6 +86,16 @@ def nlist(index) -> int | None:
     return int(i.nlist) if i is not None else None
 
 
+def set_ntotal(index, n: int) -> None:
+    """IndexPreTransform keeps its own ntotal: bring every wrapper level in line with the IVF
+    after its lists were filled or emptied behind the wrapper's back (add_core, copy_subset_to)."""
+    f = faiss()
+    index = f.downcast_index(index)
+    while isinstance(index, f.IndexPreTransform):
+        index.ntotal = n
+        index = f.downcast_index(index.index)
+
+
 def index_ids(index) -> np.ndarray:
     """Every id stored in the index (IVF inverted lists or an IDMap), unsorted."""
     f = faiss()
