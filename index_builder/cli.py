@@ -1,70 +1,29 @@
-"""The `shardex` command. Build options come from BuildConfig, so flags and YAML keys never drift apart."""
+"""The `shardex` command. Options come from the config models (their fields, types, defaults and
+descriptions), so flags, help and YAML keys never drift apart."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
-import typing
 
 from shards.errors import ShardexError, is_storage_failure, storage_message
 
-HELP = {
-    "id_column": "int64 ids, or strings (mapped to stable int64 ids, kept in docs/)",
-    "text_column": "encode this column",
-    "vector_column": "take precomputed vectors from this column (no encoding)",
-    "dim": "expected vector dimension for --vector-column (default: the column's first vector)",
-    "fields": "comma-separated stored fields returned with results (default: the text column)",
-    "model": "sentence-transformers model name or path (default: bundled all-MiniLM-L6-v2, offline)",
-    "query_prefix": "prefix for queries, for instruction models (e.g. 'query: '; default: the model's own query prompt)",
-    "document_prefix": "prefix for documents (e.g. 'passage: '; default: the model's own document prompt)",
-    "factory": "faiss index_factory string, or auto to choose from N, d and --memory-budget",
-    "memory_budget": "budget for the served index, used by --factory auto (e.g. 512M, 4G)",
-    "shards": "number of serving shards",
-    "sharding": "hash: ids spread evenly, every query goes to every shard; ivf: each shard owns a "
-                "contiguous range of IVF lists (balanced by vectors), a query needs only the shards it probes",
-    "actors": "encoder actors (default: one per GPU, or sized to the CPUs)",
-    "gpus_per_actor": "GPUs per encoder actor (default: 1 when the cluster has GPUs, else 0)",
-    "batch_size": "encoder batch size",
-    "bad_rows": "error: stop at the first bad row; skip: quarantine it with a reason and go on",
-    "metric": "ip or l2 (default: ip for normalised encoders, l2 otherwise)",
-    "s3_endpoint": "S3 endpoint URL (also read from AWS_ENDPOINT_URL)",
-    "part_rows": "documents per input shard: the unit of encode and add work",
-    "target_recall": "the default nprobe is the smallest that reaches this recall@10",
-    "seed": "seed for sampling",
-    "max_seq_length": "tokens per text, longer ones are truncated (default: the model's limit)",
-    "dtype": "encoder precision; fp16/bf16 need a GPU",
-    "retrain": "train a new quantizer even when the drift check passes",
-    "drift_error": "retrain when the new vectors' mean quantization error passes this multiple of the baseline",
-    "drift_imbalance": "retrain when the IVF lists' imbalance after the reindex passes this multiple of the baseline",
-    "keep": "after publishing, delete all but the N newest versions (never CURRENT or the one before it) "
-            "and stale scratch",
-    "grace": "scratch and unfinished versions modified within this long are left alone (a job may own them)",
-    "merge_ram_budget": "a serving shard bigger than this is merged into on-disk inverted lists (mmapped when "
-                        "served); auto: half the memory of the smallest Ray node",
-}
 
-
-def _add_build_options(p: argparse.ArgumentParser, model: str = "BuildConfig") -> None:
-    from index_builder import config
+def _add_options(p: argparse.ArgumentParser, model: str, inherits: bool = False) -> None:
+    """A command's options from its config model, the one its YAML is parsed into (help: the fields'
+    descriptions). inherits: build options left out are the live version's (reindex)."""
+    from index_builder.config import BuildConfig
+    from shards.config import add_options
 
     p.set_defaults(config_model=model)
-    inherits = model == "ReindexConfig"  # reindex: build options left out are the live version's
-    for name, f in getattr(config, model).model_fields.items():
-        if name in ("source", "index_root"):
-            continue
-        flag = "--" + name.replace("_", "-")
-        if f.annotation is bool:
-            p.add_argument(flag, dest=name, action="store_true", default=None, help=HELP.get(name, ""))
-            continue
-        args = typing.get_args(f.annotation)
-        typ = next((a for a in (int, float) if a is f.annotation or a in args), str)
-        choices = next((typing.get_args(a) for a in (f.annotation, *args) if typing.get_origin(a) is typing.Literal),
-                       None)
-        dflt = f"the live version's, else {f.default}" if inherits and name in config.BuildConfig.model_fields \
-            else f.default
-        p.add_argument(flag, dest=name, type=typ, choices=choices, default=None,
-                       help=f"{HELP.get(name, '')} (default: {dflt})")
+    add_options(p, config_model(model), skip=("source", "index_root"),
+                inherited=BuildConfig.model_fields if inherits else ())
+
+
+def _about(model: str, name: str) -> str:
+    """The help of a field given as a positional argument: its description."""
+    return config_model(model).model_fields[name].description
 
 
 def config_model(name: str):
@@ -73,10 +32,6 @@ def config_model(name: str):
         from shards.config import ServeConfig
 
         return ServeConfig
-    if name == "EvalConfig":
-        from index_builder.eval.evaluate import EvalConfig
-
-        return EvalConfig
     from index_builder import config
 
     return getattr(config, name)
@@ -191,46 +146,6 @@ def cmd_rollback(args) -> int:
     return 0
 
 
-SERVE_HELP = {
-    "host": "address to bind; 127.0.0.1 keeps it on this machine",
-    "port": "HTTP port",
-    "replicas": "replicas of each shard deployment",
-    "token": "bearer token clients must send (also read from $SHARDEX_TOKEN); none: open",
-    "require_all_shards": "answer 503 when a shard is missing, instead of a partial answer that says so",
-    "shard_timeout": "seconds a shard may take before it counts as missing",
-    "poll_seconds": "how often CURRENT is read to swap versions; 0: only POST /admin/reload",
-    "s3_endpoint": "S3 endpoint URL (also read from AWS_ENDPOINT_URL)",
-    "filter_fields": "comma-separated stored fields held per shard for filters (default: the numeric and "
-                     "boolean ones)",
-    "max_queries": "queries in one request (larger: 413); also the largest server-side batch",
-    "batch_wait_ms": "how long a server batch (search fan-out, text encoder) waits for concurrent requests to join it",
-    "encoder_replicas": "replicas of the text encoder deployment",
-    "shard_cpus": "Ray CPUs reserved per shard replica (default: room for two versions side by side)",
-    "threads": "faiss threads per shard replica (default: the cluster's CPUs over the replicas)",
-    "name": "Serve application name (version apps are NAME--VERSION)",
-    "route_prefix": "where the HTTP API is mounted",
-    "load_timeout": "seconds a version may take to come up",
-    "detach": "return once serving, leaving the app on the cluster (for `ray job submit` / RAY_ADDRESS)",
-}
-
-
-def _add_serve_options(p: argparse.ArgumentParser) -> None:
-    from shards.config import ServeConfig
-
-    p.set_defaults(config_model="ServeConfig")
-    for name, f in ServeConfig.model_fields.items():
-        if name == "index_root":
-            continue
-        flag = "--" + name.replace("_", "-")
-        if f.annotation is bool:
-            p.add_argument(flag, dest=name, action="store_true", default=None, help=SERVE_HELP.get(name))
-            continue
-        args = typing.get_args(f.annotation)
-        typ = next((a for a in (int, float) if a is f.annotation or a in args), str)
-        default = "" if f.default is None else f" (default: {f.default})"
-        p.add_argument(flag, dest=name, type=typ, default=None, help=f"{SERVE_HELP.get(name, '')}{default}")
-
-
 def cmd_serve(args) -> int:
     import signal
     import time
@@ -246,7 +161,7 @@ def cmd_serve(args) -> int:
     ensure_ray()
     from ray import serve
 
-    from shards.serve import deployments as sv
+    from shards.serve import lifecycle as sv
 
     # Serve holds the port from here on; SIGTERM (ray job stop, kill) cleans up like Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -272,37 +187,6 @@ def cmd_serve(args) -> int:
         raise
 
 
-EVAL_HELP = {
-    "version": "the version to evaluate (default: CURRENT)",
-    "queries": "query file: .npy vectors, .parquet with a 'vector' or 'text' column, or text, one query a line "
-               "(default: stored vectors, each left out of its own search)",
-    "k": "recall@k and the k searched",
-    "nprobe": "comma-separated nprobe values (default: 1, 2, 4, ... nlist)",
-    "num_queries": "how many stored vectors to sample as queries (without --queries)",
-    "latency_queries": "how many queries to time one at a time for latency",
-    "target_recall": "report the smallest nprobe reaching this recall@k",
-    "out": "directory (or s3:// prefix) for eval.json and eval.png (default: ./shardex-eval-<version>)",
-    "threads": "faiss threads (default: all cores)",
-    "seed": "seed for sampling queries",
-    "s3_endpoint": "S3 endpoint URL (also read from AWS_ENDPOINT_URL)",
-}
-
-
-def _add_eval_options(p: argparse.ArgumentParser) -> None:
-    from index_builder.eval.evaluate import EvalConfig
-
-    p.set_defaults(config_model="EvalConfig")
-    for name, f in EvalConfig.model_fields.items():
-        if name == "index_root":
-            continue
-        typ = int if name in ("k", "num_queries", "latency_queries", "threads", "seed") else (
-            float if name == "target_recall" else str)
-        flag = ["-k"] if name == "k" else ["--" + name.replace("_", "-")]
-        h = EVAL_HELP.get(name, "")
-        p.add_argument(*flag, dest=name, type=typ, default=None,
-                       help=h if "default" in h else f"{h} (default: {f.default})")
-
-
 def cmd_eval(args) -> int:
     from index_builder.eval.evaluate import evaluate, lines, write_report
 
@@ -324,40 +208,42 @@ def cmd_demo(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from shards.config import option_help
+
     p = argparse.ArgumentParser(prog="shardex", description="Distributed batch indexing on Ray: "
                                 "Parquet corpus -> sharded IVF-PQ index -> exact top-k router.")
     p.add_argument("--debug", action="store_true", help="print the full traceback on errors")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     b = sub.add_parser("build", help="build and publish a new index version from a Parquet corpus")
-    b.add_argument("source", nargs="?", help="Parquet file, directory or glob (local or s3://)")
-    b.add_argument("index_root", nargs="?", help="index root (local path or s3://)")
+    b.add_argument("source", nargs="?", help=_about("BuildConfig", "source"))
+    b.add_argument("index_root", nargs="?", help=_about("BuildConfig", "index_root"))
     b.add_argument("--config", help="YAML file with the same keys (CLI options override it)")
     b.add_argument("--json", action="store_true", help="print the summary as JSON")
-    _add_build_options(b)
+    _add_options(b, "BuildConfig")
     b.set_defaults(fn=cmd_build)
 
     e = sub.add_parser("encode", help="only the encode stage: Parquet parts (id, vector, fields) that "
                        "`build --vector-column vector` takes")
-    e.add_argument("source", help="Parquet file, directory or glob (local or s3://)")
+    e.add_argument("source", help=_about("BuildConfig", "source"))
     e.add_argument("embeddings_uri", help="output directory (local path or s3://); a re-run resumes it")
     e.add_argument("--config", help="YAML file with build's keys (CLI options override it)")
     e.add_argument("--json", action="store_true", help="print the summary as JSON")
-    _add_build_options(e)
+    _add_options(e, "BuildConfig")
     e.set_defaults(fn=cmd_encode)
 
     ri = sub.add_parser("reindex", help="incremental: encode only new or changed documents, publish a new version")
-    ri.add_argument("source", nargs="?", help="Parquet file, directory or glob (local or s3://): the whole corpus now")
-    ri.add_argument("index_root", nargs="?", help="index root with a live version (local path or s3://)")
+    ri.add_argument("source", nargs="?", help=_about("ReindexConfig", "source"))
+    ri.add_argument("index_root", nargs="?", help=_about("ReindexConfig", "index_root"))
     ri.add_argument("--config", help="YAML file with the same keys (CLI options override it)")
     ri.add_argument("--json", action="store_true", help="print the summary as JSON")
-    _add_build_options(ri, "ReindexConfig")
+    _add_options(ri, "ReindexConfig", inherits=True)
     ri.set_defaults(fn=cmd_reindex)
 
     pr = sub.add_parser("prune", help="delete old versions and stale scratch (never CURRENT or the one before it)")
     pr.add_argument("index_root")
     pr.add_argument("--keep", type=int, required=True, help="keep the N newest versions")
-    pr.add_argument("--grace", default="1h", help=HELP["grace"] + " (default: 1h)")
+    pr.add_argument("--grace", default="1h", help=option_help(config_model("ReindexConfig"), "grace"))
     pr.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
     pr.add_argument("--json", action="store_true")
     pr.add_argument("--s3-endpoint", default=None)
@@ -375,10 +261,10 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_search)
 
     ev = sub.add_parser("eval", help="recall@k against exact search, QPS and latency per nprobe; JSON and a plot")
-    ev.add_argument("index_root", nargs="?", help="index root (local path or s3://)")
+    ev.add_argument("index_root", nargs="?", help=_about("EvalConfig", "index_root"))
     ev.add_argument("--config", help="YAML file with the same keys (CLI options override it)")
     ev.add_argument("--json", action="store_true", help="print the report as JSON")
-    _add_eval_options(ev)
+    _add_options(ev, "EvalConfig")
     ev.set_defaults(fn=cmd_eval)
 
     v = sub.add_parser("versions", help="list the versions and which one is CURRENT")
@@ -395,9 +281,9 @@ def parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="serve the CURRENT version over HTTP: a Ray Serve app with a router and "
                         "one deployment per shard; follows CURRENT as it moves")
-    sv.add_argument("index_root", nargs="?", help="index root (local path or s3://)")
+    sv.add_argument("index_root", nargs="?", help=_about("ServeConfig", "index_root"))
     sv.add_argument("--config", help="YAML file with the same keys (CLI options override it)")
-    _add_serve_options(sv)
+    _add_options(sv, "ServeConfig")
     sv.set_defaults(fn=cmd_serve)
 
     d = sub.add_parser("demo", help="build and query a 2-shard index of the Python standard library's docstrings")

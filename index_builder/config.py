@@ -1,58 +1,80 @@
-"""The one typed config of a build, shared by the CLI, YAML job configs and the Python API.
+"""The builder's typed configs (build, reindex, eval), shared by the CLI, YAML job configs and the Python API.
 
-Keys are the CLI's argument and option names with underscores. Every check
-fails with the field's name and what to do about it.
+Keys are the CLI's argument and option names with underscores; each field's description is its
+--help. Every check fails with the field's name and what to do about it (shards.config.Config).
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from shards.config import load_yaml, make, parse_bytes, parse_duration  # noqa: F401  (make, parse_bytes: re-exported)
+from shards.config import (
+    Config,
+    Count,
+    IndexRoot,
+    Names,
+    Recall,
+    S3Endpoint,
+    Size,
+    at_least,
+    make,
+    parse_bytes,
+    parse_duration,
+    split_commas,
+)
 
+__all__ = ["BuildConfig", "ReindexConfig", "EvalConfig", "make", "parse_bytes"]  # make, parse_bytes: re-exported
 
-class BuildConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class BuildConfig(Config):
+    """`shardex build` (and `shardex encode`, which stops after the encode stage)."""
 
-    source: str
-    index_root: str
-    id_column: str = "id"
-    text_column: str = "text"
-    vector_column: str | None = None
-    dim: int | None = None                  # expected vector dim; default: the column's first vector
-    fields: list[str] | None = None         # stored fields; default: the text column
-    model: str | None = None                # default: the bundled all-MiniLM-L6-v2
-    query_prefix: str | None = None         # default: the model's own "query" prompt, if it has one
-    document_prefix: str | None = None      # default: its "document"/"passage"/"corpus" prompt
-    max_seq_length: int | None = None       # tokens per text; default: the model's own limit
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
-    factory: str = "auto"
-    memory_budget: str = "4G"
-    shards: int = 1
-    sharding: Literal["hash", "ivf"] = "hash"
-    actors: int | None = None               # encoder actors; default: one per GPU, or sized to the CPUs
-    gpus_per_actor: float | None = None     # default: 1 when the cluster has GPUs, else 0
-    batch_size: int = 64
-    bad_rows: Literal["error", "skip"] = "error"
-    metric: Literal["ip", "l2"] | None = None
-    s3_endpoint: str | None = None
-    part_rows: int = 20_000                 # documents per input shard (one unit of encode/add work)
-    target_recall: float = 0.95             # the default nprobe is the smallest that reaches this
-    seed: int = 0
-    merge_ram_budget: str = "auto"          # a serving shard bigger than this is merged into on-disk lists
+    model_config = ConfigDict(validate_assignment=True)
 
-    @field_validator("fields", mode="before")
-    @classmethod
-    def _split_fields(cls, v):
-        if isinstance(v, str):
-            v = [x.strip() for x in v.split(",") if x.strip()]
-        return v
-
-    @field_validator("memory_budget", mode="before")
-    @classmethod
-    def _budget_int(cls, v):
-        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # YAML: a byte count
+    source: str = Field(description="Parquet file, directory or glob (local or s3://)")
+    index_root: IndexRoot
+    id_column: str = Field("id", description="int64 ids, or strings (mapped to stable int64 ids, kept in docs/)")
+    text_column: str = Field("text", description="encode this column")
+    vector_column: str | None = Field(None, description="take precomputed vectors from this column (no encoding)")
+    dim: int | None = Field(None, description="expected vector dimension for --vector-column (default: the "
+                            "column's first vector)")
+    fields: Names | None = Field(None, description="comma-separated stored fields returned with results "
+                                 "(default: the text column)")
+    model: str | None = Field(None, description="sentence-transformers model name or path (default: bundled "
+                              "all-MiniLM-L6-v2, offline)")
+    query_prefix: str | None = Field(None, description="prefix for queries, for instruction models, e.g. "
+                                     "'query: ' (default: the model's own query prompt)")
+    document_prefix: str | None = Field(None, description="prefix for documents, e.g. 'passage: ' (default: the "
+                                        "model's own document prompt)")
+    max_seq_length: Count | None = Field(None, description="tokens per text, longer ones are truncated (default: "
+                                         "the model's limit)")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="encoder precision (auto: fp16 on "
+                                                           "a GPU, fp32 on CPUs); fp16/bf16 need a GPU")
+    factory: str = Field("auto", description="faiss index_factory string, or auto to choose from N, d and "
+                         "--memory-budget")
+    memory_budget: Size = Field("4G", description="budget for the served index, used by --factory auto (e.g. "
+                                "512M, 4G)")
+    shards: Count = Field(1, description="number of serving shards")
+    sharding: Literal["hash", "ivf"] = Field("hash", description="hash: ids spread evenly, every query goes to "
+                                             "every shard; ivf: each shard owns a contiguous range of IVF lists "
+                                             "(balanced by vectors), a query needs only the shards it probes")
+    actors: Annotated[int, at_least(1, hint="; leave it out to size the pool to the cluster")] | None = Field(
+        None, description="encoder actors (default: one per GPU, or sized to the CPUs)")
+    gpus_per_actor: float | None = Field(None, description="GPUs per encoder actor (default: 1 when the cluster "
+                                         "has GPUs, else 0)")
+    batch_size: Count = Field(64, description="encoder batch size")
+    bad_rows: Literal["error", "skip"] = Field("error", description="error: stop at the first bad row; skip: "
+                                               "quarantine it with a reason and go on")
+    metric: Literal["ip", "l2"] | None = Field(None, description="ip or l2 (default: ip for normalised encoders, "
+                                               "l2 otherwise)")
+    s3_endpoint: S3Endpoint = None
+    part_rows: Count = Field(20_000, description="documents per input shard: the unit of encode and add work")
+    target_recall: Recall = Field(0.95, description="the default nprobe is the smallest that reaches this "
+                                  "recall@10")
+    seed: int = Field(0, description="seed for sampling")
+    merge_ram_budget: Size = Field("auto", description="a serving shard bigger than this is merged into on-disk "
+                                   "inverted lists (mmapped when served); auto: half the memory of the smallest "
+                                   "Ray node")
 
     @field_validator("memory_budget")
     @classmethod
@@ -64,31 +86,8 @@ class BuildConfig(BaseModel):
     @field_validator("merge_ram_budget", mode="before")
     @classmethod
     def _merge_budget(cls, v):
-        if isinstance(v, int) and not isinstance(v, bool):
-            v = str(v)                                    # YAML: a byte count
         if v != "auto":
             parse_bytes(v)                                # 0: every IVF shard on disk
-        return v
-
-    @field_validator("shards", "batch_size", "part_rows", "max_seq_length")
-    @classmethod
-    def _positive(cls, v, info):
-        if v is not None and v < 1:
-            raise ValueError(f"must be at least 1, got {v}")
-        return v
-
-    @field_validator("actors")
-    @classmethod
-    def _actors(cls, v):
-        if v is not None and v < 1:
-            raise ValueError(f"must be at least 1, got {v}; leave it out to size the pool to the cluster")
-        return v
-
-    @field_validator("target_recall")
-    @classmethod
-    def _recall(cls, v):
-        if not 0 < v <= 1:
-            raise ValueError(f"must be in (0, 1], got {v}")
         return v
 
     @model_validator(mode="after")
@@ -109,9 +108,8 @@ class BuildConfig(BaseModel):
             return self.fields
         return [] if self.vector_column else [self.text_column]
 
-    @classmethod
-    def from_yaml(cls, path: str, **overrides) -> "BuildConfig":
-        return load_yaml(cls, path, **overrides)
+
+Ratio = Annotated[float, at_least(1, unit=" (a multiple of the baseline)")]
 
 
 class ReindexConfig(BuildConfig):
@@ -121,25 +119,18 @@ class ReindexConfig(BuildConfig):
     nightly job needs only source and index_root.
     """
 
-    retrain: bool = False                   # train a new quantizer even when the drift check passes
-    drift_error: float = 2.0                # retrain when the new vectors' mean quantization error > this x baseline
-    drift_imbalance: float = 1.5            # ... or the IVF lists' imbalance after the reindex passes this x baseline
-    keep: int | None = None                 # after publishing, keep this many newest versions (see `shardex prune`)
-    grace: str = "1h"                       # scratch and unfinished versions younger than this are left alone
-
-    @field_validator("drift_error", "drift_imbalance")
-    @classmethod
-    def _ratio(cls, v):
-        if v < 1:
-            raise ValueError(f"must be at least 1 (a multiple of the baseline), got {v}")
-        return v
-
-    @field_validator("keep")
-    @classmethod
-    def _keep(cls, v):
-        if v is not None and v < 1:
-            raise ValueError(f"must be at least 1, got {v}; CURRENT and the version before it are always kept")
-        return v
+    source: str = Field(description="Parquet file, directory or glob (local or s3://): the whole corpus now")
+    index_root: str = Field(description="index root with a live version (local path or s3://)")
+    retrain: bool = Field(False, description="train a new quantizer even when the drift check passes")
+    drift_error: Ratio = Field(2.0, description="retrain when the new vectors' mean quantization error passes "
+                               "this multiple of the baseline")
+    drift_imbalance: Ratio = Field(1.5, description="retrain when the IVF lists' imbalance after the reindex "
+                                   "passes this multiple of the baseline")
+    keep: Annotated[int, at_least(1, hint="; CURRENT and the version before it are always kept")] | None = Field(
+        None, description="after publishing, delete all but the N newest versions (never CURRENT or the one "
+        "before it) and stale scratch")
+    grace: str = Field("1h", description="scratch and unfinished versions modified within this long are left "
+                       "alone (a job may own them)")
 
     @field_validator("grace", mode="before")
     @classmethod
@@ -154,3 +145,36 @@ class ReindexConfig(BuildConfig):
     def build_options(self) -> dict:
         """The build options given explicitly (on the command line or in YAML), not defaulted."""
         return {k: getattr(self, k) for k in self.model_fields_set if k in BuildConfig.model_fields}
+
+
+def _nprobes(v):
+    return [v] if isinstance(v, int) else split_commas(v)   # YAML: one nprobe, or a list
+
+
+class EvalConfig(Config):
+    """`shardex eval`; YAML keys for `python -m jobs.eval --config X.yaml` are the same names."""
+
+    index_root: IndexRoot
+    version: str | None = Field(None, description="the version to evaluate (default: CURRENT)")
+    queries: str | None = Field(None, description="query file: .npy vectors, .parquet with a 'vector' or 'text' "
+                                "column, or text, one query a line (default: stored vectors, each left out of "
+                                "its own search)")
+    k: Count = Field(10, description="recall@k and the k searched")
+    nprobe: Annotated[list[int], BeforeValidator(_nprobes)] | None = Field(
+        None, description="comma-separated nprobe values (default: 1, 2, 4, ... nlist)")
+    num_queries: Count = Field(1000, description="how many stored vectors to sample as queries (without --queries)")
+    latency_queries: Annotated[int, at_least(0)] = Field(200, description="how many queries to time one at a "
+                                                         "time for latency")
+    target_recall: Recall = Field(0.95, description="report the smallest nprobe reaching this recall@k")
+    out: str | None = Field(None, description="directory (or s3:// prefix) for eval.json and eval.png (default: "
+                            "./shardex-eval-<version>)")
+    threads: Count | None = Field(None, description="faiss threads (default: all cores)")
+    seed: int = Field(0, description="seed for sampling queries")
+    s3_endpoint: S3Endpoint = None
+
+    @field_validator("nprobe")
+    @classmethod
+    def _nprobe(cls, v):
+        if v is not None and (not v or min(v) < 1):
+            raise ValueError(f"give positive nprobe values like 1,4,16, got {v}")
+        return sorted(set(v)) if v else v

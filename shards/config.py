@@ -1,14 +1,30 @@
-"""What every typed config shares: sizes like 4G, YAML loading, and one-line errors naming the field.
+"""The one style of every typed config: a base model (unknown keys refused, one-line errors that
+name the field and the fix), the field types the configs share, sizes and durations, YAML
+loading, and the argparse options of a model, whose field descriptions are the CLI's help.
 
-The job configs themselves live beside what they configure (BuildConfig in
-index_builder, ServeConfig here), so serving never imports the builder.
+The job configs live beside what they configure (BuildConfig, ReindexConfig and EvalConfig in
+index_builder/config.py, ServeConfig here), so serving never imports the builder.
 """
 from __future__ import annotations
 
+import argparse
 import re
+import types
+import typing
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from shards.errors import ConfigError
 
@@ -42,6 +58,19 @@ def parse_duration(s: str | int | float) -> float:
     return float(m.group(1)) * _SECONDS[(m.group(2) or "s").lower()]
 
 
+# ---------------------------------------------------------------- the base model and its errors
+
+class Config(BaseModel):
+    """A job's options: one model for CLI flags, YAML keys and the Python API. Every field has a
+    description, which is its --help."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def from_yaml(cls, path: str, **overrides):
+        return load_yaml(cls, path, **overrides)
+
+
 def load_yaml(cls, path: str, **overrides):
     """A config model from a YAML mapping of option names to values; non-None overrides win."""
     with open(path) as f:
@@ -69,46 +98,134 @@ def _explain(err: dict) -> str:
     return f"{field}: {msg}"
 
 
-# ---- serving ------------------------------------------------------------------------------
+# ---------------------------------------------------------------- the field types configs share
 
-from typing import Any  # noqa: E402
+def split_commas(v: Any):
+    """'a, b,' -> ['a', 'b'], as a list option is written on the command line; lists pass."""
+    return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator  # noqa: E402
+
+def byte_count_text(v: Any):
+    """YAML writes a byte count as an int: the size as text, as the CLI gives it."""
+    return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+def at_least(lo: int, unit: str = "", hint: str = "") -> AfterValidator:
+    """A bound with an error that says what to give: 'must be at least 1, got 0' and the hint."""
+    def check(v):
+        if v < lo:
+            raise ValueError(f"must be at least {lo}{unit}, got {v}{hint}")
+        return v
+    return AfterValidator(check)
+
+
+def _recall(v: float) -> float:
+    if not 0 < v <= 1:
+        raise ValueError(f"must be in (0, 1], got {v}")
+    return v
+
+
+Names = Annotated[list[str], BeforeValidator(split_commas)]   # a list, or "a, b" on the command line
+Count = Annotated[int, at_least(1)]
+Recall = Annotated[float, AfterValidator(_recall)]            # a recall@k target, in (0, 1]
+Size = Annotated[str, BeforeValidator(byte_count_text)]       # 512M, 4G; a byte count from YAML
+S3Endpoint = Annotated[str | None, Field(description="S3 endpoint URL (also read from AWS_ENDPOINT_URL)")]
+IndexRoot = Annotated[str, Field(description="index root (local path or s3://)")]
+
+
+# ---------------------------------------------------------------- a model's argparse options
+
+_DEFAULT = re.compile(r"\s*\(default: ([^()]*(?:\([^()]*\)[^()]*)*)\)$")  # a description's closing "(default: ...)"
+
+
+def add_options(p: argparse.ArgumentParser, model: type[BaseModel], skip=(), inherited=()) -> None:
+    """An option for each field of model but skip: --field-name (-x for a one-letter name), typed
+    and with choices from the annotation, its help the field's description with the default once.
+    Every argparse default is None, so that an option not given leaves the YAML's value or the
+    model's default. inherited: fields whose default is the live version's (reindex)."""
+    for name, f in model.model_fields.items():
+        if name in skip:
+            continue
+        flag = f"-{name}" if len(name) == 1 else "--" + name.replace("_", "-")
+        typ, choices = _arg_type(f.annotation)
+        h = option_help(model, name, name in inherited)
+        if typ is bool:
+            p.add_argument(flag, dest=name, action="store_true", default=None, help=h)
+        else:
+            p.add_argument(flag, dest=name, type=typ, choices=choices, default=None, help=h)
+
+
+def option_help(model: type[BaseModel], name: str, inherited: bool = False) -> str:
+    """A field's description, ending with its default: the one the description names in words
+    ("(default: the text column)"), else the model's; none for flags and for None."""
+    f = model.model_fields[name]
+    text = f.description or ""
+    m = _DEFAULT.search(text)
+    if m:
+        text, dflt = text[:m.start()], m.group(1)
+    else:
+        dflt = None if f.default is None or _arg_type(f.annotation)[0] is bool else f.default
+    if inherited:
+        dflt = "the live version's" + ("" if dflt is None else f", else {dflt}")
+    return text if dflt is None else f"{text} (default: {dflt})"
+
+
+def _arg_type(a) -> tuple[type, tuple | None]:
+    """(argparse type, choices) of an annotation, Optional and Annotated unwrapped: bool, int, float,
+    a Literal's choices; anything else (lists, secrets) is text the model parses."""
+    while True:
+        origin = typing.get_origin(a)
+        if origin is Annotated:
+            a = typing.get_args(a)[0]
+        elif origin in (typing.Union, types.UnionType):
+            rest = [x for x in typing.get_args(a) if x is not type(None)]
+            if len(rest) != 1:
+                return str, None
+            a = rest[0]
+        elif origin is Literal:
+            return str, typing.get_args(a)
+        else:
+            return (a, None) if a in (bool, int, float) else (str, None)
+
+
+# ---------------------------------------------------------------- serving
 
 TOKEN_ENV = "SHARDEX_TOKEN"
 
 
-class ServeConfig(BaseModel):
-    """`shardex serve` and `python -m jobs.serve`: one model for flags, YAML and the Python API."""
+class ServeConfig(Config):
+    """`shardex serve` and `python -m jobs.serve`. Its bounds are Field(ge=..., le=...) with pydantic's
+    messages ("port: Input should be greater than or equal to 1"), as the HTTP API's requests have."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    index_root: str
-    host: str = "127.0.0.1"                 # loopback unless told otherwise
-    port: int = Field(8000, ge=1, le=65535)
-    replicas: int = Field(1, ge=1)          # replicas of each shard deployment
-    token: SecretStr | None = None          # bearer token; default: $SHARDEX_TOKEN; none: open
-    require_all_shards: bool = False        # a missing shard makes /search a 503 instead of a partial answer
-    shard_timeout: float = Field(5.0, gt=0)  # seconds one shard may take before it counts as missing
-    poll_seconds: float = Field(10.0, ge=0)  # how often CURRENT is read; 0: only POST /admin/reload swaps
-    s3_endpoint: str | None = None
-    filter_fields: list[str] | None = None  # held per shard for filters; default: numeric and boolean fields
-    max_queries: int = Field(1024, ge=1, le=4096)    # queries in one request; also the largest server batch
-    batch_wait_ms: float = Field(5.0, ge=0, le=1000)  # how long a server batch (router, encoder) waits to fill
-    encoder_replicas: int = Field(1, ge=1)
-    shard_cpus: float | None = Field(None, gt=0)  # Ray CPUs reserved per shard replica; default: see plan
-    threads: int | None = Field(None, ge=1)       # faiss threads per shard replica; default: see plan
-    name: str = Field("shardex", pattern=r"^[A-Za-z0-9_.-]+$")  # Serve application name
-    route_prefix: str = Field("/", pattern=r"^/[A-Za-z0-9_./-]*$")  # where the router's HTTP API is mounted
-    load_timeout: float = Field(600.0, gt=0)      # seconds a new version may take to come up
-    detach: bool = False                          # return once serving, leaving the app on the cluster
-
-    @field_validator("filter_fields", mode="before")
-    @classmethod
-    def _split_fields(cls, v: Any):
-        if isinstance(v, str):
-            v = [x.strip() for x in v.split(",") if x.strip()]
-        return v
+    index_root: IndexRoot
+    host: str = Field("127.0.0.1", description="address to bind; 127.0.0.1 keeps it on this machine")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+    replicas: int = Field(1, ge=1, description="replicas of each shard deployment")
+    token: SecretStr | None = Field(None, description="bearer token clients must send (also read from "
+                                    f"${TOKEN_ENV}); none: open")
+    require_all_shards: bool = Field(False, description="answer 503 when a shard is missing, instead of a partial "
+                                     "answer that says so")
+    shard_timeout: float = Field(5.0, gt=0, description="seconds a shard may take before it counts as missing")
+    poll_seconds: float = Field(10.0, ge=0, description="how often CURRENT is read to swap versions; 0: only "
+                                "POST /admin/reload")
+    s3_endpoint: S3Endpoint = None
+    filter_fields: Names | None = Field(None, description="comma-separated stored fields held per shard for "
+                                        "filters (default: the numeric and boolean ones)")
+    max_queries: int = Field(1024, ge=1, le=4096, description="queries in one request (larger: 413); also the "
+                             "largest server-side batch")
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long a server batch (search fan-out, text "
+                                 "encoder) waits for concurrent requests to join it")
+    encoder_replicas: int = Field(1, ge=1, description="replicas of the text encoder deployment")
+    shard_cpus: float | None = Field(None, gt=0, description="Ray CPUs reserved per shard replica (default: room "
+                                     "for two versions side by side)")
+    threads: int | None = Field(None, ge=1, description="faiss threads per shard replica (default: the cluster's "
+                                "CPUs over the replicas)")
+    name: str = Field("shardex", pattern=r"^[A-Za-z0-9_.-]+$", description="Serve application name (version apps "
+                      "are NAME--VERSION)")
+    route_prefix: str = Field("/", pattern=r"^/[A-Za-z0-9_./-]*$", description="where the HTTP API is mounted")
+    load_timeout: float = Field(600.0, gt=0, description="seconds a version may take to come up")
+    detach: bool = Field(False, description="return once serving, leaving the app on the cluster (for "
+                         "`ray job submit` / RAY_ADDRESS)")
 
     @field_validator("shard_cpus")
     @classmethod
@@ -132,7 +249,3 @@ class ServeConfig(BaseModel):
         if isinstance(data, dict) and data.get("token") is None and os.environ.get(TOKEN_ENV):
             data = {**data, "token": os.environ[TOKEN_ENV]}
         return data
-
-    @classmethod
-    def from_yaml(cls, path: str, **overrides) -> "ServeConfig":
-        return load_yaml(cls, path, **overrides)
