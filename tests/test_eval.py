@@ -8,10 +8,12 @@ import sys
 
 import numpy as np
 import pytest
-
 from helpers import build, write_vector_corpus
+
 from index_builder.cli import main
-from index_builder.eval.evaluate import EvalConfig, drop_own, evaluate, recall
+from index_builder.config import EvalConfig
+from index_builder.eval.evaluate import evaluate
+from index_builder.eval.measures import drop_own, recall_at_k
 from shards.config import make
 from shards.errors import ConfigError
 from shards.storage.manifest import current_version, load_manifest
@@ -49,9 +51,13 @@ def test_drop_own(I, own, k, want):
 @pytest.mark.parametrize("I,gt,want", [
     ([[1, 2, 3]], [[1, 2, 3]], 1.0), ([[1, 2, 9]], [[3, 2, 1]], 2 / 3), ([[1, -1, -1]], [[1, -1, -1]], 1.0),
     ([[5, 6, 7]], [[1, 2, 3]], 0.0), ([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 0, 0]], (1 + 1 / 3) / 2),
+    ([[1, -1, -1]], [[1, 2, -1]], 1 / 2),     # -1 pads on both sides are not a hit: a share of the 2 true ids
+    ([[-1, -1, -1]], [[-1, -1, -1]], 0.0),    # nothing to find
+    ([[1, 2, -1]], [[1, 2, 3]], 2 / 3),
 ])
 def test_recall(I, gt, want):
-    assert recall(np.array(I), np.array(gt), 3) == pytest.approx(want)
+    """The one recall of tune, eval, the benchmarks and the tests (measures.recall_at_k)."""
+    assert recall_at_k(np.array(I), np.array(gt), 3) == pytest.approx(want)
 
 
 def test_eval_cli_writes_json_and_png(index, tmp_path, capsys):
@@ -65,9 +71,9 @@ def test_eval_cli_writes_json_and_png(index, tmp_path, capsys):
     rows = rep["results"]
     assert [r["nprobe"] for r in rows] == [1, 2, 4, 8, 16, 32]
     assert rows[-1]["recall"] == 1.0                      # every list probed: IVF-Flat is exact
-    assert all(a["recall"] <= b["recall"] + 1e-9 for a, b in zip(rows, rows[1:]))
+    assert all(a["recall"] <= b["recall"] + 1e-9 for a, b in zip(rows, rows[1:], strict=False))
     assert all(r["qps"] > 0 and r["latency_ms"]["p50"] <= r["latency_ms"]["p99"] for r in rows)
-    assert rows[0]["shards_per_query"] < rows[-1]["shards_per_query"] == 2      # ivf routing: fewer shards at low nprobe
+    assert rows[0]["shards_per_query"] < rows[-1]["shards_per_query"] == 2  # ivf routing: fewer shards at low nprobe
     assert rep["queries"] == {"source": "300 stored vectors, each left out of its own search", "count": 300,
                               "held_out": True}
     assert rep["nprobe_reaching_target"] == next(r["nprobe"] for r in rows if r["recall"] >= 0.95)
@@ -115,6 +121,30 @@ def test_eval_bad_queries(index, tmp_path, content, name, match):
 def test_eval_config_errors(opts, match):
     with pytest.raises(ConfigError, match=match):
         make(EvalConfig, {"index_root": "x", **opts})
+
+
+@pytest.mark.parametrize("cmd,model", [("eval", "EvalConfig"), ("build", "BuildConfig"), ("encode", "BuildConfig"),
+                                       ("reindex", "ReindexConfig"), ("serve", "ServeConfig")])
+def test_options_come_from_the_model_with_each_default_once(cmd, model):
+    """Every field but the positional ones is an option whose help is its description, with one
+    default: the one the description names in words, else the model's (none for None and flags)."""
+    import argparse
+
+    from index_builder.cli import config_model, parser
+
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[cmd]
+    opts = {a.dest: a for a in sub._actions if a.option_strings}
+    m = config_model(model)
+    for name, f in m.model_fields.items():
+        if name in ("source", "index_root"):
+            continue
+        h = opts[name].help
+        assert h.startswith(f.description.split(" (default: ")[0]) and h.count("(default:") <= 1, (name, h)
+        if cmd != "reindex" and "(default:" not in f.description and f.default not in (None, False, True):
+            assert h.endswith(f"(default: {f.default})"), (name, h)
+        assert opts[name].default is None          # an option not given leaves YAML's value or the model's
+    assert all(a.option_strings == (["-k"] if d == "k" else ["--" + d.replace("_", "-")]) for d, a in opts.items()
+               if d in m.model_fields)         # one-letter fields are short options, as eval's -k
 
 
 def test_eval_as_a_ray_job_entrypoint(index, tmp_path):

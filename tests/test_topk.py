@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shards.search import topk as topk_mod
-from shards.search.topk import merge_topk, recall_at_k
+from index_builder.eval import measures
+from index_builder.eval.measures import recall_at_k
+from shards.search.topk import merge_topk
 
 FLT_MAX = float(np.finfo(np.float32).max)
 
@@ -112,14 +113,14 @@ def test_merge_topk_of_real_flat_shards_is_the_monolithic_topk(sizes, k, metric)
 def test_exact_knn_is_faiss_flat_search(n, nq, k, block_bytes, metric, monkeypatch):
     """The ground truth of tune and eval: the same neighbours, in the same order, as faiss's IndexFlat."""
     faiss = pytest.importorskip("faiss")
-    monkeypatch.setattr(topk_mod, "BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(measures, "BLOCK_BYTES", block_bytes)
     rng = np.random.default_rng(n + k)
     d = 48
     xb, xq = rng.standard_normal((n, d)).astype(np.float32), rng.standard_normal((nq, d)).astype(np.float32)
     flat = faiss.IndexFlat(d, faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2)
     flat.add(xb)
     wantD, wantI = flat.search(xq, k)
-    D, I = topk_mod.exact_knn(xq, xb, k, metric)
+    D, I = measures.exact_knn(xq, xb, k, metric)
     assert np.array_equal(I, wantI)
     assert np.allclose(D[I >= 0], wantD[wantI >= 0], rtol=1e-4, atol=1e-4)
 

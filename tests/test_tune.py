@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from index_builder.build.tune import choose_nprobe, nprobe_ladder, plateaued
+from index_builder.eval.measures import choose_nprobe, nprobe_ladder, plateaued
 
 
 @pytest.mark.parametrize("nl,ladder", [(1, [1]), (2, [1, 2]), (8, [1, 2, 4, 8]), (100, [1, 2, 4, 8, 16, 32, 64, 100])])

@@ -66,32 +66,22 @@ def synthetic(n: int, d: int = 128) -> str:
 
 
 def ground_truth(xb: np.ndarray, xq: np.ndarray, metric: str, k: int = K) -> np.ndarray:
-    import faiss
+    """The exact top-k ids, by the brute force tune and eval take theirs with."""
+    from index_builder.eval.measures import exact_knn
 
-    index = faiss.IndexFlatIP(xb.shape[1]) if metric == "ip" else faiss.IndexFlatL2(xb.shape[1])
-    index.add(xb)
-    return index.search(xq, k)[1]
+    return exact_knn(xq, xb, k, metric)[1]
 
 
 def load_vectors(path: str) -> np.ndarray:
     return np.concatenate([np.load(f"{path}/npy/{f}") for f in sorted(os.listdir(f"{path}/npy"))])
 
 
-def recall(I: np.ndarray, gt: np.ndarray, k: int = K) -> float:
-    return float(np.mean([len(np.intersect1d(a[:k], b[:k])) / k for a, b in zip(I, gt)]))
-
-
 def sweep(search, xq: np.ndarray, gt: np.ndarray, nprobes: list[int], reps: int = 2) -> list[dict]:
-    """search(xq, k, nprobe) -> (D, I); recall@K and the best-of-reps QPS of the whole batch per nprobe."""
-    rows = []
-    for p in nprobes:
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            _, I = search(xq, K, p)
-            best = min(best, time.perf_counter() - t0)
-        rows.append({"nprobe": p, "recall": round(recall(I, gt), 4), "qps": round(len(xq) / best, 1)})
-    return rows
+    """search(xq, k, nprobe) -> (D, I); recall@K and the best-of-reps QPS of the whole batch per nprobe:
+    the measures' sweep, with the benchmarks' K and repetitions."""
+    from index_builder.eval import measures
+
+    return measures.sweep(search, xq, gt, K, nprobes, reps=reps)
 
 
 def faiss_search(index):
@@ -107,18 +97,14 @@ def faiss_search(index):
 
 def shardex_search(root: str):
     """The published version's shards in this process, merged exactly (what the router answers)."""
-    from index_builder.eval.evaluate import search_all
+    from index_builder.eval.measures import merged_search
     from shards.storage.faissio import load_shard
     from shards.storage.manifest import current_version, load_manifest
     from shards.storage.store import Store
 
     store = Store(root)
     m = load_manifest(store, current_version(store))
-    shards = [load_shard(store, m.version, f) for f in m.shards]
-
-    def search(xq, k, nprobe):
-        return search_all(shards, xq, k, nprobe, m.index.metric)
-    return search, m
+    return merged_search([load_shard(store, m.version, f) for f in m.shards], m.index.metric), m
 
 
 def run_cli(args: list[str], env: dict | None = None) -> tuple[float, str, str]:

@@ -1,0 +1,178 @@
+"""The measures of an index against exact search: ground truth, recall@k, the nprobe sweep, the
+default nprobe. tune (the published default), `shardex eval` and the benchmarks all use these.
+
+Ground truth is brute force (exact_knn), one block of vectors at a time, so it can be taken part
+by part and merged (merge_topk, the router's exact merge). Held-out queries are stored vectors:
+each is searched for k+1 and its own id is dropped (drop_own), from the truth and the answers.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from shards.search.topk import merge_topk
+from shards.storage.faissio import faiss, keep_max, probed_lists, set_nprobe
+
+K = 10              # tune measures recall@K: what the published default nprobe is chosen by
+EVAL_QUERIES = 200  # held-out vectors tune measures it on
+PLATEAU = 0.002     # a doubling of nprobe that adds less recall than this, twice running, ends the ladder
+NEAR_BEST = 0.005   # without the target, the default is the smallest nprobe this close to the best recall
+BLOCK_BYTES = 64 << 20  # the largest query x block distance matrix exact_knn holds
+
+
+# ---------------------------------------------------------------- ground truth
+
+def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int, metric: str):
+    """(D, I) of the k nearest rows of xb to each query, by brute force: rows of I index xb, -1 pads
+    where xb has fewer than k rows. One matrix product per block of xb, then argpartition: faster
+    than faiss's IndexFlat for the few hundred queries of tune and eval (bench/README.md)."""
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    nq, n = len(xq), len(xb)
+    heap = faiss().ResultHeap(nq, k, keep_max=keep_max(metric))
+    qn = (xq * xq).sum(1)[:, None]
+    bs = max(k, BLOCK_BYTES // (4 * max(nq, 1)))
+    for a in range(0, n, bs):
+        x = np.asarray(xb[a:a + bs], dtype=np.float32)
+        S = xq @ x.T
+        D = S if metric == "ip" else np.maximum(qn + (x * x).sum(1)[None, :] - 2 * S, 0)
+        kk = min(k, len(x))
+        key = -D if metric == "ip" else D
+        I = np.argpartition(key, kk - 1, axis=1)[:, :kk] if kk < len(x) else np.tile(np.arange(len(x)), (nq, 1))
+        heap.add_result(np.ascontiguousarray(np.take_along_axis(D, I, 1), dtype=np.float32),
+                        np.ascontiguousarray(I + a, dtype=np.int64))
+    heap.finalize()
+    return heap.D, heap.I
+
+
+def part_topk(xq: np.ndarray, ids: np.ndarray, x: np.ndarray, k: int, metric: str):
+    """(D, I) of the exact top-k among one part's vectors, by id, always k columns: where the part
+    holds fewer, the worst distance and id -1 pad (which no merge keeps over a real result)."""
+    D, I = exact_knn(xq, x, min(k, len(x)), metric)
+    pad = k - D.shape[1]
+    worst = -np.inf if metric == "ip" else np.inf
+    D = np.pad(D, ((0, 0), (0, pad)), constant_values=worst)
+    I = np.pad(np.where(I >= 0, ids[np.maximum(I, 0)], -1), ((0, 0), (0, pad)), constant_values=-1)
+    return D, I
+
+
+def merged_truth(parts: list[tuple[np.ndarray, np.ndarray]], k: int, metric: str, own: np.ndarray | None = None):
+    """The true top-k ids of each query from the parts' exact answers (k+1 columns each when own,
+    the held-out queries' ids, is given: they are dropped)."""
+    D, I = merge_topk(parts, k + (own is not None), metric)
+    return drop_own(D, I, own, k)[1]
+
+
+def drop_own(D: np.ndarray, I: np.ndarray, own: np.ndarray | None, k: int):
+    """The top-k of each row without the query's own id (leave-one-out); rows come with k+1 columns."""
+    if own is None:
+        return D[:, :k], I[:, :k]
+    keep = I != own[:, None]
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]   # kept entries first, in rank order
+    D2, I2 = np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+    gone = ~np.take_along_axis(keep, order, 1)
+    return np.where(gone, np.nan, D2), np.where(gone, -1, I2)
+
+
+def recall_at_k(I: np.ndarray, gt: np.ndarray, k: int) -> float:
+    """Mean fraction of each query's true top-k found in the returned top-k. Only ids count (-1 pads,
+    in the answer or the truth, never do), and a query's share is of its true ids: an index that
+    holds fewer than k others can still be found whole."""
+    hits = [len(np.intersect1d(a[:k][a[:k] >= 0], b[:k][b[:k] >= 0])) / max(1, int((b[:k] >= 0).sum()))
+            for a, b in zip(I, gt, strict=True)]
+    return float(np.mean(hits))
+
+
+# ---------------------------------------------------------------- the sweep
+
+def merged_search(shards: list, metric: str):
+    """search(xq, k, nprobe) -> (D, I): every shard in this process, then the exact top-k merge,
+    which is what the router answers."""
+    def search(xq, k, nprobe):
+        for s in shards:
+            set_nprobe(s, nprobe)
+        return merge_topk([s.search(xq, k) for s in shards], k, metric)
+    return search
+
+
+def nprobe_ladder(nl: int) -> list[int]:
+    """1, 2, 4, ... up to nlist."""
+    out, p = [], 1
+    while p < nl:
+        out.append(p)
+        p *= 2
+    return out + [nl]
+
+
+def sweep(search, xq: np.ndarray, gt: np.ndarray, k: int, nprobes: list, own: np.ndarray | None = None,
+          reps: int = 1, latency_queries: int = 0, progress=None) -> list[dict]:
+    """Per nprobe: recall@k and the QPS of the whole batch (the best of reps), and when asked the
+    latency of latency_queries searched one at a time. search(xq, k, nprobe) -> (D, I); own: the
+    held-out query ids to leave out; progress: called with each row as it is measured."""
+    kk = k + (own is not None)
+    rows = []
+    for p in nprobes:
+        secs = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            D, I = search(xq, kk, p)
+            secs = min(secs, time.perf_counter() - t0)
+        _, I = drop_own(D, I, own, k)
+        row = {"nprobe": p, "recall": round(recall_at_k(I, gt, k), 4), "qps": round(len(xq) / secs, 1)}
+        if latency_queries:
+            row["latency_ms"] = latency(search, xq[:latency_queries], kk, p)
+        rows.append(row)
+        if progress:
+            progress(row)
+    return rows
+
+
+def latency(search, xq: np.ndarray, k: int, nprobe) -> dict:
+    """p50, p95 and p99 milliseconds of one query at a time."""
+    t = []
+    for q in range(len(xq)):
+        t0 = time.perf_counter()
+        search(xq[q:q + 1], k, nprobe)
+        t.append((time.perf_counter() - t0) * 1000)
+    return {f"p{q}": round(float(np.percentile(t, q)), 3) for q in (50, 95, 99)}
+
+
+def shards_per_query(trained, ranges: list, xq: np.ndarray, nprobe: int) -> float:
+    """Under --sharding ivf: how many shards a query probing nprobe lists needs, on average."""
+    from shards.search.shard_selection import shards_for_lists
+
+    asked = shards_for_lists(probed_lists(trained, xq, nprobe), ranges)
+    return round(float(np.mean([len(a) for a in asked])), 3)
+
+
+# ---------------------------------------------------------------- the default nprobe
+
+def climb(search, xq: np.ndarray, gt: np.ndarray, k: int, nl: int | None, target: float,
+          own: np.ndarray | None = None) -> list[dict]:
+    """Sweep up the ladder (one step, [None], for an index without lists) until an nprobe reaches
+    the target or recall plateaus."""
+    rows = []
+    for p in nprobe_ladder(nl) if nl else [None]:
+        rows += sweep(search, xq, gt, k, [p], own)
+        if rows[-1]["recall"] >= target or plateaued(rows):
+            break
+    return rows
+
+
+def plateaued(rows: list[dict]) -> bool:
+    r = [x["recall"] for x in rows]
+    return len(r) >= 3 and r[-1] - r[-2] < PLATEAU and r[-2] - r[-3] < PLATEAU
+
+
+def smallest_reaching(rows: list[dict], target: float) -> dict | None:
+    return next((r for r in rows if r["recall"] >= target), None)
+
+
+def choose_nprobe(rows: list[dict], target: float) -> dict:
+    """The smallest nprobe reaching the target; if none does (PQ's compression caps recall), the
+    smallest within NEAR_BEST of the best recall measured."""
+    hit = smallest_reaching(rows, target)
+    if hit:
+        return hit
+    top = max(r["recall"] for r in rows)
+    return next(r for r in rows if r["recall"] >= top - NEAR_BEST)
