@@ -1,4 +1,10 @@
-"""build: every stage of the pipeline, in order, on Ray. Each stage skips work a killed run finished."""
+"""build: every stage of the pipeline, in order, on Ray. Each stage skips work a killed run finished.
+
+plan, encode, then the stages over the embeddings parts (index_and_publish): train, add, merge,
+tune, baseline, publish. Each is one function taking and returning plain values; the run's
+scratch is a WorkDir (workdir.py). A reindex (reindex/incremental.py) runs the same stages after
+its own encode, with a Run that may keep the live quantizer.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -9,25 +15,35 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from index_builder.build.add import add_task, split_task
+from index_builder.build.merge import expected_digest, merge_task, ram_budget_exceeded, shard_info
+from index_builder.build.publish import (
+    LISTS,
+    TRAINED,
+    copy_files,
+    drift_baseline,
+    file_info,
+    make_manifest,
+    publish,
+    run_files,
+    write_quarantine,
+)
+from index_builder.build.tune import tune_task
+from index_builder.config import BuildConfig
+from index_builder.encode.parts import Layout, PartResult, part_rel
+from index_builder.encode.pool import Encoders
+from index_builder.eval.measures import EVAL_QUERIES, K
+from index_builder.plan.corpus import Corpus, plan_corpus
+from index_builder.plan.factory import Choice, choose_factory, index_plan, train_size
+from index_builder.reindex.drift import baseline_task
+from index_builder.shard_math import ivf_ranges, sum_digests
+from index_builder.train.quantizer import sample_parallel, train_task
+from index_builder.workdir import WorkDir
 from shards.config import parse_bytes
 from shards.errors import ConfigError, CorpusError, IntegrityError
-from shards.storage.manifest import (DocsInfo, DriftBaseline, EmbeddingsInfo, IndexInfo, Lineage, Manifest, SearchDefaults,
-                             ShardingInfo, SourceInfo, new_version_name, vdir)
-from shards.storage.store import Store, resolve_endpoint
-
-from index_builder.build.add import add_task, split_task
-from index_builder.config import BuildConfig
-from index_builder.plan.corpus import plan_corpus
-from index_builder.encode.parts import part_rel
-from index_builder.encode.pool import encode_corpus
-from index_builder.build.merge import expected_digest, merge_task, ram_budget_exceeded, shard_info, shard_rel
-from index_builder.plan.factory import choose_factory, train_size
-from index_builder.plan.factory import index_plan
-from index_builder.build.publish import copy_files, file_info, publish, write_quarantine
 from shards.raytools import ensure_ray, log, node_cpus, ray_get
-from index_builder.shard_math import ivf_ranges, sum_digests
-from index_builder.train.quantizer import sample_parallel, train_record, train_task
-from index_builder.build.tune import EVAL_QUERIES, tune_task
+from shards.storage.manifest import DriftBaseline, EncoderInfo, Lineage, Manifest, new_version_name, vdir
+from shards.storage.store import Store, resolve_endpoint
 
 
 @dataclass
@@ -94,99 +110,164 @@ def build(cfg: BuildConfig) -> Summary:
     log(f"plan: {len(corpus.files)} file(s), {corpus.total_rows:,} rows, {len(corpus.shards)} part(s)")
     shown = None
     if corpus.dim:  # precomputed vectors: N and d are known before any work, so is the plan
-        shown = _show_plan(cfg, corpus.total_rows - corpus.rejected_ids, corpus.dim, cfg.metric,
-                           merge_ram_budget(cfg))
+        shown = show_plan(cfg, corpus.total_rows - corpus.rejected_ids, corpus.dim, cfg.metric)
     with t.stage("encode"):
-        parts, enc, fp = encode_corpus(cfg, corpus, lambda info: short_hash(corpus.fingerprint, info))
-    return index_and_publish(cfg, store, t, corpus, parts, enc, fp, shown=shown)
+        parts, enc, fp = encode(cfg, corpus)
+    run = Run.of(cfg, corpus, parts, enc, fp)
+    if shown != (run.n, run.factory):  # text: known once encoded; vectors: some rows were rejected
+        show_plan(cfg, run.n, run.enc.dim, run.metric)
+    return index_and_publish(cfg, store, t, run)
 
 
-def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, corpus, parts, enc, fp: str,
-                      reuse_trained: str | None = None, annotate=None, shown=None) -> Summary:
-    """The stages after encode, over the parts in embeddings/<fp>/. A reindex passes reuse_trained (a trained
-    index to reuse instead of training; cfg.factory must be its factory) and annotate (manifest -> manifest).
-    shown: the (N, factory) whose plan build() already printed."""
-    ram_budget = merge_ram_budget(cfg)
-    n = sum(p.rows for p in parts)
-    if n == 0:
-        raise CorpusError(f"{cfg.source}: no valid documents ({corpus.total_rows} rows, all rejected)")
-    metric = cfg.metric or enc.metric
-    enc = enc.model_copy(update={"metric": metric})
-    choice, factory = _choose(cfg, n, enc.dim)
-    if shown != (n, factory):  # text: known once encoded; vectors: some rows were rejected
-        _show_plan(cfg, n, enc.dim, metric, ram_budget)
-    reused = [reuse_trained] if reuse_trained else []  # a reused quantizer never shares scratch with a trained one
-    work = f"work/{short_hash(fp, factory, metric, cfg.shards, cfg.sharding, cfg.seed, *reused)}"
-    emb = [part_rel(fp, p.part) for p in parts if p.rows]
-    live = [p for p in parts if p.rows]
+def encode(cfg: BuildConfig, corpus: Corpus) -> tuple[list[PartResult], EncoderInfo, str]:
+    """(part results, encoder info, fingerprint): the parts go to embeddings/<fp>/, fp naming the
+    corpus and the encoder."""
+    with Encoders(cfg, corpus) as pool:
+        fp = short_hash(corpus.fingerprint, pool.info)
+        return pool.encode(Layout.build(fp)), pool.info, fp
 
-    if reuse_trained:  # by the driver: a reindex killed here leaves nothing half-done (tests crash it here)
-        store.copy(reuse_trained, f"{work}/trained.index")
+
+@dataclass(frozen=True)
+class Kept:
+    """A reindex's live quantizer, kept: the run starts from its trained index, and the version keeps
+    the reason it was chosen and the drift baseline measured when it was trained."""
+
+    trained: str                 # versions/<live>/trained.index
+    auto_reason: str | None
+    drift: DriftBaseline | None
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the stages after encode work on, fixed once the corpus is encoded."""
+
+    corpus: Corpus
+    parts: list[PartResult]      # every part, empty ones too (their rejects are quarantined)
+    enc: EncoderInfo             # with the run's metric
+    fp: str                      # the parts are embeddings/<fp>/
+    factory: str
+    choice: Choice | None        # --factory auto's
+    wd: WorkDir
+    kept: Kept | None = None
+
+    @classmethod
+    def of(cls, cfg: BuildConfig, corpus: Corpus, parts: list[PartResult], enc: EncoderInfo, fp: str,
+           kept: Kept | None = None) -> Run:
+        """cfg.factory must be the kept quantizer's factory when kept is given."""
+        n = sum(p.rows for p in parts)
+        if n == 0:
+            raise CorpusError(f"{cfg.source}: no valid documents ({corpus.total_rows} rows, all rejected)")
+        enc = enc.model_copy(update={"metric": cfg.metric or enc.metric})
+        choice, factory = _choose(cfg, n, enc.dim)
+        reused = [kept.trained] if kept else []  # a reused quantizer never shares scratch with a trained one
+        h = short_hash(fp, factory, enc.metric, cfg.shards, cfg.sharding, cfg.seed, *reused)
+        return cls(corpus, parts, enc, fp, factory, choice, WorkDir.of(h), kept)
+
+    @property
+    def n(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+    @property
+    def metric(self) -> str:
+        return self.enc.metric
+
+    @property
+    def live(self) -> list[PartResult]:
+        return [p for p in self.parts if p.rows]
+
+    @property
+    def emb(self) -> list[str]:
+        return [part_rel(self.fp, p.part) for p in self.live]
+
+    @property
+    def sizes(self) -> list[tuple[str, int]]:
+        """(embeddings part, rows) of every part with rows."""
+        return [(part_rel(self.fp, p.part), p.rows) for p in self.live]
+
+
+def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, run: Run, lineage: Lineage | None = None,
+                      options: dict | None = None) -> Summary:
+    """The stages after encode, over run's embeddings parts. A reindex passes its lineage and the
+    options it was asked for (its cfg may carry the kept quantizer's factory and metric instead)."""
+    if run.kept:  # by the driver: a reindex killed here leaves nothing half-done (tests crash it here)
+        store.copy(run.kept.trained, run.wd.trained)
     with t.stage("train"):
-        res, t0 = train_resources(), time.time()
-        size = 0 if reuse_trained else train_size(n, enc.dim, factory, _nlist_of(factory))
-        drawn = ([] if store.exists(train_record(f"{work}/trained.index")) else  # a killed run's, done
-                 sample_parallel(store, [(r, p.rows) for r, p in zip(emb, live)], size, cfg.seed, EVAL_QUERIES))
-        tr = ray_get(train_task.options(**res).remote(
-            store, drawn, factory, enc.dim, metric, cfg.seed, f"{work}/trained.index", res["num_cpus"],
-            f"{work}/trained.index" if reuse_trained else None, t0))
-    trained = f"{work}/trained.index"
+        tr = train(cfg, store, run)
     with t.stage("add"):
-        added = ray_get([add_task.options(num_cpus=1).remote(store, trained, r, p.part, cfg.shards, work,
-                                                             cfg.sharding, metric) for r, p in zip(emb, live)])
-        ranges, subs = None, added
-        if cfg.sharding == "ivf":
-            ranges = ivf_ranges(np.sum([a["list_sizes"] for a in added], axis=0), cfg.shards)
-            log(f"add: IVF list ranges per shard {ranges}")
-            subs = ray_get([split_task.options(num_cpus=1).remote(store, trained, work, p.part, ranges)
-                            for p in live])
+        added, subs, ranges = add(cfg, store, run)
     with t.stage("merge"):
-        merged = merge_shards(cfg, store, work, live, added, subs, tr["nlist"], ram_budget)
+        merged = merge_shards(cfg, store, run, added, subs, tr["nlist"])
     with t.stage("tune"):
-        best = ray_get(tune_task.options(num_cpus=node_cpus()).remote(
-            store, work, cfg.shards, [p.part for p in live], metric, cfg.target_recall, node_cpus()))
+        best = tune(cfg, store, run)
     with t.stage("baseline"):
-        from index_builder.reindex.drift import baseline_task
-
-        base = ray_get(baseline_task.options(num_cpus=node_cpus()).remote(
-            store, f"{work}/trained.index", work, cfg.shards, [(r, p.rows) for r, p in zip(emb, live)], cfg.seed,
-            f"{work}/lists.npy", node_cpus()))
+        base = baseline(cfg, store, run)
     with t.stage("publish"):
-        version = new_version_name(work.split("/")[-1])
-        infos = [shard_info(store, work, s) for s in range(cfg.shards)]
-        copy_files(store, version, [(trained, "trained.index")]
-                   + [(shard_rel(work, s), f"shard-{s}.index") for s in range(cfg.shards)]
-                   + [(f"{work}/shards/{i.ivfdata}", i.ivfdata) for i in infos if i.ivfdata]
-                   + [(part_rel(fp, p.part, "docs"), f"docs/part-{p.part:05d}.parquet") for p in live])
-        quarantine = write_quarantine(store, version, [part_rel(fp, p.part, "rejected") for p in parts])
-        m = Manifest(
-            version=version,
-            source=SourceInfo(uri=cfg.source, fingerprint=corpus.fingerprint, documents=n,
-                              rejected=sum(p.rejected for p in parts), quarantine=quarantine),
-            encoder=enc,
-            index=IndexInfo(factory=factory, metric=metric, auto_reason=choice.reason if choice else None,
-                            nlist=tr["nlist"], train_vectors=tr["train_vectors"] or 0,
-                            train_seconds=round(tr["seconds"], 2), train_device=tr.get("device", "cpu")),
-            sharding=ShardingInfo(mode=cfg.sharding, shards=cfg.shards, ranges=ranges),
-            trained=file_info(store, version, "trained.index"),
-            shards=infos,
-            docs=DocsInfo(files=[f"docs/part-{p.part:05d}.parquet" for p in live],
-                          fields=cfg.stored_fields, id_kind=corpus.id_kind),
-            search=SearchDefaults(nprobe=best["nprobe"], recall_at_10=best["recall_at_10"],
-                                  eval_queries=best["eval_queries"], target_recall=cfg.target_recall),
-            timings=dict(t.seconds),
-            vectors=emb)
-        if base["lists"]:
-            store.copy(base["lists"], f"{vdir(version)}/lists.npy")
-        m.embeddings = EmbeddingsInfo(parts=emb)
-        m.drift = DriftBaseline(**{**base, "lists": "lists.npy" if base["lists"] else None}, trained_in=version)
-        m.lineage = Lineage()
-        m.options = cfg.model_dump(exclude={"source", "index_root", "s3_endpoint"})
-        m = annotate(m) if annotate else m
-        publish(store, m)
-    s = _summary(cfg, m, parts, added, merged, tr, t)
-    s.work = work
+        m = publish_run(cfg, store, run, trained=tr, ranges=ranges, tuned=best, base=base, timings=dict(t.seconds),
+                        lineage=lineage or Lineage(),
+                        options=options_of(cfg) if options is None else options)
+    s = _summary(cfg, m, run.parts, added, merged, tr, t)
+    s.work = run.wd.root
     return s
+
+
+def options_of(cfg: BuildConfig) -> dict:
+    """The build options a version records (a reindex's defaults): all but the paths."""
+    return cfg.model_dump(exclude={"source", "index_root", "s3_endpoint"})
+
+
+def train(cfg: BuildConfig, store: Store, run: Run) -> dict:
+    """The trained index and tune's queries in run.wd (a kept quantizer is taken as it is)."""
+    res, t0 = train_resources(), time.time()
+    size = 0 if run.kept else train_size(run.n, run.enc.dim, run.factory, _nlist_of(run.factory))
+    drawn = ([] if store.exists(run.wd.train_record) else  # a killed run's, done
+             sample_parallel(store, run.sizes, size, cfg.seed, EVAL_QUERIES))
+    return ray_get(train_task.options(**res).remote(
+        store, run.wd, drawn, factory=run.factory, d=run.enc.dim, metric=run.metric, seed=cfg.seed,
+        threads=res["num_cpus"], keep=bool(run.kept), t0=t0))
+
+
+def add(cfg: BuildConfig, store: Store, run: Run) -> tuple[list[dict], list[dict], list[list[int]] | None]:
+    """(each part's add record, what each part put in each shard, the ivf list ranges or None)."""
+    added = ray_get([add_task.options(num_cpus=1).remote(store, run.wd, part_rel(run.fp, p.part), p.part,
+                                                         shards=cfg.shards, sharding=cfg.sharding,
+                                                         metric=run.metric, k=K) for p in run.live])
+    if cfg.sharding != "ivf":
+        return added, added, None
+    ranges = ivf_ranges(np.sum([a["list_sizes"] for a in added], axis=0), cfg.shards)
+    log(f"add: IVF list ranges per shard {ranges}")
+    subs = ray_get([split_task.options(num_cpus=1).remote(store, run.wd, p.part, ranges) for p in run.live])
+    return added, subs, ranges
+
+
+def tune(cfg: BuildConfig, store: Store, run: Run) -> dict:
+    return ray_get(tune_task.options(num_cpus=node_cpus()).remote(
+        store, run.wd, [p.part for p in run.live], shards=cfg.shards, metric=run.metric,
+        target=cfg.target_recall, k=K, threads=node_cpus()))
+
+
+def baseline(cfg: BuildConfig, store: Store, run: Run) -> dict:
+    return ray_get(baseline_task.options(num_cpus=node_cpus()).remote(
+        store, run.wd, run.sizes, shards=cfg.shards, seed=cfg.seed, threads=node_cpus()))
+
+
+def publish_run(cfg: BuildConfig, store: Store, run: Run, *, trained: dict, ranges: list | None, tuned: dict,
+                base: dict, timings: dict, lineage: Lineage, options: dict) -> Manifest:
+    """Copy the run's files into a new version, write its manifest and move CURRENT to it."""
+    version = new_version_name(run.wd.run)
+    infos = [shard_info(store, run.wd, s) for s in range(cfg.shards)]
+    copy_files(store, version, run_files(run.wd, infos, [(part_rel(run.fp, p.part, "docs"), p.part)
+                                                         for p in run.live]))
+    quarantine = write_quarantine(store, version, [part_rel(run.fp, p.part, "rejected") for p in run.parts])
+    kept = run.kept
+    m = make_manifest(version, cfg, corpus=run.corpus, parts=run.parts, vectors=run.emb, quarantine=quarantine,
+                      encoder=run.enc, factory=run.factory,
+                      auto_reason=kept.auto_reason if kept else run.choice.reason if run.choice else None,
+                      trained=trained, trained_file=file_info(store, version, TRAINED), shards=infos,
+                      ranges=ranges, tuned=tuned, drift=drift_baseline(base, version, kept.drift if kept else None),
+                      timings=timings, lineage=lineage, options=options)
+    if base["lists"]:
+        store.copy(base["lists"], f"{vdir(version)}/{LISTS}")
+    return publish(store, m)
 
 
 def _nlist_of(factory: str) -> int | None:
@@ -204,12 +285,13 @@ def _choose(cfg: BuildConfig, n: int, d: int):
     return choice, factory
 
 
-def _show_plan(cfg: BuildConfig, n: int, d: int, metric: str | None, ram_budget: int) -> tuple[int, str]:
-    """Log what the build will make (memory per shard, disk, training sample) before it makes it."""
+def show_plan(cfg: BuildConfig, n: int, d: int, metric: str | None) -> tuple[int, str]:
+    """Log what the build will make (memory per shard, disk, training sample) before it makes it;
+    returns the (N, factory) it showed."""
     choice, factory = _choose(cfg, n, d)
     log(f"index: {factory} over {n:,} x {d}" + (f" ({metric})" if metric else "")
         + (f": {choice.reason}" if choice else ""))
-    for line in index_plan(n, d, factory, cfg.shards, ram_budget).lines():
+    for line in index_plan(n, d, factory, cfg.shards, merge_ram_budget(cfg)).lines():
         log(line)
     return n, factory
 
@@ -235,15 +317,15 @@ def merge_ram_budget(cfg: BuildConfig) -> int:
     return int(min(m for m in mem if m) // 2) if any(mem) else 2 << 30
 
 
-def merge_shards(cfg: BuildConfig, store: Store, work: str, live, added: list[dict], subs: list[dict],
-                 nlist: int | None, budget: int) -> list[dict]:
+def merge_shards(cfg: BuildConfig, store: Store, run: Run, added: list[dict], subs: list[dict],
+                 nlist: int | None) -> list[dict]:
     """One merge task per serving shard, in RAM or on disk by its size. subs: what each part put
     in each shard (the add's, or the ivf split's). First checks that the shards together hold
     every added id exactly once."""
-    S = cfg.shards
+    S, budget, parts = cfg.shards, merge_ram_budget(cfg), [p.part for p in run.live]
     want = [expected_digest(subs, s) for s in range(S)]
     if sum_digests(want) != sum_digests(a["digest"] for a in added):
-        raise IntegrityError(f"{store.uri(work)}: the shards' sub-indexes do not add up to the parts' ids; "
+        raise IntegrityError(f"{store.uri(run.wd.root)}: the shards' sub-indexes do not add up to the parts' ids; "
                              f"delete it and rebuild")
     refs = []
     for s in range(S):
@@ -252,8 +334,7 @@ def merge_shards(cfg: BuildConfig, store: Store, work: str, live, added: list[di
         if ondisk:
             log(f"merge: shard {s} ({in_bytes / 2**20:,.1f} MiB) exceeds --merge-ram-budget "
                 f"{budget / 2**20:,.0f} MiB: on-disk inverted lists")
-        refs.append(merge_task.options(num_cpus=1).remote(store, f"{work}/trained.index", work,
-                                                          [p.part for p in live], s, want[s], ondisk))
+        refs.append(merge_task.options(num_cpus=1).remote(store, run.wd, parts, s, want[s], ondisk))
     return ray_get(refs)
 
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from helpers import clustered
 
-from index_builder.build.add import add_assigned, part_dir
+from index_builder.build.add import add_assigned
 from index_builder.build.merge import index_digest, merge_shard, open_merged, shard_info
 from index_builder.shard_math import ids_digest, sum_digests
+from index_builder.workdir import WorkDir
 from shards.errors import IntegrityError
 from shards.storage.faissio import faiss, ivf, probed_lists, set_nprobe, write_index
 from shards.storage.store import Store
@@ -29,14 +30,14 @@ def trained():
 def _work(tmp_path, trained, parts=3):
     """A work dir as the add stage leaves it for one shard (s=0): trained.index and part sub-indexes."""
     index, x = trained
-    store, work = Store(str(tmp_path)), "work/w"
-    write_index(store, f"{work}/trained.index", index)
+    store, work = Store(str(tmp_path)), WorkDir("work/w")
+    write_index(store, f"{work.root}/trained.index", index)
     ids = np.arange(len(x), dtype=np.int64) * 5 + 2
     digests = []
     for p, sl in enumerate(np.array_split(np.arange(len(x)), parts)):
         sub = faiss().clone_index(index)
         add_assigned(sub, x[sl], ids[sl])
-        write_index(store, f"{part_dir(work, p)}/shard-0.index", sub)
+        write_index(store, f"{work.part(p)}/shard-0.index", sub)
         digests.append(ids_digest(ids[sl]))
     return store, work, ids, x, list(sum_digests(digests))
 
@@ -44,7 +45,7 @@ def _work(tmp_path, trained, parts=3):
 @pytest.mark.parametrize("ondisk", [False, True])
 def test_merge_in_ram_and_on_disk_equal_the_monolithic_index(tmp_path, trained, ondisk):
     store, work, ids, x, want = _work(tmp_path, trained)
-    out = merge_shard(store, f"{work}/trained.index", work, [0, 1, 2], 0, want, ondisk)
+    out = merge_shard(store, work, [0, 1, 2], 0, want, ondisk)
     assert out["ntotal"] == len(x) and bool(out["ivfdata"]) == ondisk
     shard = open_merged(store, work, 0)
     assert isinstance(faiss().downcast_InvertedLists(ivf(shard).invlists), faiss().OnDiskInvertedLists) == ondisk
@@ -59,9 +60,9 @@ def test_merge_in_ram_and_on_disk_equal_the_monolithic_index(tmp_path, trained, 
         np.testing.assert_array_equal(D1, D2)
     assert index_digest(shard) == ids_digest(ids)
     info = shard_info(store, work, 0)
-    assert info.sha256 == store.sha256(f"{work}/shards/shard-0.index")
+    assert info.sha256 == store.sha256(f"{work.root}/shards/shard-0.index")
     if ondisk:
-        assert info.ivfdata_sha256 == store.sha256(f"{work}/shards/shard-0.ivfdata")
+        assert info.ivfdata_sha256 == store.sha256(f"{work.root}/shards/shard-0.ivfdata")
         assert info.ivfdata_bytes == len(x) * (8 + ivf(shard).code_size)   # lists sized exactly, no slack
 
 
@@ -71,10 +72,10 @@ def test_merge_refuses_another_quantizer(tmp_path, trained, ondisk):
     other = faiss().index_factory(D, f"IVF{NL},PQ4x4")
     other.train(clustered(4000, D, seed=99))
     other.add_with_ids(x[:10], ids[:10])
-    write_index(store, f"{part_dir(work, 1)}/shard-0.index", other)
+    write_index(store, f"{work.part(1)}/shard-0.index", other)
     with pytest.raises(IntegrityError, match=r"part-00001/shard-0.index: trained with a different quantizer"):
-        merge_shard(store, f"{work}/trained.index", work, [0, 1, 2], 0, want, ondisk)
-    assert not store.exists(f"{work}/shards/shard-0.index.json")
+        merge_shard(store, work, [0, 1, 2], 0, want, ondisk)
+    assert not store.exists(f"{work.root}/shards/shard-0.index.json")
 
 
 @pytest.mark.parametrize("ondisk", [False, True])
@@ -90,21 +91,21 @@ def test_merge_checks_ntotal_and_ids(tmp_path, trained, ondisk, damage):
         sub = faiss().clone_index(index)
         sl = np.array_split(np.arange(len(x)), 3)[2]
         add_assigned(sub, x[sl], ids[sl] + 1)
-        write_index(store, f"{part_dir(work, 2)}/shard-0.index", sub)
+        write_index(store, f"{work.part(2)}/shard-0.index", sub)
         match = r"shard 0: merged other ids than the 4000"
     with pytest.raises(IntegrityError, match=match):
-        merge_shard(store, f"{work}/trained.index", work, parts, 0, want, ondisk)
-    assert not store.exists(f"{work}/shards/shard-0.index.json")
+        merge_shard(store, work, parts, 0, want, ondisk)
+    assert not store.exists(f"{work.root}/shards/shard-0.index.json")
 
 
 def test_merge_commit_is_reused(tmp_path, trained):
     store, work, ids, x, want = _work(tmp_path, trained)
-    first = merge_shard(store, f"{work}/trained.index", work, [0, 1, 2], 0, want, True)
-    again = merge_shard(store, f"{work}/trained.index", work, [0, 1, 2], 0, want, True)
+    first = merge_shard(store, work, [0, 1, 2], 0, want, True)
+    again = merge_shard(store, work, [0, 1, 2], 0, want, True)
     assert again["reused"] and not first["reused"]
     assert first["rss_anon_peak_mib"] >= first["rss_anon_start_mib"] > 0       # the merge's memory, recorded
-    assert json.loads(store.read_text(f"{work}/shards/shard-0.index.json"))["ivfdata"] == "shard-0.ivfdata"
-    assert [n for n in store.ls(f"{work}/shards")] == ["shard-0.index", "shard-0.index.json", "shard-0.ivfdata"]
+    assert json.loads(store.read_text(f"{work.root}/shards/shard-0.index.json"))["ivfdata"] == "shard-0.ivfdata"
+    assert [n for n in store.ls(f"{work.root}/shards")] == ["shard-0.index", "shard-0.index.json", "shard-0.ivfdata"]
 
 
 def test_add_assigned_equals_add_with_ids(trained):

@@ -25,14 +25,22 @@ import uuid
 
 import ray
 
+from index_builder.shard_math import ids_digest, sum_digests
+from index_builder.workdir import WorkDir, shard_name
 from shards.errors import IntegrityError
-from shards.storage.faissio import (faiss, faiss_quiet, ivf, no_search_flags, open_shard_file, quantizer_bytes, read_index,
-                            write_index)
+from shards.storage.faissio import (
+    faiss,
+    faiss_quiet,
+    ivf,
+    no_search_flags,
+    open_shard_file,
+    quantizer_bytes,
+    read_index,
+    set_ntotal,
+    write_index,
+)
 from shards.storage.manifest import FileInfo
 from shards.storage.store import Store
-
-from index_builder.build.add import _set_ntotal, part_dir
-from index_builder.shard_math import ids_digest, sum_digests
 
 
 class MemoryWatch:
@@ -77,13 +85,9 @@ class MemoryWatch:
                 "rss_file_peak_mib": round(self.peak["file"] / mib, 1)}
 
 
-def shard_rel(work: str, s: int) -> str:
-    return f"{work}/shards/shard-{s}.index"
-
-
-def shard_info(store: Store, work: str, s: int) -> FileInfo:
+def shard_info(store: Store, wd: WorkDir, s: int) -> FileInfo:
     """The merged shard's FileInfo (file names as published), from its commit record."""
-    done = json.loads(store.read_text(shard_rel(work, s) + ".json"))
+    done = json.loads(store.read_text(wd.shard_record(s)))
     return FileInfo(**{k: done[k] for k in FileInfo.model_fields if k in done})
 
 
@@ -104,18 +108,18 @@ def index_digest(index) -> tuple[int, int, int]:
     return sum_digests(ds)
 
 
-def _mismatch(store: Store, rel: str, trained_rel: str, work: str) -> IntegrityError:
-    return IntegrityError(f"{store.uri(rel)}: trained with a different quantizer than {trained_rel}; "
-                          f"delete {store.uri(work)} and rebuild")
+def _mismatch(store: Store, rel: str, wd: WorkDir) -> IntegrityError:
+    return IntegrityError(f"{store.uri(rel)}: trained with a different quantizer than {wd.trained}; "
+                          f"delete {store.uri(wd.root)} and rebuild")
 
 
-def merge_in_ram(store: Store, trained_rel: str, rels: list[str], work: str):
-    index = read_index(store, trained_rel, no_search_flags())
+def merge_in_ram(store: Store, wd: WorkDir, rels: list[str]):
+    index = read_index(store, wd.trained, no_search_flags())
     q = quantizer_bytes(index)
     for rel in rels:
         sub = read_index(store, rel, no_search_flags())
         if quantizer_bytes(sub) != q:
-            raise _mismatch(store, rel, trained_rel, work)
+            raise _mismatch(store, rel, wd)
         index.merge_from(sub, 0)  # add_id=0: keep the ids the part was added with
     return index
 
@@ -132,15 +136,15 @@ def open_mmapped(path: str):
     empty = f.ArrayInvertedLists(iv.nlist, iv.code_size)
     iv.replace_invlists(empty, True)
     empty.this.disown()
-    _set_ntotal(index, 0)
+    set_ntotal(index, 0)
     iv.ntotal = 0
     return index, lists
 
 
-def merge_on_disk(store: Store, trained_rel: str, rels: list[str], work: str, local_dir: str, name: str):
+def merge_on_disk(store: Store, wd: WorkDir, rels: list[str], local_dir: str, name: str):
     """The shard as local_dir/<name>.index + local_dir/<name>.ivfdata; returns the index."""
     f = faiss()
-    index = read_index(store, trained_rel, no_search_flags())
+    index = read_index(store, wd.trained, no_search_flags())
     q = quantizer_bytes(index)
     fetched = os.path.join(local_dir, "parts")
     os.makedirs(fetched, exist_ok=True)
@@ -151,7 +155,7 @@ def merge_on_disk(store: Store, trained_rel: str, rels: list[str], work: str, lo
             store.fs.get_file(store.path(rel), path)
         sub, lists = open_mmapped(path)
         if quantizer_bytes(sub) != q:
-            raise _mismatch(store, rel, trained_rel, work)
+            raise _mismatch(store, rel, wd)
         parts.append(lists)
     iv = ivf(index)
     ondisk = f.OnDiskInvertedLists(iv.nlist, iv.code_size, os.path.join(local_dir, f"{name}.ivfdata"))
@@ -163,7 +167,7 @@ def merge_on_disk(store: Store, trained_rel: str, rels: list[str], work: str, lo
     iv.replace_invlists(ondisk, True)
     ondisk.this.disown()
     iv.ntotal = n
-    _set_ntotal(index, n)
+    set_ntotal(index, n)
     del parts, vec
     shutil.rmtree(fetched, ignore_errors=True)
     return index
@@ -174,50 +178,50 @@ def ram_budget_exceeded(in_bytes: int, budget: int) -> bool:
     return in_bytes > budget
 
 
-def merge_shard(store: Store, trained_rel: str, work: str, parts: list[int], s: int,
-                expected: list[int], ondisk: bool) -> dict:
-    """Shard s from work/add/part-N/shard-s.index for N in parts, checked against expected: the
-    digest (count, sum, sum) of the ids the parts added to it. Commits work/shards/shard-s.index.json."""
-    out = shard_rel(work, s)
-    if store.exists(out + ".json"):
-        return {**json.loads(store.read_text(out + ".json")), "reused": True}
+def merge_shard(store: Store, wd: WorkDir, parts: list[int], s: int, expected: list[int], ondisk: bool) -> dict:
+    """Shard s from add/part-N/shard-s.index for N in parts, checked against expected: the digest
+    (count, sum, sum) of the ids the parts added to it. Commits shards/shard-s.index.json."""
+    out = wd.shard(s)
+    if store.exists(wd.shard_record(s)):
+        return {**json.loads(store.read_text(wd.shard_record(s))), "reused": True}
     t0 = time.time()
-    rels = [f"{part_dir(work, p)}/shard-{s}.index" for p in parts]
-    name = f"shard-{s}"
-    info = {"file": f"{name}.index"}
+    rels = [wd.part_shard(p, s) for p in parts]
     with MemoryWatch() as mem:
-        _merge(store, trained_rel, work, rels, s, expected, ondisk, out, name, info)
-    info.update(sha256=store.sha256(out), bytes=store.size(out), ntotal=int(expected[0]))
-    done = {**FileInfo(**info).model_dump(), "seconds": time.time() - t0, "ondisk": ondisk, **mem.record()}
-    store.write_text(out + ".json", json.dumps(done))
+        data = _merge_on_disk(store, wd, rels, s, expected) if ondisk else _merge_in_ram(store, wd, rels, s, expected)
+    info = FileInfo(file=f"{shard_name(s)}.index", sha256=store.sha256(out), bytes=store.size(out),
+                    ntotal=int(expected[0]), **data)
+    done = {**info.model_dump(), "seconds": time.time() - t0, "ondisk": ondisk, **mem.record()}
+    store.write_text(wd.shard_record(s), json.dumps(done))
     return {**done, "reused": False}
 
 
-def _merge(store: Store, trained_rel: str, work: str, rels: list[str], s: int, expected, ondisk: bool,
-           out: str, name: str, info: dict) -> None:
-    if ondisk:
-        # Local store: build in a scratch dir beside the output, then rename (same filesystem).
-        tmp = (os.path.join(os.path.dirname(store.path(out)), f"tmp-{uuid.uuid4().hex[:8]}") if store.local
-               else tempfile.mkdtemp(prefix="shardex-merge-"))
-        os.makedirs(tmp, exist_ok=True)
-        try:
-            index = merge_on_disk(store, trained_rel, rels, work, tmp, name)
-            _check(index, expected, s, store, work)
-            with faiss_quiet():
-                faiss().write_index(index, os.path.join(tmp, f"{name}.index"))
-            del index
-            data_rel = out[: -len(".index")] + ".ivfdata"
-            _move(store, os.path.join(tmp, f"{name}.ivfdata"), data_rel)
-            _move(store, os.path.join(tmp, f"{name}.index"), out)  # last: the .index names its .ivfdata
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        info.update(ivfdata=f"{name}.ivfdata", ivfdata_sha256=store.sha256(data_rel),
-                    ivfdata_bytes=store.size(data_rel))
-    else:
-        index = merge_in_ram(store, trained_rel, rels, work)
-        _check(index, expected, s, store, work)
-        write_index(store, out, index)
+def _merge_in_ram(store: Store, wd: WorkDir, rels: list[str], s: int, expected) -> dict:
+    """Writes shards/shard-s.index; nothing more to record."""
+    index = merge_in_ram(store, wd, rels)
+    _check(index, expected, s, store, wd)
+    write_index(store, wd.shard(s), index)
+    return {}
+
+
+def _merge_on_disk(store: Store, wd: WorkDir, rels: list[str], s: int, expected) -> dict:
+    """Writes shards/shard-s.index and .ivfdata; returns the .ivfdata's FileInfo fields."""
+    out, data_rel, name = wd.shard(s), wd.shard_data(s), shard_name(s)
+    # Local store: build in a scratch dir beside the output, then rename (same filesystem).
+    tmp = (os.path.join(os.path.dirname(store.path(out)), f"tmp-{uuid.uuid4().hex[:8]}") if store.local
+           else tempfile.mkdtemp(prefix="shardex-merge-"))
+    os.makedirs(tmp, exist_ok=True)
+    try:
+        index = merge_on_disk(store, wd, rels, tmp, name)
+        _check(index, expected, s, store, wd)
+        with faiss_quiet():
+            faiss().write_index(index, os.path.join(tmp, f"{name}.index"))
         del index
+        _move(store, os.path.join(tmp, f"{name}.ivfdata"), data_rel)
+        _move(store, os.path.join(tmp, f"{name}.index"), out)  # last: the .index names its .ivfdata
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"ivfdata": f"{name}.ivfdata", "ivfdata_sha256": store.sha256(data_rel),
+            "ivfdata_bytes": store.size(data_rel)}
 
 
 merge_task = ray.remote(max_retries=3)(merge_shard)
@@ -231,18 +235,18 @@ def _move(store: Store, local_path: str, rel: str) -> None:
         store.put_file(local_path, rel)
 
 
-def _check(index, expected, s: int, store: Store, work: str) -> None:
+def _check(index, expected, s: int, store: Store, wd: WorkDir) -> None:
     """ntotal and the id digest of the merged shard against what its parts added."""
     got = index_digest(index)
     if index.ntotal != expected[0] or got != tuple(expected):
         what = "other ids than" if index.ntotal == expected[0] == got[0] else f"{index.ntotal} vectors, not"
         raise IntegrityError(f"shard {s}: merged {what} the {expected[0]} its parts added; the part indexes "
-                             f"under {store.uri(work)} are stale or damaged: delete them and rebuild")
+                             f"under {store.uri(wd.root)} are stale or damaged: delete them and rebuild")
 
 
-def open_merged(store: Store, work: str, s: int, local_dir: str | None = None):
+def open_merged(store: Store, wd: WorkDir, s: int, local_dir: str | None = None):
     """A merged shard in the work dir, for tune: in RAM, or mmapped when merged on disk."""
-    return open_shard_file(store, f"{work}/shards", shard_info(store, work, s), local_dir)
+    return open_shard_file(store, wd.shards, shard_info(store, wd, s), local_dir)
 
 
 def expected_digest(added: list[dict], s: int) -> list[int]:

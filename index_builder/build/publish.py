@@ -2,14 +2,51 @@
 
 CURRENT is the last write. A run killed anywhere before it leaves the previous
 version served; a half-copied versions/<v>/ has no manifest and is never listed.
+The manifest is assembled here (make_manifest) from what the stages returned.
 """
 from __future__ import annotations
 
 import pyarrow as pa
 
+from index_builder.config import BuildConfig
+from index_builder.encode.parts import PartResult
+from index_builder.plan.corpus import Corpus
+from index_builder.workdir import WorkDir
 from shards.errors import IntegrityError
-from shards.storage.manifest import FileInfo, Manifest, set_current, vdir, verify, write_manifest
+from shards.storage.manifest import (
+    DocsInfo,
+    DriftBaseline,
+    EmbeddingsInfo,
+    EncoderInfo,
+    FileInfo,
+    IndexInfo,
+    Lineage,
+    Manifest,
+    SearchDefaults,
+    ShardingInfo,
+    SourceInfo,
+    set_current,
+    vdir,
+    verify,
+    write_manifest,
+)
 from shards.storage.store import Store
+
+TRAINED = "trained.index"   # names in versions/<v>/
+LISTS = "lists.npy"
+KEPT_BASELINE = ("error_kind", "error", "sample", "imbalance", "trained_in")
+
+
+def doc_name(part: int) -> str:
+    return f"docs/part-{part:05d}.parquet"
+
+
+def run_files(wd: WorkDir, shards: list[FileInfo], docs: list[tuple[str, int]]) -> list[tuple[str, str]]:
+    """(source, name in the version) of every file the version holds: the trained index, the merged
+    shards, their .ivfdata, then the docs parts (docs: (rel, part) per part)."""
+    return ([(wd.trained, TRAINED)] + [(wd.shard(s), i.file) for s, i in enumerate(shards)]
+            + [(wd.shard_data(s), i.ivfdata) for s, i in enumerate(shards) if i.ivfdata]
+            + [(rel, doc_name(p)) for rel, p in docs])
 
 
 def copy_files(store: Store, version: str, pairs: list[tuple[str, str]]) -> None:
@@ -39,3 +76,39 @@ def publish(store: Store, m: Manifest) -> Manifest:
     verify(store, m)
     set_current(store, m.version)
     return m
+
+
+def drift_baseline(base: dict, version: str, kept: DriftBaseline | None = None) -> DriftBaseline:
+    """The baseline the build measured (base: the baseline task's), its list sizes published as LISTS.
+    kept: a kept quantizer's baseline, which stays the one measured when it was trained."""
+    d = DriftBaseline(**{**base, "lists": LISTS if base["lists"] else None}, trained_in=version)
+    return d.model_copy(update={k: getattr(kept, k) for k in KEPT_BASELINE}) if kept else d
+
+
+def make_manifest(version: str, cfg: BuildConfig, *, corpus: Corpus, parts: list[PartResult], vectors: list[str],
+                  quarantine: str | None, encoder: EncoderInfo, factory: str, auto_reason: str | None,
+                  trained: dict, trained_file: FileInfo, shards: list[FileInfo], ranges: list | None,
+                  tuned: dict, drift: DriftBaseline, timings: dict, lineage: Lineage, options: dict) -> Manifest:
+    """The version's manifest. trained, tuned: what the train and tune tasks returned; vectors: the
+    embeddings parts indexed; options: the build options asked for (reindex's defaults)."""
+    live = [p for p in parts if p.rows]
+    return Manifest(
+        version=version,
+        source=SourceInfo(uri=cfg.source, fingerprint=corpus.fingerprint, documents=sum(p.rows for p in live),
+                          rejected=sum(p.rejected for p in parts), quarantine=quarantine),
+        encoder=encoder,
+        index=IndexInfo(factory=factory, metric=encoder.metric, auto_reason=auto_reason,
+                        nlist=trained["nlist"], train_vectors=trained["train_vectors"] or 0,
+                        train_seconds=round(trained["seconds"], 2), train_device=trained.get("device", "cpu")),
+        sharding=ShardingInfo(mode=cfg.sharding, shards=cfg.shards, ranges=ranges),
+        trained=trained_file,
+        shards=shards,
+        docs=DocsInfo(files=[doc_name(p.part) for p in live], fields=cfg.stored_fields, id_kind=corpus.id_kind),
+        search=SearchDefaults(nprobe=tuned["nprobe"], recall_at_10=tuned["recall_at_10"],
+                              eval_queries=tuned["eval_queries"], target_recall=cfg.target_recall),
+        timings=timings,
+        vectors=vectors,
+        embeddings=EmbeddingsInfo(parts=vectors),
+        drift=drift,
+        lineage=lineage,
+        options=options)

@@ -14,15 +14,14 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
-from shards.errors import ConfigError
-from shards.storage.store import Store
-
 from index_builder.config import BuildConfig
-from index_builder.plan.corpus import plan_corpus
 from index_builder.encode.parts import Layout
-from index_builder.encode.pool import ENCODER_FILE, encode_corpus
+from index_builder.encode.pool import ENCODER_FILE, Encoders
 from index_builder.pipeline import short_hash, with_endpoint
+from index_builder.plan.corpus import plan_corpus
+from shards.errors import ConfigError
 from shards.raytools import ensure_ray, log
+from shards.storage.store import Store
 
 RUN_FILE = "_shardex_encode.json"  # the fingerprint of what this directory holds
 
@@ -63,13 +62,10 @@ def encode(cfg: BuildConfig) -> EncodeSummary:
     ensure_ray()
     log(f"plan: {len(corpus.files)} file(s), {corpus.total_rows:,} rows, {len(corpus.shards)} part(s)")
     t0 = time.time()
-
-    def fp_of(info) -> str:
-        fp = short_hash(corpus.fingerprint, info, cfg.stored_fields)
-        _claim(store, fp)
-        return fp
-
-    parts, info, _ = encode_corpus(cfg, corpus, fp_of, lambda _: Layout.flat())
+    with Encoders(cfg, corpus) as pool:
+        info = pool.info
+        _claim(store, short_hash(corpus.fingerprint, info, cfg.stored_fields))
+        parts = pool.encode(Layout.flat())
     secs = time.time() - t0
     store.write_text(ENCODER_FILE, info.model_dump_json(indent=2))  # last: the directory is complete
     n = sum(p.rows for p in parts)

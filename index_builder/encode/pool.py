@@ -21,13 +21,13 @@ import uuid
 
 import ray
 
-from shards.errors import ShardexError
-from shards.storage.manifest import EncoderInfo
-
 from index_builder.config import BuildConfig
-from index_builder.plan.corpus import Corpus, InputShard
 from index_builder.encode.parts import Layout, PartResult, prepare
+from index_builder.encode.reuse import Reuse
+from index_builder.plan.corpus import Corpus, InputShard
+from shards.errors import ShardexError
 from shards.raytools import log, node_cpus, ray_get
+from shards.storage.manifest import EncoderInfo
 
 ACTOR_PREFIX = "shardex-encoder-"
 MAX_IN_FLIGHT = 2  # parts queued per actor: one running, one ready, so the actor never idles
@@ -160,29 +160,43 @@ def precomputed_encoder(cfg: BuildConfig, corpus: Corpus) -> EncoderInfo:
     return EncoderInfo(name="precomputed", dim=corpus.dim, normalize=False, metric=cfg.metric or "l2")
 
 
-def encode_corpus(cfg: BuildConfig, corpus: Corpus, fp_of, layout_of=Layout.build, reuse_of=None):
-    """Run the encode stage -> (part results, encoder info, fingerprint).
-    fp_of(encoder_info) -> the embeddings fingerprint; layout_of(fp) -> where parts go;
-    reuse_of(shard) -> the live vectors a reindex may reuse for it (called after fp_of)."""
-    reuse_of = reuse_of or (lambda s: None)
-    if cfg.vector_column:
-        info = precomputed_encoder(cfg, corpus)
-        fp = fp_of(info)
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        lay = layout_of(fp)
-        res = run_parts(lambda s, w: prepare_vectors.options(num_cpus=1).remote(s, cfg, lay, corpus.dim,
-                                                                                corpus.id_kind, reuse_of(s)),
-                        corpus.shards, cpus, 1, "vectors")
-        return res, info, fp
-    pool = start_pool(cfg)
-    try:
-        info = ray_get(pool[0].info.remote())
-        fp = fp_of(info)
-        lay = layout_of(fp)
-        res = run_parts(lambda s, w: pool[w].run.remote(s, lay, corpus.id_kind, reuse_of(s)),
-                        corpus.shards, len(pool), MAX_IN_FLIGHT, "encode")
-        log_padding(res)
-    finally:
-        for a in pool:
+class Encoders:
+    """The encode stage's workers, held for one run: `info` (the encoder's identity, which names the
+    embeddings) is known once they are up, before `encode` writes any part. Text: the actor pool,
+    killed on exit; a vector column: one task per part, and nothing to hold.
+
+        with Encoders(cfg, corpus) as pool:
+            parts = pool.encode(Layout.build(short_hash(corpus.fingerprint, pool.info)))
+    """
+
+    def __init__(self, cfg: BuildConfig, corpus: Corpus):
+        self.cfg, self.corpus, self.pool = cfg, corpus, []
+
+    def __enter__(self) -> Encoders:
+        if self.cfg.vector_column:
+            self.info = precomputed_encoder(self.cfg, self.corpus)
+            return self
+        self.pool = start_pool(self.cfg)
+        try:
+            self.info = ray_get(self.pool[0].info.remote())
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for a in self.pool:
             ray.kill(a)
-    return res, info, fp
+
+    def encode(self, layout: Layout, reuse: dict[int, Reuse] | None = None) -> list[PartResult]:
+        """Every part of the corpus, written under layout; reuse (a reindex): per part, the live
+        vectors it may reuse."""
+        cfg, c, reuse = self.cfg, self.corpus, reuse or {}
+        if not self.pool:
+            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+            return run_parts(lambda s, w: prepare_vectors.options(num_cpus=1).remote(
+                s, cfg, layout, c.dim, c.id_kind, reuse.get(s.part)), c.shards, cpus, 1, "vectors")
+        res = run_parts(lambda s, w: self.pool[w].run.remote(s, layout, c.id_kind, reuse.get(s.part)),
+                        c.shards, len(self.pool), MAX_IN_FLIGHT, "encode")
+        log_padding(res)
+        return res

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
+from index_builder.build.merge import open_merged
+from index_builder.encode.parts import read_vectors
+from index_builder.workdir import WorkDir
 from shards.storage.faissio import faiss, ivf, read_index
 from shards.storage.store import Store
-
-from index_builder.encode.parts import read_vectors
 
 BASELINE_SAMPLE = 20_000   # vectors the build's error baseline is measured on
 LOSSLESS = 1e-7            # codec error under this fraction of the mean squared norm: the codes are exact
@@ -119,11 +120,12 @@ def _sample(store: Store, parts: list[tuple[str, int]], n: int, seed: int) -> np
 
 
 @ray.remote
-def baseline_task(store: Store, trained_rel: str, work: str, S: int, parts: list[tuple[str, int]],
-                  seed: int, lists_rel: str, threads: int) -> dict:
-    """The build's baseline: error over a sample of the indexed vectors, list sizes of the shards."""
+def baseline_task(store: Store, wd: WorkDir, parts: list[tuple[str, int]], *, shards: int, seed: int,
+                  threads: int) -> dict:
+    """The build's baseline: error over a sample of the indexed vectors (parts: (rel, rows) of the
+    embeddings parts), list sizes of wd's merged shards (saved as wd.lists)."""
     faiss().omp_set_num_threads(threads)
-    index = read_index(store, trained_rel)
+    index = read_index(store, wd.trained)
     x = _sample(store, parts, BASELINE_SAMPLE, seed)
     kind = error_kind(index, x) if len(x) else None
     e = errors(index, x, kind)
@@ -131,13 +133,11 @@ def baseline_task(store: Store, trained_rel: str, work: str, S: int, parts: list
            "sample": len(x) if e is not None else 0, "imbalance": None, "lists": None}
     if ivf(index) is None:
         return out
-    from index_builder.build.merge import open_merged  # in RAM, or mmapped when merged on disk
-
     sizes = np.zeros(ivf(index).nlist, dtype=np.int64)
-    for s in range(S):
-        sizes += list_sizes(open_merged(store, work, s))
-    save_npy(store, lists_rel, sizes)
-    out.update(imbalance=imbalance(sizes), lists=lists_rel)
+    for s in range(shards):
+        sizes += list_sizes(open_merged(store, wd, s))  # in RAM, or mmapped when merged on disk
+    save_npy(store, wd.lists, sizes)
+    out.update(imbalance=imbalance(sizes), lists=wd.lists)
     return out
 
 

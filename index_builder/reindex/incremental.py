@@ -14,25 +14,36 @@ A reindex killed anywhere leaves CURRENT as it was; run again, it reuses what it
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
 
+from index_builder.build.publish import TRAINED
+from index_builder.config import BuildConfig, ReindexConfig, make
+from index_builder.encode.parts import Layout, part_rel
+from index_builder.encode.pool import Encoders
+from index_builder.encode.reuse import CHANGED, KEPT, NEW, Reuse
+from index_builder.pipeline import (
+    Kept,
+    Run,
+    Summary,
+    Timer,
+    build,
+    index_and_publish,
+    options_of,
+    short_hash,
+    show_plan,
+    with_endpoint,
+)
+from index_builder.plan.corpus import Corpus, int_ids, open_parquet, plan_corpus, read_columns
+from index_builder.plan.factory import choose_factory
+from index_builder.reindex.drift import Decision, decide, delta_task, imbalance, list_sizes, load_npy
 from shards.errors import ShardexError
-from shards.storage.manifest import EncoderInfo, Manifest, current_version, load_manifest, vdir
+from shards.raytools import ensure_ray, log, ray_get
+from shards.storage.manifest import EncoderInfo, Lineage, Manifest, current_version, load_manifest, vdir
 from shards.storage.retention import Pruned, prune
 from shards.storage.store import Store
-
-from index_builder.config import BuildConfig, ReindexConfig, make
-from index_builder.plan.corpus import Corpus, int_ids, open_parquet, plan_corpus, read_columns
-from index_builder.reindex.drift import Decision, decide, delta_task, imbalance, list_sizes, load_npy
-from index_builder.encode.parts import part_rel
-from index_builder.encode.pool import encode_corpus
-from index_builder.plan.factory import choose_factory
-from index_builder.pipeline import Summary, Timer, build, index_and_publish, short_hash, with_endpoint
-from shards.raytools import ensure_ray, log, ray_get
-from index_builder.encode.reuse import CHANGED, KEPT, NEW, Reuse
 
 # Encoder settings that change the vectors of the documents: any difference re-encodes everything.
 # (query_prefix only changes queries; dtype changes precision, not the space.)
@@ -110,7 +121,7 @@ class LiveIds:
     missing: str | None      # why the live vectors cannot be reused (None when they can)
 
     @classmethod
-    def read(cls, store: Store, m: Manifest) -> "LiveIds":
+    def read(cls, store: Store, m: Manifest) -> LiveIds:
         missing, parts = None, (m.embeddings.parts if m.embeddings else [])
         if not m.embeddings:
             missing = f"{m.version} records no embeddings (built before reindex support)"
@@ -184,8 +195,8 @@ def reindex(cfg: ReindexConfig) -> ReindexSummary:
     if live is None:
         log(f"reindex: no live version under {store.root}: a full build")
         s = build(bcfg)
-        return _finish(cfg, store, ReindexSummary(s.version, None, True, new=s.documents, build=s,
-                                                  retrained=True, retrain_reason="first version"), [s.work])
+        return _finish(cfg, store, ReindexSummary(version=s.version, parent=None, published=True, new=s.documents,
+                                                  build=s, retrained=True, retrain_reason="first version"), [s.work])
     t = Timer()
     with t.stage("plan"):
         corpus = plan_corpus(bcfg)
@@ -194,59 +205,60 @@ def reindex(cfg: ReindexConfig) -> ReindexSummary:
     ensure_ray()
     log(f"plan: {len(corpus.files)} file(s), {corpus.total_rows:,} rows, {len(corpus.shards)} part(s); "
         f"live {live.version}: {len(old.ids):,} documents")
-    why: dict = {}
-
-    def fp_of(info: EncoderInfo) -> str:
-        why["all"] = old.missing or space_change(info, live.encoder)
-        if why["all"]:
-            log(f"reindex: encoding every document: {why['all']}")
-        return short_hash(corpus.fingerprint, info, "reindex", live.version, why["all"])
-
-    def reuse_of(shard) -> Reuse:
-        return Reuse(tuple(old.parts[i] for i in cands.get(shard.part, [])), encode_all=bool(why["all"]))
-
     with t.stage("encode"):
-        parts, enc, fp = encode_corpus(bcfg, corpus, fp_of, reuse_of=reuse_of)
+        parts, enc, fp, why_all = encode(bcfg, corpus, live, old, cands)
     emb = [part_rel(fp, p.part) for p in parts if p.rows]
     d = diff(store, emb, old)
     log(f"reindex: {d.new:,} new, {d.changed:,} changed, {d.deleted:,} deleted, {d.unchanged:,} unchanged")
-    encoded = sum(p.encoded for p in parts)
-    out = ReindexSummary(live.version, live.version, False, d.new, d.changed, d.deleted, d.unchanged, encoded,
-                         reencoded_all=why["all"])
-    if not (d.new or d.changed or d.deleted or why["all"] or cfg.retrain) and _same_options(bcfg, live):
+    found = ReindexSummary(version=live.version, parent=live.version, published=False, new=d.new, changed=d.changed,
+                           deleted=d.deleted, unchanged=d.unchanged, encoded=sum(p.encoded for p in parts),
+                           reencoded_all=why_all)
+    if not (d.new or d.changed or d.deleted or why_all or cfg.retrain) and _same_options(bcfg, live):
         log(f"reindex: nothing changed since {live.version}; CURRENT stays")
         store.rm(f"embeddings/{fp}", recursive=True)  # this run's copy of the live vectors: nobody uses it
-        return _finish(cfg, store, out, [])
+        return _finish(cfg, store, found, [])
 
-    metric = bcfg.metric or enc.metric
     with t.stage("drift"):
-        dec = _quantizer(cfg, bcfg, store, live, old, enc, metric, emb, d, why["all"])
+        dec = _quantizer(cfg, bcfg, store, live, Changes(old, emb, d, why_all), dim=enc.dim,
+                         metric=bcfg.metric or enc.metric)
     log(f"quantizer: {'retrain: ' + dec.reason if dec.retrain else 'reuse ' + live.version + chr(39) + 's'}"
         + (f" (drift {dec.ratios})" if dec.ratios else ""))
-    if dec.retrain:
-        run_cfg, trained = bcfg, None
-    else:
-        run_cfg = bcfg.model_copy(update={"factory": live.index.factory, "metric": live.index.metric})
-        trained = f"{vdir(live.version)}/trained.index"
-
-    def annotate(m: Manifest) -> Manifest:
-        from shards.storage.manifest import Lineage
-
-        m.lineage = Lineage(kind="reindex", parent=live.version, new=d.new, changed=d.changed, deleted=d.deleted,
-                            unchanged=d.unchanged, reencoded_all=why["all"], retrained=dec.retrain,
-                            retrain_reason=dec.reason, drift=dec.ratios)
-        m.options = {**(m.options or {}), "factory": bcfg.factory, "metric": bcfg.metric}  # the request, not the pick
-        if not dec.retrain:
-            m.index.auto_reason = live.index.auto_reason
-            if live.drift:  # the baseline stays the one measured when the quantizer was trained
-                m.drift = m.drift.model_copy(update={k: getattr(live.drift, k) for k in
-                                                     ("error_kind", "error", "sample", "imbalance", "trained_in")})
-        return m
-
-    s = index_and_publish(run_cfg, store, t, corpus, parts, enc, fp, reuse_trained=trained, annotate=annotate)
-    out = ReindexSummary(s.version, live.version, True, d.new, d.changed, d.deleted, d.unchanged, encoded,
-                         why["all"], dec.retrain, dec.reason, dec.ratios, build=s)
+    run_cfg, kept = _run_config(bcfg, live, dec)
+    run = Run.of(run_cfg, corpus, parts, enc, fp, kept)
+    show_plan(run_cfg, run.n, run.enc.dim, run.metric)
+    # the version records the options asked for, not the kept quantizer's factory and metric
+    s = index_and_publish(run_cfg, store, t, run, lineage=_lineage(found, dec), options=options_of(bcfg))
+    out = replace(found, version=s.version, published=True, retrained=dec.retrain, retrain_reason=dec.reason,
+                  drift=dec.ratios, build=s)
     return _finish(cfg, store, out, [s.work])
+
+
+def _run_config(bcfg: BuildConfig, live: Manifest, dec: Decision) -> tuple[BuildConfig, Kept | None]:
+    """The config the stages run with, and the live quantizer when it is kept (with its factory and metric)."""
+    if dec.retrain:
+        return bcfg, None
+    kept = Kept(trained=f"{vdir(live.version)}/{TRAINED}", auto_reason=live.index.auto_reason, drift=live.drift)
+    return bcfg.model_copy(update={"factory": live.index.factory, "metric": live.index.metric}), kept
+
+
+def _lineage(found: ReindexSummary, dec: Decision) -> Lineage:
+    return Lineage(kind="reindex", parent=found.parent, new=found.new, changed=found.changed, deleted=found.deleted,
+                   unchanged=found.unchanged, reencoded_all=found.reencoded_all, retrained=dec.retrain,
+                   retrain_reason=dec.reason, drift=dec.ratios)
+
+
+def encode(bcfg: BuildConfig, corpus: Corpus, live: Manifest, old: LiveIds, cands: dict[int, list[int]]):
+    """(part results, encoder info, fingerprint, why every document is encoded or None). Each part
+    reuses the live vectors of its unchanged documents (cands: the live parts holding its ids),
+    unless every vector must be new: the live ones are gone, or the encoder's space changed."""
+    with Encoders(bcfg, corpus) as pool:
+        why_all = old.missing or space_change(pool.info, live.encoder)
+        if why_all:
+            log(f"reindex: encoding every document: {why_all}")
+        fp = short_hash(corpus.fingerprint, pool.info, "reindex", live.version, why_all)
+        reuse = {s.part: Reuse(tuple(old.parts[i] for i in cands.get(s.part, [])), encode_all=bool(why_all))
+                 for s in corpus.shards}
+        return pool.encode(Layout.build(fp), reuse), pool.info, fp, why_all
 
 
 def _same_options(bcfg: BuildConfig, live: Manifest) -> bool:
@@ -254,30 +266,41 @@ def _same_options(bcfg: BuildConfig, live: Manifest) -> bool:
     return all(opts.get(k) == getattr(bcfg, k) for k in RESULT_OPTIONS)
 
 
-def _quantizer(cfg: ReindexConfig, bcfg: BuildConfig, store: Store, live: Manifest, old: LiveIds,
-               enc: EncoderInfo, metric: str, emb: list[str], d: Diff, reencoded_all: str | None) -> Decision:
+@dataclass
+class Changes:
+    """What a reindex found against the live version, for the drift check."""
+
+    old: LiveIds
+    emb: list[str]                 # this run's embeddings parts (with rows)
+    diff: Diff
+    reencoded_all: str | None      # why every document was encoded again, if it was
+
+
+def _quantizer(cfg: ReindexConfig, bcfg: BuildConfig, store: Store, live: Manifest, c: Changes, *, dim: int,
+               metric: str) -> Decision:
     """Reuse the live quantizer, or retrain, and why."""
-    if reencoded_all:
-        return Decision(True, f"every vector is new ({reencoded_all})")
+    if c.reencoded_all:
+        return Decision(True, f"every vector is new ({c.reencoded_all})")
     if cfg.retrain:
         return Decision(True, "--retrain")
     if metric != live.index.metric:
         return Decision(True, f"metric changed ({live.index.metric} -> {metric})")
+    d = c.diff
     n = d.new + d.changed + d.unchanged
-    want = choose_factory(n, enc.dim, bcfg.budget_bytes).factory if bcfg.factory == "auto" else bcfg.factory
+    want = choose_factory(n, dim, bcfg.budget_bytes).factory if bcfg.factory == "auto" else bcfg.factory
     if want != live.index.factory:
         what = f"--factory auto picks {want} for {n:,} documents" if bcfg.factory == "auto" else f"--factory {want}"
         return Decision(True, f"{what}; the live index is {live.index.factory}")
     b = live.drift
     if b is None or (b.error_kind is None and b.imbalance is None):
         return Decision(False, None)  # nothing trained to drift (Flat), or no baseline recorded
-    return _drift_check(cfg, store, live, old, emb, d, b)
+    return _drift_check(cfg, store, live, c, b)
 
 
-def _drift_check(cfg, store: Store, live: Manifest, old: LiveIds, emb: list[str], d: Diff, b) -> Decision:
-    trained = f"{vdir(live.version)}/trained.index"
+def _drift_check(cfg, store: Store, live: Manifest, c: Changes, b) -> Decision:
+    trained, old, d = f"{vdir(live.version)}/{TRAINED}", c.old, c.diff
     kind = b.error_kind
-    added = [delta_task.options(num_cpus=1).remote(store, trained, rel, None, kind) for rel in emb]
+    added = [delta_task.options(num_cpus=1).remote(store, trained, rel, None, kind) for rel in c.emb]
     gone_ids = np.concatenate([d.changed_ids, d.deleted_ids])
     gone = []
     if len(gone_ids) and old.missing is None:

@@ -17,18 +17,17 @@ from __future__ import annotations
 import glob
 import io
 import json
-import posixpath
 import sys
 import time
 
 import numpy as np
 import ray
 
+from index_builder.encode.parts import read_vectors
+from index_builder.workdir import WorkDir
+from shards.raytools import log
 from shards.storage.faissio import faiss, ivf, metric_type, nlist, read_index, write_index
 from shards.storage.store import Store
-
-from index_builder.encode.parts import read_vectors
-from shards.raytools import log
 
 DEVICES = ("faiss-gpu", "cuda-torch", "cpu")
 
@@ -88,7 +87,8 @@ def sample_parallel(store: Store, parts: list[tuple[str, int]], size: int, seed:
 def draw_jobs(parts: list[tuple[str, int]], size: int, seed: int, queries: int) -> list[tuple]:
     """(part, training rows, query rows, seed) for every part that gives any: the one plan both samplers run."""
     qt, qq = quotas([n for _, n in parts], size), quotas([n for _, n in parts], queries)
-    return [(rel, int(a), int(b), (seed, i)) for i, ((rel, _), a, b) in enumerate(zip(parts, qt, qq)) if a or b]
+    rows = zip(parts, qt, qq, strict=True)
+    return [(rel, int(a), int(b), (seed, i)) for i, ((rel, _), a, b) in enumerate(rows) if a or b]
 
 
 def draw(store: Store, rel: str, a: int, b: int, seed: tuple[int, int]):
@@ -192,40 +192,29 @@ def _untrain(iv) -> None:
     iv.is_trained = False
 
 
-def queries_rel(work: str) -> str:
-    return f"{work}/tune-queries.npz"
-
-
-def train_record(out_rel: str) -> str:
-    return out_rel + ".json"
-
-
 @ray.remote
-def train_task(store: Store, drawn: list, factory: str, d: int, metric: str, seed: int, out_rel: str,
-               threads: int, reuse_rel: str | None = None, t0: float | None = None) -> dict:
-    """Writes out_rel (the trained index), the tune queries beside it, and train_record(out_rel)
-    (how it was trained) last. drawn: sample_parallel's refs (training rows and tune queries).
-    reuse_rel: a trained index to take as it is (a reindex whose quantizer has not drifted); the
+def train_task(store: Store, wd: WorkDir, drawn: list, *, factory: str, d: int, metric: str, seed: int,
+               threads: int, keep: bool = False, t0: float | None = None) -> dict:
+    """Writes wd.trained (the trained index), wd.queries (tune's queries), and wd.train_record (how
+    it was trained) last. drawn: sample_parallel's refs (training rows and tune queries).
+    keep: take wd.trained as it is (a reindex put the live quantizer there, not drifted); the
     tune queries are still drawn. t0: when the driver started the sampling."""
-    record = train_record(out_rel)
-    if store.exists(record):
-        return {**json.loads(store.read_text(record)), "reused": True}
+    if store.exists(wd.train_record):
+        return {**json.loads(store.read_text(wd.train_record)), "reused": True}
     faiss().omp_set_num_threads(threads)
     t0 = t0 or time.time()
     xt, xq, qids = joined(ray.get(drawn), 1)
     buf = io.BytesIO()
     np.savez(buf, xq=xq, ids=qids)
-    store.write_bytes(queries_rel(posixpath.dirname(out_rel)), buf.getvalue())
+    store.write_bytes(wd.queries, buf.getvalue())
     t1 = time.time()
-    if reuse_rel:
-        if reuse_rel != out_rel:
-            store.copy(reuse_rel, out_rel)
-        index, device = read_index(store, out_rel), "reused"
+    if keep:
+        index, device = read_index(store, wd.trained), "reused"
     else:
         index = make_index(factory, d, metric)
         device = train_index(index, xt, best_device(), seed)
-        write_index(store, out_rel, index)
+        write_index(store, wd.trained, index)
     done = {"train_vectors": len(xt), "seconds": time.time() - t0, "sample_seconds": t1 - t0,
             "device": device, "nlist": nlist(index)}
-    store.write_text(record, json.dumps(done))
+    store.write_text(wd.train_record, json.dumps(done))
     return {**done, "reused": False}
