@@ -1,12 +1,9 @@
-"""shards/search/topk.py: merging per-shard top-k lists, against brute force and real flat shards;
-exact k-NN (the ground truth of tune and eval) and recall@k."""
+"""shards/search/topk.py: merging per-shard top-k lists, against brute force and real flat shards."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from index_builder.eval import measures
-from index_builder.eval.measures import recall_at_k
 from shards.search.topk import merge_topk
 
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -100,42 +97,3 @@ def test_merge_topk_of_real_flat_shards_is_the_monolithic_topk(sizes, k, metric)
     wantD, wantI = index(0, n).search(xq, k)
     assert np.array_equal(I, wantI)
     assert np.allclose(D, wantD, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("metric", ["ip", "l2"])
-@pytest.mark.parametrize("n,nq,k,block_bytes", [
-    (5_000, 200, 11, 64 << 20),   # one block, as a part's tune ground truth
-    (5_000, 37, 10, 4 * 37 * 999),  # blocks of 999 rows, the last one short
-    (25, 7, 10, 4 * 7 * 10),      # blocks of exactly k rows
-    (6, 5, 10, 64 << 20),         # fewer rows than k: -1 padding
-    (1, 3, 1, 64 << 20),
-])
-def test_exact_knn_is_faiss_flat_search(n, nq, k, block_bytes, metric, monkeypatch):
-    """The ground truth of tune and eval: the same neighbours, in the same order, as faiss's IndexFlat."""
-    faiss = pytest.importorskip("faiss")
-    monkeypatch.setattr(measures, "BLOCK_BYTES", block_bytes)
-    rng = np.random.default_rng(n + k)
-    d = 48
-    xb, xq = rng.standard_normal((n, d)).astype(np.float32), rng.standard_normal((nq, d)).astype(np.float32)
-    flat = faiss.IndexFlat(d, faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2)
-    flat.add(xb)
-    wantD, wantI = flat.search(xq, k)
-    D, I = measures.exact_knn(xq, xb, k, metric)
-    assert np.array_equal(I, wantI)
-    assert np.allclose(D[I >= 0], wantD[wantI >= 0], rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("I,gt,k,want", [
-    ([[1, 2, 3]], [[1, 2, 3]], 3, 1.0),
-    ([[3, 2, 1]], [[1, 2, 3]], 3, 1.0),             # order within the top-k does not matter
-    ([[4, 5, 6]], [[1, 2, 3]], 3, 0.0),
-    ([[1, 9, 3, 8]], [[1, 2, 3, 4]], 4, 0.5),
-    ([[1, 2, -1, -1]], [[1, 2, 3, 4]], 4, 0.5),     # -1 padding never counts
-    ([[-1, -1]], [[1, 2]], 2, 0.0),
-    ([[1, 2, 3, 4]], [[1, 2, 5, 6]], 2, 1.0),       # only the first k columns
-    ([[5, 1, 2, 3]], [[1, 2, 3, 4]], 1, 0.0),
-    ([[1, 2], [3, 4]], [[1, 2], [9, 8]], 2, 0.5),   # mean over queries
-    ([[1, 2], [3, 9]], [[1, 2], [3, 4]], 2, 0.75),
-])
-def test_recall_at_k(I, gt, k, want):
-    assert recall_at_k(np.array(I), np.array(gt), k) == pytest.approx(want)
