@@ -179,7 +179,7 @@ class RayShards:
     def __init__(self, store: Store, version: str, shards: list, threads: int | None, cpus: float | None):
         import ray
 
-        from shards.serve.resources import cluster_cpus, plan_resources
+        from shards.resources import cluster_cpus, plan_resources
 
         ensure_ray()
         res = plan_resources(*cluster_cpus(), len(shards), 1, 0, False, cpus, threads)

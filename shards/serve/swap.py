@@ -19,7 +19,7 @@ from shards.errors import SearchError, ShardexError
 from shards.raytools import as_coroutine, one_line
 from shards.search.fanout import shard_name
 from shards.search.router import IndexView
-from shards.serve.resources import Resources, cluster_cpus, plan_resources
+from shards.resources import Resources, cluster_cpus, plan_resources
 from shards.serve.versions import app_name, delete_app, deploy_version, version_app
 from shards.storage.manifest import current_version
 from shards.storage.store import Store

@@ -20,7 +20,7 @@ from shards.errors import SearchError
 from shards.raytools import wait_until
 from shards.search.fanout import shard_name
 from shards.search.router import IndexView
-from shards.serve.resources import Resources
+from shards.resources import Resources
 from shards.storage.manifest import load_manifest
 from shards.storage.store import Store
 
