@@ -9,7 +9,7 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast bench bench-autofaiss-venv clean
+.PHONY: venv demo test lint test-fast bench bench-autofaiss-venv clean
 
 venv: $(STAMP)
 
@@ -22,8 +22,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: venv
 	$(BIN)/shardex demo
 
-test: venv
+test: venv lint
 	$(BIN)/python -m pytest -q -ra
+
+# ruff's rules are in pyproject.toml; make test runs this first.
+lint: venv
+	$(BIN)/ruff check .
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -ra -m "not slow"

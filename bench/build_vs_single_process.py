@@ -18,14 +18,13 @@ import platform
 import shutil
 import time
 
-import numpy as np
 import pyarrow.dataset as ds
 
 from index_builder.config import BuildConfig
-from shards.encoder import Encoder
-from index_builder.pipeline import build
-from shards.raytools import ensure_ray
 from index_builder.demo.textcorpus import write_corpus
+from index_builder.pipeline import build
+from shards.encoder import Encoder
+from shards.raytools import ensure_ray
 
 OUT = os.path.join(os.path.dirname(__file__), "out")          # scratch: corpus and index (ignored by git)
 RESULTS = os.path.join(os.path.dirname(__file__), "results")  # what bench/README.md reports
@@ -94,7 +93,8 @@ def main() -> None:
     bl = baseline(corpus, sx["factory"], "ip", threads=os.cpu_count())
     from shards.encoder import pick_device
 
-    res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, device {pick_device()}", "documents": info["documents"],
+    res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, device {pick_device()}",
+           "documents": info["documents"],
            "shardex": sx, "baseline": bl, "ratio_build_over_baseline": round(sx["build"] / bl["total"], 2)}
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "build_vs_single_process.json"), "w") as f:
@@ -105,7 +105,8 @@ def main() -> None:
     for k, v in sx["stages"].items():
         print(f"  {k:<12} {v:7.1f} s")
     print(f"shardex build   {sx['build']:7.1f} s")
-    print(f"single process  {bl['total']:7.1f} s  (load {bl['load']} s, encode {bl['encode']} s, index {bl['index']} s)")
+    print(f"single process  {bl['total']:7.1f} s  "
+          f"(load {bl['load']} s, encode {bl['encode']} s, index {bl['index']} s)")
     print(f"ratio           {res['ratio_build_over_baseline']:.2f}x")
 
 

@@ -37,7 +37,7 @@ def config_model(name: str):
     return getattr(config, name)
 
 
-def _config_from(args) -> "object":
+def _config_from(args) -> object:
     """The typed config of a command: its --config YAML, overridden by the flags given."""
     from index_builder.config import make
 
@@ -150,10 +150,9 @@ def cmd_serve(args) -> int:
     import signal
     import time
 
+    from shards.raytools import ensure_ray, log
     from shards.storage.manifest import current_version, load_manifest
     from shards.storage.store import Store
-
-    from shards.raytools import ensure_ray, log
 
     cfg = _config_from(args)
     store = Store(cfg.index_root, cfg.s3_endpoint)

@@ -61,7 +61,7 @@ class Padding:
     padded: int = 0
     padded_unsorted: int = 0
 
-    def add(self, o: "Padding") -> None:
+    def add(self, o: Padding) -> None:
         self.tokens += o.tokens
         self.padded += o.padded
         self.padded_unsorted += o.padded_unsorted
@@ -90,7 +90,7 @@ class FastTokenizer:
         self.extra: dict = {}
 
     @classmethod
-    def checked(cls, enc: "Encoder") -> "FastTokenizer | None":
+    def checked(cls, enc: Encoder) -> FastTokenizer | None:
         tok = getattr(enc.model, "tokenizer", None)
         if not (getattr(tok, "is_fast", False) and enc.model.max_seq_length):
             return None
@@ -103,7 +103,7 @@ class FastTokenizer:
             fast.extra = {k: v for k, v in b.items() if not torch.is_tensor(v)}
             same = set(a) == {k for k in b if k not in fast.extra} and all(
                 a[k].shape == b[k].shape and bool((a[k] == b[k]).all()) for k in a)
-        except Exception:  # any tokenizer this path does not understand: the model's own way
+        except Exception:  # noqa: BLE001 (any tokenizer this path does not understand: the model's own way)
             return None
         return fast if same else None
 
@@ -154,7 +154,7 @@ class Encoder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             self.model = SentenceTransformer(resolve_model(model), device=self.device)
-        except Exception as e:  # a missing or broken model: say which, and how to fix it
+        except Exception as e:  # noqa: BLE001 (a missing or broken model: say which, and how to fix it)
             raise ConfigError(f"model {self.name!r}: cannot load it ({str(e).splitlines()[0]}); "
                               "give a sentence-transformers model name or a local path") from None
         self.revision = weights_hash(self.model)  # of the stored weights, before any cast
@@ -243,7 +243,7 @@ class Encoder:
         return self._encode(texts, self.query_prefix)
 
     @classmethod
-    def for_index(cls, info: EncoderInfo, **kw) -> "Encoder":
+    def for_index(cls, info: EncoderInfo, **kw) -> Encoder:
         """The encoder an index was built with; refuse one whose weights differ."""
         if info.name == "precomputed":
             raise ConfigError("this index was built from precomputed vectors; query it with vectors "

@@ -181,7 +181,8 @@ def wait_job(client, job_id: str, timeout: float = 300) -> str:
         return str(st.value) if st in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) else None
 
     try:
-        return wait_until(ended, timeout, 0.5, what=lambda: f"job {job_id} to end (still {client.get_job_status(job_id)})")
+        return wait_until(ended, timeout, 0.5,
+                          what=lambda: f"job {job_id} to end (still {client.get_job_status(job_id)})")
     except AssertionError as e:
         client.stop_job(job_id)
         raise AssertionError(f"{e}:\n{client.get_job_logs(job_id)[-4000:]}") from None

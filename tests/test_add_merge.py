@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from helpers import clustered
 
 from index_builder.build.add import add_assigned
 from index_builder.build.merge import index_digest, merge_shard, open_merged, shard_info
@@ -15,6 +14,8 @@ from index_builder.workdir import WorkDir
 from shards.errors import IntegrityError
 from shards.storage.faissio import faiss, ivf, probed_lists, set_nprobe, write_index
 from shards.storage.store import Store
+
+from helpers import clustered
 
 D, NL = 16, 16
 
@@ -105,7 +106,7 @@ def test_merge_commit_is_reused(tmp_path, trained):
     assert again["reused"] and not first["reused"]
     assert first["rss_anon_peak_mib"] >= first["rss_anon_start_mib"] > 0       # the merge's memory, recorded
     assert json.loads(store.read_text(f"{work.root}/shards/shard-0.index.json"))["ivfdata"] == "shard-0.ivfdata"
-    assert [n for n in store.ls(f"{work.root}/shards")] == ["shard-0.index", "shard-0.index.json", "shard-0.ivfdata"]
+    assert list(store.ls(f"{work.root}/shards")) == ["shard-0.index", "shard-0.index.json", "shard-0.ivfdata"]
 
 
 def test_add_assigned_equals_add_with_ids(trained):

@@ -19,12 +19,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import build, clustered, vector_table
 from index_builder.cli import main
+from shards.search.router import Router
 from shards.storage.faissio import index_ids
 from shards.storage.manifest import current_version, load_manifest
-from shards.search.router import Router
 from shards.storage.store import Store
+
+from helpers import build, clustered, vector_table
 
 SHARDEX = str(Path(sys.executable).with_name("shardex"))
 PREFIX = "shardex: error: "

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import pytest
-from helpers import build_config
 
 from index_builder.config import BuildConfig, make, parse_bytes
 from shards.errors import ConfigError
+
+from helpers import build_config
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 

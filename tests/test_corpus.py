@@ -9,10 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import build_config
 
 from index_builder.plan.corpus import ID_MASK, InputShard, _check_schema, int_ids, plan_corpus, split_rows, string_ids
 from shards.errors import CorpusError
+
+from helpers import build_config
 
 
 @pytest.mark.parametrize("n,part_rows,parts", [
@@ -117,7 +118,8 @@ def test_plan_parts_cover_every_file_row_once(tmp_path, rows, part_rows, row_gro
     src.mkdir()
     start = 0
     for f, n in enumerate(rows):
-        t = pa.table({"id": pa.array(range(start, start + n), pa.int64()), "text": pa.array([f"t{i}" for i in range(n)], pa.string())})
+        t = pa.table({"id": pa.array(range(start, start + n), pa.int64()),
+                      "text": pa.array([f"t{i}" for i in range(n)], pa.string())})
         pq.write_table(t, src / f"f{f}.parquet", row_group_size=row_group)
         start += n
     corpus = plan_corpus(build_config(source=str(src), part_rows=part_rows))

@@ -11,12 +11,13 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from helpers import build, wait_until
 from index_builder.config import BuildConfig
-from shards.encoder import Encoder, padding_of
 from index_builder.demo.textcorpus import stdlib_docstrings, write_corpus
+from shards.encoder import Encoder, padding_of
 from shards.errors import ConfigError
 from shards.search.router import Router
+
+from helpers import build, wait_until
 
 TEXTS = ["short", "a sentence of middling length about files", "word " * 400, "", "ünïcödé text",
          "read a csv file", "x " * 30] * 10
@@ -153,7 +154,7 @@ def test_build_and_search_with_a_local_model(ray_session, e5_like, docs, tmp_pat
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory):
     src = str(tmp_path_factory.mktemp("enc") / "corpus")
-    info = write_corpus(src, limit=240, files=2, row_group_rows=30)
+    write_corpus(src, limit=240, files=2, row_group_rows=30)
     return src, ds.dataset(src).to_table().to_pylist()
 
 

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import build, write_vector_corpus
 
 from index_builder.cli import main
 from index_builder.config import EvalConfig
@@ -18,6 +17,8 @@ from shards.config import make
 from shards.errors import ConfigError
 from shards.storage.manifest import current_version, load_manifest
 from shards.storage.store import Store
+
+from helpers import build, write_vector_corpus
 
 N, D = 3000, 32
 

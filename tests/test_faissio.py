@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import clustered
 
 from shards.storage.faissio import coarse_search, faiss, ivf, probed_lists, search_preassigned, set_nprobe
+
+from helpers import clustered
 
 
 @pytest.mark.parametrize("factory,metric", [("IVF32,Flat", "l2"), ("IVF32,Flat", "ip"), ("PCA16,IVF16,Flat", "l2"),

@@ -7,10 +7,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import build, clustered, vector_table
 from shards.errors import ConfigError
-from shards.search.filters import (Attributes, Clause, FilterError, Selection, filterable, parse_filter, selector_kind,
-                            unwire, wire)
+from shards.search.filters import (
+    Attributes,
+    Clause,
+    FilterError,
+    Selection,
+    filterable,
+    parse_filter,
+    selector_kind,
+    unwire,
+    wire,
+)
+
+from helpers import build, clustered, vector_table
 
 KINDS = {"year": "int", "price": "float", "cat": "str", "ok": "bool"}
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import assert_same_topk, build, monolithic, write_vector_corpus
+from shards.search.router import Router
 from shards.storage.faissio import index_ids
 from shards.storage.manifest import current_version, load_manifest
-from shards.search.router import Router
 from shards.storage.store import Store
+
+from helpers import assert_same_topk, build, monolithic, write_vector_corpus
 
 N, D = 10_000, 32
 

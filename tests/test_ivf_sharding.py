@@ -6,14 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import assert_same_topk, build, monolithic, write_vector_corpus
 from shards.errors import ConfigError
-from shards.storage.faissio import faiss, index_ids, ivf, probed_lists, read_index, set_nprobe
-from shards.storage.manifest import current_version, load_manifest, vdir, verify
 from shards.search.router import Router
 from shards.search.shard_selection import shards_for_lists
-from shards.storage.store import Store
 from shards.search.topk import merge_topk
+from shards.storage.faissio import faiss, index_ids, ivf, probed_lists, read_index, set_nprobe
+from shards.storage.manifest import current_version, load_manifest, vdir, verify
+from shards.storage.store import Store
+
+from helpers import assert_same_topk, build, monolithic, write_vector_corpus
 
 N, D = 4000, 32
 

@@ -17,12 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import write_vector_corpus
-from helpers import REPO
-from rayhead import NEVER, PACKAGES, RAY
+from helpers import REPO, write_vector_corpus
+from rayhead import NEVER, PACKAGES, RAY, write_config
 from rayhead import env as _env
 from rayhead import uploaded_dirs as _uploaded_dirs
-from rayhead import write_config
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +39,8 @@ def submit(head, config: Path, timeout: int = 300) -> subprocess.CompletedProces
 
 
 def test_job_submit_builds_and_publishes(head, tmp_path):
-    from shards.storage.manifest import current_version, load_manifest
     from shards.search.router import Router
+    from shards.storage.manifest import current_version, load_manifest
     from shards.storage.store import Store
 
     n, d = 2000, 32

@@ -20,9 +20,10 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import Client, build, free_port, mutate, start_app, under_load, wait_until, write_vector_corpus
 from shards.storage.manifest import current_version
 from shards.storage.store import Store
+
+from helpers import Client, build, free_port, mutate, start_app, under_load, wait_until, write_vector_corpus
 
 N, D, K = 3000, 32, 5
 SHARDEX = os.path.join(os.path.dirname(sys.executable), "shardex")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-from helpers import tmp_files
 
 from shards.errors import IntegrityError, ShardexError, StorageError
 from shards.storage import manifest as mf
@@ -28,6 +27,8 @@ from shards.storage.manifest import (
 )
 from shards.storage.store import Store
 
+from helpers import tmp_files
+
 VERSION_RE = re.compile(r"^v\d{8}-\d{6}-[0-9a-z]{1,6}-[0-9a-f]{4}$")
 
 
@@ -42,7 +43,8 @@ def test_new_version_name_format(run_id):
 def test_new_version_names_sort_by_time(monkeypatch):
     from datetime import datetime, timezone
 
-    times = [datetime(2025, 12, 31, 23, 59, 59, tzinfo=timezone.utc), datetime(2026, 1, 1, 0, 0, 0, tzinfo=timezone.utc),
+    times = [datetime(2025, 12, 31, 23, 59, 59, tzinfo=timezone.utc),
+             datetime(2026, 1, 1, 0, 0, 0, tzinfo=timezone.utc),
              datetime(2026, 1, 1, 0, 0, 1, tzinfo=timezone.utc), datetime(2026, 2, 1, 9, 5, 0, tzinfo=timezone.utc),
              datetime(2026, 11, 22, 5, 30, 0, tzinfo=timezone.utc)]
     it = iter(times)

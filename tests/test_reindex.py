@@ -16,15 +16,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import build, mutate, read_part, vector_table, write_vector_corpus
 from index_builder.config import ReindexConfig
 from index_builder.reindex.drift import decide, imbalance
 from index_builder.reindex.incremental import reindex, space_change
+from shards.search.router import Router
 from shards.storage.faissio import index_ids
 from shards.storage.manifest import EncoderInfo, current_version, list_versions, load_manifest, vdir
 from shards.storage.retention import versions_to_keep
-from shards.search.router import Router
 from shards.storage.store import Store
+
+from helpers import build, mutate, read_part, vector_table, write_vector_corpus
 
 N, D = 3000, 32
 SHARDEX = os.path.join(os.path.dirname(sys.executable), "shardex")

@@ -14,14 +14,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import build
 from index_builder.config import ReindexConfig
-from index_builder.reindex.incremental import reindex
 from index_builder.demo.textcorpus import SCHEMA, stdlib_docstrings
+from index_builder.reindex.incremental import reindex
+from shards.search.router import Router
 from shards.storage.faissio import index_ids
 from shards.storage.manifest import current_version, load_manifest
-from shards.search.router import Router
 from shards.storage.store import Store
+
+from helpers import build
 
 pytestmark = pytest.mark.slow
 V1_DOCS, K = 128, 8

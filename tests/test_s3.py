@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import build, write_vector_corpus
+from shards.search.router import Router
 from shards.storage.faissio import index_ids, read_index
 from shards.storage.manifest import CURRENT, current_version, load_manifest, vdir
-from shards.search.router import Router
 from shards.storage.store import Store
+
+from helpers import build, write_vector_corpus
 
 pytestmark = pytest.mark.s3
 

@@ -14,11 +14,26 @@ import time
 import numpy as np
 import pytest
 
-from helpers import (AUTH, FILTERABLE, TOKEN, Client, as_arrays, assert_same_topk, build, clustered, free_port,
-                     monolithic, start_app, under_load, wait_until, write_filterable_corpus)
 from shards.storage.faissio import read_index
 from shards.storage.manifest import current_version, set_current, vdir
 from shards.storage.store import Store
+
+from helpers import (
+    AUTH,
+    FILTERABLE,
+    TOKEN,
+    Client,
+    as_arrays,
+    assert_same_topk,
+    build,
+    clustered,
+    free_port,
+    monolithic,
+    start_app,
+    under_load,
+    wait_until,
+    write_filterable_corpus,
+)
 
 pytestmark = pytest.mark.slow
 N, D = 3000, 32

@@ -14,9 +14,9 @@ pytestmark = pytest.mark.s3
 def test_serving_an_s3_index_equals_the_local_python_api(ray_session, s3, tmp_path):
     from ray import serve
 
-    from shards.serve import lifecycle as sv
     from shards.config import ServeConfig
     from shards.search.router import Router
+    from shards.serve import lifecycle as sv
 
     n, d = 2000, 16
     x = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import requests
 
-from helpers import build, free_port
 from index_builder.demo.textcorpus import example_queries, write_corpus
+
+from helpers import build, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -18,8 +19,8 @@ pytestmark = pytest.mark.slow
 def text_app(ray_session, tmp_path_factory):
     from ray import serve
 
-    from shards.serve import lifecycle as sv
     from shards.config import ServeConfig
+    from shards.serve import lifecycle as sv
 
     tmp = tmp_path_factory.mktemp("text-serve")
     src, root = str(tmp / "corpus"), str(tmp / "index")

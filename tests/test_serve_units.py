@@ -8,11 +8,11 @@ import pytest
 
 from shards.config import ServeConfig, load_yaml, make
 from shards.errors import ConfigError, SearchError
+from shards.resources import Resources, plan_resources
 from shards.search.fanout import Outcome, ShardFailure, _call_one
 from shards.search.router import route_mask
 from shards.search.shard_selection import scan_order, shard_mask, shards_for_lists
 from shards.serve.lifecycle import settings
-from shards.resources import Resources, plan_resources
 
 
 @pytest.mark.parametrize("cluster,node,S,R,E,text,cpus,threads,want", [

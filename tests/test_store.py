@@ -8,10 +8,11 @@ import threading
 import numpy as np
 import pyarrow as pa
 import pytest
-from helpers import tmp_files
 
 from shards.storage import store as store_mod
 from shards.storage.store import Store
+
+from helpers import tmp_files
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 

@@ -14,12 +14,13 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import build, wait_until
 from index_builder.demo.textcorpus import write_corpus
+from shards.search.router import Router
 from shards.storage.faissio import index_ids
 from shards.storage.manifest import current_version, list_versions
-from shards.search.router import Router
 from shards.storage.store import Store
+
+from helpers import build, wait_until
 
 pytestmark = pytest.mark.slow
 SHARDEX = os.path.join(os.path.dirname(sys.executable), "shardex")

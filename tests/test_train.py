@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import clustered, vector_table
 from index_builder.eval.measures import recall_at_k
 from index_builder.train.kmeans import kmeans
 from index_builder.train.quantizer import best_device, make_index, sample, train_index
 from shards.storage.faissio import faiss, ivf, set_nprobe
 from shards.storage.store import Store
+
+from helpers import clustered, vector_table
 
 
 def _objective(x, C, metric):

@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import NQ, OUT, ground_truth, write_parts  # noqa: E402
+from common import NQ, OUT, ground_truth, write_parts
 
 WORDS = 60          # words per passage: near the model's useful length, and quick to encode
 MIN_WORDS = 8

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import OUT, loadavg, machine, run_cli, save, shardex_search, synthetic  # noqa: E402
+from common import OUT, loadavg, machine, run_cli, save, shardex_search, synthetic
 
 FACTORY = "IVF4096,Flat"
 
@@ -25,9 +25,11 @@ FACTORY = "IVF4096,Flat"
 def build(path: str, root: str, budget: str) -> dict:
     shutil.rmtree(root, ignore_errors=True)
     wall, out, _ = run_cli(["build", f"{path}/corpus", root, "--vector-column", "vector", "--factory", FACTORY,
-                            "--metric", "l2", "--merge-ram-budget", budget, "--json"], env={"RAY_AUTH_MODE": "disabled"})
+                            "--metric", "l2", "--merge-ram-budget", budget, "--json"],
+                           env={"RAY_AUTH_MODE": "disabled"})
     rec = json.load(open(glob.glob(f"{root}/work/*/shards/shard-0.index.json")[0]))
-    keep = ("ondisk", "seconds", "bytes", "ivfdata_bytes", "rss_anon_start_mib", "rss_anon_peak_mib", "rss_file_peak_mib")
+    keep = ("ondisk", "seconds", "bytes", "ivfdata_bytes",
+            "rss_anon_start_mib", "rss_anon_peak_mib", "rss_file_peak_mib")
     return {"budget": budget, "wall": round(wall, 2), "merge_stage": json.loads(out)["seconds"]["merge"],
             **{k: rec.get(k) for k in keep}}
 

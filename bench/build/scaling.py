@@ -14,7 +14,7 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import OUT, loadavg, machine, run_cli, save, synthetic  # noqa: E402
+from common import OUT, loadavg, machine, run_cli, save, synthetic
 
 BYTES_PER_VECTOR = 50
 
@@ -25,7 +25,8 @@ def run(n: int) -> dict:
     shutil.rmtree(root, ignore_errors=True)
     before = loadavg()
     wall, out, err = run_cli(["build", f"{path}/corpus", root, "--vector-column", "vector", "--metric", "l2",
-                              "--memory-budget", str(n * BYTES_PER_VECTOR), "--json"], env={"RAY_AUTH_MODE": "disabled"})
+                              "--memory-budget", str(n * BYTES_PER_VECTOR), "--json"],
+                             env={"RAY_AUTH_MODE": "disabled"})
     s = json.loads(out)
     shutil.rmtree(f"{root}/work", ignore_errors=True)
     return {"vectors": n, "factory": s["factory"], "wall": round(wall, 2),

@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import OUT, ROOT, loadavg, machine, run_cli, save, shardex_search, sweep  # noqa: E402
+from common import OUT, ROOT, loadavg, machine, run_cli, save, shardex_search, sweep
 
 AF_PY = os.path.join(ROOT, "bench", ".venv-autofaiss", "bin", "python")
 
@@ -94,7 +94,8 @@ def run(dataset: str, budget: str, metric: str, top_nprobe: int, af_metric: str)
                for q in qps_points]
     return {"dataset": dataset, "vectors": m.ntotal, "dim": m.encoder.dim, "budget": budget, "metric": metric,
             "autofaiss_metric": af_metric,
-            "cores": cores, "shardex": sx, "autofaiss": {**af, "index_bytes": os.path.getsize(f"{work}/autofaiss.index")},
+            "cores": cores, "shardex": sx,
+            "autofaiss": {**af, "index_bytes": os.path.getsize(f"{work}/autofaiss.index")},
             "ratio_wall_shardex_over_autofaiss": round(sx["wall"] / af["wall"], 3),
             "recall_shardex": curve_sx, "recall_autofaiss": curve_af, "recall_at_matched_qps": matched,
             "machine": machine(), "loadavg": load}

@@ -38,7 +38,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import OUT, RESULTS, faiss_search, loadavg, machine, run_cli, save, shardex_search, sweep  # noqa: E402
+from common import OUT, RESULTS, faiss_search, loadavg, machine, run_cli, save, shardex_search, sweep
 
 
 def baseline(corpus: str, factory: str, metric: str, out: str, threads: int, polysemous: bool = True,

@@ -22,8 +22,8 @@ import time
 import numpy as np
 import pyarrow.dataset as ds
 
-from shards.encoder import resolve_model
 from index_builder.demo.textcorpus import write_corpus
+from shards.encoder import resolve_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "..", "out", "encode")

@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from shards.encoder import Encoder
 from index_builder.demo.textcorpus import stdlib_docstrings
+from shards.encoder import Encoder
 
 
 def raw_torch(path: str, texts: list[str], bs: int, dtype, max_len: int) -> float:

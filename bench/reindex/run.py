@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from index_builder.config import BuildConfig, ReindexConfig
-from index_builder.pipeline import build
-from shards.raytools import ensure_ray
-from index_builder.reindex.incremental import reindex
 from index_builder.demo.textcorpus import SCHEMA, chunks, docstring_paragraphs, man_pages, spread
+from index_builder.pipeline import build
+from index_builder.reindex.incremental import reindex
+from shards.raytools import ensure_ray
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "..", "out", "reindex")

@@ -20,7 +20,6 @@ import threading
 import time
 
 import numpy as np
-
 from common import OUT, core_pingpong_ns, loadavg, machine, save
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -32,8 +31,8 @@ def text_index(docs: int) -> tuple[str, list[str]]:
     import pyarrow.dataset as ds
 
     from index_builder.config import BuildConfig
-    from index_builder.pipeline import build
     from index_builder.demo.textcorpus import write_corpus
+    from index_builder.pipeline import build
 
     src, root = os.path.join(OUT, f"text-{docs}"), os.path.join(OUT, f"text-index-{docs}-s2")
     if not os.path.exists(os.path.join(src, "part-1.parquet")):
@@ -126,9 +125,9 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from shards.serve import lifecycle as sv
     from shards.config import ServeConfig
     from shards.search.router import Router
+    from shards.serve import lifecycle as sv
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
     root, titles = text_index(a.docs)

@@ -14,9 +14,19 @@ from __future__ import annotations
 import os
 
 import numpy as np
-
-from common import (built, core_pingpong_ns, corpus, corpus_args, loadavg, machine, monolithic, queries, same_topk,
-                    save, timed)
+from common import (
+    built,
+    core_pingpong_ns,
+    corpus,
+    corpus_args,
+    loadavg,
+    machine,
+    monolithic,
+    queries,
+    same_topk,
+    save,
+    timed,
+)
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 

@@ -20,11 +20,8 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
-
-from common import (built, core_pingpong_ns, corpus, corpus_args, loadavg, machine, monolithic, queries,  # noqa: I001
-                    save)
-from throughput import PINGPONG_ROUNDS, l3_state  # noqa: I001
+from common import built, core_pingpong_ns, corpus, corpus_args, loadavg, machine, monolithic, queries, save
+from throughput import PINGPONG_ROUNDS, l3_state
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -52,8 +49,8 @@ def main() -> None:
 
     import ray
 
-    from shards.storage.faissio import coarse_search, faiss, ivf, search_preassigned
     from shards.search.shard_selection import scan_order
+    from shards.storage.faissio import coarse_search, faiss, ivf, search_preassigned
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
     src, ids, x = corpus(a.n, a.d)

@@ -36,9 +36,19 @@ from __future__ import annotations
 import os
 
 import numpy as np
-
-from common import (built, core_pingpong_ns, corpus, corpus_args, loadavg, machine, monolithic, queries,  # noqa: I001
-                    same_topk, save, timed)
+from common import (
+    built,
+    core_pingpong_ns,
+    corpus,
+    corpus_args,
+    loadavg,
+    machine,
+    monolithic,
+    queries,
+    same_topk,
+    save,
+    timed,
+)
 
 NAMES = {"faiss": "faiss, one index (hash's quantizer)", "faiss_ordered": "the same, in the router's scan order",
          "hash": "router, {S} hash shards", "faiss_ivf": "faiss, one index (ivf's quantizer)",
@@ -49,8 +59,8 @@ PINGPONG_ROUNDS = 20_000   # a few ms, between batches   # each router against t
 
 def ordered(index, k: int, nprobe: int):
     """search(xq) -> (D, I): coarse search, the router's scan order, search_preassigned on every core."""
-    from shards.storage.faissio import coarse_search, ivf, search_preassigned
     from shards.search.shard_selection import scan_order
+    from shards.storage.faissio import coarse_search, ivf, search_preassigned
 
     iv = ivf(index)
 
@@ -149,8 +159,8 @@ def main() -> None:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-    from shards.storage.faissio import faiss
     from shards.search.router import Router
+    from shards.storage.faissio import faiss
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
     src, ids, x = corpus(a.n, a.d)

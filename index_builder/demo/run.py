@@ -9,9 +9,9 @@ import os
 import time
 
 from index_builder.config import BuildConfig
+from index_builder.demo.textcorpus import example_queries, write_corpus
 from index_builder.pipeline import build
 from shards.raytools import log
-from index_builder.demo.textcorpus import example_queries, write_corpus
 
 
 def run_demo(out: str, limit: int, shards: int) -> int:

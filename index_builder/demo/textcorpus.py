@@ -11,8 +11,8 @@ has side effects (antigravity opens a browser, `this` prints, tkinter needs a di
 from __future__ import annotations
 
 import ast
-import re
 import os
+import re
 import sysconfig
 import tempfile
 import warnings

@@ -22,12 +22,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from index_builder.config import BuildConfig
+from index_builder.encode.reuse import CHANGED, HASH, NEW, Reuse, fill, match, origin_column, text_hashes, vector_hashes
+from index_builder.plan.corpus import InputShard, first_line, int_ids, open_parquet
 from shards.errors import CorpusError
 from shards.storage.store import Store
-
-from index_builder.config import BuildConfig
-from index_builder.plan.corpus import InputShard, first_line, int_ids, open_parquet
-from index_builder.encode.reuse import CHANGED, HASH, NEW, Reuse, fill, match, origin_column, text_hashes, vector_hashes
 
 
 @dataclass
@@ -62,11 +61,11 @@ class Layout:
     rejected: str = "rejected/"
 
     @classmethod
-    def build(cls, fp: str) -> "Layout":
+    def build(cls, fp: str) -> Layout:
         return cls(f"embeddings/{fp}/")
 
     @classmethod
-    def flat(cls) -> "Layout":
+    def flat(cls) -> Layout:
         return cls("", None, "_rejected/")
 
     def rel(self, part: int, sub: str = "") -> str:
@@ -87,7 +86,8 @@ def read_shard(shard: InputShard, columns: list[str], s3_endpoint: str | None) -
     try:
         t = f.read_row_groups(groups, columns=columns)
     except (pa.ArrowInvalid, OSError) as e:
-        raise CorpusError(f"{shard.file}: rows {shard.start}-{shard.stop}: not a readable Parquet file ({first_line(e)})") from None
+        raise CorpusError(f"{shard.file}: rows {shard.start}-{shard.stop}: not a readable Parquet file "
+                          f"({first_line(e)})") from None
     t = t.slice(shard.start - (first or 0), shard.rows)
     return t.append_column("__row", pa.array(np.arange(shard.start, shard.stop, dtype=np.int64)))
 

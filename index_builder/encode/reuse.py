@@ -12,10 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from index_builder.shard_math import mix64
 from shards.errors import IntegrityError
 from shards.storage.store import Store
-
-from index_builder.shard_math import mix64
 
 HASH = "hash"      # column of an embeddings part
 ORIGIN = "origin"  # column of a reindexed part: where each vector came from

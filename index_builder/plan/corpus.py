@@ -13,10 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from index_builder.config import BuildConfig
 from shards.errors import CorpusError, ShardexError, StorageError, is_storage_failure, storage_message
 from shards.storage.store import storage_options
-
-from index_builder.config import BuildConfig
 
 ID_MASK = (1 << 63) - 1  # string ids map to non-negative int64 (faiss uses -1 for "no result")
 

@@ -144,7 +144,7 @@ async def _call_one(call, s, xq, coarse, k, nprobe, flt, timeout):
         except asyncio.TimeoutError:
             _cancel(aw)
             raise ShardFailure(f"{shard_name(s)}: no answer within {timeout:g} s") from None
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  (any failure of a shard is reported as its failure)
             if attempt == 0 and _replica_died(e) and (deadline is None or deadline > loop.time()):
                 continue
             raise ShardFailure(f"{shard_name(s)}: {one_line(e)}") from None
@@ -159,7 +159,7 @@ def _cancel(aw) -> None:
             import ray
 
             ray.cancel(aw)
-    except Exception:  # best effort: the answer is already being ignored
+    except Exception:  # noqa: BLE001 (best effort: the answer is already being ignored)
         pass
 
 

@@ -201,7 +201,7 @@ class Attributes:
         self.kinds = kinds
 
     @classmethod
-    def from_table(cls, t, kinds: dict[str, str]) -> "Attributes":
+    def from_table(cls, t, kinds: dict[str, str]) -> Attributes:
         """From an Arrow table (id + the filterable fields), any order."""
         import pyarrow.compute as pc
 

@@ -8,8 +8,8 @@ from functools import cached_property
 import numpy as np
 
 from shards.errors import IntegrityError, SearchError
-from shards.storage.faissio import faiss, index_ids, ivf, load_shard
 from shards.search.filters import Attributes, SelectionCache
+from shards.storage.faissio import faiss, index_ids, ivf, load_shard
 from shards.storage.manifest import FileInfo, Manifest, vdir
 from shards.storage.store import Store
 

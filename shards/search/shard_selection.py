@@ -32,7 +32,7 @@ def shard_mask(lists: np.ndarray, ranges: list[list[int]]) -> np.ndarray:
 def shards_for_lists(lists: np.ndarray, ranges: list[list[int]]) -> list[set[int]]:
     """lists [nq, nprobe] (from probed_lists) -> for each query, the set of shard numbers to ask."""
     owner = list_owner(np.atleast_2d(lists), ranges)
-    return [set(int(s) for s in np.unique(row) if s >= 0) for row in owner]
+    return [{int(s) for s in np.unique(row) if s >= 0} for row in owner]
 
 
 def scan_order(lists: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ kind of error: a 4xx naming the field.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
@@ -34,7 +34,7 @@ FILTER_SCHEMA = {
 }
 # The schema documents the filter's grammar; the values are checked by shards.search.filters.parse_filter
 # against the served version's fields, so every mistake is named as filter.<field>[.<operator>].
-Filter = Annotated[Optional[dict[str, Any]], WithJsonSchema(FILTER_SCHEMA)]
+Filter = Annotated[dict[str, Any] | None, WithJsonSchema(FILTER_SCHEMA)]
 
 
 class SearchRequest(BaseModel):

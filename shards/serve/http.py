@@ -179,7 +179,7 @@ class RouterDeployment:
             x = await asyncio.wait_for(as_coroutine(live.encoder.encode.remote(texts)), ENCODE_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise ApiError(503, f"encoder: no answer within {ENCODE_TIMEOUT_S:g} s", "queries") from None
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  (the encoder's failure, whatever it is, is a 503 naming it)
             raise ApiError(503, f"encoder: {one_line(e)}", "queries") from None
         return np.ascontiguousarray(x, dtype=np.float32)
 

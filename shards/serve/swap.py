@@ -17,9 +17,9 @@ from ray import serve
 from shards.config import ServeConfig
 from shards.errors import SearchError, ShardexError
 from shards.raytools import as_coroutine, one_line
+from shards.resources import Resources, cluster_cpus, plan_resources
 from shards.search.fanout import shard_name
 from shards.search.router import IndexView
-from shards.resources import Resources, cluster_cpus, plan_resources
 from shards.serve.versions import app_name, delete_app, deploy_version, version_app
 from shards.storage.manifest import current_version
 from shards.storage.store import Store
@@ -95,7 +95,7 @@ class Versions:
                 return False
             try:
                 new = await self._load(version)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001  (a version that fails to load is refused; the old one serves on)
                 self.failed_version = version
                 self.load_error = one_line(e, ShardexError)
                 raise SearchError(self.load_error) from None

@@ -18,9 +18,9 @@ from ray import serve
 from shards.config import ServeConfig
 from shards.errors import SearchError
 from shards.raytools import wait_until
+from shards.resources import Resources
 from shards.search.fanout import shard_name
 from shards.search.router import IndexView
-from shards.resources import Resources
 from shards.storage.manifest import load_manifest
 from shards.storage.store import Store
 
@@ -157,5 +157,5 @@ def delete_app(name: str) -> None:
     """Delete a Serve app and wait until it is gone; one already gone is no error."""
     try:
         serve.delete(name, _blocking=True)
-    except Exception:  # already gone
+    except Exception:  # noqa: BLE001 (already gone)
         pass

@@ -40,7 +40,7 @@ class FileInfo(BaseModel):
     ivfdata_sha256: str | None = None
     ivfdata_bytes: int | None = None
 
-    def ivfdata_info(self) -> "FileInfo | None":
+    def ivfdata_info(self) -> FileInfo | None:
         """The .ivfdata file as a FileInfo of its own, so verify checks it like any other file."""
         if not self.ivfdata:
             return None
@@ -133,7 +133,7 @@ class Manifest(BaseModel):
     drift: DriftBaseline | None = None
     lineage: Lineage | None = None
     options: dict | None = None     # the build options (BuildConfig minus source and roots): reindex's defaults
-    vectors: list[str] = []         # embeddings parts (relative to INDEX_ROOT) holding the exact vectors: eval's ground truth
+    vectors: list[str] = []         # embeddings parts (under INDEX_ROOT) with the exact vectors: eval's ground truth
 
     @property
     def ntotal(self) -> int:

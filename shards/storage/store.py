@@ -96,7 +96,7 @@ class Store:
     def uri(self, rel: str = "") -> str:
         return f"{self.root}/{rel}" if rel else self.root
 
-    def child(self, rel: str) -> "Store":
+    def child(self, rel: str) -> Store:
         return Store(self.uri(rel), self.s3_endpoint)
 
     def exists(self, rel: str) -> bool:
