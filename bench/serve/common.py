@@ -13,7 +13,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "..", "out", "serve")
 RESULTS = os.path.join(HERE, "..", "results")
-sys.path.insert(0, os.path.join(HERE, "..", "..", "tests"))  # conftest's corpus writers
+sys.path.insert(0, os.path.join(HERE, "..", "..", "tests"))  # the tests' corpus writers (helpers.py)
 
 
 def loadavg() -> list[float]:
@@ -45,7 +45,7 @@ def machine() -> str:
 
 def corpus(n: int, d: int, seed: int = 0) -> tuple[str, np.ndarray, np.ndarray]:
     """(source dir, ids, vectors) of n clustered vectors in 4 Parquet files, written once."""
-    from conftest import clustered, write_vector_corpus
+    from helpers import clustered, write_vector_corpus
 
     src = os.path.join(OUT, f"corpus-{n}x{d}-{seed}")
     if not os.path.exists(os.path.join(src, "part-3.parquet")):
