@@ -249,7 +249,7 @@ def test_every_ray_cluster_spec_is_the_same_and_gpu_groups_ask_for_gpus():
 
 def fits(cfg, nodes: dict[str, tuple[float, float, int]]) -> list[str]:
     """What is wrong with the encoder pool cfg asks for on these node types {name: (cpus, gpus, max)},
-    sized by the pipeline's own rule (encode_pool.shape) for the cluster at full size."""
+    sized by the pipeline's own rule (index_builder.encode.pool.shape) for the cluster at full size."""
     from index_builder.encode.pool import shape
 
     total_cpu = sum(c * n for c, _, n in nodes.values())

@@ -119,7 +119,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                  progress=lambda r: log(f"eval: nprobe {r['nprobe']}: recall@{k} {r['recall']:.4f}, "
                                         f"{r['qps']:,.0f} QPS"))
     if m.sharding.mode == "ivf" and m.sharding.ranges:  # the shards each query needs, as the router routes it
-        trained = read_index(store, f"{vdir(version)}/trained.index")
+        trained = read_index(store, f"{vdir(version)}/{m.trained.file}")
         for r in rows:
             if r["nprobe"]:
                 r["shards_per_query"] = shards_per_query(trained, m.sharding.ranges, xq, r["nprobe"])
