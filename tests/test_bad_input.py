@@ -131,7 +131,7 @@ def test_missing_column_in_second_file_names_that_file(tmp_path):
     assert bad in line and "'text'" in line and "--text-column" in line
 
 
-# ------------------------------------------------------ 2. ids: null, duplicate (before Ray)
+# ------------------------------------- 2. ids: null, duplicate, out of range (before Ray)
 
 def test_null_id(tmp_path):
     src = tmp_path / "c"
@@ -158,6 +158,23 @@ def test_duplicate_string_id_within_a_file(tmp_path):
     f = write(pa.table({"id": ["a", "b", "c", "b"], "text": ["w", "x", "y", "z"]}), tmp_path / "c" / "s.parquet")
     rc, line = run_cli("build", f, str(tmp_path / "idx"))
     assert f"{f} row 3:" in line and f"first at {f} row 1" in line and "duplicate id" in line
+
+
+def test_negative_id(tmp_path):
+    """faiss answers -1 for "no result": a negative id would be indexed and never found."""
+    ids = list(range(10))
+    ids[7] = -3
+    bad = write(text_table(ids, good_texts(10)), tmp_path / "c" / "a.parquet")
+    rc, line = run_cli("build", bad, str(tmp_path / "idx"))
+    assert f"{bad} row 7:" in line and "id -3 out of range" in line and "string ids" in line and FIX in line
+    assert not (tmp_path / "idx" / "CURRENT").exists()
+
+
+def test_uint64_id_above_int64(tmp_path):
+    t = pa.table({"id": pa.array([1, 2, 2**63 + 5, 4], pa.uint64()), "text": good_texts(4)})
+    bad = write(t, tmp_path / "c" / "u.parquet")
+    rc, line = run_cli("build", bad, str(tmp_path / "idx"))
+    assert f"{bad} row 2:" in line and f"id {2**63 + 5} out of range" in line and FIX in line
 
 
 # ----------------------------------------------------------- 4. empty corpus (before Ray)

@@ -148,5 +148,29 @@ def test_plan_skip_puts_drops_in_their_part(tmp_path):
     assert "first at" in why[4] and "row 1" in why[4]
 
 
+@pytest.mark.parametrize("typ, values, bad", [
+    (pa.int64(), [5, -1, 7, -(2**63), 0], {1: -1, 3: -(2**63)}),     # faiss's -1 means "no result"
+    (pa.int32(), [3, -4, None, 9, 1], {1: -4}),
+    (pa.uint64(), [1, 2**63 + 5, 2**63 - 1, None, 2**64 - 1], {1: 2**63 + 5, 4: 2**64 - 1}),
+    (pa.uint32(), [1, 2**32 - 1, 3, 4, 5], {}),
+])
+def test_plan_refuses_ids_faiss_cannot_hold(tmp_path, typ, values, bad):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    pq.write_table(pa.table({"id": pa.array(values, typ), "text": list("abcde")}), src / "a.parquet")
+    nulls = sum(v is None for v in values)
+    if bad and not nulls:  # (a null id is reported first)
+        r = min(bad)
+        with pytest.raises(CorpusError, match=rf"a\.parquet row {r}: id {bad[r]} out of range: .* string ids "
+                                              r"\(column 'id'\); fix the row, or pass --bad-rows skip"):
+            plan_corpus(build_config(source=str(src)))
+    corpus = plan_corpus(build_config(source=str(src), bad_rows="skip"))
+    why = {r: w for s in corpus.shards for r, w in s.drops}
+    assert {r for r, w in why.items() if "out of range" in w} == set(bad)
+    assert corpus.rejected_ids == len(bad) + nulls
+    ids = [int(v) for i, v in enumerate(values) if v is not None and i not in bad]
+    assert ids == int_ids(pa.array(ids, typ), "int").tolist()  # what stays converts to int64 unchanged
+
+
 def test_input_shard_rows():
     assert InputShard(0, "f", 10, 25).rows == 15

@@ -227,6 +227,11 @@ def check_ids(files: list[str], cfg: BuildConfig, kind: str) -> dict[str, list[t
         valid = col.is_valid().to_numpy(zero_copy_only=False)
         for r in np.flatnonzero(~valid):
             _reject(cfg, drops, uri, int(r), "null id")
+        out = out_of_range(col, kind)
+        for r in np.flatnonzero(out):
+            _reject(cfg, drops, uri, int(r), f"id {col[int(r)].as_py()} out of range: integer ids must be 0 to 2**63-1 "
+                    "(faiss's -1 means no result); map them into that range or give string ids")
+        valid &= ~out
         rows = np.flatnonzero(valid)
         ids.append(int_ids(col.filter(pa.array(valid)), kind))
         where.append(np.stack([np.full(len(rows), fi), rows], axis=1))
@@ -242,6 +247,21 @@ def check_ids(files: list[str], cfg: BuildConfig, kind: str) -> dict[str, list[t
         what = "duplicate id" if kind == "int" else "duplicate id (or a hash collision of two string ids)"
         _reject(cfg, drops, files[fi], int(r), f"{what} {ids[order[j]]}, first at {files[f0]} row {r0}")
     return drops
+
+
+def out_of_range(col: pa.ChunkedArray, kind: str) -> np.ndarray:
+    """The rows whose integer id faiss cannot hold: negative (its -1 is "no result", so such a document
+    would never be found) or above int64's range (uint64). False for nulls and string ids."""
+    import pyarrow.compute as pc
+
+    if kind != "int":
+        return np.zeros(len(col), dtype=bool)
+    t = col.type
+    if pa.types.is_unsigned_integer(t):
+        bad = pc.greater(col, pa.scalar(ID_MASK, t)) if t.bit_width == 64 else pc.less(col, pa.scalar(0, t))
+    else:
+        bad = pc.less(col, pa.scalar(0, t))
+    return bad.fill_null(False).to_numpy(zero_copy_only=False)
 
 
 def _reject(cfg: BuildConfig, drops: dict, uri: str, row: int, why: str) -> None:

@@ -36,7 +36,7 @@ from index_builder.pipeline import (
     show_plan,
     with_endpoint,
 )
-from index_builder.plan.corpus import Corpus, int_ids, open_parquet, plan_corpus, read_columns
+from index_builder.plan.corpus import Corpus, int_ids, open_parquet, out_of_range, plan_corpus, read_columns
 from index_builder.plan.factory import choose_factory
 from index_builder.reindex.drift import Decision, decide, delta_task, imbalance, list_sizes, load_npy
 from shards.errors import ShardexError
@@ -150,11 +150,11 @@ class LiveIds:
 
 
 def shard_ids(corpus: Corpus, cfg: BuildConfig) -> dict[int, np.ndarray]:
-    """The int64 ids of every input shard's rows (null ids left out), reading only the id column."""
+    """The int64 ids of every input shard's rows (null and out-of-range ids left out), reading only the id column."""
     out = {}
     for uri in corpus.files:
         col = read_columns(uri, open_parquet(uri, cfg.s3_endpoint), [cfg.id_column]).column(0)
-        valid = col.is_valid().to_numpy(zero_copy_only=False)
+        valid = col.is_valid().to_numpy(zero_copy_only=False) & ~out_of_range(col, corpus.id_kind)
         ids = np.full(len(col), -1, dtype=np.int64)
         ids[valid] = int_ids(col.filter(pa.array(valid)), corpus.id_kind)
         for s in corpus.shards:
