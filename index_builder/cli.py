@@ -114,18 +114,23 @@ def _snippet(fields: dict, width: int = 90) -> str:
 
 
 def cmd_versions(args) -> int:
-    from shards.storage.manifest import list_versions
+    from shards.errors import IntegrityError
+    from shards.storage.manifest import CURRENT, check_root, dangling_current, list_versions
     from shards.storage.store import Store
 
-    vs = list_versions(Store(args.index_root, args.s3_endpoint))
+    store = Store(args.index_root, args.s3_endpoint)
+    check_root(store)
+    vs = list_versions(store)
     if args.json:
         print(json.dumps(vs, indent=2))
-        return 0
-    for v in vs:
+    for v in [] if args.json else vs:
         mark = "*" if v["current"] else " "
         enc = v["encoder"] + (f"@{v['encoder_revision']}" if v.get("encoder_revision") else "")
         print(f"{mark} {v['version']}  {v['created']}  {v['documents']:>10,} docs  {v['shards']} shard(s)  "
               f"{v['factory']}  {enc} d={v['dim']}  {_lineage(v.get('lineage'))}")
+    if (live := dangling_current(store, vs)) is not None:  # listed first: the versions to roll back to
+        raise IntegrityError(f"{store.uri(CURRENT)}: names version {live!r}, which has no manifest; "
+                             "`shardex rollback INDEX_ROOT VERSION` to one listed")
     return 0
 
 

@@ -358,3 +358,18 @@ def test_skip_quarantines_bad_text_rows(ray_session, tmp_path, capsys):
     r = Router(root, backend="local")
     held = sorted(np.concatenate([index_ids(sh.index) for sh in r.shards]).tolist())
     assert held == [i for i in range(60) if i not in (8, 51)]
+
+
+# ------------------------------------------------------- 8. a missing or broken index root
+
+@pytest.mark.parametrize("root, expect", [
+    ("missing", "no such index root"),
+    ("a-file", "is a file, not an index root"),
+    ("dangling", "CURRENT: names version 'v-gone', which has no manifest; `shardex rollback"),
+])
+def test_versions_on_a_missing_or_broken_root(tmp_path, root, expect):
+    (tmp_path / "a-file").write_text("not an index")
+    (tmp_path / "dangling" / "versions").mkdir(parents=True)
+    (tmp_path / "dangling" / "CURRENT").write_text("v-gone\n")
+    rc, line = run_cli("versions", str(tmp_path / root))
+    assert str(tmp_path / root) in line and expect in line

@@ -191,6 +191,20 @@ def set_current(store: Store, version: str) -> None:
     store.write_text(CURRENT, version + "\n")
 
 
+def check_root(store: Store) -> None:
+    """An index root is a folder (a prefix on S3) that exists: say which it is not, rather than list nothing."""
+    if store.fs.isfile(store.path()):
+        raise StorageError(f"{store.uri()}: is a file, not an index root; give the folder `shardex build` wrote")
+    if not store.fs.isdir(store.path()):
+        raise StorageError(f"{store.uri()}: no such index root; check the path, or build one with `shardex build`")
+
+
+def dangling_current(store: Store, versions: list[dict]) -> str | None:
+    """The version CURRENT names when no listed version is it (its manifest is missing), else None."""
+    live = store.read_text(CURRENT).strip() if store.exists(CURRENT) else None
+    return live if live is not None and not any(v["current"] for v in versions) else None
+
+
 def list_versions(store: Store) -> list[dict]:
     live = store.read_text(CURRENT).strip() if store.exists(CURRENT) else None
     out = []
