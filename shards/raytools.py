@@ -65,9 +65,9 @@ def one_line(e: BaseException, verbatim: type | tuple = ()) -> str:
 def wait_until(ready, timeout: float, period: float = 0.2):
     """The first true value of ready(), asked every `period` seconds; None once `timeout` seconds
     have passed. ready() raises to stop waiting early (a failure that waiting cannot mend)."""
-    t0 = time.time()
+    t0 = time.monotonic()
     while not (got := ready()):
-        if time.time() - t0 > timeout:
+        if time.monotonic() - t0 > timeout:
             return None
         time.sleep(period)
     return got

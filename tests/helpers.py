@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import requests
 
+from shards import raytools
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 
@@ -33,17 +35,13 @@ def free_port() -> int:
 
 
 def wait_until(predicate: Callable, timeout: float, period: float = 0.2, *, what: str | Callable[[], str]):
-    """predicate()'s first truthy value, asked every `period` s. After `timeout` s, an AssertionError
+    """raytools.wait_until, failing the test: after `timeout` s, an AssertionError
     naming `what` (a string, or a function giving one: the state at the end). An exception raised by
     the predicate ends the wait at once, so a predicate can assert what must hold meanwhile."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = predicate()
-        if v:
-            return v
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what() if callable(what) else what}")
-        time.sleep(period)
+    v = raytools.wait_until(predicate, timeout, period)
+    if v is None:
+        raise AssertionError(f"timed out after {timeout:g} s waiting for {what() if callable(what) else what}")
+    return v
 
 
 # ---------------------------------------------------------------- corpora
