@@ -21,6 +21,10 @@ class IntegrityError(ShardexError):
     """A published file or merge result that does not check out (sha256, ntotal, ids)."""
 
 
+class BusyError(ShardexError):
+    """Another writer holds the index root's lease (shards/storage/lease.py); names it and the fix."""
+
+
 class SearchError(ShardexError):
     """A query that cannot be answered: wrong dimension, k out of range, shard failure."""
 
