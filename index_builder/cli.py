@@ -143,10 +143,13 @@ def _lineage(lin: dict | None) -> str:
 
 
 def cmd_rollback(args) -> int:
+    from shards.storage.lease import hold
     from shards.storage.manifest import set_current
     from shards.storage.store import Store
 
-    set_current(Store(args.index_root, args.s3_endpoint), args.version)
+    store = Store(args.index_root, args.s3_endpoint)
+    with hold(store, "shardex rollback", make_root=False):  # not while a build or prune writes the root
+        set_current(store, args.version)
     print(f"CURRENT -> {args.version}")
     return 0
 

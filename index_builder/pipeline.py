@@ -42,6 +42,7 @@ from index_builder.workdir import WorkDir
 from shards.config import parse_bytes
 from shards.errors import ConfigError, CorpusError, IntegrityError
 from shards.raytools import ensure_ray, log, node_cpus, ray_get
+from shards.storage.lease import assert_held, hold
 from shards.storage.manifest import DriftBaseline, EncoderInfo, Lineage, Manifest, new_version_name, vdir
 from shards.storage.store import Store, resolve_endpoint
 
@@ -103,7 +104,13 @@ def with_endpoint(cfg: BuildConfig) -> BuildConfig:
 
 def build(cfg: BuildConfig) -> Summary:
     cfg = with_endpoint(cfg)
-    store, t = Store(cfg.index_root, cfg.s3_endpoint), Timer()
+    store = Store(cfg.index_root, cfg.s3_endpoint)
+    with hold(store, "shardex build"):  # first: a second writer is refused before any work
+        return _build(cfg, store)
+
+
+def _build(cfg: BuildConfig, store: Store) -> Summary:
+    t = Timer()
     with t.stage("plan"):
         corpus = plan_corpus(cfg)  # before Ray starts: a bad corpus fails in a second
     ensure_ray()
@@ -267,6 +274,7 @@ def publish_run(cfg: BuildConfig, store: Store, run: Run, *, trained: dict, rang
                       timings=timings, lineage=lineage, options=options)
     if base["lists"]:
         store.copy(base["lists"], f"{vdir(version)}/{LISTS}")
+    assert_held(store)  # a writer whose lease was taken over must not move CURRENT
     return publish(store, m)
 
 

@@ -41,6 +41,7 @@ from index_builder.plan.factory import choose_factory
 from index_builder.reindex.drift import Decision, decide, delta_task, imbalance, list_sizes, load_npy
 from shards.errors import ShardexError
 from shards.raytools import ensure_ray, log, ray_get
+from shards.storage.lease import hold
 from shards.storage.manifest import EncoderInfo, Lineage, Manifest, current_version, load_manifest, vdir
 from shards.storage.retention import Pruned, prune
 from shards.storage.store import Store
@@ -190,6 +191,11 @@ def diff(store: Store, emb: list[str], live: LiveIds) -> Diff:
 def reindex(cfg: ReindexConfig) -> ReindexSummary:
     cfg = with_endpoint(cfg)
     store = Store(cfg.index_root, cfg.s3_endpoint)
+    with hold(store, "shardex reindex"):  # the build and prune it runs re-enter this lease
+        return _reindex(cfg, store)
+
+
+def _reindex(cfg: ReindexConfig, store: Store) -> ReindexSummary:
     live = _live(store)
     bcfg = effective_config(cfg, live)
     if live is None:

@@ -7,8 +7,9 @@ What goes, with --keep N:
 - work/<run>/ scratch older than the grace period (and the caller's own finished runs at once);
 - embeddings/<fp>/ that no kept version uses, older than the grace period.
 
-The grace period protects a job that is running now: its scratch keeps being written. A
-version is deleted manifest first, so a half-deleted one is never listed.
+The grace period protects a job that is running now: its scratch keeps being written (and the
+writer lease, _lease.json at the root, keeps a second writer out). A version is deleted manifest
+first, so a half-deleted one is never listed.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from shards.errors import ConfigError
+from shards.storage.lease import hold
 from shards.storage.manifest import CURRENT, age_key, load_manifest, vdir
 from shards.storage.store import Store
 
@@ -62,6 +64,14 @@ def stale(store: Store, rel: str, now: float, grace_s: float) -> bool:
 
 
 def prune(store: Store, keep: int, grace_s: float, own_work: tuple[str, ...] = (), dry_run: bool = False) -> Pruned:
+    """What goes (see above), deleted under the writer lease; a dry run only reads, and takes none."""
+    if dry_run:
+        return _prune(store, keep, grace_s, own_work, dry_run)
+    with hold(store, "shardex prune", make_root=False):  # a reindex's prune re-enters its lease
+        return _prune(store, keep, grace_s, own_work, dry_run)
+
+
+def _prune(store: Store, keep: int, grace_s: float, own_work: tuple[str, ...], dry_run: bool) -> Pruned:
     now = time.time()
     current = store.read_text(CURRENT).strip() if store.exists(CURRENT) else None
     names = store.ls("versions")
