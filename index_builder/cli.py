@@ -144,11 +144,12 @@ def _lineage(lin: dict | None) -> str:
 
 def cmd_rollback(args) -> int:
     from shards.storage.lease import hold
-    from shards.storage.manifest import set_current
+    from shards.storage.manifest import load_manifest, set_current, verify
     from shards.storage.store import Store
 
     store = Store(args.index_root, args.s3_endpoint)
     with hold(store, "shardex rollback", make_root=False):  # not while a build or prune writes the root
+        verify(store, load_manifest(store, args.version))  # a damaged version is refused before CURRENT moves
         set_current(store, args.version)
     print(f"CURRENT -> {args.version}")
     return 0

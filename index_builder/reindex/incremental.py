@@ -41,6 +41,7 @@ from index_builder.plan.factory import choose_factory
 from index_builder.reindex.drift import Decision, decide, delta_task, imbalance, list_sizes, load_npy
 from shards.errors import ShardexError
 from shards.raytools import ensure_ray, log, ray_get
+from shards.storage.integrity import check_info
 from shards.storage.lease import hold
 from shards.storage.manifest import EncoderInfo, Lineage, Manifest, current_version, load_manifest, vdir
 from shards.storage.retention import Pruned, prune
@@ -297,6 +298,8 @@ def _quantizer(cfg: ReindexConfig, bcfg: BuildConfig, store: Store, live: Manife
     if want != live.index.factory:
         what = f"--factory auto picks {want} for {n:,} documents" if bcfg.factory == "auto" else f"--factory {want}"
         return Decision(True, f"{what}; the live index is {live.index.factory}")
+    # from here the live quantizer is kept or measured against (drift tasks read it): it must be the one published
+    check_info(store, vdir(live.version), live.trained)
     b = live.drift
     if b is None or (b.error_kind is None and b.imbalance is None):
         return Decision(False, None)  # nothing trained to drift (Flat), or no baseline recorded

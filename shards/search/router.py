@@ -50,9 +50,9 @@ class IndexView:
         self.ranges = [list(r) for r in m.sharding.ranges] if self.mode == "ivf" else None
         self.quantizer = None
         if m.index.nlist:
-            from shards.storage.faissio import read_index
+            from shards.storage.faissio import read_verified
 
-            self.quantizer = read_index(store, f"{vdir(version)}/{m.trained.file}")
+            self.quantizer = read_verified(store, vdir(version), m.trained)  # checked against the manifest
 
     @property
     def nshards(self) -> int:

@@ -189,7 +189,8 @@ def cache_root() -> str:
 
 def fetch_files(store: Store, dir_rel: str, names: list[tuple[str, int | None]], local_dir: str) -> None:
     """Download dir_rel/<name> for each (name, expected size) into local_dir, names kept (so an
-    .index finds its .ivfdata); a file already there at its expected size is reused."""
+    .index finds its .ivfdata); a file already there at its expected size is reused. Work dir files only:
+    a published version's are fetched by fetch_verified."""
     os.makedirs(local_dir, exist_ok=True)
     for name, size in names:
         dst = os.path.join(local_dir, name)
@@ -200,28 +201,61 @@ def fetch_files(store: Store, dir_rel: str, names: list[tuple[str, int | None]],
         os.replace(tmp, dst)
 
 
-def open_shard_file(store: Store, dir_rel: str, fileinfo, cache_dir: str | None = None):
+def fetch_verified(store: Store, dir_rel: str, fileinfo, local_dir: str) -> None:
+    """The entry's .index and .ivfdata as local copies checked against the manifest (integrity.fetch_checked)."""
+    from shards.storage.integrity import fetch_checked
+
+    os.makedirs(local_dir, exist_ok=True)
+    for name, sha, size in [(fileinfo.file, fileinfo.sha256, fileinfo.bytes),
+                            (fileinfo.ivfdata, fileinfo.ivfdata_sha256 or "", fileinfo.ivfdata_bytes)]:
+        fetch_checked(store, f"{dir_rel}/{name}", sha, size, os.path.join(local_dir, name))
+
+
+def read_verified(store: Store, dir_rel: str, fileinfo, io_flags: int = 0):
+    """dir_rel/<fileinfo.file> read into RAM once it matches its manifest entry: a local file is hashed
+    once per process while unchanged, bytes from S3 are hashed before faiss deserializes them."""
+    from shards.storage.integrity import check_bytes, check_path
+
+    rel = f"{dir_rel}/{fileinfo.file}"
+    if store.local:
+        check_path(store.path(rel), store.uri(rel), fileinfo.sha256, fileinfo.bytes)
+        return faiss().read_index(store.path(rel), io_flags)
+    return from_bytes(check_bytes(store.uri(rel), store.read_bytes(rel), fileinfo.sha256, fileinfo.bytes), io_flags)
+
+
+def open_shard_file(store: Store, dir_rel: str, fileinfo, cache_dir: str | None = None, verified: bool = False):
     """The index dir_rel/<fileinfo.file>: mmapped from the store (local) or from a local copy (S3)
-    when it has an .ivfdata; read into RAM otherwise."""
+    when it has an .ivfdata; read into RAM otherwise. verified: every file is first checked against
+    fileinfo's sha256 (a published version; a work dir's merged shards are checked by their merge)."""
     rel = f"{dir_rel}/{fileinfo.file}"
     if not fileinfo.ivfdata:
+        if verified:
+            return read_verified(store, dir_rel, fileinfo)
         return faiss().read_index(store.path(rel)) if store.local else read_index(store, rel)
     if store.local:
+        if verified:
+            from shards.storage.integrity import check_info
+
+            check_info(store, dir_rel, fileinfo)
         return read_ondisk(store.path(rel))
     key = hashlib.sha256(store.uri(dir_rel).encode()).hexdigest()[:16]
     d = os.path.join(cache_dir or cache_root(), key)
-    fetch_files(store, dir_rel, [(fileinfo.file, fileinfo.bytes), (fileinfo.ivfdata, fileinfo.ivfdata_bytes)], d)
+    if verified:
+        fetch_verified(store, dir_rel, fileinfo, d)
+    else:
+        fetch_files(store, dir_rel, [(fileinfo.file, fileinfo.bytes), (fileinfo.ivfdata, fileinfo.ivfdata_bytes)], d)
     return read_ondisk(os.path.join(d, fileinfo.file))
 
 
 def load_shard(store: Store, version: str, fileinfo, cache_dir: str | None = None):
-    """One published shard, checked against its manifest entry. A shard merged on disk
-    (fileinfo.ivfdata) is mmapped: in place on a local store, from a local copy under
-    cache_dir (default cache_root()) when on S3. Others are read into RAM."""
+    """One published shard, its files checked against the manifest's sha256 before faiss reads them
+    (shards/storage/integrity.py), then its ntotal. A shard merged on disk (fileinfo.ivfdata) is
+    mmapped: in place on a local store, from a verified local copy under cache_dir (default
+    cache_root()) when on S3. Others are read into RAM."""
     from shards.errors import IntegrityError
     from shards.storage.manifest import vdir
 
-    index = open_shard_file(store, vdir(version), fileinfo, cache_dir)
+    index = open_shard_file(store, vdir(version), fileinfo, cache_dir, verified=True)
     if fileinfo.ntotal is not None and index.ntotal != fileinfo.ntotal:
         raise IntegrityError(f"{store.uri(vdir(version))}/{fileinfo.file}: holds {index.ntotal} vectors, "
                              f"the manifest says {fileinfo.ntotal}")

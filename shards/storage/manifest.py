@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 
 from pydantic import BaseModel, Field
 
-from shards.errors import IntegrityError, StorageError
+from shards.errors import StorageError
 from shards.storage.store import Store
 
 FORMAT = "shardex-index/1"
@@ -169,12 +169,12 @@ def load_manifest(store: Store, version: str) -> Manifest:
 
 
 def verify(store: Store, m: Manifest) -> None:
-    """Re-read every file the manifest lists; raise unless sizes and sha256 match."""
+    """Every file the manifest lists against its size and sha256 (integrity.check_file: hashed once per
+    process while unchanged); raises IntegrityError naming the first that differs."""
+    from shards.storage.integrity import check_file
+
     for f in m.files():
-        rel = f"{vdir(m.version)}/{f.file}"
-        got = store.size(rel)
-        if got != f.bytes or store.sha256(rel) != f.sha256:
-            raise IntegrityError(f"{store.uri(rel)}: size or sha256 differs from the manifest")
+        check_file(store, f"{vdir(m.version)}/{f.file}", f.sha256, f.bytes)
 
 
 def current_version(store: Store) -> str:
