@@ -11,7 +11,7 @@ import pytest
 
 from index_builder.cli import main
 from index_builder.config import EvalConfig
-from index_builder.eval.evaluate import evaluate
+from index_builder.eval.evaluate import evaluate, figure, label, lines
 from index_builder.eval.measures import drop_own, recall_at_k
 from shards.config import make
 from shards.errors import ConfigError
@@ -32,6 +32,17 @@ def index(ray_session, tmp_path_factory):
     build(ray_session, source=str(tmp / "corpus"), index_root=root, vector_column="vector", factory="IVF32,Flat",
           shards=2, sharding="ivf", metric="l2")
     return root, ids, x
+
+
+@pytest.fixture(scope="module")
+def flat_index(ray_session, tmp_path_factory):
+    """A 2-shard Flat index: no lists, no nprobe; its search is the exact search itself."""
+    tmp = tmp_path_factory.mktemp("eval-flat")
+    write_vector_corpus(str(tmp / "corpus"), n=1200, d=D, files=2, seed=6)
+    root = str(tmp / "index")
+    build(ray_session, source=str(tmp / "corpus"), index_root=root, vector_column="vector", factory="Flat",
+          shards=2, metric="l2")
+    return root
 
 
 # (distances, ids, own ids, k) -> ids after leaving each query's own id out
@@ -79,6 +90,46 @@ def test_eval_cli_writes_json_and_png(index, tmp_path, capsys):
                               "held_out": True}
     assert rep["nprobe_reaching_target"] == next(r["nprobe"] for r in rows if r["recall"] >= 0.95)
     assert len(rep["machine"]["loadavg"]) == 3
+
+
+def test_eval_plot_is_the_nprobe_curve_and_the_target(index):
+    root, _, _ = index
+    rep = evaluate(make(EvalConfig, {"index_root": root, "nprobe": "1,4,32", "num_queries": 100,
+                                     "latency_queries": 0}))
+    assert rep["search"] == "ivf" and all(r["runs"] >= 1 and r["qps"] > 0 for r in rep["results"])
+    ax = figure(rep).axes[0]
+    assert [t.get_text() for t in ax.texts] == ["nprobe 1", "nprobe 4", "nprobe 32"]
+    assert len(ax.lines[0].get_xydata()) == 3 and ax.lines[1].get_ydata()[0] == 0.95  # the target's line
+    assert lines(rep)[-1].startswith("target       recall@10 >= 0.95: nprobe ")
+
+
+def test_eval_of_a_flat_index_is_one_exact_row(flat_index, tmp_path, capsys):
+    """No nprobe to sweep: one row labelled exact, its recall 1.0 (no duplicate vectors here, so no
+    ties at the k-th distance), no target line, and a plot of one labelled point."""
+    out = tmp_path / "report"
+    assert main(["eval", flat_index, "--out", str(out), "--num-queries", "200", "--latency-queries", "10"]) == 0
+    text = capsys.readouterr().out
+    assert "exact (brute force)" in text and "target" not in text and "nprobe" not in text
+    rep = json.loads((out / "eval.json").read_text())
+    assert rep["search"] == "exact" and rep["nlist"] is None and rep["nprobe_reaching_target"] is None
+    [row] = rep["results"]
+    assert row["nprobe"] is None and row["recall"] == 1.0 and row["qps"] > 0 and row["runs"] >= 1
+    ax = figure(rep).axes[0]
+    assert len(ax.lines) == 1 and len(ax.lines[0].get_xydata()) == 1     # one point, no target line
+    assert [t.get_text() for t in ax.texts] == ["exact (brute force)"] and ax.get_legend() is None
+    assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_nprobe_on_a_flat_index_is_refused(flat_index):
+    with pytest.raises(ConfigError, match=r"nprobe: Flat has no inverted lists to probe; leave --nprobe out"):
+        evaluate(make(EvalConfig, {"index_root": flat_index, "nprobe": "1,4"}))
+
+
+@pytest.mark.parametrize("kind,factory,want", [("ivf", "IVF32,Flat", "nprobe 4"),
+                                               ("exact", "Flat", "exact (brute force)"),
+                                               ("fixed", "HNSW32", "HNSW32 (no nprobe)")])
+def test_row_labels(kind, factory, want):
+    assert label({"nprobe": 4 if kind == "ivf" else None}, kind, factory) == want
 
 
 def test_published_nprobe_agrees_with_eval(index):

@@ -74,3 +74,54 @@ def test_choose_nprobe(recalls, target, want):
                                           ([0.9, 0.9, 0.95], False)])
 def test_the_ladder_stops_on_a_plateau(recalls, want):
     assert plateaued(_rows(recalls)) == want
+
+
+@pytest.fixture(scope="module")
+def flat():
+    faiss = pytest.importorskip("faiss")
+    x = np.random.default_rng(3).standard_normal((500, 16)).astype(np.float32)
+    index = faiss.IndexFlatL2(16)
+    index.add(x)
+    return index, x[:20]
+
+
+@pytest.mark.parametrize("ticks,min_secs,min_runs,want_runs", [
+    ([0, 0.05, 0.1, 0.15, 0.2, 0.25], 0.2, 1, 4),   # until the clock has moved min_secs
+    ([0, 0.3, 0.6], 0.2, 1, 1),                     # one run longer than min_secs: one run
+    ([0, 0.3, 0.6, 0.9], 0.2, 3, 3),                # and at least min_runs
+    ([0, 0.01, 0.02], 0.0, 1, 1),                   # min_secs 0: once
+])
+def test_timed_repeats_until_its_minimum(flat, ticks, min_secs, min_runs, want_runs):
+    """QPS as faiss's benchmarks time it: a real search, repeated until min_secs have passed on the
+    clock given (here a fake one, so the count does not depend on the machine)."""
+    index, xq = flat
+    calls = []
+
+    def run():
+        calls.append(1)
+        return index.search(xq, 5)
+
+    (D, I), runs, secs = measures.timed(run, min_secs, min_runs, clock=iter(ticks).__next__)
+    assert runs == len(calls) == want_runs and secs == pytest.approx(ticks[runs])
+    assert I.shape == (20, 5) and (I[:, 0] == np.arange(20)).all()   # the last run's answer
+
+
+def test_sweep_rows_say_how_many_runs_their_qps_is_of(flat):
+    index, xq = flat
+    gt = measures.exact_knn(xq, index.reconstruct_n(0, index.ntotal), 5, "l2")[1]
+    rows = measures.sweep(lambda q, k, p: index.search(q, k), xq, gt, 5, [None], reps=3, min_secs=0)
+    assert [(r["nprobe"], r["recall"], r["runs"]) for r in rows] == [(None, 1.0, 3)] and rows[0]["qps"] > 0
+
+
+@pytest.mark.parametrize("factory,ivf,want", [("Flat", False, "exact"), ("IVF8,Flat", True, "ivf"),
+                                              ("IVF8,PQ4", True, "ivf"), ("HNSW8", False, "fixed"),
+                                              ("SQ8", False, "fixed"), ("PCA8,Flat", False, "fixed")])
+def test_search_kind(factory, ivf, want):
+    """Only a flat scan is exact; an index without lists is one setting; IVF has an nprobe. List-less
+    indexes come wrapped in an IDMap2, as train.quantizer.make_index builds them."""
+    faiss = pytest.importorskip("faiss")
+    from index_builder.train.quantizer import make_index
+
+    index = make_index(factory, 16, "l2")
+    assert isinstance(index, faiss.IndexIDMap2) != ivf
+    assert measures.search_kind(index) == want

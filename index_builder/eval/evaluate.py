@@ -8,9 +8,12 @@ sampled query is searched with its own id removed from both the exact and the in
 answers (leave-one-out), so a query never finds itself.
 
 QPS is the throughput of one batch of every query through every shard in this process
-(threads: --threads, default all cores); latency is one query at a time, shards in turn,
+(threads: --threads, default all cores), the batch repeated for measures.MIN_SECS so the rate
+is steady; latency is one query at a time, shards in turn,
 the merge included (no network: what a shard adds to a router's round trip). Under
 --sharding ivf the shards a query needs (shard_selection.shards_for_lists) are counted too.
+An index without lists (Flat; HNSW, PQ, SQ) has no nprobe: it is one row, labelled "exact
+(brute force)" for Flat, with no target to reach (measures.search_kind).
 
 The measures themselves (exact top-k, recall, the sweep) are measures.py's; the build's tune
 stage uses them to store the default nprobe: the smallest that reaches --target-recall on
@@ -32,6 +35,7 @@ from index_builder.eval.measures import (
     merged_truth,
     nprobe_ladder,
     part_topk,
+    search_kind,
     shards_per_query,
     smallest_reaching,
     sweep,
@@ -113,10 +117,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     xq, own, source = _queries(cfg, store, m)
     log(f"eval: exact top-{k} of {len(xq):,} queries over {len(m.vectors)} stored part(s)")
     gt = stored_truth(store, m.vectors, xq, k, metric, own)
-    nl = nlist(shards[0])
-    rows = sweep(merged_search(shards, metric), xq, gt, k, cfg.nprobe or (nprobe_ladder(nl) if nl else [None]), own,
+    nl, kind = nlist(shards[0]), search_kind(shards[0])
+    rows = sweep(merged_search(shards, metric), xq, gt, k, _nprobes(cfg, nl, m.index.factory), own,
                  latency_queries=min(cfg.latency_queries, len(xq)),
-                 progress=lambda r: log(f"eval: nprobe {r['nprobe']}: recall@{k} {r['recall']:.4f}, "
+                 progress=lambda r: log(f"eval: {label(r, kind, m.index.factory)}: recall@{k} {r['recall']:.4f}, "
                                         f"{r['qps']:,.0f} QPS"))
     if m.sharding.mode == "ivf" and m.sharding.ranges:  # the shards each query needs, as the router routes it
         trained = read_index(store, f"{vdir(version)}/{m.trained.file}")
@@ -127,10 +131,27 @@ def evaluate(cfg: EvalConfig) -> dict:
     return {"index_root": cfg.index_root, "version": version, "factory": m.index.factory, "metric": metric,
             "nlist": nl, "shards": len(m.shards), "sharding": m.sharding.mode, "vectors": m.ntotal, "k": k,
             "queries": {"source": source, "count": len(xq), "held_out": own is not None},
-            "threads": threads, "target_recall": cfg.target_recall,
-            "nprobe_reaching_target": best["nprobe"] if best else None,
+            "threads": threads, "search": kind, "target_recall": cfg.target_recall,
+            "nprobe_reaching_target": best["nprobe"] if best and kind == "ivf" else None,
             "published_nprobe": m.search.nprobe, "results": rows,
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg": _loadavg()}}
+
+
+def _nprobes(cfg: EvalConfig, nl: int | None, factory: str) -> list:
+    """The nprobes to sweep: --nprobe, else the ladder up to nlist; [None], one row, without lists."""
+    if nl:
+        return cfg.nprobe or nprobe_ladder(nl)
+    if cfg.nprobe:
+        raise ConfigError(f"nprobe: {factory} has no inverted lists to probe; leave --nprobe out "
+                          f"(eval measures it once)")
+    return [None]
+
+
+def label(row: dict, kind: str, factory: str) -> str:
+    """What a row is, in the table, the log and the plot: its nprobe, or the one setting there is."""
+    if kind == "ivf":
+        return f"nprobe {row['nprobe']}"
+    return "exact (brute force)" if kind == "exact" else f"{factory} (no nprobe)"
 
 
 def _with_vectors(store: Store, version: str) -> Manifest:
@@ -162,31 +183,41 @@ def _loadavg() -> list[float] | None:
 
 
 def plot(report: dict) -> bytes:
-    """Recall@k against QPS, one point per nprobe, as PNG bytes."""
+    """figure(report) as PNG bytes."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(report)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def figure(report: dict):
+    """Recall@k against QPS: one point per nprobe with the target's line, or, for an index without
+    lists, its one point, labelled (exact search, or the factory), with no target to reach."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = report["results"]
+    rows, kind = report["results"], report["search"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.plot([r["qps"] for r in rows], [r["recall"] for r in rows], "o-")
+    ax.plot([r["qps"] for r in rows], [r["recall"] for r in rows], "o-" if kind == "ivf" else "o")
     for r in rows:
-        ax.annotate(f"nprobe {r['nprobe']}", (r["qps"], r["recall"]), fontsize=7, xytext=(4, -10),
+        ax.annotate(label(r, kind, report["factory"]), (r["qps"], r["recall"]), fontsize=7, xytext=(4, -10),
                     textcoords="offset points")
-    ax.axhline(report["target_recall"], ls=":", c="grey", label=f"target {report['target_recall']}")
+    if kind == "ivf":
+        ax.axhline(report["target_recall"], ls=":", c="grey", label=f"target {report['target_recall']}")
+        ax.legend(fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel(f"queries per second ({report['threads']} threads, in process)")
     ax.set_ylabel(f"recall@{report['k']} vs exact search")
     ax.set_title(f"{report['factory']}, {report['vectors']:,} vectors, {report['shards']} shard(s) "
                  f"({report['sharding']})", fontsize=9)
-    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+    return fig
 
 
 def write_report(report: dict, out: str | None, s3_endpoint: str | None = None) -> tuple[str, str]:
@@ -198,20 +229,26 @@ def write_report(report: dict, out: str | None, s3_endpoint: str | None = None) 
 
 
 def lines(report: dict) -> list[str]:
-    q = report["queries"]
+    q, kind, rows = report["queries"], report["search"], report["results"]
+    names = [str(r["nprobe"]) if kind == "ivf" else label(r, kind, report["factory"]) for r in rows]
+    w = max(8, *map(len, names))
     out = [f"version      {report['version']}: {report['factory']}, {report['vectors']:,} vectors, "
            f"{report['shards']} shard(s) ({report['sharding']})",
            f"queries      {q['count']:,}: {q['source']}",
-           f"{'nprobe':>8} {'recall@' + str(report['k']):>10} {'QPS':>10} {'p50 ms':>8} {'p99 ms':>8}"
-           + ("  shards/query" if any("shards_per_query" in r for r in report["results"]) else "")]
-    for r in report["results"]:
+           f"{'nprobe' if kind == 'ivf' else 'search':>{w}} {'recall@' + str(report['k']):>10} {'QPS':>10} "
+           f"{'p50 ms':>8} {'p99 ms':>8}" + ("  shards/query" if any("shards_per_query" in r for r in rows) else "")]
+    for n, r in zip(names, rows, strict=True):
         lat = r.get("latency_ms", {})
-        out.append(f"{str(r['nprobe']):>8} {r['recall']:>10.4f} {r['qps']:>10,.0f} {lat.get('p50', 0):>8.2f} "
+        out.append(f"{n:>{w}} {r['recall']:>10.4f} {r['qps']:>10,.0f} {lat.get('p50', 0):>8.2f} "
                    f"{lat.get('p99', 0):>8.2f}" + (f"  {r['shards_per_query']:>12.2f}" if "shards_per_query" in r
                                                    else ""))
-    t = report["nprobe_reaching_target"]
-    out.append(f"target       recall@{report['k']} >= {report['target_recall']}: "
-               + (f"nprobe {t}" if t else "not reached by any nprobe tried")
-               + f" (published default: nprobe {report['published_nprobe']})")
+    if kind == "exact":  # the same search as the truth: what it misses are ties (measures.recall_at_k)
+        out.append("exact        a flat scan is exact search: recall under 1.0 is neighbours tied at the "
+                   "k-th distance (duplicates)")
+    if kind == "ivf":
+        t = report["nprobe_reaching_target"]
+        out.append(f"target       recall@{report['k']} >= {report['target_recall']}: "
+                   + (f"nprobe {t}" if t else "not reached by any nprobe tried")
+                   + f" (published default: nprobe {report['published_nprobe']})")
     return out
 
