@@ -253,6 +253,43 @@ def test_malformed_json_and_auth(app):
             assert r.status_code in (401, 403) and r.json()["field"] == "authorization", (path, headers, r.text)
 
 
+@pytest.mark.parametrize("raw", [b'{"vectors": [[0.1,', b'{"colour": "red"}', b'{"vectors": [[0.1]], "k": 0}', b"k=5"])
+def test_the_token_is_checked_before_the_body(app, raw):
+    """Without the token, any body gets 401 (a stranger learns nothing of the API); with it, the same
+    body gets the 4xx naming what is wrong with it."""
+    c = app["client"]
+    r = c.s.post(c.base + "/search", data=raw, headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 401 and r.json()["field"] == "authorization", r.text
+    r = c.s.post(c.base + "/search", data=raw, headers={**AUTH, "Content-Type": "application/json"}, timeout=60)
+    assert r.status_code in (400, 422) and r.json()["field"] != "authorization", r.text
+
+
+def test_a_json_body_is_read_whatever_its_content_type(app, index):
+    """`curl -d` sends application/x-www-form-urlencoded; the body is JSON all the same."""
+    c = app["client"]
+    body = json.dumps({"vectors": index["v1"]["x"][:1].tolist(), "k": 3})
+    for ctype in ("application/x-www-form-urlencoded", "text/plain", None):
+        headers = {**AUTH, **({"Content-Type": ctype} if ctype else {})}
+        r = c.s.post(c.base + "/search", data=body, headers=headers, timeout=60)
+        assert r.status_code == 200 and len(r.json()["results"][0]) == 3, (ctype, r.text)
+
+
+def test_docs_page_is_offline_and_lists_every_route(app):
+    import re
+
+    c = app["client"]
+    r = c.get("/docs", headers={})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert not re.search(r"(?i)(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", r.text), "the page fetches from elsewhere"
+    assert "<script" not in r.text.lower()
+    spec = c.get("/openapi.json", headers={}).json()
+    for path, ops in spec["paths"].items():
+        for method in ops:
+            assert f"id='{method}-{path}'" in r.text, (method, path)
+    assert "SearchRequest" in r.text and "nprobe" in r.text
+    assert c.get("/redoc", headers={}).status_code == 404       # FastAPI's CDN pages are off
+
+
 def test_openapi_fuzz_finds_no_5xx(app):
     """schemathesis generates valid and invalid requests from /openapi.json; none may get a 5xx."""
     import schemathesis

@@ -1,7 +1,7 @@
 """The router's HTTP side: the FastAPI app, its JSON responses and errors, the bearer token, the endpoints.
 
     <name>      the router: a FastAPI ingress (POST /search, GET /health, GET /version,
-                GET /stats, POST /admin/reload, GET /openapi.json), one replica
+                GET /stats, POST /admin/reload, GET /openapi.json, GET /docs), one replica
 
 It answers each request with the version it holds (shards/serve/swap.py), batches
 concurrent searches into shared fan-outs (shards/serve/batching.py) and reaches the
@@ -21,7 +21,7 @@ import time
 import numpy as np
 from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 
@@ -70,11 +70,17 @@ def _error(code: int, error: str, field: str | None = None, **extra) -> Json:
                 headers={"WWW-Authenticate": "Bearer"} if code == 401 else None)
 
 
+# docs_url, redoc_url off: FastAPI's pages load their scripts from a CDN; /docs below is offline.
 api = FastAPI(title="shardex", version="1", description="Search a sharded faiss index: exact top-k over "
-              "every shard a query needs, stored fields attached.")
+              "every shard a query needs, stored fields attached.", docs_url=None, redoc_url=None)
 bearer = HTTPBearer(auto_error=False, description="the token given to `shardex serve --token` (or $SHARDEX_TOKEN)")
 ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
           422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+
+
+# What each endpoint asks of the bearer token (checked by TokenFirst); the rest (/health, /docs) are open.
+AUTH = {"/search": "token", "/version": "token", "/stats": "token", "/admin/reload": "admin"}
+TOKEN = [Security(bearer)]   # on those endpoints: the scheme in /openapi.json; TokenFirst does the checking
 
 
 @api.exception_handler(RequestValidationError)
@@ -108,6 +114,53 @@ def authorize(token_sha: str | None, cred: HTTPAuthorizationCredentials | None, 
         raise ApiError(401, "authorization: wrong token", "authorization")
 
 
+def credentials(headers: list[tuple[bytes, bytes]]) -> HTTPAuthorizationCredentials | None:
+    """The Authorization header of an ASGI scope's headers, as HTTPBearer reads it."""
+    value = next((v.decode("latin-1") for k, v in headers if k == b"authorization"), "")
+    scheme, _, token = value.strip().partition(" ")
+    return HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip()) if scheme and token else None
+
+
+def route_path(scope: dict) -> str:
+    """The path the app routes on: the request's, less the route prefix Serve mounts it under (root_path)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root + "/") else path
+
+
+class TokenFirst:
+    """ASGI middleware, run before FastAPI reads a body: the token of the endpoints in AUTH is checked
+    first (no token and a bad body is a 401, never a 422 that tells a stranger about the API), and
+    a POST body is JSON whatever its Content-Type says (`curl -d` sends form encoding)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            need = AUTH.get(route_path(scope))
+            if need:
+                router = serve.get_replica_context().servable_object
+                try:
+                    authorize(router.token_sha, credentials(scope["headers"]), admin=need == "admin")
+                except ApiError as e:
+                    return await _error(e.status, e.error, e.field)(scope, receive, send)
+            if scope["method"] == "POST":
+                scope = {**scope, "headers": [*(h for h in scope["headers"] if h[0] != b"content-type"),
+                                              (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(TokenFirst)
+
+
+@api.get("/docs", include_in_schema=False, response_class=HTMLResponse)
+async def docs(request: Request):
+    """The API's reference, rendered here from /openapi.json: no script, nothing fetched from elsewhere."""
+    from shards.serve.docs import page
+
+    return HTMLResponse(page(request.app.openapi()))
+
+
 @serve.deployment(max_ongoing_requests=MAX_QUERIES * MAX_CONCURRENT_BATCHES, ray_actor_options={"num_cpus": 0.1},
                   graceful_shutdown_timeout_s=5)
 @serve.ingress(api)
@@ -132,10 +185,10 @@ class RouterDeployment:
 
     # -- endpoints ----------------------------------------------------------------------
 
-    @api.post("/search", response_model=SearchResponse, responses=ERRORS)
-    async def search(self, req: SearchRequest, cred: HTTPAuthorizationCredentials | None = Security(bearer)):
+    @api.post("/search", response_model=SearchResponse, responses=ERRORS, dependencies=TOKEN)
+    async def search(self, req: SearchRequest):
+        """The top k of each query over every shard it needs, with the stored fields of the hits."""
         t0 = time.perf_counter()
-        authorize(self.token_sha, cred)
         with self._serving().held() as live:
             try:
                 return await self._search(live, req, t0)
@@ -212,27 +265,25 @@ class RouterDeployment:
             return _error(503, f"shards: {', '.join(missing)} not answering", "shards", **body)
         return Json(body)
 
-    @api.get("/version", responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
-    async def version(self, cred: HTTPAuthorizationCredentials | None = Security(bearer)):
+    @api.get("/version", responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+             dependencies=TOKEN)
+    async def version(self):
         """The manifest summary of the version being served, and how it is served."""
-        authorize(self.token_sha, cred)
         live = self._serving()
         return Json({**summary(live.view.manifest), "serving": {
             "app": live.app, "routing": live.view.mode, "shards": live.view.nshards,
             "replicas": self.cfg.replicas, "filter_fields": live.view.kinds, "text_queries": live.view.text,
             "loaded_at": live.loaded_at}})
 
-    @api.get("/stats", responses={401: {"model": ErrorResponse}})
-    async def stats(self, cred: HTTPAuthorizationCredentials | None = Security(bearer)):
+    @api.get("/stats", responses={401: {"model": ErrorResponse}}, dependencies=TOKEN)
+    async def stats(self):
         """Counters since start: requests, queries, server batches and fan-outs, partial answers, swaps,
         and the seconds requests spent encoding, searching (batch wait included) and reading fields."""
-        authorize(self.token_sha, cred)
         return Json({**self.stats, "version": self._version()})
 
-    @api.post("/admin/reload", responses=ERRORS)
-    async def reload(self, cred: HTTPAuthorizationCredentials | None = Security(bearer)):
+    @api.post("/admin/reload", responses=ERRORS, dependencies=TOKEN)
+    async def reload(self):
         """Read CURRENT now; if it names another version, load it beside the served one and switch."""
-        authorize(self.token_sha, cred, admin=True)
         try:
             v = await asyncio.to_thread(current_version, self.store)
         except ShardexError as e:
