@@ -104,15 +104,14 @@ def with_endpoint(cfg: BuildConfig) -> BuildConfig:
 
 def build(cfg: BuildConfig) -> Summary:
     cfg = with_endpoint(cfg)
-    store = Store(cfg.index_root, cfg.s3_endpoint)
-    with hold(store, "shardex build"):  # first: a second writer is refused before any work
-        return _build(cfg, store)
-
-
-def _build(cfg: BuildConfig, store: Store) -> Summary:
-    t = Timer()
+    store, t = Store(cfg.index_root, cfg.s3_endpoint), Timer()
     with t.stage("plan"):
         corpus = plan_corpus(cfg)  # before Ray starts: a bad corpus fails in a second
+    with hold(store, "shardex build"):  # before Ray too: a second writer is refused at once
+        return _build(cfg, store, t, corpus)
+
+
+def _build(cfg: BuildConfig, store: Store, t: Timer, corpus: Corpus) -> Summary:
     ensure_ray()
     log(f"plan: {len(corpus.files)} file(s), {corpus.total_rows:,} rows, {len(corpus.shards)} part(s)")
     shown = None
