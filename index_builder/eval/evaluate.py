@@ -41,7 +41,7 @@ from index_builder.eval.measures import (
     sweep,
 )
 from shards.errors import ConfigError, StorageError
-from shards.storage.faissio import faiss, load_shard, nlist, read_index
+from shards.storage.faissio import faiss, load_shard, nlist, read_verified
 from shards.storage.manifest import Manifest, current_version, load_manifest, vdir
 from shards.storage.store import Store
 
@@ -123,7 +123,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                  progress=lambda r: log(f"eval: {label(r, kind, m.index.factory)}: recall@{k} {r['recall']:.4f}, "
                                         f"{r['qps']:,.0f} QPS"))
     if m.sharding.mode == "ivf" and m.sharding.ranges:  # the shards each query needs, as the router routes it
-        trained = read_index(store, f"{vdir(version)}/{m.trained.file}")
+        trained = read_verified(store, vdir(version), m.trained)
         for r in rows:
             if r["nprobe"]:
                 r["shards_per_query"] = shards_per_query(trained, m.sharding.ranges, xq, r["nprobe"])
