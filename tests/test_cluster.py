@@ -11,6 +11,9 @@
 - resources are consistent: GPU groups ask for GPUs, the encoder actors a job's config asks for
   fit on one GPU node and within the GPU group, a driver that asks for CPUs fits a node that has
   its config mounted, serving replicas fit a node, and every Ray cluster spec is the same one.
+
+test_cluster_schemas.py checks every document under kuberay/ against KubeRay's own CRD schemas
+(vendored in tests/kuberay-crds/), strict about unknown fields as `kubectl apply --validate=strict`.
 """
 from __future__ import annotations
 
