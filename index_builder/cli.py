@@ -26,6 +26,15 @@ def _about(model: str, name: str) -> str:
     return config_model(model).model_fields[name].description
 
 
+ADDRESS_HELP = ("Ray cluster to join: host:port, ray://host:port or auto (default: $RAY_ADDRESS, which a Ray "
+                "job sets; else a local cluster of this command's own)")
+
+
+def _address_option(p: argparse.ArgumentParser) -> None:
+    """--address, on the commands that use Ray: joining a cluster is asked for, never found."""
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
+
+
 def config_model(name: str):
     """A command's config model by name (the parser's config_model default): what its YAML is parsed into."""
     if name == "ServeConfig":
@@ -229,6 +238,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--config", help="YAML file with the same keys (CLI options override it)")
     b.add_argument("--json", action="store_true", help="print the summary as JSON")
     _add_options(b, "BuildConfig")
+    _address_option(b)
     b.set_defaults(fn=cmd_build)
 
     e = sub.add_parser("encode", help="only the encode stage: Parquet parts (id, vector, fields) that "
@@ -238,6 +248,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--config", help="YAML file with build's keys (CLI options override it)")
     e.add_argument("--json", action="store_true", help="print the summary as JSON")
     _add_options(e, "BuildConfig")
+    _address_option(e)
     e.set_defaults(fn=cmd_encode)
 
     ri = sub.add_parser("reindex", help="incremental: encode only new or changed documents, publish a new version")
@@ -246,6 +257,7 @@ def parser() -> argparse.ArgumentParser:
     ri.add_argument("--config", help="YAML file with the same keys (CLI options override it)")
     ri.add_argument("--json", action="store_true", help="print the summary as JSON")
     _add_options(ri, "ReindexConfig", inherits=True)
+    _address_option(ri)
     ri.set_defaults(fn=cmd_reindex)
 
     pr = sub.add_parser("prune", help="delete old versions and stale scratch (never CURRENT or the one before it)")
@@ -260,12 +272,15 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="search the CURRENT version")
     s.add_argument("index_root")
     s.add_argument("query", nargs="*", help="text queries, encoded with the index's own encoder")
-    s.add_argument("-k", type=int, default=10)
+    s.add_argument("-k", type=int, default=10, help="results per query (default: 10)")
     s.add_argument("--nprobe", type=int, default=None, help="default: the one stored at publish")
     s.add_argument("--vectors", help="a .npy file of query vectors [nq, d]")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--local", action="store_true", help="search in this process, without Ray actors")
+    s.add_argument("--json", action="store_true", help="print {\"version\", \"results\": [[{\"id\", \"score\", "
+                   "\"fields\"}]]} as one JSON line")
+    s.add_argument("--local", action="store_true", help="load the shards and search them in this process, without "
+                   "Ray (no cluster started or joined; quickest for a few queries on a small index)")
     s.add_argument("--s3-endpoint", default=None)
+    _address_option(s)
     s.set_defaults(fn=cmd_search)
 
     ev = sub.add_parser("eval", help="recall@k against exact search, QPS and latency per nprobe; JSON and a plot")
@@ -292,12 +307,14 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("index_root", nargs="?", help=_about("ServeConfig", "index_root"))
     sv.add_argument("--config", help="YAML file with the same keys (CLI options override it)")
     _add_options(sv, "ServeConfig")
+    _address_option(sv)
     sv.set_defaults(fn=cmd_serve)
 
     d = sub.add_parser("demo", help="build and query a 2-shard index of the Python standard library's docstrings")
     d.add_argument("--out", default="data/demo", help="where the corpus and index go")
     d.add_argument("--limit", type=int, default=5000, help="documents")
     d.add_argument("--shards", type=int, default=2)
+    _address_option(d)
     d.set_defaults(fn=cmd_demo)
     return p
 
@@ -309,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd in ("eval", "serve") and not args.config and not args.index_root:
         parser().error(f"{args.cmd}: give INDEX_ROOT, or --config FILE.yaml")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if getattr(args, "address", None):
+        os.environ["RAY_ADDRESS"] = args.address   # what ensure_ray joins, wherever the command calls it
     try:
         return args.fn(args)
     except (ShardexError, FileNotFoundError, PermissionError) as e:

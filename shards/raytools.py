@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from shards.errors import ConfigError
+
 _T0 = time.time()
 
 
@@ -17,15 +19,42 @@ def log(msg: str) -> None:
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS (or the job's), else start a local one."""
+    """Join the cluster at `address` or $RAY_ADDRESS (`--address`; a Ray job's own), else start a
+    local one of this process's own, and log which. Never a plain ray.init(): it joins whatever
+    cluster anyone last started on this machine with `ray start`, and dies with it."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = address or os.environ.get("RAY_ADDRESS")
-    kw = {"address": address} if address else {"include_dashboard": False}
-    ray.init(logging_level="warning", **kw)
+    if not address:
+        ray.init(address="local", include_dashboard=False, logging_level="warning")
+        log(f"ray: started a local cluster of its own at {_gcs()} (join one with --address or $RAY_ADDRESS)")
+        return
+    try:
+        ray.init(address=address, logging_level="warning")
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"--address/$RAY_ADDRESS {address!r}: no Ray cluster joined there ({one_line(e)}); "
+                          "give a running cluster's address (`ray status` prints it), or neither to start "
+                          "a local one") from None
+    log(f"ray: joined the cluster at {address}" + _gcs_of(address))
+
+
+def _gcs() -> str | None:
+    """The GCS address of the cluster this process is connected to (None through a Ray client)."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001  (a Ray client connection has no GCS address to show)
+        return None
+
+
+def _gcs_of(address: str) -> str:
+    """' (GCS host:port)' when the address given was not already the GCS one (auto, ray://)."""
+    gcs = _gcs()
+    return "" if not gcs or gcs == address else f" (GCS {gcs})"
 
 
 def node_cpus() -> int:
