@@ -198,6 +198,8 @@ def test_ivf_routing_reports_shards_touched_and_stays_exact(app, index):
     start_app(v["root"], port=app["port"], name="ivf", route_prefix="/ivf", filter_fields=[])
     c = Client(app["client"].base + "/ivf")
     assert c.get("/version").json()["serving"]["routing"] == "ivf"
+    assert c.get("/version", headers={}).status_code == 401            # under a route prefix too
+    assert c.post("/search", {"k": 0}, headers={}).status_code == 401
     xq = v["x"][::151][:20]
     for nprobe in (1, 4, 32):
         res = c.search(vectors=xq.tolist(), k=10, nprobe=nprobe)
