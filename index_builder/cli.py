@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from shards.errors import ShardexError, is_storage_failure, storage_message
+from shards.errors import ShardexError, is_local, is_storage_failure, storage_fix, storage_message
 
 
 def _add_options(p: argparse.ArgumentParser, model: str, inherits: bool = False) -> None:
@@ -98,14 +98,15 @@ def cmd_prune(args) -> int:
 
 
 def cmd_search(args) -> int:
-    import numpy as np
-
+    from index_builder.plan.corpus import load_npy
     from shards.search.router import Router
 
     if not args.query and not args.vectors:
         raise ShardexError("search: give one or more QUERY strings, or --vectors FILE.npy")
+    q = load_npy(args.vectors, "--vectors") if args.vectors else args.query  # a bad file fails before Ray starts
     r = Router(args.index_root, s3_endpoint=args.s3_endpoint, backend="local" if args.local else "ray")
-    q = np.load(args.vectors) if args.vectors else args.query
+    if args.vectors:
+        q = r.view.vectors(q, where=f"--vectors {args.vectors}")  # its dimension is the index's
     hits = r.search(q, k=args.k, nprobe=args.nprobe)
     if args.json:
         print(json.dumps({"version": r.version, "results": [[h.as_dict() for h in hs] for hs in hits]}))
@@ -320,6 +321,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as a killed-by-SIGPIPE tool does
+        # The recipe of Python's signal docs: point stdout at devnull, so the flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     if args.cmd in ("build", "reindex") and not args.config and not (args.source and args.index_root):
         parser().error(f"{args.cmd}: give SOURCE and INDEX_ROOT, or --config FILE.yaml")
@@ -330,10 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["RAY_ADDRESS"] = args.address   # what ensure_ray joins, wherever the command calls it
     try:
         return args.fn(args)
+    except BrokenPipeError:
+        raise
     except (ShardexError, FileNotFoundError, PermissionError) as e:
         if args.debug:
             raise
-        print(f"shardex: error: {e}", file=sys.stderr)
+        print(f"shardex: error: {e}" + (f"; {storage_fix(e)}" if is_local(e) else ""), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("shardex: interrupted", file=sys.stderr)
@@ -342,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or not is_storage_failure(e):
             raise
         # Raised by a worker or the driver while reading or writing the corpus or the index root.
-        print(f"shardex: error: storage: {storage_message(e)}; check the endpoint, credentials and paths "
-              f"(--debug shows where)", file=sys.stderr)
+        print(f"shardex: error: storage: {storage_message(e)}; {storage_fix(e)} (--debug shows where)",
+              file=sys.stderr)
         return 1
     finally:
         stop_ray()

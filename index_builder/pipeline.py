@@ -28,16 +28,23 @@ from index_builder.build.publish import (
     run_files,
     write_quarantine,
 )
-from index_builder.build.tune import tune_task
+from index_builder.build.tune import recall_warning, tune_task
 from index_builder.config import BuildConfig
 from index_builder.encode.parts import Layout, PartResult, part_rel
 from index_builder.encode.pool import Encoders
 from index_builder.eval.measures import EVAL_QUERIES, K
 from index_builder.plan.corpus import Corpus, plan_corpus
-from index_builder.plan.factory import Choice, choose_factory, index_plan, train_size
+from index_builder.plan.factory import (
+    Choice,
+    check_trainable,
+    choose_factory,
+    index_plan,
+    plan_warnings,
+    train_size,
+)
 from index_builder.reindex.drift import baseline_task
 from index_builder.shard_math import ivf_ranges, sum_digests
-from index_builder.train.quantizer import sample_parallel, train_task
+from index_builder.train.quantizer import check_factory, sample_parallel, train_task, zero_norm_warning
 from index_builder.workdir import WorkDir
 from shards.config import parse_bytes
 from shards.errors import ConfigError, CorpusError, IntegrityError
@@ -63,6 +70,7 @@ class Summary:
     rates: dict = field(default_factory=dict)     # vectors/s per stage
     reused: dict = field(default_factory=dict)    # units of work a previous run had finished
     work: str | None = None                       # this run's scratch under INDEX_ROOT (safe to delete now)
+    warnings: list[str] = field(default_factory=list)  # what the build did but the user likely did not mean
 
     def lines(self) -> list[str]:
         out = [f"version      {self.version}  (CURRENT of {self.index_root})",
@@ -75,7 +83,7 @@ class Summary:
             rate = f"{self.rates[st]:>10,.0f} vectors/s" if st in self.rates else " " * 20
             re = f"  ({self.reused[st]} reused)" if self.reused.get(st) else ""
             out.append(f"  {st:<8} {s:7.1f} s {rate}{re}")
-        return out
+        return out + [f"warning      {w}" for w in self.warnings]
 
 
 class Timer:
@@ -114,21 +122,27 @@ def build(cfg: BuildConfig) -> Summary:
 def _build(cfg: BuildConfig, store: Store, t: Timer, corpus: Corpus) -> Summary:
     ensure_ray()
     log(f"plan: {len(corpus.files)} file(s), {corpus.total_rows:,} rows, {len(corpus.shards)} part(s)")
-    shown = None
+    n0, shown = corpus.total_rows - corpus.rejected_ids, []
+
+    def plan(d: int, metric: str | None) -> None:  # also refuses, before any work, what train or merge would
+        shown.append(show_plan(cfg, n0, d, metric))
+
     if corpus.dim:  # precomputed vectors: N and d are known before any work, so is the plan
-        shown = show_plan(cfg, corpus.total_rows - corpus.rejected_ids, corpus.dim, cfg.metric)
-    with t.stage("encode"):
-        parts, enc, fp = encode(cfg, corpus)
+        plan(corpus.dim, cfg.metric)
+    with t.stage("encode"):  # text: d is known once the encoders are up, before they encode anything
+        parts, enc, fp = encode(cfg, corpus, None if corpus.dim else lambda info: plan(info.dim, cfg.metric))
     run = Run.of(cfg, corpus, parts, enc, fp)
-    if shown != (run.n, run.factory):  # text: known once encoded; vectors: some rows were rejected
+    if shown[-1] != (run.n, run.factory):  # some rows were rejected
         show_plan(cfg, run.n, run.enc.dim, run.metric)
     return index_and_publish(cfg, store, t, run)
 
 
-def encode(cfg: BuildConfig, corpus: Corpus) -> tuple[list[PartResult], EncoderInfo, str]:
+def encode(cfg: BuildConfig, corpus: Corpus, before=None) -> tuple[list[PartResult], EncoderInfo, str]:
     """(part results, encoder info, fingerprint): the parts go to embeddings/<fp>/, fp naming the
-    corpus and the encoder."""
+    corpus and the encoder. before(info), if given, runs once the encoder is known, before any part."""
     with Encoders(cfg, corpus) as pool:
+        if before:
+            before(pool.info)
         fp = short_hash(corpus.fingerprint, pool.info)
         return pool.encode(Layout.build(fp)), pool.info, fp
 
@@ -199,12 +213,16 @@ def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, run: Run, lineag
         store.copy(run.kept.trained, run.wd.trained)
     with t.stage("train"):
         tr = train(cfg, store, run)
+    said = [w for w in [zero_norm_warning(tr, run.metric)] if w]
     with t.stage("add"):
         added, subs, ranges = add(cfg, store, run)
     with t.stage("merge"):
         merged = merge_shards(cfg, store, run, added, subs, tr["nlist"])
     with t.stage("tune"):
         best = tune(cfg, store, run)
+    said += [w for w in [recall_warning(best, cfg.target_recall)] if w]
+    for w in said:
+        log(f"warning: {w}")
     with t.stage("baseline"):
         base = baseline(cfg, store, run)
     with t.stage("publish"):
@@ -213,6 +231,7 @@ def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, run: Run, lineag
                         options=options_of(cfg) if options is None else options)
     s = _summary(cfg, m, run.parts, added, merged, tr, t)
     s.work = run.wd.root
+    s.warnings = plan_warnings(run.n, run.enc.dim, run.factory, cfg.shards) + said  # show_plan logged the plan's
     return s
 
 
@@ -284,7 +303,8 @@ def _nlist_of(factory: str) -> int | None:
 
 def _choose(cfg: BuildConfig, n: int, d: int):
     """(the auto Choice or None, the factory string); ivf sharding needs an IVF factory."""
-    choice = choose_factory(n, d, cfg.budget_bytes, need_ivf=cfg.sharding == "ivf") if cfg.factory == "auto" else None
+    choice = (choose_factory(n, d, cfg.budget_bytes, need_ivf=cfg.sharding == "ivf", shards=cfg.shards)
+              if cfg.factory == "auto" else None)
     factory = choice.factory if choice else cfg.factory
     if cfg.sharding == "ivf" and not _nlist_of(factory):
         raise ConfigError(f"sharding: ivf needs an IVF index, and {factory!r} has no IVF lists; "
@@ -292,14 +312,20 @@ def _choose(cfg: BuildConfig, n: int, d: int):
     return choice, factory
 
 
-def show_plan(cfg: BuildConfig, n: int, d: int, metric: str | None) -> tuple[int, str]:
-    """Log what the build will make (memory per shard, disk, training sample) before it makes it;
+def show_plan(cfg: BuildConfig, n: int, d: int, metric: str | None, trains: bool = True) -> tuple[int, str]:
+    """Log what the build will make (memory per shard, disk, training sample) before it makes it,
+    refusing first what training (unless a kept quantizer is reused) or the merge would refuse;
     returns the (N, factory) it showed."""
     choice, factory = _choose(cfg, n, d)
+    check_factory(factory, d, metric or "l2", cfg.sharding)  # one faiss can build, and add/merge/split handle
+    if trains:
+        check_trainable(factory, n, d, cfg.shards, cfg.sharding)
     log(f"index: {factory} over {n:,} x {d}" + (f" ({metric})" if metric else "")
         + (f": {choice.reason}" if choice else ""))
     for line in index_plan(n, d, factory, cfg.shards, merge_ram_budget(cfg)).lines():
         log(line)
+    for w in plan_warnings(n, d, factory, cfg.shards):
+        log(f"warning: {w}")
     return n, factory
 
 

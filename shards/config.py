@@ -73,11 +73,29 @@ class Config(BaseModel):
 
 def load_yaml(cls, path: str, **overrides):
     """A config model from a YAML mapping of option names to values; non-None overrides win."""
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of option names to values")
+        raise ConfigError(f"{path}: expected a mapping of option names to values (key: value lines), got a "
+                          f"{type(data).__name__}")
     return make(cls, {**data, **{k: v for k, v in overrides.items() if v is not None}}, where=path)
+
+
+def read_yaml(path: str):
+    """The YAML in path; a missing, unreadable or malformed file is one ConfigError naming it (and
+    the line and column yaml gives)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror or e}; give the path of a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {e.start}); give a YAML file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"--config {path}:{at}: not valid YAML ({what}); fix the file, written as "
+                          f"`option_name: value` lines") from None
 
 
 def make(cls, data: dict, where: str = "config"):

@@ -128,3 +128,38 @@ def test_from_yaml_with_overrides(tmp_path):
     c = BuildConfig.from_yaml(str(path), shards=8, factory=None, metric="ip")  # None: not given on the CLI
     assert (c.source, c.shards, c.factory, c.metric, c.bad_rows) == ("s3://bucket/corpus", 8, "auto", "ip", "skip")
     assert c.budget_bytes == 2 * GiB and c.fields == ["title", "url"]
+
+
+# (the YAML file's bytes) -> fragments of the one-line error, which names the file
+YAML_ERROR_ROWS = [
+    (b"source: a\nindex_root: [b\n", ["line 3, column 1", "not valid YAML", "option_name: value"]),
+    (b"source: a\n  index_root: b\n", ["line 2, column 13", "mapping values are not allowed"]),
+    (b"- source\n- index_root\n", ["expected a mapping of option names to values", "got a list"]),
+    (b"just words\n", ["got a str"]),
+    (b"source: a\nindex_root: b\nshard: 2\n", ["shard: unknown option", "--help"]),
+    (b"\x00\xff\xfe", ["not UTF-8 text"]),
+]
+
+
+@pytest.mark.parametrize("text,fragments", YAML_ERROR_ROWS)
+def test_bad_yaml_config_is_one_line_naming_the_file(tmp_path, text, fragments):
+    path = tmp_path / "build.yaml"
+    path.write_bytes(text)
+    with pytest.raises(ConfigError) as e:
+        BuildConfig.from_yaml(str(path))
+    msg = str(e.value)
+    assert str(path) in msg and "\n" not in msg
+    for f in fragments:
+        assert f in msg, msg
+
+
+def test_missing_yaml_config_names_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--config .*nope\.yaml: No such file or directory"):
+        BuildConfig.from_yaml(str(tmp_path / "nope.yaml"))
+
+
+def test_yaml_config_is_read(tmp_path):
+    path = tmp_path / "build.yaml"
+    path.write_text("source: a\nindex_root: b\nshards: 3\nmemory_budget: 1G\n")
+    c = BuildConfig.from_yaml(str(path), shards=4)
+    assert (c.source, c.shards, c.budget_bytes) == ("a", 4, GiB)    # the flag given wins

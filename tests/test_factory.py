@@ -13,13 +13,15 @@ from index_builder.plan.factory import (
     MIN_TRAIN_PER_LIST,
     TRAIN_MAX_BYTES,
     Choice,
+    check_trainable,
     choose_factory,
     factory_shape,
     index_plan,
     nlist_factor,
     nlist_for,
-    pq_m,
+    plan_warnings,
     train_size,
+    trained_bytes,
 )
 from shards.errors import ConfigError
 
@@ -41,7 +43,7 @@ FACTORY_ROWS = [
     (1_000_000, 128, "100M", "IVF4096,PQ64"),
     (1_000_000, 128, "40M", "IVF4096,PQ16"),        # 31.9 code bytes: PQ24 fits, but 24 does not divide 128
     (1_000_000, 128, "20M", "IVF4096,PQ8"),
-    (1_000_000, 128, "13M", "IVF4096,PQ4"),
+    (1_000_000, 128, "15M", "IVF4096,PQ4"),         # 12.0 MiB of codes + 5%, and 2.1 MiB trained
     # ... or N grows (same budget)
     (10_000_000, 128, "1G", "IVF32768,PQ64"),           # nlist ~ 8*sqrt(N) above 1M
     (100_000_000, 128, "4G", "IVF65536,PQ32"),
@@ -52,7 +54,7 @@ FACTORY_ROWS = [
     (1_000_000, 100, "20M", "IVF4096,PQ4"),
     # just under FLAT_MAX but over budget: enough vectors (>= 256*39) to train PQ
     (9_990, 64, "1M", "IVF256,PQ64"),
-    (20_000, 128, "1M", "IVF512,PQ32"),
+    (20_000, 128, "1M", "IVF512,PQ16"),             # PQ32's codes fit, not with the 384 KiB trained part
     # OPQ{M}_{D},IVF{k},PQ{M} for d >= 256: rotate to D = 4*M dims (at most d)
     (1_000_000, 256, "50M", "OPQ32_128,IVF4096,PQ32"),
     (1_000_000, 300, "100M", "OPQ64_256,IVF4096,PQ64"),   # M need not divide d with OPQ
@@ -71,12 +73,18 @@ def test_choose_factory(n, d, budget, factory):
     assert c.reason
 
 
+@pytest.mark.parametrize("shards", [1, 2, 16])
 @pytest.mark.parametrize("n,d,budget,factory", FACTORY_ROWS)
-def test_choose_factory_fits_budget(n, d, budget, factory):
-    """The promise: the chosen index's codes + ids (+ list overhead) fit the budget."""
+def test_choose_factory_fits_budget(n, d, budget, factory, shards):
+    """The promise: the chosen index's codes + ids (+ list overhead), and the trained part held by
+    every shard, fit the budget."""
     b = parse_bytes(budget)
-    c = choose_factory(n, d, b)
-    assert n * c.bytes_per_vector * LIST_OVERHEAD <= b
+    try:
+        c = choose_factory(n, d, b, shards=shards)
+    except ConfigError as e:
+        assert shards > 1 and "each holds its own trained part" in str(e)   # 16 copies of the centroids
+        return
+    assert n * c.bytes_per_vector * LIST_OVERHEAD + shards * trained_bytes(c.factory, d) <= b
     flat = 4 * d + ID_BYTES
     assert c.bytes_per_vector == (flat if c.factory.endswith("Flat") else int(c.factory.rsplit("PQ", 1)[1]) + ID_BYTES)
 
@@ -96,7 +104,7 @@ def test_choose_factory_is_a_valid_faiss_factory(n, d, budget, factory):
 
 @pytest.mark.parametrize("n,d", [(1_000_000, 128), (1_000_000, 768), (50_000, 96), (10_000_000, 64)])
 def test_choose_factory_shrinks_with_the_budget(n, d):
-    """A smaller budget never gives a bigger index; the raw-vector budget gives Flat codes."""
+    """A smaller budget never gives a bigger index; a budget above the raw vectors gives Flat codes."""
     flat = (4 * d + ID_BYTES) * n * LIST_OVERHEAD
     sizes = []
     for frac in (2.0, 1.0, 0.5, 0.25, 0.1, 0.05, 0.03):
@@ -104,7 +112,7 @@ def test_choose_factory_shrinks_with_the_budget(n, d):
             sizes.append(choose_factory(n, d, int(flat * frac)).bytes_per_vector)
         except ConfigError:
             break
-    assert sizes[0] == sizes[1] == 4 * d + ID_BYTES
+    assert sizes[0] == 4 * d + ID_BYTES      # twice the raw vectors: room for them and the centroids
     assert len(sizes) >= 4
     assert sizes == sorted(sizes, reverse=True)
 
@@ -113,7 +121,7 @@ def test_choose_factory_shrinks_with_the_budget(n, d):
 FACTORY_ERROR_ROWS = [
     (5_000, 768, "1M", "too few vectors to train PQ"),
     (9_000, 32, 1000, "too few vectors to train PQ"),
-    (1_000_000, 128, "12M", "at least"),      # PQ4 + id needs 12.0 MiB + 5%
+    (1_000_000, 128, "14M", "at least"),      # PQ4 + id needs 12.0 MiB + 5%, + 2.1 MiB trained
     (1_000_000, 128, "1k", "at least"),
     (1_000_000, 768, "1M", "at least"),       # OPQ cannot help either
     (1_000_000, 128, 0, "at least"),
@@ -141,7 +149,7 @@ def test_choose_factory_suggested_budget_is_enough(n, d, budget, fragment):
     m = re.search(r"raise --memory-budget to (?:at least )?([\d.]+ [KMGT]iB)", str(e.value))
     assert m, str(e.value)
     c = choose_factory(n, d, parse_bytes(m.group(1)))
-    assert n * c.bytes_per_vector * LIST_OVERHEAD <= parse_bytes(m.group(1))
+    assert n * c.bytes_per_vector * LIST_OVERHEAD + trained_bytes(c.factory, d) <= parse_bytes(m.group(1))
 
 
 @pytest.mark.parametrize("n,d", [(0, 32), (-5, 32), (10, 0), (10, -1)])
@@ -166,24 +174,21 @@ def test_nlist_for_rules(n):
     assert k <= 2 * nlist_factor(n) * n ** 0.5 + 1         # near c*sqrt(N), never far above
 
 
-@pytest.mark.parametrize("d,code_bytes,need_divisor,m", [
-    (128, 1000, True, 128),
-    (128, 64, True, 64),
-    (128, 63.9, True, 32),     # 48 does not divide 128
-    (128, 31.9, True, 16),     # nor 24
-    (96, 40, True, 32),
-    (96, 31.9, True, 24),
-    (100, 20, True, 4),
-    (30, 1000, True, None),    # nothing in PQ_M divides 30
-    (30, 1000, False, 24),     # with OPQ: the largest M <= d
-    (768, 1000, False, 128),
-    (768, 3.9, False, None),   # not even PQ4 fits
-    (768, -8, False, None),
-    (8, 8, True, 8),
-    (2, 100, False, None),     # M never exceeds d
-])
-def test_pq_m(d, code_bytes, need_divisor, m):
-    assert pq_m(d, code_bytes, need_divisor) == m
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "IVF16,PQ8", "IVF16,PQ8x4fs", "OPQ8_16,IVF16,PQ8",
+                                     "PCA16,IVF16,Flat", "IVF16,SQ8", "PQ8", "SQ8"])
+def test_trained_bytes_is_what_faiss_writes(factory):
+    """The trained part the budget counts once per shard: a trained, empty index as faiss writes it
+    is that many bytes plus its headers (under 1 KiB)."""
+    import numpy as np
+
+    from index_builder.train.quantizer import make_index
+    from shards.storage.faissio import to_bytes
+
+    d = 32
+    x = np.random.default_rng(0).standard_normal((2_000, d)).astype("float32")
+    index = make_index(factory, d, "l2")
+    index.train(x)
+    assert trained_bytes(factory, d) <= len(to_bytes(index)) < trained_bytes(factory, d) + KiB
 
 
 @pytest.mark.parametrize("n,d,factory,nlist,kw,want", [
@@ -294,3 +299,66 @@ def test_plan(n, d, factory, shards, ram, want):
 def test_plan_of_an_unknown_encoding():
     p = index_plan(10_000, 64, "HNSW32", 2, 1 << 30)
     assert p.shard_bytes is None and "unknown" in "\n".join(p.lines())
+
+
+def test_budget_counts_the_trained_part_once_per_shard():
+    """The issue's case: 60k x 384 in 2 shards under 8 MiB. OPQ96_384,IVF1024,PQ96 has 6.2 MiB of
+    codes and 2.4 MiB of trained part (rotation, centroids, codebooks) in each shard; a smaller code fits."""
+    c = choose_factory(60_000, 384, 8 * MiB, shards=2)
+    assert c.factory == "OPQ64_256,IVF1024,PQ64", c.reason
+    assert 60_000 * c.bytes_per_vector * LIST_OVERHEAD + 2 * trained_bytes(c.factory, 384) <= 8 * MiB
+    big = "OPQ96_384,IVF1024,PQ96"
+    assert 60_000 * (96 + ID_BYTES) * LIST_OVERHEAD + 2 * trained_bytes(big, 384) > 8 * MiB
+    assert choose_factory(60_000, 384, 10 * MiB, shards=1).factory == big   # one copy: the bigger code fits,
+    assert choose_factory(60_000, 384, 10 * MiB, shards=2).factory != big   # two do not
+    assert "2 x" in c.reason
+
+
+# (factory, N, d, shards, sharding) -> a fragment of the one-line error
+UNTRAINABLE_ROWS = [
+    ("IVF4096,Flat", 200, 32, 1, "hash", "has 4,096 IVF lists"),      # more lists than vectors
+    ("IVF4096,Flat", 200, 32, 1, "hash", "give at most IVF"),
+    ("IVF0,PQ4", 20_000, 32, 1, "hash", "has no IVF lists"),
+    ("PQ8", 200, 32, 1, "hash", "256 centroids each"),                # 8-bit codebooks need 256 vectors
+    ("IVF4,PQ8", 100, 32, 1, "hash", "256 centroids each"),
+    ("IVF16,Flat", 10_000, 32, 32, "ivf", "--shards <= 16"),
+]
+
+
+@pytest.mark.parametrize("factory,n,d,shards,sharding,fragment", UNTRAINABLE_ROWS)
+def test_check_trainable_refuses(factory, n, d, shards, sharding, fragment):
+    with pytest.raises(ConfigError) as e:
+        check_trainable(factory, n, d, shards, sharding)
+    msg = str(e.value)
+    assert fragment in msg and "\n" not in msg
+    assert msg.startswith(("factory: ", "shards: ")) and repr(factory) in msg
+
+
+@pytest.mark.parametrize("factory,n,d,shards,sharding", [
+    ("IVF64,Flat", 200, 32, 1, "hash"),          # 3 a list: a warning, not an error
+    ("IVF16,PQ8", 10_000, 32, 16, "ivf"),
+    ("PQ4x4", 16, 32, 1, "hash"),                # 4-bit codebooks: 16 centroids
+    ("Flat", 1, 32, 1000, "hash"),
+    ("HNSW32", 10, 32, 1, "hash"),               # not this check's to refuse (check_factory's)
+])
+def test_check_trainable_accepts(factory, n, d, shards, sharding):
+    check_trainable(factory, n, d, shards, sharding)
+
+
+# (N, d, factory, shards) -> fragments of the warnings (none: no warning)
+WARNING_ROWS = [
+    (200, 32, "Flat", 1000, ["1,000 shards over 200 vectors", "800 of them empty", "--shards 1"]),
+    (60_000, 32, "IVF256,Flat", 100, ["600.0 a shard", "--shards 60"]),
+    (60_000, 32, "IVF256,Flat", 60, []),                       # 1,000 a shard: fine
+    (200, 32, "IVF64,Flat", 1, ["3.1 a list", "IVF"]),
+    (100_000, 32, "IVF1024,Flat", 1, []),
+    (10, 32, "Flat", 1, []),
+]
+
+
+@pytest.mark.parametrize("n,d,factory,shards,fragments", WARNING_ROWS)
+def test_plan_warnings(n, d, factory, shards, fragments):
+    text = " | ".join(plan_warnings(n, d, factory, shards))
+    for f in fragments:
+        assert f in text, text
+    assert bool(text) == bool(fragments), text

@@ -36,3 +36,15 @@ def tune_task(store: Store, wd: WorkDir, parts: list[int], *, shards: int, metri
     rows = climb(merged_search(index, metric), xq, gt, k, nl, target, own)
     best = choose_nprobe(rows, target)
     return {"nprobe": best["nprobe"], "recall_at_10": best["recall"], "eval_queries": len(xq), "ladder": rows}
+
+
+def recall_warning(tuned: dict, target: float) -> str | None:
+    """The published nprobe's recall when it is under the target: more probing did not reach it
+    (the ladder plateaued, or every list was probed), so the codes or the lists are too coarse."""
+    r = tuned.get("recall_at_10")
+    if r is None or r >= target:
+        return None
+    at = f"nprobe={tuned['nprobe']}" if tuned.get("nprobe") else "exact scan of the codes"
+    return (f"recall: {r:.3f} recall@10 at {at} is under --target-recall {target}, and probing more lists "
+            f"does not reach it; give finer codes (a larger --memory-budget, or --factory with a bigger PQ{{M}}, "
+            f"SQ8 or Flat) or a lower --target-recall")

@@ -40,6 +40,7 @@ from index_builder.eval.measures import (
     smallest_reaching,
     sweep,
 )
+from index_builder.plan.corpus import first_line, load_npy
 from shards.errors import ConfigError, StorageError
 from shards.storage.faissio import faiss, load_shard, nlist, read_verified
 from shards.storage.manifest import Manifest, current_version, load_manifest, vdir
@@ -73,23 +74,46 @@ def stored_truth(store: Store, emb_rels: list[str], xq: np.ndarray, k: int, metr
 def load_queries(path: str, m: Manifest, s3_endpoint: str | None) -> np.ndarray:
     """Given queries: vectors (.npy, or a Parquet vector column) or texts, encoded by the index's encoder."""
     if path.endswith(".npy"):
-        xq = np.load(path)
+        xq = load_npy(path, "--queries")
     elif path.endswith(".parquet"):
-        t = Store(os.path.dirname(path) or ".", s3_endpoint).read_table(os.path.basename(path))
+        t = _query_table(path, s3_endpoint)
         if "vector" in t.column_names:
-            col = t.column("vector").combine_chunks()
-            xq = col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1)
+            xq = _vector_column(t, path)
         elif "text" in t.column_names:
             return _encode(t.column("text").to_pylist(), m, path)
         else:
             raise ConfigError(f"queries: {path} has neither a 'vector' nor a 'text' column")
     else:
-        with open(path) as f:
-            return _encode([line.strip() for line in f if line.strip()], m, path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                return _encode([line.strip() for line in f if line.strip()], m, path)
+        except UnicodeDecodeError:
+            raise ConfigError(f"queries: {path} is not UTF-8 text; give .npy vectors, a .parquet file with a "
+                              f"'vector' or 'text' column, or text with one query a line") from None
     xq = np.ascontiguousarray(np.atleast_2d(xq), dtype=np.float32)
     if xq.shape[1] != m.encoder.dim:
         raise ConfigError(f"queries: {path} holds vectors of dimension {xq.shape[1]}, the index has {m.encoder.dim}")
     return xq
+
+
+def _query_table(path: str, s3_endpoint: str | None):
+    import pyarrow as pa
+
+    try:
+        return Store(os.path.dirname(path) or ".", s3_endpoint).read_table(os.path.basename(path))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ConfigError(f"queries: {path}: not a readable Parquet file ({first_line(e)}); give a .parquet "
+                          f"file with a 'vector' or 'text' column") from None
+
+
+def _vector_column(t, path: str) -> np.ndarray:
+    """A Parquet 'vector' column of number lists as [n, d] (all rows of one length)."""
+    col = t.column("vector").combine_chunks()
+    try:
+        return col.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), -1)
+    except (AttributeError, ValueError, TypeError):
+        raise ConfigError(f"queries: {path}: its 'vector' column ({col.type}) is not lists of numbers of one "
+                          f"length; write each query as a list<float32> of the index's dimension") from None
 
 
 def _encode(texts: list[str], m: Manifest, path: str) -> np.ndarray:

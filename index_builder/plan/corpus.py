@@ -2,7 +2,8 @@
 
 An input shard is a row range [start, stop) of one Parquet file: the unit of encode
 and add work. Ids are checked for the whole corpus here (only the id column is
-read), because a duplicate can only be seen across files.
+read), because a duplicate can only be seen across files. Also the readers of the other input
+files a user gives: query vectors (.npy) for search --vectors and eval --queries.
 """
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from index_builder.config import BuildConfig
-from shards.errors import CorpusError, ShardexError, StorageError, is_storage_failure, storage_message
+from shards.errors import (
+    ConfigError,
+    CorpusError,
+    ShardexError,
+    StorageError,
+    is_storage_failure,
+    storage_fix,
+    storage_message,
+)
 from shards.storage.store import storage_options
 
 ID_MASK = (1 << 63) - 1  # string ids map to non-negative int64 (faiss uses -1 for "no result")
@@ -70,8 +79,7 @@ def list_files(source: str, s3_endpoint: str | None = None) -> list[str]:
     except Exception as e:
         if not is_storage_failure(e):
             raise
-        raise StorageError(f"{source}: cannot list it ({storage_message(e)}); check the endpoint, "
-                           f"credentials and path") from None
+        raise StorageError(f"{source}: cannot list it ({storage_message(e)}); {storage_fix(e)}") from None
 
 
 def _list_files(source: str, s3_endpoint: str | None) -> list[str]:
@@ -269,3 +277,29 @@ def _reject(cfg: BuildConfig, drops: dict, uri: str, row: int, why: str) -> None
         raise CorpusError(f"{uri} row {row}: {why} (column {cfg.id_column!r}); "
                           "fix the row, or pass --bad-rows skip to quarantine it")
     drops.setdefault(uri, []).append((row, why))
+
+
+NPY_FIX = "write it with numpy.save(path, x), x a float array of shape [n, d]"
+
+
+def load_npy(path: str, option: str) -> np.ndarray:
+    """The float32 vectors of a .npy file given as `option` (--vectors, --queries): shape [n, d], or
+    one vector [d]. A missing, empty, truncated or foreign file, or an array of something other
+    than numbers, is one ConfigError naming the option and the file. The dimension is the index's
+    to check (Router.vectors, eval)."""
+    where = f"{option} {path}"
+    try:
+        x = np.load(path, allow_pickle=False)
+    except OSError as e:
+        raise ConfigError(f"{where}: {e.strerror or first_line(e)}; give a .npy file of query vectors") from None
+    except (ValueError, EOFError) as e:  # empty, truncated, or not .npy (np.load then refuses to unpickle)
+        why = "no .npy header" if "pickle" in str(e) else first_line(e)
+        raise ConfigError(f"{where}: not a readable .npy array ({why}); {NPY_FIX}") from None
+    if not isinstance(x, np.ndarray):  # a .npz archive
+        x.close()
+        raise ConfigError(f"{where}: a .npz archive of several arrays, not one .npy array; {NPY_FIX}")
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise ConfigError(f"{where}: holds {x.dtype} values, not real numbers; {NPY_FIX}")
+    if x.ndim not in (1, 2) or not x.size:
+        raise ConfigError(f"{where}: an array of shape {x.shape}, not [n, d] vectors; {NPY_FIX}")
+    return np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)

@@ -62,46 +62,52 @@ def nlist_for(n: int, d: int | None = None) -> int:
     return max(1, k)
 
 
-def pq_m(d: int, code_bytes: float, need_divisor: bool) -> int | None:
-    """The largest M in PQ_M that fits code_bytes (and divides d, without OPQ's rotation)."""
-    for m in PQ_M:
-        if m <= code_bytes and (not need_divisor or d % m == 0) and m <= d:
-            return m
-    return None
-
-
-def choose_factory(n: int, d: int, budget: int, need_ivf: bool = False) -> Choice:
-    """need_ivf: --sharding ivf, whose shards are ranges of IVF lists, so never plain Flat."""
+def choose_factory(n: int, d: int, budget: int, need_ivf: bool = False, shards: int = 1) -> Choice:
+    """need_ivf: --sharding ivf, whose shards are ranges of IVF lists, so never plain Flat. The
+    budget holds the codes and ids of all N vectors plus, once per shard, the trained part
+    (centroids, codebooks, rotation) that every shard file carries."""
     if n < 1 or d < 1:
         raise ConfigError(f"factory auto: need at least one vector of at least one dimension (N={n}, d={d})")
     flat = d * 4 + ID_BYTES
-    fits_flat = n * flat * LIST_OVERHEAD <= budget
-    if n < FLAT_MAX and fits_flat and not need_ivf:
+
+    def served(factory: str, per: float) -> float:
+        return n * per * LIST_OVERHEAD + shards * trained_bytes(factory, d)
+
+    if n < FLAT_MAX and not need_ivf and served("Flat", flat) <= budget:
         return Choice("Flat", flat, f"N={n:,} < {FLAT_MAX:,}: exact search is fast, and raw vectors fit the budget")
     k = nlist_for(n, d)
-    if fits_flat:
-        return Choice(f"IVF{k},Flat", flat, f"raw vectors ({_gb(n * flat)}) fit the budget ({_gb(budget)}); "
-                                            f"nlist={k} ~ {nlist_factor(n)}*sqrt(N)")
-    code = budget / (n * LIST_OVERHEAD) - ID_BYTES
+    if served(f"IVF{k},Flat", flat) <= budget:
+        return Choice(f"IVF{k},Flat", flat, f"raw vectors ({_gb(n * flat)}) and {shards} x the centroids fit the "
+                                            f"budget ({_gb(budget)}); nlist={k} ~ {nlist_factor(n)}*sqrt(N)")
     opq = d >= OPQ_MIN_DIM
-    m = pq_m(d, code, need_divisor=not opq)
-    if m is None or n < PQ_TRAIN_MIN:
-        fit = [mm for mm in PQ_M if mm <= d and (opq or d % mm == 0)]  # the PQ{M} that d allows at all
+    fit = [pq_factory(m, d, k, opq) for m in PQ_M if m <= d and (opq or d % m == 0)]  # the PQ{M} d allows
+    ok = [f for f in fit if served(f, _pq_of(f) + ID_BYTES) <= budget]
+    if not ok or n < PQ_TRAIN_MIN:
         if n < PQ_TRAIN_MIN:
-            why = f"{_gb(n * flat * LIST_OVERHEAD, up=True)} (too few vectors to train PQ)"
+            why = f"{_gb(served(f'IVF{k},Flat', flat), up=True)} (too few vectors to train PQ)"
         elif not fit:
-            why = f"{_gb(n * flat * LIST_OVERHEAD, up=True)} (no PQ{{M}} with M in {PQ_M} divides d={d})"
+            why = f"{_gb(served(f'IVF{k},Flat', flat), up=True)} (no PQ{{M}} with M in {PQ_M} divides d={d})"
         else:
-            why = f"at least {_gb(n * (min(fit) + ID_BYTES) * LIST_OVERHEAD, up=True)}"
-        raise ConfigError(f"memory_budget: {_gb(budget)} cannot hold {n:,} vectors of d={d}; "
-                          f"raise --memory-budget to {why}, or give --factory")
+            why = f"at least {_gb(min(served(f, _pq_of(f) + ID_BYTES) for f in fit), up=True)}"
+        raise ConfigError(f"memory_budget: {_gb(budget)} cannot hold {n:,} vectors of d={d} in {shards} shard(s) "
+                          f"(each holds its own trained part); raise --memory-budget to {why}, or give --factory")
+    f = ok[0]
+    m = _pq_of(f)
+    held = f"PQ{m} = {m} bytes/vector + {shards} x {_gb(trained_bytes(f, d))} trained fits it"
     if opq:
-        dd = min(d, 4 * m) // m * m
-        return Choice(f"OPQ{m}_{dd},IVF{k},PQ{m}", m + ID_BYTES,
-                      f"raw vectors ({_gb(n * flat)}) exceed the budget; d={d} >= {OPQ_MIN_DIM}: OPQ rotation "
-                      f"to {dd} dims, PQ{m} = {m} bytes/vector")
-    return Choice(f"IVF{k},PQ{m}", m + ID_BYTES,
-                  f"raw vectors ({_gb(n * flat)}) exceed the budget; PQ{m} = {m} bytes/vector fits it")
+        dd = factory_shape(f, d)[0]
+        return Choice(f, m + ID_BYTES, f"raw vectors ({_gb(n * flat)}) exceed the budget; d={d} >= {OPQ_MIN_DIM}: "
+                                       f"OPQ rotation to {dd} dims, {held}")
+    return Choice(f, m + ID_BYTES, f"raw vectors ({_gb(n * flat)}) exceed the budget; {held}")
+
+
+def pq_factory(m: int, d: int, nlist: int, opq: bool) -> str:
+    """IVF{nlist},PQ{m}, under an OPQ rotation to D = 4*m dims (at most d, a multiple of m) when opq."""
+    return f"OPQ{m}_{min(d, 4 * m) // m * m},IVF{nlist},PQ{m}" if opq else f"IVF{nlist},PQ{m}"
+
+
+def _pq_of(factory: str) -> int:
+    return int(factory.rsplit("PQ", 1)[1])
 
 
 def train_size(n: int, d: int, factory: str, nlist: int | None, cap_bytes: int = TRAIN_MAX_BYTES) -> int:
@@ -147,6 +153,26 @@ def factory_shape(factory: str, d: int) -> tuple[int, int | None, float | None]:
         elif part in _SQ_BITS:
             code = math.ceil(dd * _SQ_BITS[part] / 8)
     return dd, nl, code
+
+
+def trained_bytes(factory: str, d: int) -> int:
+    """Bytes of the trained part that every shard file holds: the pre-transform's matrix (d x D;
+    PCA also keeps its d x d eigenvectors), the IVF centroids (nlist x D), the PQ codebooks
+    (2^nbits x D) or the SQ ranges (2 x D). Pure string work, like factory_shape."""
+    dd, total = d, 0
+    for part in factory.split(","):
+        part = part.strip()
+        if m := _PRE.match(part):
+            out = int(next((g for g in m.groups() if g), dd))
+            total += dd * out + (dd * dd + dd if part.startswith("PCA") else 0)
+            dd = out
+        elif m := _IVF.match(part):
+            total += int(m.group(1)) * dd
+        elif m := _PQ.match(part):
+            total += 2 ** int(m.group(2) or (4 if m.group(3) else 8)) * dd
+        elif part in _SQ_BITS:
+            total += 2 * dd
+    return 4 * total
 
 
 @dataclass(frozen=True)
@@ -195,8 +221,62 @@ class Plan:
 def index_plan(n: int, d: int, factory: str, shards: int, merge_ram_budget: int) -> Plan:
     dd, nl, code = factory_shape(factory, d)
     per = (code + ID_BYTES) * LIST_OVERHEAD if code is not None else None
-    trained = 4 * (dd * (nl or 0) + (d * dd if dd != d else 0) + (256 * dd if "PQ" in factory else 0))
+    trained = trained_bytes(factory, d)
     shard = math.ceil(n / shards * per) if per is not None else None
     return Plan(factory=factory, n=n, d=d, shards=shards, nlist=nl, bytes_per_vector=per, trained_bytes=trained,
                 shard_bytes=shard, on_disk=bool(nl) and shard is not None and shard > merge_ram_budget,
                 train_vectors=train_size(n, d, factory, nl), embeddings_bytes=n * (4 * d + ID_BYTES))
+
+
+# ---------------------------------------------------------------- before any work: trainable, sensible
+
+MIN_PER_SHARD = 1_000  # below this a shard (a serving replica and its own copy of the trained part) costs
+                       # more than it saves: hash sharding sends every query to every shard anyway
+
+
+def _ksub(factory: str) -> int | None:
+    """Centroids per PQ codebook (2^nbits), or None without PQ."""
+    for part in factory.split(","):
+        if m := _PQ.match(part.strip()):
+            return 2 ** int(m.group(2) or (4 if m.group(3) else 8))
+    return None
+
+
+def check_trainable(factory: str, n: int, d: int, shards: int, sharding: str) -> None:
+    """Refuse a factory the build's training sample cannot train (k-means needs at least one
+    vector per centroid), and ivf sharding with more shards than lists; at plan time."""
+    nl = factory_shape(factory, d)[1]
+    t = train_size(n, d, factory, nl)
+    k = nlist_for(n, d)
+    if nl is not None and nl < 1:
+        raise ConfigError(f"factory: {factory!r} has no IVF lists; give at least one, e.g. IVF{k} for N={n:,}, "
+                          f"or --factory auto")
+    if nl and nl > t:
+        raise ConfigError(f"factory: {factory!r} has {nl:,} IVF lists, and k-means needs a training vector for "
+                          f"each but the build has {t:,} (N={n:,}); give at most IVF{k} (~{MIN_TRAIN_PER_LIST} "
+                          f"vectors a list), or --factory auto")
+    if (ks := _ksub(factory)) and ks > t:
+        raise ConfigError(f"factory: {factory!r}'s PQ codebooks have {ks} centroids each, and the build has "
+                          f"{t:,} training vectors (N={n:,}); give Flat or SQ8 codes for so few vectors, "
+                          f"or --factory auto")
+    if sharding == "ivf" and nl and shards > nl:
+        raise ConfigError(f"shards: {shards} shards cannot each own one of {factory!r}'s {nl:,} IVF lists; "
+                          f"give --shards <= {nl:,} or a larger nlist")
+
+
+def plan_warnings(n: int, d: int, factory: str, shards: int) -> list[str]:
+    """What the build will do but the user likely did not mean: too few training vectors a list
+    for good clustering, or more shards than N makes sense for."""
+    out = []
+    nl = factory_shape(factory, d)[1]
+    t = train_size(n, d, factory, nl)
+    if nl and t < MIN_TRAIN_PER_LIST * nl:
+        out.append(f"factory: {t:,} training vectors for {nl:,} IVF lists is {t / nl:,.1f} a list, under the "
+                   f"{MIN_TRAIN_PER_LIST} faiss's k-means wants: lists will be poor; give IVF{nlist_for(n, d)} "
+                   f"or --factory auto")
+    if shards > 1 and n < shards * MIN_PER_SHARD:
+        empty = f", {shards - n:,} of them empty" if n < shards else ""
+        out.append(f"shards: {shards:,} shards over {n:,} vectors is {n / shards:,.1f} a shard{empty}; each costs "
+                   f"a serving replica and its own copy of the trained part: give --shards "
+                   f"{max(1, n // MIN_PER_SHARD)} (at least {MIN_PER_SHARD:,} vectors a shard)")
+    return out

@@ -232,7 +232,7 @@ def _reindex(cfg: ReindexConfig, store: Store) -> ReindexSummary:
         + (f" (drift {dec.ratios})" if dec.ratios else ""))
     run_cfg, kept = _run_config(bcfg, live, dec)
     run = Run.of(run_cfg, corpus, parts, enc, fp, kept)
-    show_plan(run_cfg, run.n, run.enc.dim, run.metric)
+    show_plan(run_cfg, run.n, run.enc.dim, run.metric, trains=kept is None)
     # the version records the options asked for, not the kept quantizer's factory and metric
     s = index_and_publish(run_cfg, store, t, run, lineage=_lineage(found, dec), options=options_of(bcfg))
     out = replace(found, version=s.version, published=True, retrained=dec.retrain, retrain_reason=dec.reason,
@@ -294,7 +294,8 @@ def _quantizer(cfg: ReindexConfig, bcfg: BuildConfig, store: Store, live: Manife
         return Decision(True, f"metric changed ({live.index.metric} -> {metric})")
     d = c.diff
     n = d.new + d.changed + d.unchanged
-    want = choose_factory(n, dim, bcfg.budget_bytes).factory if bcfg.factory == "auto" else bcfg.factory
+    want = (choose_factory(n, dim, bcfg.budget_bytes, need_ivf=bcfg.sharding == "ivf", shards=bcfg.shards).factory
+            if bcfg.factory == "auto" else bcfg.factory)  # as the build chose it
     if want != live.index.factory:
         what = f"--factory auto picks {want} for {n:,} documents" if bcfg.factory == "auto" else f"--factory {want}"
         return Decision(True, f"{what}; the live index is {live.index.factory}")

@@ -25,6 +25,7 @@ import ray
 
 from index_builder.encode.parts import read_vectors
 from index_builder.workdir import WorkDir
+from shards.errors import ConfigError
 from shards.raytools import log
 from shards.storage.faissio import faiss, ivf, metric_type, nlist, read_index, write_index
 from shards.storage.store import Store
@@ -43,6 +44,54 @@ def make_index(factory: str, d: int, metric: str):
         if not isinstance(index, (f.IndexIDMap, f.IndexIDMap2)):
             index = f.IndexIDMap2(index)
     return index
+
+
+SUPPORTED = ("an IVF index (IVF{nlist},Flat|PQ{M}|SQ8, optionally under OPQ/PCA, e.g. IVF1024_HNSW32,PQ32), "
+             "Flat, PQ{M} or SQ8")
+
+
+def check_factory(factory: str, d: int, metric: str, sharding: str) -> None:
+    """Refuse, before any work, a --factory that faiss cannot build for d, or that the add, merge and
+    split stages cannot handle: they merge part indexes into shards (IndexIVF.merge_from, or the
+    flat codes of an IDMap), and --sharding ivf cuts inverted lists by range. Building the empty
+    index is cheap: nothing is trained."""
+    f = faiss()
+    try:
+        index = make_index(factory, d, metric)
+    except RuntimeError as e:
+        raise ConfigError(f"factory: faiss cannot build {factory!r} for d={d} ({_faiss_reason(e)}); "
+                          f"give {SUPPORTED}, or --factory auto") from None
+    top = f.downcast_index(index)
+    if isinstance(top, f.IndexPreTransform):
+        top = f.downcast_index(top.index)
+    iv = ivf(index)
+    if iv is None:
+        try:
+            index.check_compatible_for_merge(make_index(factory, d, metric))
+        except RuntimeError:
+            raise ConfigError(f"factory: {factory!r} ({type(f.downcast_index(top.index)).__name__}) cannot be "
+                              f"merged from part indexes, which every build does; give {SUPPORTED}") from None
+        if sharding == "ivf":
+            raise ConfigError(f"factory: --sharding ivf needs an IVF index and {factory!r} has no IVF lists; "
+                              f"give --sharding hash, or an IVF factory like IVF1024,{factory}")
+        return
+    if not isinstance(top, f.IndexIVF):  # e.g. a refine stage over the IVF: merge_from is not implemented
+        raise ConfigError(f"factory: {factory!r} wraps its IVF index in {type(top).__name__}, which cannot be "
+                          f"merged from part indexes; drop the wrapper (e.g. ,RFlat) and give {SUPPORTED}")
+    if sharding == "ivf" and isinstance(top, f.IndexIVFFastScan):
+        # the split cuts ArrayInvertedLists by range; fast-scan's block lists are laid out differently
+        raise ConfigError(f"factory: --sharding ivf cannot cut the fast-scan lists of {factory!r}; give "
+                          f"--sharding hash, or PQ{{M}} without fs")
+
+
+def _faiss_reason(e: RuntimeError) -> str:
+    """The part of a faiss C++ error a user can act on: its message, not the source location."""
+    text = " ".join(str(e).split())
+    for cut in ("' failed: ", "Error: ", ": "):
+        if cut in text:
+            text = text.rsplit(cut, 1)[1]
+            break
+    return text[:160]
 
 
 def skip_polysemous(index):
@@ -192,6 +241,27 @@ def _untrain(iv) -> None:
     iv.is_trained = False
 
 
+ZERO_NORM = 1e-6  # a norm this small next to the sample's median (or under 1e-12) is a zero vector
+
+
+def near_zero(x: np.ndarray) -> int:
+    """How many rows of x have a norm of ~0 (relative to the median norm, so any scale works)."""
+    if not len(x):
+        return 0
+    nrm = np.linalg.norm(x, axis=1)
+    return int((nrm <= max(ZERO_NORM * float(np.median(nrm)), 1e-12)).sum())
+
+
+def zero_norm_warning(tr: dict, metric: str) -> str | None:
+    """Under ip a zero vector scores 0 against every query: it never ranks, and an index of them
+    answers all-zero scores. tr: train_task's record (older ones lack the count)."""
+    z, t = tr.get("zero_norm", 0), tr.get("train_vectors", 0)
+    if metric != "ip" or not z or not t:
+        return None
+    return (f"vectors: {z:,} of {t:,} training vectors ({z / t:.0%}) have a norm of ~0 under --metric ip, so "
+            f"they score 0 against every query; check the vector column or the encoder, or give --metric l2")
+
+
 @ray.remote
 def train_task(store: Store, wd: WorkDir, drawn: list, *, factory: str, d: int, metric: str, seed: int,
                threads: int, keep: bool = False, t0: float | None = None) -> dict:
@@ -215,6 +285,6 @@ def train_task(store: Store, wd: WorkDir, drawn: list, *, factory: str, d: int, 
         device = train_index(index, xt, best_device(), seed)
         write_index(store, wd.trained, index)
     done = {"train_vectors": len(xt), "seconds": time.time() - t0, "sample_seconds": t1 - t0,
-            "device": device, "nlist": nlist(index)}
+            "device": device, "nlist": nlist(index), "zero_norm": near_zero(xt)}
     store.write_text(wd.train_record, json.dumps(done))
     return {**done, "reused": False}
