@@ -510,3 +510,52 @@ def test_closed_stdout_pipe_exits_quietly(ray_session, tmp_path):
     finally:
         os.close(w)
     assert p.stderr == "" and p.returncode == 141, p.stderr   # quiet: no traceback, no "storage:" error
+
+
+# ------------------------------------------------------- 13. warnings where the user likely erred
+
+def test_zero_vectors_under_ip_and_too_many_shards_warn(ray_session, tmp_path):
+    """All-zero vectors under ip score 0 against everything; 8 shards of 25 vectors cost more than
+    they save. The build goes on, and says so in its log and summary."""
+    src = tmp_path / "corpus"
+    write_vec(src, np.arange(200, dtype=np.int64), np.zeros((200, 16), np.float32))
+    s = build(ray_session, source=str(src), index_root=str(tmp_path / "idx"), vector_column="vector",
+              factory="Flat", metric="ip", shards=8)
+    text = "\n".join(s.warnings)
+    assert "200 of 200 training vectors (100%) have a norm of ~0 under --metric ip" in text
+    assert "8 shards over 200 vectors is 25.0 a shard" in text and "--shards 1" in text
+    assert any(ln.startswith("warning      vectors: ") for ln in s.lines())
+
+
+def test_sensible_build_has_no_warnings(ray_session, tmp_path):
+    src = tmp_path / "corpus"
+    write_vec(src, np.arange(200, dtype=np.int64), clustered(200, 16, seed=3))
+    s = build(ray_session, source=str(src), index_root=str(tmp_path / "idx"), vector_column="vector",
+              factory="Flat", metric="ip")
+    assert s.warnings == []
+
+
+def test_recall_below_target_warns():
+    from index_builder.build.tune import recall_warning
+
+    w = recall_warning({"nprobe": 64, "recall_at_10": 0.81}, 0.95)
+    assert "0.810 recall@10 at nprobe=64 is under --target-recall 0.95" in w and "--memory-budget" in w
+    assert recall_warning({"nprobe": 4, "recall_at_10": 0.96}, 0.95) is None
+
+
+# ------------------------------------------------------- 14. --memory-budget holds every shard's trained part
+
+def test_auto_factory_serves_within_the_budget(ray_session, tmp_path):
+    """12k x 64 in 4 shards under 1 MiB: PQ64's codes fit, but not with 4 copies of the 128 KiB
+    trained part; the chooser takes PQ32, and the published shard files add up to under the budget."""
+    from helpers import write_vector_corpus
+
+    write_vector_corpus(tmp_path / "corpus", n=12_000, d=64, files=2)
+    s = build(ray_session, source=str(tmp_path / "corpus"), index_root=str(tmp_path / "idx"),
+              vector_column="vector", memory_budget="1M", shards=4, part_rows=4000)
+    assert s.factory == "IVF256,PQ32", s.factory
+    m = load_manifest(Store(str(tmp_path / "idx")), current_version(Store(str(tmp_path / "idx"))))
+    served = sum(sh.bytes + (sh.ivfdata_bytes or 0) for sh in m.shards)   # each shard file holds its trained part
+    assert s.index_bytes <= served <= 1 << 20, served
+    from index_builder.plan.factory import LIST_OVERHEAD, trained_bytes
+    assert 12_000 * 72 * LIST_OVERHEAD + 4 * trained_bytes("IVF256,PQ64", 64) > 1 << 20   # what it used to pick
