@@ -338,6 +338,7 @@ def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if getattr(args, "address", None):
         os.environ["RAY_ADDRESS"] = args.address   # what ensure_ray joins, wherever the command calls it
+    ours = not ray_running()  # a Ray already up (a notebook's, a test session's) is the caller's to stop
     try:
         return args.fn(args)
     except BrokenPipeError:
@@ -358,15 +359,20 @@ def _main(argv: list[str] | None) -> int:
               file=sys.stderr)
         return 1
     finally:
-        stop_ray()
+        if ours:
+            stop_ray()
+
+
+def ray_running() -> bool:
+    ray = sys.modules.get("ray")  # never imported: not running, and no need to import it to know
+    return ray is not None and ray.is_initialized()
 
 
 def stop_ray() -> None:
     """Stop the local Ray this command started (or leave the cluster it joined) now, rather than in
     Ray's exit hook, which first sleeps half a second for worker logs that have already arrived."""
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    if ray_running():
+        sys.modules["ray"].shutdown()
 
 
 if __name__ == "__main__":

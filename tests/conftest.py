@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
-from helpers import write_vector_corpus
+from helpers import clustered, write_vector_corpus
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,12 +20,16 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """Local Ray on 2 CPUs, started once: each ray.init costs seconds."""
+    """Local Ray on 2 CPUs, started once: each ray.init costs seconds. Its address goes in
+    RAY_ADDRESS, so a `shardex` subprocess joins it as asked instead of starting a Ray of its own
+    (a test that wants its own drops RAY_ADDRESS from the child's environment)."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield ray
+    os.environ.pop("RAY_ADDRESS", None)
     ray.shutdown()
 
 
@@ -78,3 +83,12 @@ def s3():
             else:
                 os.environ[k] = v
         server.stop()
+
+
+@pytest.fixture
+def vec_corpus(tmp_path):
+    """A 2-file corpus of 200 x 16 vectors (int ids 0..199), rows 0-99 in a.parquet, 100-199 in
+    b.parquet. Returns (dir, ids, x); a test edits a copy of the data and calls write_vec."""
+    x = clustered(200, 16, seed=3)
+    ids = np.arange(200, dtype=np.int64)
+    return tmp_path / "corpus", ids, x
