@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -256,3 +258,70 @@ def manifests() -> list[tuple[str, dict]]:
 def rayservice() -> dict:
     (d,) = [d for _, d in manifests() if d["kind"] == "RayService"]
     return d
+
+
+# ---------------------------------------------------------------- bad input: the one error line
+
+SHARDEX = str(Path(sys.executable).with_name("shardex"))
+PREFIX = "shardex: error: "
+FIX = "--bad-rows skip"  # every row-level message says how to go on
+
+
+def error_line(stderr: str) -> str:
+    """The one error line. Every other non-empty stderr line must be a progress log line, so a
+    message spread over several lines, or a traceback, fails here."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith(PREFIX)]
+    assert len(errors) == 1, f"expected one error line, got {len(errors)}:\n{stderr}"
+    assert "Traceback" not in stderr, stderr
+    stray = [ln for ln in lines if not ln.startswith((PREFIX, "[shardex "))]
+    assert not stray, f"stderr has lines other than the error and progress logs:\n{stderr}"
+    return errors[0]
+
+
+def run_cli(*args: str, timeout: int = 120) -> tuple[int, str]:
+    """The real `shardex` console script; returns (exit code, the one error line)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([SHARDEX, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert p.returncode != 0, f"exit 0 on bad input:\n{p.stdout}\n{p.stderr}"
+    return p.returncode, error_line(p.stderr)
+
+
+def main_error(capsys, *args: str) -> str:
+    """index_builder.cli.main in this process (the session's Ray); returns the one error line."""
+    from index_builder.cli import main
+
+    capsys.readouterr()
+    rc = main(["build", *args])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    return error_line(err)
+
+
+def text_table(ids, texts) -> pa.Table:
+    return pa.table({"id": pa.array(ids, pa.int64()), "text": pa.array(texts, pa.string())})
+
+
+def good_texts(n: int, start: int = 0) -> list[str]:
+    return [f"document number {i} about topic {i % 7}" for i in range(start, start + n)]
+
+
+def list_vectors(x: np.ndarray, wrong_dim: dict[int, int] | None = None) -> pa.Array:
+    """list<float32> (not fixed size), so a row can have the wrong number of values."""
+    rows = [list(map(float, v)) for v in x]
+    for r, d in (wrong_dim or {}).items():
+        rows[r] = rows[r][:d] if d <= len(rows[r]) else rows[r] + [0.5] * (d - len(rows[r]))
+    return pa.array(rows, pa.list_(pa.float32()))
+
+
+def write(t: pa.Table, path: Path, row_group: int = 100) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(t, str(path), row_group_size=row_group)
+    return str(path)
+
+
+def write_vec(src: Path, ids, x, fixed: bool = True, wrong_dim=None) -> None:
+    vec = vector_table(ids, x).column("vector") if fixed else list_vectors(x, wrong_dim)
+    t = pa.table({"id": pa.array(ids, pa.int64()), "vector": vec})
+    write(t.slice(0, 100), src / "a.parquet")
+    write(t.slice(100, 100), src / "b.parquet")
