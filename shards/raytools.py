@@ -5,6 +5,7 @@ Ray is imported where it is used: the router describes shard errors with one_lin
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 
@@ -87,8 +88,21 @@ def one_line(e: BaseException, verbatim: type | tuple = ()) -> str:
         return str(e)
     cause = getattr(e, "cause", None)
     e = cause if isinstance(cause, BaseException) else e
+    if getattr(e, "_actor_init_failed", False) and (raised := last_raised(str(e))):
+        return raised  # an actor's __init__ failed: Ray keeps only its text, whose last line is the error
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def last_raised(text: str) -> str | None:
+    """The `module.Type: message` line a traceback ends with, as one_line writes it: shardex's own
+    errors by their message alone."""
+    for ln in reversed(text.strip().splitlines()):
+        m = re.match(r"([\w.]+): (.+)$", ln.strip())
+        if m and m.group(1).split(".")[-1].endswith(("Error", "Exception")):
+            name, msg = m.groups()
+            return msg if name.startswith("shards.errors.") else f"{name.split('.')[-1]}: {msg}"
+    return None
 
 
 def wait_until(ready, timeout: float, period: float = 0.2):

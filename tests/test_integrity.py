@@ -23,7 +23,7 @@ from shards.storage.faissio import load_shard
 from shards.storage.manifest import current_version, load_manifest, set_current, vdir, verify
 from shards.storage.store import Store
 
-from helpers import Client, build, free_port, start_app, write_vector_corpus
+from helpers import Client, build, free_port, run_cli, start_app, write_vector_corpus
 
 pytestmark = pytest.mark.slow
 N, D = 1500, 16
@@ -120,6 +120,19 @@ def test_search_eval_and_rollback_refuse_a_damaged_version(index, capsys, tmp_pa
     finally:
         set_current(store, good)
     assert main(["rollback", index["root"], good]) == 0               # an intact version still rolls back
+
+
+def test_search_on_ray_actors_refuses_a_damaged_shard_in_one_line(index):
+    """The default backend loads each shard in a Ray actor: its load error comes back as the same one
+    line, with no actor traceback on the terminal (a subprocess, so stderr is what a user sees)."""
+    store, good = Store(index["root"]), index["version"]
+    bad = damaged_copy(store, good, f"{good}-ray-flip", "shard-1.index", "flip")
+    set_current(store, bad)
+    try:
+        rc, line = run_cli("search", index["root"], "--vectors", index["q"])   # joins the session's Ray
+    finally:
+        set_current(store, good)
+    assert store.uri(f"{vdir(bad)}/shard-1.index") in line and "differs from the manifest" in line, line
 
 
 def test_a_file_is_hashed_once_per_process(index):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shards.errors import QueryError, SearchError
+from shards.errors import QueryError, SearchError, ShardexError
 from shards.raytools import ensure_ray, ray_get
 from shards.search.fanout import Outcome, fan_out
 from shards.search.filters import filterable, parse_filter, wire
@@ -172,6 +172,23 @@ class LocalShards:
         self.shards = []
 
 
+class ShardActor(ShardSearcher):
+    """A ShardSearcher as a Ray actor that keeps its load error for ready() to raise. An actor whose
+    __init__ raises dies, Ray prints the traceback on the caller's terminal and hands back only its text."""
+
+    def __init__(self, *a):
+        self.error = None
+        try:
+            super().__init__(*a)
+        except ShardexError as e:
+            self.error = e
+
+    def ready(self) -> bool:
+        if self.error is not None:
+            raise self.error
+        return True
+
+
 class RayShards:
     """backend="ray": one Ray actor per shard (joins RAY_ADDRESS or starts local Ray), reserving `cpus`
     and running `threads` faiss threads each (default: resources.plan_resources)."""
@@ -184,8 +201,9 @@ class RayShards:
         ensure_ray()
         res = plan_resources(*cluster_cpus(), len(shards), 1, 0, False, cpus, threads)
         self.threads, self.cpus = res.threads, res.shard_cpus
-        actor = ray.remote(ShardSearcher).options(num_cpus=self.cpus)
+        actor = ray.remote(ShardActor).options(num_cpus=self.cpus)
         self.shards = [actor.remote(store, version, sh, self.threads) for sh in shards]
+        ray_get([a.ready.remote() for a in self.shards])  # a damaged shard: its one-line error, now
         self._last = None
 
     def load_attributes(self, store: Store, m: Manifest, kinds: dict) -> None:

@@ -17,7 +17,7 @@ from ray import serve
 
 from shards.config import ServeConfig
 from shards.errors import SearchError
-from shards.raytools import wait_until
+from shards.raytools import last_raised, wait_until
 from shards.resources import Resources
 from shards.search.fanout import shard_name
 from shards.search.router import IndexView
@@ -148,9 +148,9 @@ def _running(name: str) -> bool:
 def _deploy_message(st) -> str:
     msgs = [f"{d}: {o.message}" for d, o in st.deployments.items() if o.message and o.status != "HEALTHY"]
     text = "; ".join(msgs) or st.message or "deploy failed"
-    # A replica's constructor error arrives as a traceback: keep its last line, which names the cause.
+    # A replica's constructor error arrives as a traceback: keep the error it ends with, which names the cause.
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else text
+    return last_raised(text) or (lines[-1] if lines else text)
 
 
 def delete_app(name: str) -> None:
