@@ -21,6 +21,7 @@ class Case:
     names: tuple[str, ...] = ()       # what the error (or warning) must name; {d} is the case's directory
     rows: int = 0                     # quarantined: rows in, and how many are rejected
     rejected: int = 0
+    held: bool = False                # run while another writer (this process) holds the root's lease
 
 
 def factory(s: str, n: int = 200):
@@ -39,7 +40,8 @@ def yaml_config(text: str):
 
 def option(*args: str):
     def make(d, root):
-        return [a.format(c=vectors_corpus(d / "c"), root=root) for a in args]
+        c = vectors_corpus(d / "c")
+        return [a.format(c=c, d=d, root=root) for a in args]
     return make
 
 
@@ -89,6 +91,7 @@ def damaged(how: str, cmd: str):
             m["shards"][0]["sha256"] = "0" * 64
             mf.write_text(json.dumps(m))
         return {"search": ["search", str(root), "--vectors", str(query(d)), "--local"],
+                "search-actors": ["search", str(root), "--vectors", str(query(d))],
                 "eval": ["eval", str(root)], "rollback": ["rollback", str(root), old]}[cmd]
     return make
 
@@ -132,7 +135,7 @@ CASES = [
     Case("negative-id", "corpus", "refused", i.with_ids([0, 1, -5, 3]), ("{d}/c/a.parquet", "row 2")),
     Case("uint64-id-above-int64", "corpus", "refused", i.with_ids([0, 2**63 + 7, 2]), ("{d}/c/a.parquet", "row 1")),
     Case("directory-without-parquet", "corpus", "refused", i.no_parquet, (C,)),
-    Case("missing-source", "corpus", "refused", option("build", "{d}/nowhere", "{root}"), ()),
+    Case("missing-source", "corpus", "refused", option("build", "{d}/nowhere", "{root}"), ("{d}/nowhere",)),
     Case("parquet-with-zero-rows", "corpus", "refused", i.zero_rows, ("{d}/c/z.parquet",)),
     Case("random-bytes-parquet", "corpus", "refused", i.random_bytes, ("{d}/c/b.parquet",)),
     Case("truncated-parquet", "corpus", "refused", i.truncated, ("{d}/c/b.parquet",)),
@@ -145,26 +148,31 @@ CASES = [
     Case("text-empty", "rows", "refused", i.bad_text(" \t \n "), ("{d}/c/t.parquet", "row 17")),
     Case("skip-bad-vector-rows", "rows", "quarantined", i.skip_vectors, rows=2000, rejected=4),
     Case("skip-bad-text-rows", "rows", "quarantined", i.skip_texts, rows=60, rejected=2),
-    Case("factory-IVF0", "factory", "refused", factory("IVF0,PQ3"), ("--factory", "IVF0,PQ3")),
-    Case("factory-PQ-not-dividing-d", "factory", "refused", factory("IVF4,PQ5"), ("--factory", "IVF4,PQ5")),
-    Case("factory-unparsable", "factory", "refused", factory("lol,what"), ("--factory", "lol,what")),
-    Case("factory-nlist-above-N", "factory", "refused", factory("IVF4096,Flat"), ("--factory", "IVF4096")),
-    Case("factory-HNSW-not-mergeable", "factory", "refused", factory("HNSW32"), ("--factory", "HNSW32")),
+    Case("factory-IVF0", "factory", "refused", factory("IVF0,PQ3"), ("factory", "IVF0,PQ3")),
+    Case("factory-PQ-not-dividing-d", "factory", "refused", factory("IVF4,PQ5"), ("factory", "IVF4,PQ5")),
+    Case("factory-unparsable", "factory", "refused", factory("lol,what"), ("factory", "lol,what")),
+    Case("factory-nlist-above-N", "factory", "refused", factory("IVF4096,Flat"), ("factory", "IVF4096")),
+    Case("factory-HNSW-not-mergeable", "factory", "refused", factory("HNSW32"), ("factory", "HNSW32")),
     Case("yaml-syntax-error", "config", "refused", yaml_config("shards: [2\nfactory: Flat\n"), ("{d}/build.yaml",)),
     Case("yaml-not-a-mapping", "config", "refused", yaml_config("- shards: 2\n"), ("{d}/build.yaml",)),
     Case("yaml-unknown-key", "config", "refused", yaml_config("shardz: 2\n"), ("shardz",)),
     Case("option-shards-zero", "options", "refused", option("build", "{c}", "{root}", "--shards", "0"),
          ("shards",)),
     Case("option-unknown-metric", "options", "refused",
-         option("build", "{c}", "{root}", "--vector-column", "vector", "--metric", "cosine2"), ("metric",)),
+         option("build", "{c}", "{root}", "--vector-column", "vector", "--metric", "cosine2"), ("--metric", "cosine2")),
     Case("search-vectors-truncated-npy", "queries", "refused", query_file("truncated"), ("{d}/q.npy",)),
     Case("search-vectors-empty-file", "queries", "refused", query_file("empty"), ("{d}/q.npy",)),
     Case("search-vectors-wrong-dim", "queries", "refused", query_file("dim"), ("{d}/q.npy",)),
     Case("eval-queries-garbage", "queries", "refused", query_file("garbage"), ("{d}/q.parquet",)),
     Case("search-truncated-shard", "integrity", "refused", damaged("truncated", "search"), ("shard",)),
     Case("search-wrong-sha256", "integrity", "refused", damaged("sha256", "search"), ("shard", "sha256")),
+    Case("search-actors-truncated-shard", "integrity", "refused", damaged("truncated", "search-actors"), ("shard",)),
     Case("eval-truncated-shard", "integrity", "refused", damaged("truncated", "eval"), ("shard",)),
     Case("rollback-to-damaged-version", "integrity", "refused", damaged("truncated", "rollback"), ("shard",)),
+    Case("second-writer-build", "writers", "refused", option("build", "{c}", "{root}", "--vector-column", "vector"),
+         ("another writer", "bad-input bench"), held=True),
+    Case("second-writer-rollback", "writers", "refused", lambda d, root: ["rollback", str(root), versions(root)[0]],
+         ("another writer", "bad-input bench"), held=True),
     Case("versions-missing-root", "root", "refused", broken_root("missing"), ("{d}/missing",)),
     Case("versions-root-is-a-file", "root", "refused", broken_root("file"), ("{d}/a-file",)),
     Case("versions-dangling-current", "root", "refused", broken_root("dangling"), ("v-gone",)),

@@ -19,17 +19,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from cases import CASES, Case, vectors_corpus  # noqa: E402  (this folder is on sys.path now)
+
+from shards.storage.lease import hold  # noqa: E402
+from shards.storage.store import Store  # noqa: E402
 
 RESULTS = HERE.parent / "results"
 SHARDEX = str(Path(sys.executable).with_name("shardex"))
@@ -42,10 +47,13 @@ def run(args: list[str], cwd: str, timeout: int = 300) -> subprocess.CompletedPr
 
 
 def one_error_line(stderr: str) -> str | None:
-    """The error line when stderr holds exactly one and otherwise only progress logs, else None."""
+    """The error line when stderr holds exactly one and otherwise only progress logs, else None.
+    argparse's own refusals (a usage block, then `shardex CMD: error: ...`) count as one line too."""
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith(PREFIX)]
-    stray = [ln for ln in lines if not ln.startswith((PREFIX, "[shardex "))]
+    if lines and lines[0].startswith("usage: shardex"):
+        lines = [ln for ln in lines if not ln.startswith(("usage: ", " "))]
+    errors = [ln for ln in lines if ln.startswith(PREFIX) or re.match(r"shardex \w+: error: ", ln)]
+    stray = [ln for ln in lines if ln not in errors and not ln.startswith("[shardex ")]
     return errors[0] if len(errors) == 1 and not stray and "Traceback" not in stderr else None
 
 
@@ -113,7 +121,8 @@ def main() -> None:
         args = c.make(d, root)
         before = snapshot(root)
         t = time.perf_counter()
-        p = run(args, cwd=str(d))
+        with hold(Store(str(root)), "bad-input bench") if c.held else nullcontext():
+            p = run(args, cwd=str(d))
         r = judge(c, p, before, snapshot(root), d)
         r["seconds"] = round(time.perf_counter() - t, 1)
         rows.append(r)
