@@ -20,16 +20,13 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """Local Ray on 2 CPUs, started once: each ray.init costs seconds. Its address goes in
-    RAY_ADDRESS, so a `shardex` subprocess joins it as asked instead of starting a Ray of its own
-    (a test that wants its own drops RAY_ADDRESS from the child's environment)."""
+    """Local Ray on 2 CPUs, started once: each ray.init costs seconds. A `shardex` subprocess
+    joins it through helpers.cli_env()."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield ray
-    os.environ.pop("RAY_ADDRESS", None)
     ray.shutdown()
 
 

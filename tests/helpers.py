@@ -279,10 +279,21 @@ def error_line(stderr: str) -> str:
     return errors[0]
 
 
+def cli_env(**extra) -> dict:
+    """The environment of a `shardex` subprocess: the test session's Ray, when it runs, in RAY_ADDRESS,
+    so the command joins it (as asked) instead of starting a Ray of its own, which costs seconds.
+    Not in this process's own environment: Ray's job client would take it over the address it is given."""
+    import ray
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    if ray.is_initialized():
+        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    return {**env, **extra}
+
+
 def run_cli(*args: str, timeout: int = 120) -> tuple[int, str]:
     """The real `shardex` console script; returns (exit code, the one error line)."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    p = subprocess.run([SHARDEX, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    p = subprocess.run([SHARDEX, *args], capture_output=True, text=True, timeout=timeout, env=cli_env())
     assert p.returncode != 0, f"exit 0 on bad input:\n{p.stdout}\n{p.stderr}"
     return p.returncode, error_line(p.stderr)
 

@@ -17,7 +17,7 @@ from index_builder.cli import main
 from shards.storage.manifest import current_version, load_manifest
 from shards.storage.store import Store
 
-from helpers import PREFIX, SHARDEX, build, clustered, error_line, main_error, run_cli, write_vec
+from helpers import PREFIX, SHARDEX, build, cli_env, clustered, error_line, main_error, run_cli, write_vec
 
 # ------------------------------------------------------- 1. a malformed --config (before Ray)
 
@@ -145,7 +145,7 @@ def test_closed_stdout_pipe_exits_quietly(ray_session, tmp_path):
     write_vec(src, np.arange(200, dtype=np.int64), clustered(200, 16, seed=3))
     root = str(tmp_path / "idx")
     build(ray_session, source=str(src), index_root=root, vector_column="vector", factory="Flat")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    env = cli_env()
     r, w = os.pipe()
     os.close(r)                                    # no reader: the first write is EPIPE
     try:

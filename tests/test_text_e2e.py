@@ -20,7 +20,7 @@ from shards.storage.faissio import index_ids
 from shards.storage.manifest import current_version, list_versions
 from shards.storage.store import Store
 
-from helpers import build, wait_until
+from helpers import build, cli_env, wait_until
 
 pytestmark = pytest.mark.slow
 SHARDEX = os.path.join(os.path.dirname(sys.executable), "shardex")
@@ -36,7 +36,8 @@ def text_index(ray_session, tmp_path_factory):
     v1 = build(ray_session, source=info["files"][0], **common)
 
     cmd = [SHARDEX, "build", src, root, "--fields", "title,text", "--shards", "2", "--part-rows", "50"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=cli_env())
     done_before_kill = _wait_for_new_parts(Store(root), v1_parts=4, proc=proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -97,7 +98,7 @@ def test_python_api_text_search(text_index):
 
 def test_cli_search_json(text_index):
     out = subprocess.run([SHARDEX, "search", text_index["root"], "send an email message", "-k", "3", "--json"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=cli_env())
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout)
     assert res["version"] == text_index["v2"].version
