@@ -3,6 +3,7 @@ descriptions), so flags, help and YAML keys never drift apart."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -108,8 +109,13 @@ def cmd_search(args) -> int:
     if args.vectors:
         q = r.view.vectors(q, where=f"--vectors {args.vectors}")  # its dimension is the index's
     hits = r.search(q, k=args.k, nprobe=args.nprobe)
+    version = r.version
+    del r
+    # The docs store's Arrow scanner threads are freed now, while Arrow is alive: left to the
+    # interpreter's final teardown they can abort the process (apache/arrow#34314) after the answer.
+    gc.collect()
     if args.json:
-        print(json.dumps({"version": r.version, "results": [[h.as_dict() for h in hs] for hs in hits]}))
+        print(json.dumps({"version": version, "results": [[h.as_dict() for h in hs] for hs in hits]}))
         return 0
     for text, hs in zip(args.query or [f"vector {i}" for i in range(len(q))], hits):
         print(f"\n{text}")
