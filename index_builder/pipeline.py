@@ -16,18 +16,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from index_builder.build.add import add_task, split_task
-from index_builder.build.merge import expected_digest, merge_task, ram_budget_exceeded, shard_info
-from index_builder.build.publish import (
-    LISTS,
-    TRAINED,
-    copy_files,
-    drift_baseline,
-    file_info,
-    make_manifest,
-    publish,
-    run_files,
-    write_quarantine,
-)
+from index_builder.build.merge import expected_digest, merge_task, ram_budget_exceeded
+from index_builder.build.publish import publish_run
 from index_builder.build.tune import recall_warning, tune_task
 from index_builder.config import BuildConfig
 from index_builder.encode.parts import Layout, PartResult, part_rel
@@ -49,8 +39,8 @@ from index_builder.workdir import WorkDir
 from shards.config import parse_bytes
 from shards.errors import ConfigError, CorpusError, IntegrityError
 from shards.raytools import ensure_ray, log, node_cpus, ray_get
-from shards.storage.lease import assert_held, hold
-from shards.storage.manifest import DriftBaseline, EncoderInfo, Lineage, Manifest, new_version_name, vdir
+from shards.storage.lease import hold
+from shards.storage.manifest import DriftBaseline, EncoderInfo, Lineage, Manifest
 from shards.storage.store import Store, resolve_endpoint
 
 
@@ -273,27 +263,6 @@ def tune(cfg: BuildConfig, store: Store, run: Run) -> dict:
 def baseline(cfg: BuildConfig, store: Store, run: Run) -> dict:
     return ray_get(baseline_task.options(num_cpus=node_cpus()).remote(
         store, run.wd, run.sizes, shards=cfg.shards, seed=cfg.seed, threads=node_cpus()))
-
-
-def publish_run(cfg: BuildConfig, store: Store, run: Run, *, trained: dict, ranges: list | None, tuned: dict,
-                base: dict, timings: dict, lineage: Lineage, options: dict) -> Manifest:
-    """Copy the run's files into a new version, write its manifest and move CURRENT to it."""
-    version = new_version_name(run.wd.run)
-    infos = [shard_info(store, run.wd, s) for s in range(cfg.shards)]
-    copy_files(store, version, run_files(run.wd, infos, [(part_rel(run.fp, p.part, "docs"), p.part)
-                                                         for p in run.live]))
-    quarantine = write_quarantine(store, version, [part_rel(run.fp, p.part, "rejected") for p in run.parts])
-    kept = run.kept
-    m = make_manifest(version, cfg, corpus=run.corpus, parts=run.parts, vectors=run.emb, quarantine=quarantine,
-                      encoder=run.enc, factory=run.factory,
-                      auto_reason=kept.auto_reason if kept else run.choice.reason if run.choice else None,
-                      trained=trained, trained_file=file_info(store, version, TRAINED), shards=infos,
-                      ranges=ranges, tuned=tuned, drift=drift_baseline(base, version, kept.drift if kept else None),
-                      timings=timings, lineage=lineage, options=options)
-    if base["lists"]:
-        store.copy(base["lists"], f"{vdir(version)}/{LISTS}")
-    assert_held(store)  # a writer whose lease was taken over must not move CURRENT
-    return publish(store, m)
 
 
 def _nlist_of(factory: str) -> int | None:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from index_builder.build.merge import shard_info
 from index_builder.config import BuildConfig
-from index_builder.encode.parts import PartResult
+from index_builder.encode.parts import PartResult, part_rel
 from index_builder.plan.corpus import Corpus
 from index_builder.workdir import WorkDir
 from shards.errors import IntegrityError
+from shards.storage.lease import assert_held
 from shards.storage.manifest import (
     DocsInfo,
     DriftBaseline,
@@ -25,6 +27,7 @@ from shards.storage.manifest import (
     SearchDefaults,
     ShardingInfo,
     SourceInfo,
+    new_version_name,
     set_current,
     vdir,
     verify,
@@ -112,3 +115,25 @@ def make_manifest(version: str, cfg: BuildConfig, *, corpus: Corpus, parts: list
         drift=drift,
         lineage=lineage,
         options=options)
+
+
+def publish_run(cfg: BuildConfig, store: Store, run, *, trained: dict, ranges: list | None, tuned: dict,
+                base: dict, timings: dict, lineage: Lineage, options: dict) -> Manifest:
+    """Copy the run's files into a new version, write its manifest and move CURRENT to it.
+    run: the pipeline's Run (its work dir, parts, encoder, factory, kept quantizer)."""
+    version = new_version_name(run.wd.run)
+    infos = [shard_info(store, run.wd, s) for s in range(cfg.shards)]
+    copy_files(store, version, run_files(run.wd, infos, [(part_rel(run.fp, p.part, "docs"), p.part)
+                                                         for p in run.live]))
+    quarantine = write_quarantine(store, version, [part_rel(run.fp, p.part, "rejected") for p in run.parts])
+    kept = run.kept
+    m = make_manifest(version, cfg, corpus=run.corpus, parts=run.parts, vectors=run.emb, quarantine=quarantine,
+                      encoder=run.enc, factory=run.factory,
+                      auto_reason=kept.auto_reason if kept else run.choice.reason if run.choice else None,
+                      trained=trained, trained_file=file_info(store, version, TRAINED), shards=infos,
+                      ranges=ranges, tuned=tuned, drift=drift_baseline(base, version, kept.drift if kept else None),
+                      timings=timings, lineage=lineage, options=options)
+    if base["lists"]:
+        store.copy(base["lists"], f"{vdir(version)}/{LISTS}")
+    assert_held(store)  # a writer whose lease was taken over must not move CURRENT
+    return publish(store, m)
