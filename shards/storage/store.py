@@ -141,12 +141,14 @@ class Store:
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode())
 
-    def write_table(self, rel: str, table) -> None:
-        """A pyarrow Table as one Parquet object, written atomically."""
+    def write_table(self, rel: str, table, row_group_size: int | None = None) -> None:
+        """A pyarrow Table as one Parquet object, written atomically (row groups of at most
+        row_group_size rows, when given, so a reader can fetch a few rows without the rest)."""
         import pyarrow.parquet as pq
 
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd", use_dictionary=dictionary_columns(table.schema))
+        pq.write_table(table, buf, compression="zstd", use_dictionary=dictionary_columns(table.schema),
+                       row_group_size=row_group_size)
         self.write_bytes(rel, buf.getvalue())
 
     def read_table(self, rel: str, columns=None):
