@@ -1,13 +1,18 @@
 """plan: find the corpus files, check their schema, validate ids, and split into input shards.
 
 An input shard is a row range [start, stop) of one Parquet file: the unit of encode
-and add work. Ids are checked for the whole corpus here (only the id column is
-read), because a duplicate can only be seen across files. Also the readers of the other input
-files a user gives: query vectors (.npy) for search --vectors and eval --queries.
+and add work. Ids are checked for the whole corpus (only the id column is read), because a
+duplicate can only be seen across files: plan/ids.py, in tasks over hash buckets of ids. Footers
+(schema, rows, version stamp) are read in tasks over batches of files. A corpus of up to
+LOCAL_FILES files and LOCAL_ROWS rows is planned in this process instead, before any Ray starts.
+Also the readers of the other input files a user gives: query vectors (.npy) for search
+--vectors and eval --queries.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,9 +29,15 @@ from shards.errors import (
     storage_fix,
     storage_message,
 )
+from shards.raytools import ensure_ray, ray_get
 from shards.storage.store import storage_options
 
 ID_MASK = (1 << 63) - 1  # string ids map to non-negative int64 (faiss uses -1 for "no result")
+# Up to this many files and rows the plan runs in this process: a bad small corpus fails in a second,
+# and no Ray starts for it. $SHARDEX_PLAN_LOCAL_FILES / $SHARDEX_PLAN_LOCAL_ROWS override them.
+LOCAL_FILES = 32
+LOCAL_ROWS = 1_000_000
+FOOTER_FILES = 64  # files per footer task: each read costs a round trip or two, not bytes
 
 
 @dataclass(frozen=True)
@@ -188,35 +199,84 @@ def split_rows(n: int, part_rows: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def fingerprint(files: list[str], s3_endpoint: str | None, *extra) -> str:
-    """A hash of each file's name, size and version stamp (mtime or ETag), plus extra settings."""
+def stamp(uri: str, s3_endpoint: str | None) -> str:
+    """A file's line in the fingerprint: its name, size and version stamp (mtime or ETag)."""
+    fs, path = open_fs(uri, s3_endpoint)
+    info = fs.info(path)
+    v = info.get("ETag") or info.get("mtime") or info.get("LastModified")
+    return f"{uri}\0{info.get('size')}\0{v}\n"
+
+
+def fingerprint(stamps: list[str], *extra) -> str:
+    """A hash of the files' stamps, plus extra settings."""
     h = hashlib.sha256(repr(extra).encode())
-    for uri in files:
-        fs, path = open_fs(uri, s3_endpoint)
-        info = fs.info(path)
-        stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified")
-        h.update(f"{uri}\0{info.get('size')}\0{stamp}\n".encode())
+    for line in stamps:
+        h.update(line.encode())
     return h.hexdigest()[:16]
+
+
+def _limit(name: str, default: int) -> int:
+    v = os.environ.get(name, "")
+    if not v.strip():
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise ConfigError(f"${name}={v!r}: not a whole number; unset it or give a count") from None
+
+
+def on_ray(files: int, rows: int = 0) -> bool:
+    """Whether the plan's work goes to Ray tasks: above LOCAL_FILES files or LOCAL_ROWS rows."""
+    return (files > _limit("SHARDEX_PLAN_LOCAL_FILES", LOCAL_FILES)
+            or rows > _limit("SHARDEX_PLAN_LOCAL_ROWS", LOCAL_ROWS))
+
+
+@functools.cache
+def remote(fn):
+    """fn as a Ray task, made on first use: Ray is imported only by a plan that uses it."""
+    import ray
+
+    return ray.remote(max_retries=3)(fn)
+
+
+def footers(files: list[str], cfg: BuildConfig) -> list[tuple[str, int, str]]:
+    """(id kind, rows, stamp) of each file, its schema checked: raise naming the first bad file."""
+    out = []
+    for uri in files:
+        f = open_parquet(uri, cfg.s3_endpoint)
+        out.append((_check_schema(uri, f.schema_arrow, cfg), f.metadata.num_rows, stamp(uri, cfg.s3_endpoint)))
+    return out
+
+
+def read_footers(files: list[str], cfg: BuildConfig) -> list[tuple[str, int, str]]:
+    """footers() of every file: here for a few files, else in tasks over batches of FOOTER_FILES."""
+    if not on_ray(len(files)):
+        return footers(files, cfg)
+    ensure_ray()
+    task = remote(footers).options(num_cpus=1)
+    refs = [task.remote(files[i:i + FOOTER_FILES], cfg) for i in range(0, len(files), FOOTER_FILES)]
+    return [x for r in refs for x in ray_get(r)]  # got in file order: the error is the first bad file's
 
 
 def plan_corpus(cfg: BuildConfig) -> Corpus:
     """Validate the corpus schema and ids, and split it into input shards."""
+    from index_builder.plan.ids import check_ids  # (ids.py reads the files through this module)
+
     files = list_files(cfg.source, cfg.s3_endpoint)
-    rows, kinds, dim = [], set(), cfg.dim
-    for uri in files:
-        f = open_parquet(uri, cfg.s3_endpoint)
-        kinds.add(_check_schema(uri, f.schema_arrow, cfg))
-        rows.append(f.metadata.num_rows)
-        if cfg.vector_column and dim is None:
-            dim = _infer_dim(uri, f, cfg.vector_column)
+    feet = read_footers(files, cfg)
+    kinds, rows = {k for k, _, _ in feet}, [n for _, n, _ in feet]
+    dim = cfg.dim
+    for uri in files if cfg.vector_column and dim is None else []:  # the first file that shows it, in order
+        if (dim := _infer_dim(uri, open_parquet(uri, cfg.s3_endpoint), cfg.vector_column)) is not None:
+            break
     if len(kinds) > 1:
         raise CorpusError(f"{cfg.source}: id column {cfg.id_column!r} is an integer in some files "
                           "and a string in others; use one type")
     if sum(rows) == 0:
         raise CorpusError(f"{cfg.source}: empty corpus: {len(files)} file(s), 0 rows")
     kind = kinds.pop()
-    drops = check_ids(files, cfg, kind)
-    fp = fingerprint(files, cfg.s3_endpoint, cfg.id_column, cfg.text_column, cfg.vector_column,
+    drops = check_ids(files, rows, cfg, kind)
+    fp = fingerprint([st for _, _, st in feet], cfg.id_column, cfg.text_column, cfg.vector_column,
                      cfg.stored_fields, cfg.bad_rows, cfg.part_rows)
     corpus = Corpus(files, rows, kind, dim, fp, rejected_ids=sum(len(d) for d in drops.values()))
     for uri, n in zip(files, rows):
@@ -224,37 +284,6 @@ def plan_corpus(cfg: BuildConfig) -> Corpus:
             d = tuple((r, why) for r, why in drops.get(uri, []) if a <= r < b)
             corpus.shards.append(InputShard(len(corpus.shards), uri, a, b, d))
     return corpus
-
-
-def check_ids(files: list[str], cfg: BuildConfig, kind: str) -> dict[str, list[tuple[int, str]]]:
-    """Null and duplicate ids. Raise naming file and row, or (skip) return the rows to drop."""
-    drops: dict[str, list[tuple[int, str]]] = {}
-    ids, where = [], []  # int64 ids, and (file index, row) of each
-    for fi, uri in enumerate(files):
-        col = read_columns(uri, open_parquet(uri, cfg.s3_endpoint), [cfg.id_column]).column(0)
-        valid = col.is_valid().to_numpy(zero_copy_only=False)
-        for r in np.flatnonzero(~valid):
-            _reject(cfg, drops, uri, int(r), "null id")
-        out = out_of_range(col, kind)
-        for r in np.flatnonzero(out):
-            _reject(cfg, drops, uri, int(r), f"id {col[int(r)].as_py()} out of range: integer ids must be 0 to 2**63-1 "
-                    "(faiss's -1 means no result); map them into that range or give string ids")
-        valid &= ~out
-        rows = np.flatnonzero(valid)
-        ids.append(int_ids(col.filter(pa.array(valid)), kind))
-        where.append(np.stack([np.full(len(rows), fi), rows], axis=1))
-    ids = np.concatenate(ids)
-    where = np.concatenate(where) if where else np.empty((0, 2), dtype=np.int64)
-    order = np.argsort(ids, kind="stable")  # stable: the first occurrence in file order is kept
-    s = ids[order]
-    dup = np.flatnonzero(s[1:] == s[:-1]) + 1
-    for j in dup:
-        first = order[np.searchsorted(s, s[j])]
-        fi, r = where[order[j]]
-        f0, r0 = where[first]
-        what = "duplicate id" if kind == "int" else "duplicate id (or a hash collision of two string ids)"
-        _reject(cfg, drops, files[fi], int(r), f"{what} {ids[order[j]]}, first at {files[f0]} row {r0}")
-    return drops
 
 
 def out_of_range(col: pa.ChunkedArray, kind: str) -> np.ndarray:
@@ -270,13 +299,6 @@ def out_of_range(col: pa.ChunkedArray, kind: str) -> np.ndarray:
     else:
         bad = pc.less(col, pa.scalar(0, t))
     return bad.fill_null(False).to_numpy(zero_copy_only=False)
-
-
-def _reject(cfg: BuildConfig, drops: dict, uri: str, row: int, why: str) -> None:
-    if cfg.bad_rows == "error":
-        raise CorpusError(f"{uri} row {row}: {why} (column {cfg.id_column!r}); "
-                          "fix the row, or pass --bad-rows skip to quarantine it")
-    drops.setdefault(uri, []).append((row, why))
 
 
 NPY_FIX = "write it with numpy.save(path, x), x a float array of shape [n, d]"
