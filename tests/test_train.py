@@ -1,4 +1,4 @@
-"""Training: the proportional sample, torch k-means (on the CPU here, on CUDA where there is one)
+"""Training: torch k-means (on the CPU here, on CUDA where there is one)
 against faiss's, and centroids placed into the faiss quantizer for every pre-transform and metric."""
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import pytest
 
 from index_builder.eval.measures import recall_at_k
 from index_builder.train.kmeans import kmeans
-from index_builder.train.quantizer import best_device, make_index, sample, train_index
+from index_builder.train.quantizer import best_device, make_index, train_index
 from shards.storage.faissio import faiss, ivf, set_nprobe
-from shards.storage.store import Store
 
-from helpers import clustered, vector_table
+from helpers import clustered
 
 
 def _objective(x, C, metric):
@@ -110,22 +109,6 @@ def test_polysemous_training_is_skipped_and_changes_no_result(factory):
     np.testing.assert_array_equal(got[1][0], got[3][0])
 
 
-def test_sample_is_proportional_to_part_sizes(tmp_path):
-    store = Store(str(tmp_path))
-    sizes = [100, 300, 600, 0, 1000]
-    parts = []
-    for p, n in enumerate(sizes):
-        ids = np.arange(n, dtype=np.int64) + 10_000 * p
-        x = np.full((n, 4), p, dtype=np.float32)
-        store.write_table(f"emb/part-{p}.parquet", vector_table(ids, x))
-        parts.append((f"emb/part-{p}.parquet", n))
-    xt = sample(store, parts, 200, seed=0)
-    assert len(xt) == 200
-    got = np.bincount(xt[:, 0].astype(int), minlength=5)
-    np.testing.assert_array_equal(got, [10, 30, 60, 0, 100])
-    assert len(np.unique(xt, axis=0)) <= 5 and len(sample(store, parts, 2000, seed=0)) == 2000
-
-
 def test_best_device_here():
     """faiss-cpu is installed: a GPU, if any, is used through torch."""
     torch = pytest.importorskip("torch")
@@ -147,24 +130,3 @@ def test_torch_kmeans_on_cuda(metric):
     index = make_index("OPQ16_64,IVF1024,PQ16", 64, metric)
     assert train_index(index, x, "cuda-torch") == "cuda-torch"
     assert ivf(index).quantizer.ntotal == 1024
-
-
-def test_parallel_sample_draws_the_same_rows_as_the_sequential_one(tmp_path, ray_session):
-    """One Ray task per part (what the build runs) draws exactly what sample() draws in process."""
-    import ray
-
-    from index_builder.train.quantizer import joined, sample_parallel
-
-    store = Store(str(tmp_path))
-    parts = []
-    for p, n in enumerate([500, 1500, 0, 1000]):
-        ids = np.arange(n, dtype=np.int64) + 10_000 * p
-        store.write_table(f"emb/part-{p}.parquet", vector_table(ids, clustered(n, 8, seed=p) if n else
-                                                                np.zeros((0, 8), np.float32)))
-        parts.append((f"emb/part-{p}.parquet", n))
-    want = sample(store, parts, 300, seed=7, queries=30)
-    got = joined(ray.get(sample_parallel(store, parts, 300, 7, 30)), 30)
-    for a, b in zip(want, got):
-        np.testing.assert_array_equal(a, b)
-    assert len(got[0]) == 300 and len(got[1]) == len(got[2]) == 30
-    assert set(got[2] // 10_000) == {0, 1, 3}

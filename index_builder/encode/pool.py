@@ -148,7 +148,8 @@ ENCODER_FILE = "_shardex_encoder.json"  # written by `shardex encode` beside its
 
 
 def precomputed_encoder(cfg: BuildConfig, corpus: Corpus) -> EncoderInfo:
-    """Vectors from `shardex encode` keep their encoder (so text queries work); others are 'precomputed'."""
+    """Vectors from `shardex encode` keep their encoder (so text queries work); others are 'precomputed',
+    with --metric, or else the metric their norms suggest."""
     from shards.storage.store import Store
 
     store = Store(cfg.source, cfg.s3_endpoint)
@@ -157,7 +158,16 @@ def precomputed_encoder(cfg: BuildConfig, corpus: Corpus) -> EncoderInfo:
         if info.dim != corpus.dim:
             raise ShardexError(f"{cfg.source}/{ENCODER_FILE}: encoder dim {info.dim}, vectors have {corpus.dim}")
         return info.model_copy(update={"metric": cfg.metric or info.metric})
-    return EncoderInfo(name="precomputed", dim=corpus.dim, normalize=False, metric=cfg.metric or "l2")
+    return EncoderInfo(name="precomputed", dim=corpus.dim, normalize=False, metric=cfg.metric or _metric(cfg, corpus))
+
+
+def _metric(cfg: BuildConfig, corpus: Corpus) -> str:
+    """Without --metric: ip for unit vectors, else l2 (plan/metric.py), said in one line."""
+    from index_builder.plan.metric import vector_metric
+
+    metric, why = vector_metric(corpus.files, cfg.vector_column, corpus.dim, cfg.s3_endpoint)
+    log(f"metric: {metric}: {why}")
+    return metric
 
 
 class Encoders:

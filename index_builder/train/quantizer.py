@@ -1,7 +1,8 @@
 """train: one trained (empty) index from a sample drawn across all parts in proportion to their sizes.
 
-The sample is drawn by one small task per part, in parallel across the cluster, each returning
-only its rows; the corpus is never loaded whole, nor read by one task. The IVF k-means, the
+The sample is whole row groups (about a MiB each) picked across the corpus in proportion to the
+parts' rows, read by one small task per part that holds any, in parallel across the cluster: a
+build reads about the sample's bytes, never the corpus, and never in one task. The IVF k-means, the
 expensive step, runs where it is fastest:
 - "faiss-gpu": faiss's own k-means with a GPU flat index assigning points, when faiss-gpu
   is installed and sees a GPU;
@@ -19,11 +20,12 @@ import io
 import json
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import ray
 
-from index_builder.encode.parts import read_vectors
+from index_builder.encode.parts import group_bounds, group_bytes, open_part, read_groups
 from index_builder.workdir import WorkDir
 from shards.errors import ConfigError
 from shards.raytools import log
@@ -111,51 +113,104 @@ def skip_polysemous(index):
         inner = f.downcast_index(nxt)
 
 
-def quotas(sizes: list[int], size: int) -> np.ndarray:
-    """How many of `size` to take from each part, in proportion to its rows (remainder to the biggest)."""
-    total = sum(sizes)
-    quota = np.floor(np.array(sizes) * size / max(total, 1)).astype(int)
-    quota[np.argsort([-n for n in sizes])[: size - quota.sum()]] += 1
-    return np.minimum(quota, sizes)
+MIN_GROUPS = 16   # row groups a sample reads at least: fewer would make it a few runs of neighbouring rows
+OVERDRAW = 9 / 8  # read this much more than the sample: partial row groups hold fewer rows; the excess is cut
 
 
-def sample(store: Store, parts: list[tuple[str, int]], size: int, seed: int, queries: int = 0):
-    """`size` training vectors taken from each part in proportion to its row count, one part in
-    memory at a time. With queries > 0, also that many (query vectors, ids) drawn the same way
-    while the parts are read anyway: tune's held-out queries. Returns xt, or (xt, xq, qids).
-    In this process; sample_parallel draws the same rows in one Ray task per part."""
-    return joined([draw(store, *job) for job in draw_jobs(parts, size, seed, queries)], queries)
+@dataclass
+class Drawn:
+    """The draw tasks' results (Ray refs from sample_parallel, or draw()'s own in sample) and what
+    joined cuts from them: `size` training rows and `queries` tune queries, seeded."""
+
+    size: int
+    queries: int
+    seed: int
+    parts: list
 
 
-def sample_parallel(store: Store, parts: list[tuple[str, int]], size: int, seed: int, queries: int) -> list:
-    """The rows sample() draws, read by one task per part across the cluster: at a billion vectors
-    one task reading every part in turn would take hours. Returns the tasks' refs (for joined)."""
-    return [draw_task.options(num_cpus=1).remote(store, *job) for job in draw_jobs(parts, size, seed, queries)]
+@dataclass
+class Sample:
+    xt: np.ndarray        # training vectors
+    xq: np.ndarray        # tune's held-out queries
+    qids: np.ndarray      # their ids
+    bytes_read: int       # compressed bytes of the row groups read (from the Parquet footers)
 
 
-def draw_jobs(parts: list[tuple[str, int]], size: int, seed: int, queries: int) -> list[tuple]:
-    """(part, training rows, query rows, seed) for every part that gives any: the one plan both samplers run."""
-    qt, qq = quotas([n for _, n in parts], size), quotas([n for _, n in parts], queries)
-    rows = zip(parts, qt, qq, strict=True)
-    return [(rel, int(a), int(b), (seed, i)) for i, ((rel, _), a, b) in enumerate(rows) if a or b]
+def sample(store: Store, parts: list[tuple[str, int]], size: int, seed: int, queries: int = 0) -> Sample:
+    """`size` training vectors (and `queries` query vectors with their ids: tune's held-out queries)
+    from whole row groups picked across all parts in proportion to their rows, reading about the
+    sample's bytes, not the corpus's. In this process; sample_parallel reads the same groups in one
+    Ray task per part."""
+    jobs = draw_jobs(store, parts, max(size, queries), seed)
+    return joined(Drawn(size, queries, seed, [draw(store, *job) for job in jobs]))
 
 
-def draw(store: Store, rel: str, a: int, b: int, seed: tuple[int, int]):
-    """a training rows and b query rows (with their ids) of one part, at random (seeded by part)."""
-    rng = np.random.default_rng(seed)
-    ids, x = read_vectors(store, rel)
-    take = rng.choice(len(x), size=min(b, len(x)), replace=False)
-    return x[rng.choice(len(x), size=min(a, len(x)), replace=False)], x[take], ids[take]
+def sample_parallel(store: Store, parts: list[tuple[str, int]], size: int, seed: int, queries: int) -> Drawn:
+    """What sample() reads, read by one task per part that holds any of it, across the cluster: at a
+    billion vectors one task reading in turn would take hours. Returns the tasks' refs (for joined)."""
+    jobs = draw_jobs(store, parts, max(size, queries), seed)
+    return Drawn(size, queries, seed, [draw_task.options(num_cpus=1).remote(store, *job) for job in jobs])
+
+
+def draw_jobs(store: Store, parts: list[tuple[str, int]], want: int, seed: int) -> list[tuple]:
+    """(part, rows or None for all) for every part to read: the one plan both samplers run. Cluster
+    sampling: each of m strata of the corpus's rows (all parts end to end) gives one point, and the
+    row group holding it is read whole. Points lie more than a group apart (the jitter spans a
+    stratum less a group), so each hits its own group; m groups hold about `want` rows. The driver
+    holds O(parts + m) numbers, m ~ want / group rows. A corpus not much bigger than that is read whole."""
+    n = np.array([r for _, r in parts], dtype=np.int64)
+    total = int(n.sum())
+    if not want or not total:
+        return []
+    g = _group_rows(store, parts)
+    m = max(MIN_GROUPS, -(-int(want * OVERDRAW) // g))
+    if want >= total or 2 * m * g >= total:
+        return [(rel, None) for rel, r in parts if r]
+    step = total / m
+    points = (np.arange(m) * step + np.random.default_rng(seed).random(m) * (step - g)).astype(np.int64)
+    start = np.concatenate([[0], np.cumsum(n)])
+    part = np.searchsorted(start, points, "right") - 1
+    return [(parts[p][0], (points[part == p] - start[p]).tolist()) for p in np.unique(part)]
+
+
+def _group_rows(store: Store, parts: list[tuple[str, int]]) -> int:
+    """Rows of the first part's first row group: the corpus's group size (its parts are written alike).
+    One footer read by the driver."""
+    import pyarrow.parquet as pq
+
+    rel = next(rel for rel, r in parts if r)
+    with open_part(store, rel) as fh:
+        md = pq.ParquetFile(fh).metadata
+    return max(1, md.row_group(0).num_rows if md.num_row_groups else 1)
+
+
+def draw(store: Store, rel: str, rows: list[int] | None):
+    """(ids, x, bytes read) of the row groups of one part that hold `rows` (all of it for None)."""
+    import pyarrow.parquet as pq
+
+    with open_part(store, rel) as fh:
+        f = pq.ParquetFile(fh)
+        b = group_bounds(f.metadata)
+        groups = (range(len(b) - 1) if rows is None else
+                  sorted({int(g) for g in np.searchsorted(b, rows, "right") - 1}))
+        ids, x = read_groups(f, groups)
+        return ids, x, group_bytes(f.metadata, groups)
 
 
 draw_task = ray.remote(max_retries=3)(draw)
 
 
-def joined(drawn: list, queries: int):
-    xt = np.concatenate([t for t, _, _ in drawn])
-    if not queries:
-        return xt
-    return xt, np.concatenate([q for _, q, _ in drawn]), np.concatenate([i for _, _, i in drawn])
+def joined(d: Drawn) -> Sample:
+    """The sample from the rows read: `size` of them at random when more were read (in their order),
+    and `queries` rows at random among all, seeded: the same for the same seed."""
+    got = ray.get(d.parts) if d.parts and isinstance(d.parts[0], ray.ObjectRef) else d.parts
+    if not got:
+        return Sample(np.empty((0, 0), np.float32), np.empty((0, 0), np.float32), np.empty(0, np.int64), 0)
+    ids, x = np.concatenate([i for i, _, _ in got]), np.concatenate([v for _, v, _ in got])
+    rng = np.random.default_rng((d.seed, len(x)))
+    keep = np.sort(rng.choice(len(x), size=d.size, replace=False)) if len(x) > d.size else slice(None)
+    q = np.sort(rng.choice(len(x), size=min(d.queries, len(x)), replace=False))
+    return Sample(x[keep], x[q], ids[q], sum(n for _, _, n in got))
 
 
 def best_device() -> str:
@@ -263,19 +318,22 @@ def zero_norm_warning(tr: dict, metric: str) -> str | None:
 
 
 @ray.remote
-def train_task(store: Store, wd: WorkDir, drawn: list, *, factory: str, d: int, metric: str, seed: int,
+def train_task(store: Store, wd: WorkDir, drawn: Drawn | list, *, factory: str, d: int, metric: str, seed: int,
                threads: int, keep: bool = False, t0: float | None = None) -> dict:
     """Writes wd.trained (the trained index), wd.queries (tune's queries), and wd.train_record (how
-    it was trained) last. drawn: sample_parallel's refs (training rows and tune queries).
+    it was trained) last. drawn: sample_parallel's (training rows and tune queries; [] when the
+    record exists). The record holds sample_bytes (the sample's float32) beside sample_bytes_read
+    (what reading it cost).
     keep: take wd.trained as it is (a reindex put the live quantizer there, not drifted); the
     tune queries are still drawn. t0: when the driver started the sampling."""
     if store.exists(wd.train_record):
         return {**json.loads(store.read_text(wd.train_record)), "reused": True}
     faiss().omp_set_num_threads(threads)
     t0 = t0 or time.time()
-    xt, xq, qids = joined(ray.get(drawn), 1)
+    s = joined(drawn)
+    xt = s.xt
     buf = io.BytesIO()
-    np.savez(buf, xq=xq, ids=qids)
+    np.savez(buf, xq=s.xq, ids=s.qids)
     store.write_bytes(wd.queries, buf.getvalue())
     t1 = time.time()
     if keep:
@@ -285,6 +343,7 @@ def train_task(store: Store, wd: WorkDir, drawn: list, *, factory: str, d: int, 
         device = train_index(index, xt, best_device(), seed)
         write_index(store, wd.trained, index)
     done = {"train_vectors": len(xt), "seconds": time.time() - t0, "sample_seconds": t1 - t0,
-            "device": device, "nlist": nlist(index), "zero_norm": near_zero(xt)}
+            "device": device, "nlist": nlist(index), "zero_norm": near_zero(xt),
+            "sample_bytes": int(xt.nbytes), "sample_bytes_read": s.bytes_read}
     store.write_text(wd.train_record, json.dumps(done))
     return {**done, "reused": False}
