@@ -231,6 +231,14 @@ def cmd_demo(args) -> int:
     return run_demo(args.out, args.limit, args.shards)
 
 
+def cmd_plan(args) -> int:
+    from index_builder.plan.capacity import from_options
+
+    c = from_options(args)
+    print(json.dumps(c.as_dict(), indent=2) if args.json else "\n".join(c.lines()))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     from shards.config import option_help
 
@@ -323,6 +331,25 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--shards", type=int, default=2)
     _address_option(d)
     d.set_defaults(fn=cmd_demo)
+
+    pl = sub.add_parser("plan", help="capacity plan from measured costs: factory, shards, RAM/disk per shard, "
+                        "bytes and time per stage (no Ray, nothing read)")
+    pl.add_argument("n", metavar="N", help="documents, e.g. 1000000000 or 1e9")
+    pl.add_argument("--dim", type=int, help="vector dimension (default: the model's)")
+    pl.add_argument("--model", help="encoder whose measured docs/s the plan uses (default: all-MiniLM-L6-v2)")
+    pl.add_argument("--vectors", action="store_true", help="a vector source (--vector-column): copied, not encoded")
+    pl.add_argument("--encode-rate", type=float, help="docs/s per GPU (per core without GPUs), for a model the "
+                    "cost table has not measured")
+    pl.add_argument("--memory-budget", help="RAM for the whole served index, all shards together, as build's "
+                    "--memory-budget (default: half the cluster's memory, nodes x node-memory / 2)")
+    pl.add_argument("--nodes", type=int, default=1, help="nodes in the cluster (default: 1)")
+    pl.add_argument("--cpus-per-node", type=int, default=16, help="CPU cores a node (default: 16)")
+    pl.add_argument("--gpus-per-node", type=int, default=0, help="GPUs a node (default: 0)")
+    pl.add_argument("--node-memory", default="64G", help="memory of a node (default: 64G); a shard gets half")
+    pl.add_argument("--factory", help="faiss index_factory string (default: what --factory auto picks)")
+    pl.add_argument("--shards", type=int, help="serving shards (default: the fewest that fit half a node each)")
+    pl.add_argument("--json", action="store_true", help="print the plan, with the cost table, as JSON")
+    pl.set_defaults(fn=cmd_plan)
     return p
 
 
