@@ -173,7 +173,7 @@ def test_scan_partitions_every_good_row_once(tmp_path):
     cols = messy()
     files = write(tmp_path / "corpus", cols)
     cfg = build_config(source=str(tmp_path / "corpus"), bad_rows="skip")
-    bad, *parts = ids_mod.scan(list(enumerate(files)), cfg, "int", 5, False)
+    bad, *parts = ids_mod.scan(list(enumerate(files)), cfg, "int", 5, False, corpus_mod.id_column)
     assert [(files[f], r, w) for f, r, w in bad] == expected(files, cols, "int")[:4]
     rec = np.concatenate(parts)
     good = [(v, f, r) for f, c in enumerate(cols) for r, v in enumerate(c) if v is not None and v >= 0]

@@ -10,7 +10,6 @@ Also the readers of the other input files a user gives: query vectors (.npy) for
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from index_builder.config import BuildConfig
+from index_builder.plan.ids import ID_MASK, check_ids, int_ids, out_of_range, remote, string_ids  # noqa: F401
 from shards.errors import (
     ConfigError,
     CorpusError,
@@ -32,7 +32,6 @@ from shards.errors import (
 from shards.raytools import ensure_ray, ray_get
 from shards.storage.store import storage_options
 
-ID_MASK = (1 << 63) - 1  # string ids map to non-negative int64 (faiss uses -1 for "no result")
 # Up to this many files and rows the plan runs in this process: a bad small corpus fails in a second,
 # and no Ray starts for it. $SHARDEX_PLAN_LOCAL_FILES / $SHARDEX_PLAN_LOCAL_ROWS override them.
 LOCAL_FILES = 32
@@ -163,22 +162,6 @@ def _check_schema(uri: str, schema: pa.Schema, cfg: BuildConfig) -> str:
     return kind
 
 
-def string_ids(values) -> np.ndarray:
-    """Stable int64 ids for string ids: the first 8 bytes of blake2b, top bit cleared."""
-    out = np.empty(len(values), dtype=np.int64)
-    for i, s in enumerate(values):
-        h = hashlib.blake2b(s.encode(), digest_size=8).digest()
-        out[i] = int.from_bytes(h, "little") & ID_MASK
-    return out
-
-
-def int_ids(col: pa.ChunkedArray | pa.Array, kind: str) -> np.ndarray:
-    """The int64 ids of a column (nulls must be removed first)."""
-    if kind == "str":
-        return string_ids(col.to_pylist())
-    return np.asarray(col.cast(pa.int64()).to_numpy(zero_copy_only=False), dtype=np.int64)
-
-
 def _infer_dim(uri: str, f: pq.ParquetFile, col: str) -> int | None:
     t = f.schema_arrow.field(col).type
     if pa.types.is_fixed_size_list(t):
@@ -231,12 +214,9 @@ def on_ray(files: int, rows: int = 0) -> bool:
             or rows > _limit("SHARDEX_PLAN_LOCAL_ROWS", LOCAL_ROWS))
 
 
-@functools.cache
-def remote(fn):
-    """fn as a Ray task, made on first use: Ray is imported only by a plan that uses it."""
-    import ray
-
-    return ray.remote(max_retries=3)(fn)
+def id_column(uri: str, cfg: BuildConfig) -> pa.ChunkedArray:
+    """A file's id column, read on its own."""
+    return read_columns(uri, open_parquet(uri, cfg.s3_endpoint), [cfg.id_column]).column(0)
 
 
 def footers(files: list[str], cfg: BuildConfig) -> list[tuple[str, int, str]]:
@@ -260,8 +240,6 @@ def read_footers(files: list[str], cfg: BuildConfig) -> list[tuple[str, int, str
 
 def plan_corpus(cfg: BuildConfig) -> Corpus:
     """Validate the corpus schema and ids, and split it into input shards."""
-    from index_builder.plan.ids import check_ids  # (ids.py reads the files through this module)
-
     files = list_files(cfg.source, cfg.s3_endpoint)
     feet = read_footers(files, cfg)
     kinds, rows = {k for k, _, _ in feet}, [n for _, n, _ in feet]
@@ -275,7 +253,7 @@ def plan_corpus(cfg: BuildConfig) -> Corpus:
     if sum(rows) == 0:
         raise CorpusError(f"{cfg.source}: empty corpus: {len(files)} file(s), 0 rows")
     kind = kinds.pop()
-    drops = check_ids(files, rows, cfg, kind)
+    drops = check_ids(files, rows, cfg, kind, id_column, on_ray(len(files), sum(rows)))
     fp = fingerprint([st for _, _, st in feet], cfg.id_column, cfg.text_column, cfg.vector_column,
                      cfg.stored_fields, cfg.bad_rows, cfg.part_rows)
     corpus = Corpus(files, rows, kind, dim, fp, rejected_ids=sum(len(d) for d in drops.values()))
@@ -284,21 +262,6 @@ def plan_corpus(cfg: BuildConfig) -> Corpus:
             d = tuple((r, why) for r, why in drops.get(uri, []) if a <= r < b)
             corpus.shards.append(InputShard(len(corpus.shards), uri, a, b, d))
     return corpus
-
-
-def out_of_range(col: pa.ChunkedArray, kind: str) -> np.ndarray:
-    """The rows whose integer id faiss cannot hold: negative (its -1 is "no result", so such a document
-    would never be found) or above int64's range (uint64). False for nulls and string ids."""
-    import pyarrow.compute as pc
-
-    if kind != "int":
-        return np.zeros(len(col), dtype=bool)
-    t = col.type
-    if pa.types.is_unsigned_integer(t):
-        bad = pc.greater(col, pa.scalar(ID_MASK, t)) if t.bit_width == 64 else pc.less(col, pa.scalar(0, t))
-    else:
-        bad = pc.less(col, pa.scalar(0, t))
-    return bad.fill_null(False).to_numpy(zero_copy_only=False)
 
 
 NPY_FIX = "write it with numpy.save(path, x), x a float array of shape [n, d]"

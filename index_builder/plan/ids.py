@@ -1,4 +1,5 @@
-"""plan: the corpus-wide id check, in memory bounded per task, never O(N) in the driver.
+"""plan: ids. Their int64 form (string ids hashed, integers faiss cannot hold refused), and the
+corpus-wide id check, in memory bounded per task, never O(N) in the driver.
 
 Phase 1 (`scan`, per batch of files): read the id column, report null and out-of-range rows, map
 ids to int64 and partition (id, file index, row) into hash buckets of ids. Phase 2 (`repeats`, per
@@ -6,22 +7,65 @@ bucket): sort the bucket and name every repeat of an id with its first occurrenc
 row) order. A duplicate's two rows always share a bucket, so buckets are checked independently. On
 Ray, phase-1 tasks hand their buckets to the phase-2 tasks as ObjectRefs: the driver holds
 O(tasks x buckets) refs and O(bad rows) records, never an id. A small corpus runs both phases here,
-as one bucket, so it fails in a second before Ray starts (corpus.on_ray decides).
+as one bucket, so it fails in a second before Ray starts (corpus.on_ray decides, and gives the
+reader of a file's id column: files are corpus.py's, which imports this module).
 """
 from __future__ import annotations
+
+import functools
+import hashlib
 
 import numpy as np
 import pyarrow as pa
 
 from index_builder.config import BuildConfig
-from index_builder.plan.corpus import int_ids, on_ray, open_parquet, out_of_range, read_columns, remote
 from index_builder.shard_math import mix64
 from shards.errors import CorpusError
 from shards.raytools import ensure_ray, ray_get
 
+ID_MASK = (1 << 63) - 1  # string ids map to non-negative int64 (faiss uses -1 for "no result")
 BUCKET_IDS = 16_000_000  # ids per bucket at most: its task sorts 24 bytes an id (id, file, row)
 SCAN_ROWS = 4_000_000    # rows per phase-1 task: small files are batched up to it (a file is never split)
 _SALT = np.int64(0x5BD1E9955BD1E995)  # buckets independent of the hash shards (mix64(id) % shards)
+
+
+def string_ids(values) -> np.ndarray:
+    """Stable int64 ids for string ids: the first 8 bytes of blake2b, top bit cleared."""
+    out = np.empty(len(values), dtype=np.int64)
+    for i, s in enumerate(values):
+        h = hashlib.blake2b(s.encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(h, "little") & ID_MASK
+    return out
+
+
+def int_ids(col: pa.ChunkedArray | pa.Array, kind: str) -> np.ndarray:
+    """The int64 ids of a column (nulls must be removed first)."""
+    if kind == "str":
+        return string_ids(col.to_pylist())
+    return np.asarray(col.cast(pa.int64()).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def out_of_range(col: pa.ChunkedArray, kind: str) -> np.ndarray:
+    """The rows whose integer id faiss cannot hold: negative (its -1 is "no result", so such a document
+    would never be found) or above int64's range (uint64). False for nulls and string ids."""
+    import pyarrow.compute as pc
+
+    if kind != "int":
+        return np.zeros(len(col), dtype=bool)
+    t = col.type
+    if pa.types.is_unsigned_integer(t):
+        bad = pc.greater(col, pa.scalar(ID_MASK, t)) if t.bit_width == 64 else pc.less(col, pa.scalar(0, t))
+    else:
+        bad = pc.less(col, pa.scalar(0, t))
+    return bad.fill_null(False).to_numpy(zero_copy_only=False)
+
+
+@functools.cache
+def remote(fn):
+    """fn as a Ray task, made on first use: Ray is imported only by a plan that uses it."""
+    import ray
+
+    return ray.remote(max_retries=3)(fn)
 
 
 def buckets_for(rows: int) -> int:
@@ -51,13 +95,13 @@ def range_why(value) -> str:
             "(faiss's -1 means no result); map them into that range or give string ids")
 
 
-def scan(jobs: list[tuple[int, str]], cfg: BuildConfig, kind: str, nb: int, first_only: bool) -> tuple:
+def scan(jobs: list[tuple[int, str]], cfg: BuildConfig, kind: str, nb: int, first_only: bool, read) -> tuple:
     """Phase 1 over files [(file index, uri)]: (bad, *buckets). bad lists (file index, row, why) of the
     null and out-of-range rows in file and row order (only the first with first_only: it is the
     error); each of the nb buckets is an [n, 3] int64 array of (id, file index, row)."""
     bad, ids, where = [], [], []
     for fi, uri in jobs:
-        col = read_columns(uri, open_parquet(uri, cfg.s3_endpoint), [cfg.id_column]).column(0)
+        col = read(uri, cfg)
         valid = col.is_valid().to_numpy(zero_copy_only=False)
         out = out_of_range(col, kind)
         bad += [(fi, int(r), "null id") for r in np.flatnonzero(~valid)]
@@ -91,24 +135,23 @@ def repeats(first_only: bool, *parts: np.ndarray) -> np.ndarray:
     return np.concatenate([a[rep], a[first, 1:]], axis=1)
 
 
-def check_ids(files: list[str], rows: list[int], cfg: BuildConfig, kind: str) -> dict[str, list[tuple[int, str]]]:
+def check_ids(files: list[str], rows: list[int], cfg: BuildConfig, kind: str, read, ray: bool) -> dict:
     """Null, out-of-range and duplicate ids. Raise naming file and row (the first bad row in file
     order; else the repeat of the smallest duplicate id, naming its first occurrence), or with
     --bad-rows skip return {uri: [(row, why)]}: per file its null and out-of-range rows, then its
-    repeats in id order."""
+    repeats in id order. read(uri, cfg) gives a file's id column; ray: run in tasks."""
     first_only = cfg.bad_rows == "error"
-    ray = on_ray(len(files), sum(rows))
     nb = buckets_for(sum(rows)) if ray else 1
     jobs = [[(fi, files[fi]) for fi in b] for b in batches(rows)]
     if ray:
         ensure_ray()
         task = remote(scan).options(num_cpus=1, num_returns=nb + 1)
-        outs = [task.remote(j, cfg, kind, nb, first_only) for j in jobs]
+        outs = [task.remote(j, cfg, kind, nb, first_only, read) for j in jobs]
         bad = ray_get([o[0] for o in outs])  # small: the bad rows (one a batch when they are an error)
     else:
         outs = []
         for j in jobs:  # stop at the first batch with a bad row, as the error needs nothing after it
-            outs.append(scan(j, cfg, kind, nb, first_only))
+            outs.append(scan(j, cfg, kind, nb, first_only, read))
             if first_only and outs[-1][0]:
                 break
         bad = [o[0] for o in outs]
