@@ -29,8 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 OUT = os.path.join(ROOT, "bench", "out", "scale")
 SHARDEX = os.path.join(os.path.dirname(sys.executable), "shardex")
 MiB = 2 ** 20
-CENTERS = 1024          # clusters of the synthetic corpus: enough that IVF lists are not empty
-SPREAD = 0.25           # noise around a center, against unit-variance centers: clustered, not separable
+CENTERS = 1024          # clusters of the synthetic corpus, in its latent space
+LATENT = 10             # its intrinsic dimension, as faiss's SyntheticDataset: neighbours mean something
+SPREAD = 0.5            # noise around a latent center (centers have std 2): clustered, not separable
 
 
 def _build_common():
@@ -59,8 +60,10 @@ def save(name: str, res: dict, quick: bool) -> str:
 
 def clustered(n: int, d: int, files: int, seed: int = 0, row_group: int = 10_000) -> str:
     """n clustered vectors of dimension d in `files` Parquet files of near-equal rows (ids 0..n-1,
-    file by file); made once. Each file draws from its own seeded stream, so a file is the same
-    whatever the others are, and memory is one file's worth."""
+    file by file); made once. Points around CENTERS centers of a LATENT-dim space, mapped to d dims
+    the way faiss's SyntheticDataset does (a random projection, then sin at random frequencies), so
+    IVF-PQ recall behaves as on real data, unlike i.i.d. noise around centers. Each file draws from
+    its own seeded stream: a file is the same whatever the others are, and memory is one file's."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -69,18 +72,23 @@ def clustered(n: int, d: int, files: int, seed: int = 0, row_group: int = 10_000
         return path
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
-    centers = np.random.default_rng(seed).standard_normal((CENTERS, d), dtype=np.float32)
+    g = np.random.default_rng(seed)
+    centers = 2 * g.standard_normal((CENTERS, LATENT), dtype=np.float32)
+    proj = g.random((LATENT, d), dtype=np.float32)
+    freq = g.random(d, dtype=np.float32) * 4 + 0.1
     bounds = np.linspace(0, n, files + 1).astype(np.int64)
     for f in range(files):
         a, b = int(bounds[f]), int(bounds[f + 1])
         rng = np.random.default_rng([seed, f])
-        x = centers[rng.integers(0, CENTERS, b - a)]
-        x += SPREAD * rng.standard_normal(x.shape, dtype=np.float32)
+        z = centers[rng.integers(0, CENTERS, b - a)]
+        z += SPREAD * rng.standard_normal(z.shape, dtype=np.float32)
+        x = np.sin((z @ proj) * freq)
         vec = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), d)
         pq.write_table(pa.table({"id": np.arange(a, b, dtype=np.int64), "vector": vec}),
                        f"{path}/part-{f:05d}.parquet", row_group_size=row_group)
     with open(f"{path}/done.json", "w") as fh:
-        json.dump({"n": n, "d": d, "files": files, "seed": seed, "centers": CENTERS, "spread": SPREAD}, fh)
+        json.dump({"n": n, "d": d, "files": files, "seed": seed, "centers": CENTERS, "latent": LATENT,
+                   "spread": SPREAD}, fh)
     return path
 
 
