@@ -26,6 +26,8 @@ from shards.raytools import ensure_ray, ray_get
 ID_MASK = (1 << 63) - 1  # string ids map to non-negative int64 (faiss uses -1 for "no result")
 BUCKET_IDS = 16_000_000  # ids per bucket at most: its task sorts 24 bytes an id (id, file, row)
 SCAN_ROWS = 4_000_000    # rows per phase-1 task: small files are batched up to it (a file is never split)
+# (so a task's bucket holds about SCAN_ROWS / buckets x 24 bytes: well above Ray's 100 KB for returning
+# an object inline to its owner, so the buckets stay in the object store and out of the driver)
 _SALT = np.int64(0x5BD1E9955BD1E995)  # buckets independent of the hash shards (mix64(id) % shards)
 
 
