@@ -109,7 +109,8 @@ def show(r: dict) -> str:
             f"versions {mib(by['versions'])}  index {mib(r['index_bytes'])} MiB = {r['over_ideal']}x ideal "
             f"{mib(r['ideal_bytes'])} ({len(r['copies'])} copies)  embeddings {mib(by['embeddings'])} "
             f"(+docs {mib(by['embeddings_docs'])}; ideal {mib(r['embeddings_ideal'])})  version docs "
-            f"{mib(by['versions_docs'])}  train read {tread}  {r['wall']:.0f} s")
+            f"{mib(by['versions_docs'])}  root peak {mib(r['during']['peak_total'])}  train read {tread}  "
+            f"{r['wall']:.0f} s")
 
 
 def verdict(runs: list[dict]) -> dict:
