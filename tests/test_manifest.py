@@ -2,6 +2,7 @@
 missing file is named), CURRENT, listing versions, on-disk (ivfdata) shards."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -144,21 +145,24 @@ def test_load_manifest_errors(tmp_path):
         load_manifest(s, "nope")
     m = _manifest(s, "v9").model_copy(update={"format": "shardex-index/99"})
     write_manifest(s, m)
-    with pytest.raises(StorageError, match=r"format 'shardex-index/99', this shardex reads 'shardex-index/1'"):
+    with pytest.raises(StorageError, match=r"format 'shardex-index/99', this shardex reads shardex-index/1 and "
+                                           r"shardex-index/2; upgrade shardex"):
         load_manifest(s, "v9")
 
 
 def test_list_versions(tmp_path):
     s = Store(str(tmp_path))
     assert list_versions(s) == []
+    # published in this order; the second was named earlier (a killed run resumed): age is publish time
     names = ["v20260102-000000-bbbbbb-0001", "v20260101-120000-aaaaaa-0002", "v20260103-000000-cccccc-0003"]
     for i, v in enumerate(names):
-        write_manifest(s, _manifest(s, v, shards=i + 1, documents=10 * (i + 1)))
+        m = _manifest(s, v, shards=i + 1, documents=10 * (i + 1))
+        write_manifest(s, m.model_copy(update={"created": f"2026-01-03T00:00:00.00{i}+00:00"}))
     s.write_bytes("versions/v20260104-000000-dddddd-0004/shard-0.index", b"unfinished")   # no manifest
     set_current(s, names[0])
     got = list_versions(s)
-    assert [r["version"] for r in got] == sorted(names)          # oldest first; the unfinished one left out
-    assert [r["current"] for r in got] == [False, True, False]
+    assert [r["version"] for r in got] == names                  # oldest first; the unfinished one left out
+    assert [r["current"] for r in got] == [True, False, False]
     assert {r["version"]: (r["shards"], r["documents"]) for r in got} == {
         names[0]: (1, 10), names[1]: (2, 20), names[2]: (3, 30)}
     assert all(r["factory"] == "IVF64,PQ8" and r["encoder"] == "precomputed" for r in got)
@@ -211,3 +215,110 @@ def test_manifest_lists_and_verifies_ivfdata(tmp_path):
     store.write_bytes("versions/v1/shard-0.ivfdata", b"L" * 299 + b"X")
     with pytest.raises(IntegrityError, match="shard-0.ivfdata: size or sha256"):
         verify(store, m)
+
+
+# ---------------------------------------------------------------- format 2: files referred to, not copied
+
+def _referring(store: Store, version: str, to: Manifest, docs: list[str]) -> Manifest:
+    """A version with no files of its own: its shards and trained index are `to`'s, its docs parts encode's."""
+    def rooted(f: FileInfo) -> FileInfo:
+        return f.model_copy(update={"file": "/" + to.path(f.file)})
+
+    recs = [(store.size(d), store.sha256(d)) for d in docs]
+    return to.model_copy(update={"version": version, "trained": rooted(to.trained),
+                                 "shards": [rooted(f) for f in to.shards],
+                                 "docs": DocsInfo(files=["/" + d for d in docs], fields=["title"],
+                                                  bytes=[b for b, _ in recs], sha256=[h for _, h in recs])})
+
+
+def test_names_resolve_in_the_version_or_under_the_root(tmp_path):
+    s = Store(str(tmp_path))
+    m = _manifest(s, "v1")
+    assert m.format == "shardex-index/2"
+    assert m.path("shard-0.index") == "versions/v1/shard-0.index"
+    assert m.path("/embeddings/fp/docs/part-00000.parquet") == "embeddings/fp/docs/part-00000.parquet"
+    assert m.dir_of(FileInfo(file="/versions/v0/shard-1.index", sha256="x", bytes=1)) == "versions/v0"
+    assert mf.ref("v1", "versions/v1/shard-0.index") == "shard-0.index"
+    assert mf.ref("v2", "versions/v1/shard-0.index") == "/versions/v1/shard-0.index"
+    assert mf.ref("v1", "versions/v1/docs/part-0.parquet") == "/versions/v1/docs/part-0.parquet"
+
+
+def test_format_1_manifests_still_load_and_verify(tmp_path):
+    """Written before format 2: every name (docs/part-0.parquet too) is in the version's own directory."""
+    s = Store(str(tmp_path))
+    m = _manifest(s, "v1")
+    old = m.model_dump()
+    old["format"] = "shardex-index/1"
+    for k in ("extra",):
+        old.pop(k)
+    old["docs"] = {"files": ["docs/part-0.parquet"], "fields": ["title"], "id_kind": "int"}
+    s.write_text("versions/v1/manifest.json", json.dumps(old))
+    got = load_manifest(s, "v1")
+    assert got.format == "shardex-index/1" and got.docs.bytes == []
+    assert got.path(got.docs.files[0]) == "versions/v1/docs/part-0.parquet"
+    verify(s, got)
+    with pytest.raises(IntegrityError, match=r"versions/v1/docs/part-0.parquet: listed in the manifest but missing"):
+        mf.check_listed(s, got)                                  # the docs part was never written here
+    s.write_bytes("versions/v1/docs/part-0.parquet", b"PAR1")
+    mf.check_listed(s, got)                                      # no size recorded: it exists, that is all
+
+
+def test_check_listed_names_a_missing_or_resized_file(tmp_path):
+    s = Store(str(tmp_path))
+    docs = ["embeddings/fp/docs/part-00000.parquet", "embeddings/fp/docs/part-00001.parquet"]
+    for i, d in enumerate(docs):
+        s.write_bytes(d, b"D" * (10 + i))
+    v1 = _manifest(s, "v1")
+    v2 = _referring(s, "v2", v1, docs)
+    write_manifest(s, v2)
+    got = load_manifest(s, "v2")
+    assert got == v2 and s.ls("versions/v2") == ["manifest.json"]  # nothing copied
+    mf.check_listed(s, got)
+    verify(s, got)                                               # v1's files, by sha256
+    s.write_bytes(docs[1], b"D" * 12)
+    with pytest.raises(IntegrityError, match=r"part-00001.parquet: size or sha256 differs from the manifest "
+                                             r"\(12 bytes, the manifest says 11\)"):
+        mf.check_listed(s, got)
+    s.rm("versions/v1/shard-1.index")
+    with pytest.raises(IntegrityError, match=r"versions/v1/shard-1.index: listed in the manifest but missing"):
+        mf.check_listed(s, got)
+
+
+def test_prune_keeps_every_file_a_kept_version_refers_to(tmp_path):
+    """v2 refers to v1's shards and trained index, v2 and v3 to the same docs parts; pruning v1 deletes
+    only what no kept version refers to, and v2 still verifies."""
+    from shards.storage.retention import prune
+
+    s = Store(str(tmp_path))
+    docs = ["embeddings/fp/docs/part-00000.parquet"]
+    s.write_bytes(docs[0], b"D" * 10)
+    s.write_bytes("embeddings/fp/part-00000.parquet", b"V" * 10)
+    v1 = _manifest(s, "v1")
+    s.write_bytes("versions/v1/quarantine.parquet", b"Q")       # v1's own, referred to by no one
+    write_manifest(s, v1)
+    v2 = _referring(s, "v2", v1, docs)
+    v2 = v2.model_copy(update={"embeddings": mf.EmbeddingsInfo(parts=["embeddings/fp/part-00000.parquet"])})
+    write_manifest(s, v2)
+    v3 = _manifest(s, "v3").model_copy(update={"docs": v2.docs, "embeddings": v2.embeddings})
+    write_manifest(s, v3)
+    set_current(s, "v3")
+
+    out = prune(s, keep=1, grace_s=0)                            # kept: v3 (newest, CURRENT), v2 (before it)
+    assert out.versions == ["v1"] and out.kept == ["v2", "v3"] and out.embeddings == []
+    assert sorted(s.ls("versions/v1")) == ["shard-0.index", "shard-1.index", "trained.index"]
+    assert [v["version"] for v in list_versions(s)] == ["v2", "v3"]
+    verify(s, load_manifest(s, "v2"))
+    mf.check_listed(s, load_manifest(s, "v2"))
+    assert s.exists(docs[0]) and s.exists("embeddings/fp/part-00000.parquet")
+
+    again = prune(s, keep=1, grace_s=0)                          # v1's remains hold only referred-to files
+    assert again.versions == [] and again.unfinished == [] and len(s.ls("versions/v1")) == 3
+
+    v4 = _manifest(s, "v4")                                      # a fourth: v2 is now the oldest
+    write_manifest(s, v4)
+    set_current(s, "v4")
+    last = prune(s, keep=1, grace_s=0)                           # kept: v4, v3; v2 goes, then v1's remains
+    assert last.versions == ["v2"] and last.unfinished == ["v1"] and "v1" not in s.ls("versions")
+    final = prune(s, keep=1, grace_s=0)
+    assert final.unfinished == [] and "v1" not in s.ls("versions")
+    assert s.exists(docs[0])                                     # v3 still refers to it

@@ -164,3 +164,15 @@ def test_store_pickles_by_uri(tmp_path):
     s.write_text("x", "y")
     t = pickle.loads(pickle.dumps(s))
     assert t.root == s.root and t.read_text("x") == "y"
+
+
+def test_store_writes_say_what_they_wrote_and_sizes_lists_once(tmp_path):
+    s = Store(str(tmp_path))
+    w = s.write_bytes("versions/v1/shard-0.index", b"index bytes")
+    assert (w.sha256, w.bytes) == (hashlib.sha256(b"index bytes").hexdigest(), 11)
+    t = s.write_table("versions/v1/docs.parquet", pa.table({"id": np.arange(5)}))
+    assert (t.sha256, t.bytes) == (s.sha256("versions/v1/docs.parquet"), s.size("versions/v1/docs.parquet"))
+    assert s.write_text("versions/v1/x.json", "{}").bytes == 2
+    s.write_bytes("versions/v1/sub/deeper", b"not listed")
+    assert s.sizes("versions/v1") == {"shard-0.index": 11, "docs.parquet": t.bytes, "x.json": 2}
+    assert s.sizes("versions/none") == {}

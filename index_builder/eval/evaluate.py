@@ -135,7 +135,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     m = _with_vectors(store, version)
     threads = cfg.threads or os.cpu_count() or 1
     faiss().omp_set_num_threads(threads)
-    shards = [load_shard(store, version, f) for f in m.shards]
+    shards = [load_shard(store, m, f) for f in m.shards]
     log(f"eval: {version}: {len(shards)} shard(s), {m.ntotal:,} vectors loaded; {threads} thread(s)")
     metric, k = m.index.metric, cfg.k
     xq, own, source = _queries(cfg, store, m)
@@ -147,7 +147,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                  progress=lambda r: log(f"eval: {label(r, kind, m.index.factory)}: recall@{k} {r['recall']:.4f}, "
                                         f"{r['qps']:,.0f} QPS"))
     if m.sharding.mode == "ivf" and m.sharding.ranges:  # the shards each query needs, as the router routes it
-        trained = read_verified(store, vdir(version), m.trained)
+        trained = read_verified(store, m.dir_of(m.trained), m.trained)
         for r in rows:
             if r["nprobe"]:
                 r["shards_per_query"] = shards_per_query(trained, m.sharding.ranges, xq, r["nprobe"])

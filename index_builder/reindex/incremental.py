@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import pyarrow as pa
 
-from index_builder.build.publish import TRAINED
 from index_builder.config import BuildConfig, ReindexConfig, make
 from index_builder.encode.parts import Layout, part_rel
 from index_builder.encode.pool import Encoders
@@ -43,7 +42,7 @@ from shards.errors import ShardexError
 from shards.raytools import ensure_ray, log, ray_get
 from shards.storage.integrity import check_info
 from shards.storage.lease import hold
-from shards.storage.manifest import EncoderInfo, Lineage, Manifest, current_version, load_manifest, vdir
+from shards.storage.manifest import EncoderInfo, Lineage, Manifest, current_version, load_manifest
 from shards.storage.retention import Pruned, prune
 from shards.storage.store import Store
 
@@ -132,7 +131,7 @@ class LiveIds:
             if gone:
                 missing = f"{len(gone)} of {m.version}'s embeddings parts are gone (e.g. {store.uri(gone[0])})"
         if missing:  # the ids still come from the version's own docs
-            ids = [store.read_table(f"{vdir(m.version)}/{f}", columns=["id"]).column("id").to_numpy()
+            ids = [store.read_table(m.path(f), columns=["id"]).column("id").to_numpy()
                    for f in m.docs.files]
             part = [np.full(len(a), -1) for a in ids]
         else:
@@ -244,7 +243,7 @@ def _run_config(bcfg: BuildConfig, live: Manifest, dec: Decision) -> tuple[Build
     """The config the stages run with, and the live quantizer when it is kept (with its factory and metric)."""
     if dec.retrain:
         return bcfg, None
-    kept = Kept(trained=f"{vdir(live.version)}/{TRAINED}", auto_reason=live.index.auto_reason, drift=live.drift)
+    kept = Kept(trained=live.path(live.trained.file), auto_reason=live.index.auto_reason, drift=live.drift)
     return bcfg.model_copy(update={"factory": live.index.factory, "metric": live.index.metric}), kept
 
 
@@ -300,7 +299,7 @@ def _quantizer(cfg: ReindexConfig, bcfg: BuildConfig, store: Store, live: Manife
         what = f"--factory auto picks {want} for {n:,} documents" if bcfg.factory == "auto" else f"--factory {want}"
         return Decision(True, f"{what}; the live index is {live.index.factory}")
     # from here the live quantizer is kept or measured against (drift tasks read it): it must be the one published
-    check_info(store, vdir(live.version), live.trained)
+    check_info(store, live.dir_of(live.trained), live.trained)
     b = live.drift
     if b is None or (b.error_kind is None and b.imbalance is None):
         return Decision(False, None)  # nothing trained to drift (Flat), or no baseline recorded
@@ -308,7 +307,7 @@ def _quantizer(cfg: ReindexConfig, bcfg: BuildConfig, store: Store, live: Manife
 
 
 def _drift_check(cfg, store: Store, live: Manifest, c: Changes, b) -> Decision:
-    trained, old, d = f"{vdir(live.version)}/{TRAINED}", c.old, c.diff
+    trained, old, d = live.path(live.trained.file), c.old, c.diff
     kind = b.error_kind
     added = [delta_task.options(num_cpus=1).remote(store, trained, rel, None, kind) for rel in c.emb]
     gone_ids = np.concatenate([d.changed_ids, d.deleted_ids])
@@ -336,10 +335,10 @@ def _drift_check(cfg, store: Store, live: Manifest, c: Changes, b) -> Decision:
 
 def _live_sizes(store: Store, live: Manifest) -> np.ndarray:
     if live.drift and live.drift.lists:
-        return load_npy(store, f"{vdir(live.version)}/{live.drift.lists}")
+        return load_npy(store, live.path(live.drift.lists))
     from shards.storage.faissio import load_shard
 
-    return sum(list_sizes(load_shard(store, live.version, s)) for s in live.shards)
+    return sum(list_sizes(load_shard(store, live, s)) for s in live.shards)
 
 
 def _finish(cfg: ReindexConfig, store: Store, out: ReindexSummary, own_work: list[str]) -> ReindexSummary:

@@ -19,7 +19,7 @@ from shards.search.fanout import Outcome, fan_out
 from shards.search.filters import filterable, parse_filter, wire
 from shards.search.searcher import ShardSearcher
 from shards.storage.docstore import DocStore
-from shards.storage.manifest import Manifest, current_version, load_manifest, vdir
+from shards.storage.manifest import Manifest, current_version, load_manifest
 from shards.storage.store import Store
 
 K_MAX = 1000
@@ -52,7 +52,7 @@ class IndexView:
         if m.index.nlist:
             from shards.storage.faissio import read_verified
 
-            self.quantizer = read_verified(store, vdir(version), m.trained)  # checked against the manifest
+            self.quantizer = read_verified(store, m.dir_of(m.trained), m.trained)  # checked against the manifest
 
     @property
     def nshards(self) -> int:
@@ -159,7 +159,8 @@ class LocalShards:
 
     def __init__(self, store: Store, version: str, shards: list, threads: int | None, cpus: float | None):
         self.threads, self.cpus = threads, cpus
-        self.shards = [ShardSearcher(store, version, sh, threads) for sh in shards]
+        m = load_manifest(store, version)  # once: each searcher finds its shard's files through it
+        self.shards = [ShardSearcher(store, m, sh, threads) for sh in shards]
 
     def load_attributes(self, store: Store, m: Manifest, kinds: dict) -> None:
         for s in self.shards:

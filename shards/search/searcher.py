@@ -10,14 +10,14 @@ import numpy as np
 from shards.errors import IntegrityError, SearchError
 from shards.search.filters import Attributes, SelectionCache
 from shards.storage.faissio import faiss, index_ids, ivf, load_shard
-from shards.storage.manifest import FileInfo, Manifest, vdir
+from shards.storage.manifest import FileInfo, Manifest
 from shards.storage.store import Store
 
 NPROBE_GROWTH = 4   # a filtered search that comes back short retries with nprobe this many times larger
 
 
 class ShardSearcher:
-    def __init__(self, store: Store, version: str, shard: FileInfo, threads: int | None = None):
+    def __init__(self, store: Store, version: str | Manifest, shard: FileInfo, threads: int | None = None):
         self.threads = threads
         if threads:
             faiss().omp_set_num_threads(threads)
@@ -47,7 +47,7 @@ class ShardSearcher:
                                            kinds)
         if len(self.attrs) != self.index.ntotal:
             raise IntegrityError(f"{self.name}: {self.index.ntotal} vectors but {len(self.attrs)} rows of "
-                                 f"{store.uri(vdir(m.version))}/docs/ carry its ids")
+                                 f"{m.version}'s docs files carry its ids")
         self.selections = SelectionCache()
         return self.attrs.nbytes()
 
@@ -141,14 +141,14 @@ def _own_rows(store: Store, m: Manifest, ids: np.ndarray, fields: list[str]):
 
     parts = []
     for f in m.docs.files:
-        t = store.read_table(f"{vdir(m.version)}/{f}", columns=["id", *fields])
+        t = store.read_table(m.path(f), columns=["id", *fields])
         got = t.column("id").to_numpy()
         pos = np.minimum(np.searchsorted(ids, got), len(ids) - 1) if len(ids) else got * 0
         keep = (ids[pos] == got) if len(ids) else np.zeros(len(got), bool)
         if keep.any():
             parts.append(t.filter(pa.array(keep)))
     if not parts:
-        schema = store.read_table(f"{vdir(m.version)}/{m.docs.files[0]}", columns=["id", *fields]).schema
+        schema = store.read_table(m.path(m.docs.files[0]), columns=["id", *fields]).schema
         return schema.empty_table()
     return pa.concat_tables(parts)
 

@@ -43,7 +43,7 @@ class ShardDeployment:
         store = Store(index_root, s3_endpoint)
         m = load_manifest(store, version)
         self.s, self.version = s, version
-        self.searcher = ShardSearcher(store, version, m.shards[s], threads)
+        self.searcher = ShardSearcher(store, m, m.shards[s], threads)
         self.attr_bytes = self.searcher.load_attributes(store, m, kinds) if kinds else 0
         self.lock = threading.Lock()
 

@@ -1,4 +1,4 @@
-"""Stored fields by id, read from the version's docs/ Parquet files on demand.
+"""Stored fields by id, read from the version's docs Parquet files (Manifest.path: encode's parts) on demand.
 
 Only the rows asked for are read: each docs file is sorted by id, so its
 row-group statistics let pyarrow skip the groups that cannot hold them. The
@@ -10,13 +10,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from shards.storage.manifest import Manifest, vdir
+from shards.storage.manifest import Manifest
 from shards.storage.store import Store
 
 
 class DocStore:
     def __init__(self, store: Store, m: Manifest):
-        paths = [store.path(f"{vdir(m.version)}/{f}") for f in m.docs.files]
+        paths = [store.path(m.path(f)) for f in m.docs.files]
         self.dataset = ds.dataset(paths, format="parquet", filesystem=store.fs)
         self.fields = m.docs.fields
         self.id_kind = m.docs.id_kind

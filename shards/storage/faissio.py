@@ -203,20 +203,21 @@ def fetch_files(store: Store, dir_rel: str, names: list[tuple[str, int | None]],
 
 def fetch_verified(store: Store, dir_rel: str, fileinfo, local_dir: str) -> None:
     """The entry's .index and .ivfdata as local copies checked against the manifest (integrity.fetch_checked)."""
-    from shards.storage.integrity import fetch_checked
+    from shards.storage.integrity import base, fetch_checked
 
     os.makedirs(local_dir, exist_ok=True)
-    for name, sha, size in [(fileinfo.file, fileinfo.sha256, fileinfo.bytes),
-                            (fileinfo.ivfdata, fileinfo.ivfdata_sha256 or "", fileinfo.ivfdata_bytes)]:
+    for name, sha, size in [(base(fileinfo.file), fileinfo.sha256, fileinfo.bytes),
+                            (base(fileinfo.ivfdata), fileinfo.ivfdata_sha256 or "", fileinfo.ivfdata_bytes)]:
         fetch_checked(store, f"{dir_rel}/{name}", sha, size, os.path.join(local_dir, name))
 
 
 def read_verified(store: Store, dir_rel: str, fileinfo, io_flags: int = 0):
     """dir_rel/<fileinfo.file> read into RAM once it matches its manifest entry: a local file is hashed
-    once per process while unchanged, bytes from S3 are hashed before faiss deserializes them."""
-    from shards.storage.integrity import check_bytes, check_path
+    once per process while unchanged, bytes from S3 are hashed before faiss deserializes them.
+    dir_rel: the file's directory (Manifest.dir_of for a published one); its name's last part is taken."""
+    from shards.storage.integrity import base, check_bytes, check_path
 
-    rel = f"{dir_rel}/{fileinfo.file}"
+    rel = f"{dir_rel}/{base(fileinfo.file)}"
     if store.local:
         check_path(store.path(rel), store.uri(rel), fileinfo.sha256, fileinfo.bytes)
         return faiss().read_index(store.path(rel), io_flags)
@@ -226,8 +227,12 @@ def read_verified(store: Store, dir_rel: str, fileinfo, io_flags: int = 0):
 def open_shard_file(store: Store, dir_rel: str, fileinfo, cache_dir: str | None = None, verified: bool = False):
     """The index dir_rel/<fileinfo.file>: mmapped from the store (local) or from a local copy (S3)
     when it has an .ivfdata; read into RAM otherwise. verified: every file is first checked against
-    fileinfo's sha256 (a published version; a work dir's merged shards are checked by their merge)."""
-    rel = f"{dir_rel}/{fileinfo.file}"
+    fileinfo's sha256 (a published version; a work dir's merged shards are checked by their merge).
+    dir_rel: the directory of the .index and its .ivfdata; the names' last parts are taken."""
+    from shards.storage.integrity import base
+
+    name, data = base(fileinfo.file), base(fileinfo.ivfdata or "")
+    rel = f"{dir_rel}/{name}"
     if not fileinfo.ivfdata:
         if verified:
             return read_verified(store, dir_rel, fileinfo)
@@ -243,20 +248,22 @@ def open_shard_file(store: Store, dir_rel: str, fileinfo, cache_dir: str | None 
     if verified:
         fetch_verified(store, dir_rel, fileinfo, d)
     else:
-        fetch_files(store, dir_rel, [(fileinfo.file, fileinfo.bytes), (fileinfo.ivfdata, fileinfo.ivfdata_bytes)], d)
-    return read_ondisk(os.path.join(d, fileinfo.file))
+        fetch_files(store, dir_rel, [(name, fileinfo.bytes), (data, fileinfo.ivfdata_bytes)], d)
+    return read_ondisk(os.path.join(d, name))
 
 
-def load_shard(store: Store, version: str, fileinfo, cache_dir: str | None = None):
+def load_shard(store: Store, version, fileinfo, cache_dir: str | None = None):
     """One published shard, its files checked against the manifest's sha256 before faiss reads them
     (shards/storage/integrity.py), then its ntotal. A shard merged on disk (fileinfo.ivfdata) is
     mmapped: in place on a local store, from a verified local copy under cache_dir (default
-    cache_root()) when on S3. Others are read into RAM."""
+    cache_root()) when on S3. Others are read into RAM. version: its Manifest, or its name (the
+    manifest is then read, to find where the shard's files are)."""
     from shards.errors import IntegrityError
-    from shards.storage.manifest import vdir
+    from shards.storage.manifest import load_manifest
 
-    index = open_shard_file(store, vdir(version), fileinfo, cache_dir, verified=True)
+    m = load_manifest(store, version) if isinstance(version, str) else version
+    index = open_shard_file(store, m.dir_of(fileinfo), fileinfo, cache_dir, verified=True)
     if fileinfo.ntotal is not None and index.ntotal != fileinfo.ntotal:
-        raise IntegrityError(f"{store.uri(vdir(version))}/{fileinfo.file}: holds {index.ntotal} vectors, "
+        raise IntegrityError(f"{store.uri(m.path(fileinfo.file))}: holds {index.ntotal} vectors, "
                              f"the manifest says {fileinfo.ntotal}")
     return index

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import uuid
 
 from shards.errors import IntegrityError
@@ -100,10 +101,17 @@ def check_file(store: Store, rel: str, want_sha: str, want_size: int | None) -> 
 
 
 def check_info(store: Store, dir_rel: str, fileinfo) -> None:
-    """A manifest entry's file, and its .ivfdata when it has one."""
-    check_file(store, f"{dir_rel}/{fileinfo.file}", fileinfo.sha256, fileinfo.bytes)
+    """A manifest entry's file, and its .ivfdata when it has one; dir_rel: the directory holding
+    both (Manifest.dir_of), the entry's names taken by their last part."""
+    check_file(store, f"{dir_rel}/{base(fileinfo.file)}", fileinfo.sha256, fileinfo.bytes)
     if fileinfo.ivfdata:
-        check_file(store, f"{dir_rel}/{fileinfo.ivfdata}", fileinfo.ivfdata_sha256 or "", fileinfo.ivfdata_bytes)
+        check_file(store, f"{dir_rel}/{base(fileinfo.ivfdata)}", fileinfo.ivfdata_sha256 or "",
+                   fileinfo.ivfdata_bytes)
+
+
+def base(name: str) -> str:
+    """A manifest name's last part: an .ivfdata sits beside its .index, wherever the manifest names them."""
+    return posixpath.basename(name)
 
 
 # ---------------------------------------------------------------- verified copies of S3 files

@@ -2,10 +2,17 @@
 
 INDEX_ROOT/CURRENT names the live version; versions/<v>/manifest.json says
 everything needed to load and check that version.
+
+A manifest names files two ways (Manifest.path resolves both, for every reader): a bare name
+("shard-0.index") is in the version's own versions/<v>/; a name starting with "/" is a path
+under INDEX_ROOT ("/embeddings/<fp>/docs/part-00000.parquet", "/versions/<u>/shard-0.index"):
+an immutable file the build wrote elsewhere, referred to rather than copied. Format 1
+manifests (written before) hold bare names only, and load as they are.
 """
 from __future__ import annotations
 
 import json
+import posixpath
 import uuid
 from datetime import datetime, timezone
 
@@ -14,8 +21,10 @@ from pydantic import BaseModel, Field
 from shards.errors import StorageError
 from shards.storage.store import Store
 
-FORMAT = "shardex-index/1"
+FORMAT = "shardex-index/2"
+READS = ("shardex-index/1", FORMAT)   # 1: every name is in versions/<v>/
 CURRENT = "CURRENT"
+ROOTED = "/"                          # a name starting with it is a path under INDEX_ROOT
 
 
 class EncoderInfo(BaseModel):
@@ -76,6 +85,8 @@ class DocsInfo(BaseModel):
     files: list[str]
     fields: list[str]
     id_kind: str = "int"            # "int", or "str" when string ids were mapped to int64
+    bytes: list[int] = []           # per file, as encode wrote it (format 2; [] before)
+    sha256: list[str] = []
 
 
 class SearchDefaults(BaseModel):
@@ -134,6 +145,7 @@ class Manifest(BaseModel):
     lineage: Lineage | None = None
     options: dict | None = None     # the build options (BuildConfig minus source and roots): reindex's defaults
     vectors: list[str] = []         # embeddings parts (under INDEX_ROOT) with the exact vectors: eval's ground truth
+    extra: list[FileInfo] = []      # the version's other files (quarantine, list sizes), checked like the rest
 
     @property
     def ntotal(self) -> int:
@@ -141,6 +153,31 @@ class Manifest(BaseModel):
 
     def files(self) -> list[FileInfo]:
         return [self.trained, *self.shards, *(f for s in self.shards if (f := s.ivfdata_info()))]
+
+    def path(self, name: str) -> str:
+        """The path under INDEX_ROOT of a file this manifest names (see the module's docstring)."""
+        return name[len(ROOTED):] if name.startswith(ROOTED) else f"{vdir(self.version)}/{name}"
+
+    def dir_of(self, f: FileInfo) -> str:
+        """The directory holding f's file (and its .ivfdata, which faiss finds beside it)."""
+        return posixpath.dirname(self.path(f.file))
+
+    def listed(self) -> list[tuple[str, int | None]]:
+        """(path under INDEX_ROOT, bytes or None when not recorded) of every file the version refers to."""
+        d = self.docs
+        docs = list(zip(d.files, d.bytes)) if len(d.bytes) == len(d.files) else [(f, None) for f in d.files]
+        named = [(f.file, f.bytes) for f in [*self.files(), *self.extra]] + docs
+        if self.source.quarantine and not any(f.file == self.source.quarantine for f in self.extra):
+            named.append((self.source.quarantine, None))
+        if self.drift and self.drift.lists and not any(f.file == self.drift.lists for f in self.extra):
+            named.append((self.drift.lists, None))
+        return [(self.path(n), b) for n, b in named]
+
+
+def ref(version: str, rel: str) -> str:
+    """How version's manifest names the file at rel (under INDEX_ROOT): bare in its own directory, else rooted."""
+    own = f"{vdir(version)}/"
+    return rel[len(own):] if rel.startswith(own) and "/" not in rel[len(own):] else ROOTED + rel
 
 
 def vdir(version: str) -> str:
@@ -163,8 +200,9 @@ def load_manifest(store: Store, version: str) -> Manifest:
         m = Manifest.model_validate_json(store.read_bytes(rel))
     except FileNotFoundError:
         raise StorageError(f"{store.uri(rel)}: no such version {version!r}") from None
-    if m.format != FORMAT:
-        raise StorageError(f"{store.uri(rel)}: format {m.format!r}, this shardex reads {FORMAT!r}")
+    if m.format not in READS:
+        raise StorageError(f"{store.uri(rel)}: format {m.format!r}, this shardex reads {' and '.join(READS)}; "
+                           "upgrade shardex to read it")
     return m
 
 
@@ -174,7 +212,26 @@ def verify(store: Store, m: Manifest) -> None:
     from shards.storage.integrity import check_file
 
     for f in m.files():
-        check_file(store, f"{vdir(m.version)}/{f.file}", f.sha256, f.bytes)
+        check_file(store, m.path(f.file), f.sha256, f.bytes)
+
+
+def check_listed(store: Store, m: Manifest) -> None:
+    """Every file the manifest refers to exists with its recorded size: one listing per directory, no
+    file read (publish's check before CURRENT moves; the sha256s come from the writers, and readers
+    check them at load). Raises IntegrityError naming the first file that is missing or differs."""
+    from shards.storage.integrity import damaged, missing
+
+    by_dir: dict[str, list[tuple[str, int | None]]] = {}
+    for p, b in m.listed():
+        by_dir.setdefault(posixpath.dirname(p), []).append((p, b))
+    for d, files in by_dir.items():
+        have = store.sizes(d)
+        for p, b in files:
+            name = posixpath.basename(p)
+            if name not in have:
+                raise missing(store.uri(p))
+            if b is not None and have[name] != b:
+                raise damaged(store.uri(p), f"{have[name]} bytes, the manifest says {b}")
 
 
 def current_version(store: Store) -> str:
@@ -221,9 +278,10 @@ def list_versions(store: Store) -> list[dict]:
 
 
 def age_key(version: str, created: str) -> tuple:
-    """Oldest first: the name's time (to the second), then `created` (to the millisecond) within a second."""
-    stamp = version[:16] if version[:1] == "v" and version[9:10] == "-" else ""
-    return stamp, datetime.fromisoformat(created), version
+    """Oldest first, by when it was published (`created`, to the millisecond), then by name. Not by the
+    name's time: a run names its version when it starts, and a killed run resumed later publishes after
+    versions named after it."""
+    return datetime.fromisoformat(created), version
 
 
 def summary(m: Manifest) -> dict:

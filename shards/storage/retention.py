@@ -7,6 +7,10 @@ What goes, with --keep N:
 - work/<run>/ scratch older than the grace period (and the caller's own finished runs at once);
 - embeddings/<fp>/ that no kept version uses, older than the grace period.
 
+A version's manifest may refer to files outside versions/<v>/ (Manifest.path): another version's
+shards, encode's docs parts. No file a kept version refers to is ever deleted: a deleted version's
+directory loses all but those, and is then an unfinished one that holds nothing to delete.
+
 The grace period protects a job that is running now: its scratch keeps being written (and the
 writer lease, _lease.json at the root, keeps a second writer out). A version is deleted manifest
 first, so a half-deleted one is never listed.
@@ -18,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 from shards.errors import ConfigError
 from shards.storage.lease import hold
-from shards.storage.manifest import CURRENT, age_key, load_manifest, vdir
+from shards.storage.manifest import CURRENT, Manifest, age_key, load_manifest, vdir
 from shards.storage.store import Store
 
 MANIFEST = "manifest.json"
@@ -82,10 +86,12 @@ def _prune(store: Store, keep: int, grace_s: float, own_work: tuple[str, ...], d
     kept = versions_to_keep(done, current, parent, keep)
     out = Pruned(kept=sorted(kept), dry_run=dry_run)
     out.versions = sorted(set(done) - kept)
-    out.unfinished = [v for v in names if v not in manifests and stale(store, vdir(v), now, grace_s)]
+    refs = referenced([manifests[v] for v in kept])
+    out.unfinished = [v for v in names if v not in manifests and stale(store, vdir(v), now, grace_s)
+                      and unreferenced(store, vdir(v), refs)]
     out.work = [w for w in store.ls("work") if f"work/{w}" in own_work or stale(store, f"work/{w}", now, grace_s)]
 
-    used, unknown = set(), []
+    used, unknown = {p.split("/")[1] for p in refs if p.startswith("embeddings/")}, []
     for v in kept:
         e = manifests[v].embeddings
         if e is None:
@@ -102,14 +108,41 @@ def _prune(store: Store, keep: int, grace_s: float, own_work: tuple[str, ...], d
         return out
     for v in out.versions:
         store.rm(f"{vdir(v)}/{MANIFEST}")  # first: from here on it is no longer listed
-        store.rm(vdir(v), recursive=True)
+        rm_unreferenced(store, vdir(v), refs)
     for v in out.unfinished:
-        store.rm(vdir(v), recursive=True)
+        rm_unreferenced(store, vdir(v), refs)
     for w in out.work:
         store.rm(f"work/{w}", recursive=True)
     for fp in out.embeddings:
         store.rm(f"embeddings/{fp}", recursive=True)
     return out
+
+
+def referenced(kept: list[Manifest]) -> set[str]:
+    """Every path under INDEX_ROOT that a kept version's manifest refers to."""
+    return {p for m in kept for p, _ in m.listed()}
+
+
+def _files(store: Store, rel: str) -> list[str]:
+    """Paths (under the root) of every file at or under rel."""
+    base = store.path().rstrip("/") + "/"
+    return [p[len(base):] if p.startswith(base) else p
+            for p in store.fs.find(store.path(rel), withdirs=False)]
+
+
+def unreferenced(store: Store, rel: str, refs: set[str]) -> bool:
+    """Whether rel holds anything no kept version refers to."""
+    return not any(r.startswith(f"{rel}/") for r in refs) or any(f not in refs for f in _files(store, rel))
+
+
+def rm_unreferenced(store: Store, rel: str, refs: set[str]) -> None:
+    """rel and everything under it, but the files a kept version refers to (one listing when there are some)."""
+    if not any(r.startswith(f"{rel}/") for r in refs):
+        store.rm(rel, recursive=True)
+        return
+    for f in _files(store, rel):
+        if f not in refs:
+            store.rm(f)
 
 
 def as_dict(p: Pruned) -> dict:

@@ -52,6 +52,15 @@ def dictionary_columns(schema) -> list[str]:
     return [f.name for f in schema if any(t(f.type) for t in text)]
 
 
+@dataclass(frozen=True)
+class Written:
+    """What a write put at its path: the sha256 and size of its bytes, computed from them as they
+    were written, so the writer records them and nobody reads the file back to hash it."""
+
+    sha256: str
+    bytes: int
+
+
 def _retry(fn, *a, **kw):
     delay = IO_RETRY_SLEEP_S
     for attempt in range(IO_RETRIES):
@@ -124,12 +133,21 @@ class Store:
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode()
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        _crash_point(rel)
+    def sizes(self, rel: str = "") -> dict[str, int]:
+        """{name: bytes} of the files directly under rel, from one listing; {} when it does not exist."""
         p = self.path(rel)
+        self.fs.invalidate_cache(p)  # s3fs caches listings: another process (a task) may have written since
+        if not _retry(self.fs.exists, p):
+            return {}
+        return {posixpath.basename(x["name"].rstrip("/")): int(x.get("size") or 0)
+                for x in _retry(self.fs.ls, p, detail=True) if x.get("type") == "file"}
+
+    def write_bytes(self, rel: str, data: bytes) -> Written:
+        _crash_point(rel)
+        p, done = self.path(rel), Written(hashlib.sha256(data).hexdigest(), len(data))
         if not self.local:
             _retry(self.fs.pipe_file, p, data)
-            return
+            return done
         self.fs.makedirs(posixpath.dirname(p), exist_ok=True)
         tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
@@ -137,11 +155,12 @@ class Store:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
+        return done
 
-    def write_text(self, rel: str, text: str) -> None:
-        self.write_bytes(rel, text.encode())
+    def write_text(self, rel: str, text: str) -> Written:
+        return self.write_bytes(rel, text.encode())
 
-    def write_table(self, rel: str, table, row_group_size: int | None = None) -> None:
+    def write_table(self, rel: str, table, row_group_size: int | None = None) -> Written:
         """A pyarrow Table as one Parquet object, written atomically (row groups of at most
         row_group_size rows, when given, so a reader can fetch a few rows without the rest)."""
         import pyarrow.parquet as pq
@@ -149,7 +168,7 @@ class Store:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd", use_dictionary=dictionary_columns(table.schema),
                        row_group_size=row_group_size)
-        self.write_bytes(rel, buf.getvalue())
+        return self.write_bytes(rel, buf.getvalue())
 
     def read_table(self, rel: str, columns=None):
         import pyarrow.parquet as pq
