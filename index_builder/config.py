@@ -68,7 +68,10 @@ class BuildConfig(Config):
     metric: Literal["ip", "l2"] | None = Field(None, description="ip or l2 (default: ip for normalised encoders, "
                                                "l2 otherwise)")
     s3_endpoint: S3Endpoint = None
-    part_rows: Count = Field(20_000, description="documents per input shard: the unit of encode and add work")
+    part_rows: Count = Field(20_000, description="documents per input shard: the unit of encode work")
+    add_rows: Count | None = Field(None, description="vectors per add task, cut from consecutive parts however "
+                                   "small or large they are (default: about 3 GiB of float32 vectors, 1M at "
+                                   "d=768, fewer when that leaves cluster CPUs idle)")
     target_recall: Recall = Field(0.95, description="the default nprobe is the smallest that reaches this "
                                   "recall@10")
     seed: int = Field(0, description="seed for sampling")

@@ -11,13 +11,13 @@ import hashlib
 import re
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from index_builder.build.add import add_task, split_task
-from index_builder.build.merge import expected_digest, merge_task, ram_budget_exceeded
-from index_builder.build.publish import publish_run
+from index_builder.build.add import add_task, sum_sizes
+from index_builder.build.merge import merge_task, ram_budget_exceeded
+from index_builder.build.publish import claim_version, publish_run
 from index_builder.build.tune import recall_warning, tune_task
 from index_builder.config import BuildConfig
 from index_builder.encode.parts import Layout, PartResult, part_rel
@@ -33,12 +33,12 @@ from index_builder.plan.factory import (
     train_size,
 )
 from index_builder.reindex.drift import baseline_task
-from index_builder.shard_math import ivf_ranges, sum_digests
+from index_builder.shard_math import add_rows, add_units, ivf_ranges, sum_digests
 from index_builder.train.quantizer import check_factory, sample_parallel, train_task, zero_norm_warning
 from index_builder.workdir import WorkDir
 from shards.config import parse_bytes
 from shards.errors import ConfigError, CorpusError, IntegrityError
-from shards.raytools import ensure_ray, log, node_cpus, ray_get
+from shards.raytools import cluster_cpus, ensure_ray, log, node_cpus, ray_get
 from shards.storage.lease import hold
 from shards.storage.manifest import DriftBaseline, EncoderInfo, Lineage, Manifest
 from shards.storage.store import Store, resolve_endpoint
@@ -199,17 +199,18 @@ def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, run: Run, lineag
                       options: dict | None = None) -> Summary:
     """The stages after encode, over run's embeddings parts. A reindex passes its lineage and the
     options it was asked for (its cfg may carry the kept quantizer's factory and metric instead)."""
+    run = replace(run, wd=claim_version(store, run.wd))  # the version is named once: a rerun resumes it
     if run.kept:  # by the driver: a reindex killed here leaves nothing half-done (tests crash it here)
         store.copy(run.kept.trained, run.wd.trained)
     with t.stage("train"):
         tr = train(cfg, store, run)
     said = [w for w in [zero_norm_warning(tr, run.metric)] if w]
     with t.stage("add"):
-        added, subs, ranges = add(cfg, store, run)
+        added, sizes, ranges = add(cfg, store, run)
     with t.stage("merge"):
-        merged = merge_shards(cfg, store, run, added, subs, tr["nlist"])
+        merged = merge_shards(cfg, store, run, added, sizes, ranges, tr["nlist"])
     with t.stage("tune"):
-        best = tune(cfg, store, run)
+        best = tune(cfg, store, run, [a["unit"] for a in added])
     said += [w for w in [recall_warning(best, cfg.target_recall)] if w]
     for w in said:
         log(f"warning: {w}")
@@ -241,22 +242,26 @@ def train(cfg: BuildConfig, store: Store, run: Run) -> dict:
         threads=res["num_cpus"], keep=bool(run.kept), t0=t0))
 
 
-def add(cfg: BuildConfig, store: Store, run: Run) -> tuple[list[dict], list[dict], list[list[int]] | None]:
-    """(each part's add record, what each part put in each shard, the ivf list ranges or None)."""
-    added = ray_get([add_task.options(num_cpus=1).remote(store, run.wd, part_rel(run.fp, p.part), p.part,
-                                                         shards=cfg.shards, sharding=cfg.sharding,
-                                                         metric=run.metric, k=K) for p in run.live])
+def add(cfg: BuildConfig, store: Store, run: Run) -> tuple[list[dict], np.ndarray | None, list[list[int]] | None]:
+    """(each add unit's record, the IVF list sizes and list ranges with --sharding ivf, else None, None)."""
+    rows = add_rows(run.enc.dim, run.n, cluster_cpus(), cfg.add_rows)
+    units = add_units(run.sizes, rows)
+    names = [f"unit-{i:05d}-{short_hash(u)[:8]}" for i, u in enumerate(units)]
+    log(f"add: {len(units):,} unit(s) of up to {rows:,} vectors")
+    added = ray_get([add_task.options(num_cpus=1).remote(store, run.wd, name, u, shards=cfg.shards,
+                                                         sharding=cfg.sharding, metric=run.metric, k=K)
+                     for name, u in zip(names, units)])
     if cfg.sharding != "ivf":
-        return added, added, None
-    ranges = ivf_ranges(np.sum([a["list_sizes"] for a in added], axis=0), cfg.shards)
+        return added, None, None
+    sizes = sum_sizes(store, run.wd, names)
+    ranges = ivf_ranges(sizes, cfg.shards)
     log(f"add: IVF list ranges per shard {ranges}")
-    subs = ray_get([split_task.options(num_cpus=1).remote(store, run.wd, p.part, ranges) for p in run.live])
-    return added, subs, ranges
+    return added, sizes, ranges
 
 
-def tune(cfg: BuildConfig, store: Store, run: Run) -> dict:
+def tune(cfg: BuildConfig, store: Store, run: Run, units: list[str]) -> dict:
     return ray_get(tune_task.options(num_cpus=node_cpus()).remote(
-        store, run.wd, [p.part for p in run.live], shards=cfg.shards, metric=run.metric,
+        store, run.wd, units, shards=cfg.shards, metric=run.metric,
         target=cfg.target_recall, k=K, threads=node_cpus()))
 
 
@@ -319,25 +324,29 @@ def merge_ram_budget(cfg: BuildConfig) -> int:
     return int(min(m for m in mem if m) // 2) if any(mem) else 2 << 30
 
 
-def merge_shards(cfg: BuildConfig, store: Store, run: Run, added: list[dict], subs: list[dict],
-                 nlist: int | None) -> list[dict]:
-    """One merge task per serving shard, in RAM or on disk by its size. subs: what each part put
-    in each shard (the add's, or the ivf split's). First checks that the shards together hold
-    every added id exactly once."""
-    S, budget, parts = cfg.shards, merge_ram_budget(cfg), [p.part for p in run.live]
-    want = [expected_digest(subs, s) for s in range(S)]
-    if sum_digests(want) != sum_digests(a["digest"] for a in added):
-        raise IntegrityError(f"{store.uri(run.wd.root)}: the shards' sub-indexes do not add up to the parts' ids; "
-                             f"delete it and rebuild")
+def merge_shards(cfg: BuildConfig, store: Store, run: Run, added: list[dict], sizes: np.ndarray | None,
+                 ranges: list[list[int]] | None, nlist: int | None) -> list[dict]:
+    """One merge task per serving shard, in RAM or on disk by the size of its payload; then checks
+    that the shards together hold every added id exactly once."""
+    budget, units, c = merge_ram_budget(cfg), [a["unit"] for a in added], added[0]["code_size"]
     refs = []
-    for s in range(S):
-        in_bytes = sum(a["bytes"][s] for a in subs)
-        ondisk = bool(nlist) and ram_budget_exceeded(in_bytes, budget)
+    for s in range(cfg.shards):
+        if ranges:  # ivf: a range of the lists of every unit's one section
+            section, lists, want, n = 0, tuple(ranges[s]), None, int(sizes[slice(*ranges[s])].sum())
+        else:       # hash: section s of every unit, all its lists
+            section, lists = s, (0, nlist or 1)
+            want = list(sum_digests(a["digests"][s] for a in added))
+            n = want[0]
+        ondisk = bool(nlist) and ram_budget_exceeded(n * (c + 8), budget)
         if ondisk:
-            log(f"merge: shard {s} ({in_bytes / 2**20:,.1f} MiB) exceeds --merge-ram-budget "
+            log(f"merge: shard {s} ({n * (c + 8) / 2**20:,.1f} MiB) exceeds --merge-ram-budget "
                 f"{budget / 2**20:,.0f} MiB: on-disk inverted lists")
-        refs.append(merge_task.options(num_cpus=1).remote(store, run.wd, parts, s, want[s], ondisk))
-    return ray_get(refs)
+        refs.append(merge_task.options(num_cpus=1).remote(store, run.wd, units, s, section, lists, want, ondisk))
+    merged = ray_get(refs)
+    if sum_digests(m["digest"] for m in merged) != sum_digests(a["digest"] for a in added):
+        raise IntegrityError(f"{store.uri(run.wd.root)}: the merged shards do not hold every added id exactly once; "
+                             f"delete it and rebuild")
+    return merged
 
 
 def _summary(cfg, m: Manifest, parts, added, merged, tr, t: Timer) -> Summary:
@@ -349,8 +358,7 @@ def _summary(cfg, m: Manifest, parts, added, merged, tr, t: Timer) -> Summary:
     reused = {"encode": sum(p.reused for p in parts), "add": sum(a["reused"] for a in added),
               "merge": sum(x["reused"] for x in merged), "train": int(tr["reused"])}
     return Summary(version=m.version, index_root=cfg.index_root, documents=n, rejected=m.source.rejected,
-                   quarantine=(f"{cfg.index_root}/versions/{m.version}/{m.source.quarantine}"
-                               if m.source.quarantine else None),
+                   quarantine=f"{cfg.index_root}/{m.path(m.source.quarantine)}" if m.source.quarantine else None,
                    factory=m.index.factory, shards=len(m.shards), index_bytes=sum(s.bytes for s in m.shards),
                    nprobe=m.search.nprobe, recall_at_10=m.search.recall_at_10, seconds=secs,
                    rates={k: round(v, 1) for k, v in rates.items()}, reused=reused)

@@ -73,3 +73,33 @@ def sum_digests(digests) -> tuple[int, int, int]:
     for d in digests:
         c, a, b = c + d[0], (a + d[1]) % 2**64, (b + d[2]) % 2**64
     return (c, a, b)
+
+
+def add_units(parts: list[tuple[str, int]], rows: int) -> list[list[tuple[str, int, int]]]:
+    """The add stage's units: consecutive row ranges (part, start, stop) of the embeddings parts, cut so
+    that each unit holds `rows` vectors at most and all but the last hold about that many: small
+    parts are grouped, large ones split. A unit's task reads, encodes and writes only its rows."""
+    if rows < 1:
+        raise ValueError(f"rows per add unit must be at least 1, got {rows}")
+    units, cur, room = [], [], rows
+    for rel, n in parts:
+        at = 0
+        while at < n:
+            take = min(room, n - at)
+            cur.append((rel, at, at + take))
+            at, room = at + take, room - take
+            if room == 0:
+                units.append(cur)
+                cur, room = [], rows
+    return units + ([cur] if cur else [])
+
+
+UNIT_BYTES = 3 << 30  # float32 vector bytes per add unit: about 1M vectors at d=768
+
+
+def add_rows(d: int, n: int, cpus: int, asked: int | None = None) -> int:
+    """Vectors per add unit: --add-rows, else UNIT_BYTES of vectors, but small enough that a build
+    of n vectors gives every CPU of the cluster a unit to work on."""
+    if asked:
+        return asked
+    return max(1, min(UNIT_BYTES // (4 * d), -(-n // max(1, cpus))))

@@ -3,26 +3,29 @@
   trained.index            the trained, empty index (train)
   trained.index.json       how it was trained: train's commit, written last
   tune-queries.npz         tune's held-out queries (xq, ids), drawn with the training sample
-  add/part-N/              one embeddings part's add (N: 5 digits)
-    gt.npz                 exact top-(k+1) of the tune queries among the part's vectors
-    shard-s.index          --sharding hash: its vectors of shard s; ivf: cut from all.index by split
-    all.index              --sharding ivf: every vector of the part, before the split
-    lists.parquet          --sharding ivf: (id, IVF list) of every vector
+  add/unit-U-H/             one add unit's output (U: 5 digits; H: a hash of the rows it covers)
+    payload.bin            the unit's codes: list numbers, ids and codes by (shard, list) (build/payload.py)
+    sizes.npy              --sharding ivf: its vectors per IVF list, summed by tasks into the list ranges
+    gt.npz                 exact top-(k+1) of the tune queries among the unit's vectors
     done.json              the add's commit, written last
-    split.json             --sharding ivf: the split's commit, written last
-  shards/shard-s.index     merged shard s (quantizer, codes, or list offsets when on disk)
-  shards/shard-s.ivfdata   its inverted lists, when merged on disk
+  version.json             the run's version name, chosen once before anything is written under it
   shards/shard-s.index.json  the merge's commit, written last
+  versions/<v>/shard-s.index    merged shard s (quantizer, codes, or list offsets when on disk), written by
+  versions/<v>/shard-s.ivfdata  the merge straight where the version serves it (its inverted lists, on disk)
   lists.npy                the IVF list sizes over all shards (the drift baseline)
 
 <run> is a hash of what the run builds, so a killed run's successor finds the same directory and
 reuses whatever committed there. A WorkDir is a plain frozen value: it travels to Ray tasks as is.
+Its version (build/publish.py claim_version) is fixed before the merge, which writes the shards into
+versions/<v>/ (INDEX_ROOT/versions, not under work/); a WorkDir without one (a test's, an older run's)
+keeps them in work/<run>/shards/.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 ROOT = "work"
+VERSIONS = "versions"  # shards.storage.manifest.vdir's parent
 
 
 def shard_name(s: int) -> str:
@@ -33,10 +36,15 @@ def shard_name(s: int) -> str:
 @dataclass(frozen=True)
 class WorkDir:
     root: str  # rel path under INDEX_ROOT: work/<run>
+    version: str | None = None  # the run's version: where its merged shards go
 
     @classmethod
-    def of(cls, run: str) -> WorkDir:
-        return cls(f"{ROOT}/{run}")
+    def of(cls, run: str, version: str | None = None) -> WorkDir:
+        return cls(f"{ROOT}/{run}", version)
+
+    @property
+    def version_record(self) -> str:
+        return f"{self.root}/version.json"
 
     @property
     def run(self) -> str:
@@ -58,29 +66,29 @@ class WorkDir:
     def lists(self) -> str:
         return f"{self.root}/lists.npy"
 
-    def part(self, p: int) -> str:
-        return f"{self.root}/add/part-{p:05d}"
+    def unit(self, name: str) -> str:
+        return f"{self.root}/add/{name}"
 
-    def part_done(self, p: int) -> str:
-        return f"{self.part(p)}/done.json"
+    def unit_done(self, name: str) -> str:
+        return f"{self.unit(name)}/done.json"
 
-    def part_gt(self, p: int) -> str:
-        return f"{self.part(p)}/gt.npz"
+    def unit_payload(self, name: str) -> str:
+        return f"{self.unit(name)}/payload.bin"
 
-    def part_shard(self, p: int, s: int) -> str:
-        return f"{self.part(p)}/{shard_name(s)}.index"
+    def unit_sizes(self, name: str) -> str:
+        return f"{self.unit(name)}/sizes.npy"
 
-    def part_all(self, p: int) -> str:
-        return f"{self.part(p)}/all.index"
-
-    def part_lists(self, p: int) -> str:
-        return f"{self.part(p)}/lists.parquet"
-
-    def part_split(self, p: int) -> str:
-        return f"{self.part(p)}/split.json"
+    def unit_gt(self, name: str) -> str:
+        return f"{self.unit(name)}/gt.npz"
 
     @property
     def shards(self) -> str:
+        """The directory of the merged shards' files: the version's own, once the run has one."""
+        return f"{VERSIONS}/{self.version}" if self.version else self.legacy_shards
+
+    @property
+    def legacy_shards(self) -> str:
+        """work/<run>/shards/: the merge's commit records, and the shards of a run without a version."""
         return f"{self.root}/shards"
 
     def shard(self, s: int) -> str:
@@ -90,4 +98,4 @@ class WorkDir:
         return f"{self.shards}/{shard_name(s)}.ivfdata"
 
     def shard_record(self, s: int) -> str:
-        return f"{self.shard(s)}.json"
+        return f"{self.legacy_shards}/{shard_name(s)}.index.json"

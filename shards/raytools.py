@@ -67,6 +67,13 @@ def node_cpus() -> int:
     return max(1, int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)))
 
 
+def cluster_cpus() -> int:
+    """CPUs of every alive node together (at least 1): how many one-CPU tasks can run at once."""
+    import ray
+
+    return max(1, int(sum(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])))
+
+
 def ray_get(refs):
     """ray.get, re-raising a task's own exception (a ShardexError keeps its one-line message)."""
     import ray

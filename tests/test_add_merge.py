@@ -1,125 +1,185 @@
-"""index_builder/build/add.py and merge.py without Ray: a work dir of part sub-indexes merges, in RAM
-or on disk, into the monolithic index; a foreign quantizer, a missing part or other ids are refused."""
+"""index_builder/build/payload.py and merge.py without Ray: add units' payloads merge, in RAM or on disk,
+in one batch or many, into the monolithic index, for every kind of code; codes from another trained
+index, a missing unit, other ids or a truncated payload are refused."""
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
 import pytest
 
-from index_builder.build.add import add_assigned
+from index_builder.build import merge as merge_mod
+from index_builder.build import payload
 from index_builder.build.merge import index_digest, merge_shard, open_merged, shard_info
-from index_builder.shard_math import ids_digest, sum_digests
+from index_builder.shard_math import hash_shard, ids_digest, range_shard, sum_digests
+from index_builder.train.quantizer import make_index
 from index_builder.workdir import WorkDir
 from shards.errors import IntegrityError
-from shards.storage.faissio import faiss, ivf, probed_lists, set_nprobe, write_index
+from shards.storage.faissio import faiss, index_ids, ivf, set_nprobe, to_bytes, write_index
 from shards.storage.store import Store
 
 from helpers import clustered
 
-D, NL = 16, 16
+D, NL, N = 16, 16, 4000
+FACTORIES = [f"IVF{NL},PQ4x4", f"IVF{NL},PQ4x4fs", f"IVF{NL},Flat", f"IVF{NL},SQ8", f"OPQ4,IVF{NL},PQ4", "PQ4",
+             "Flat"]
 
 
 @pytest.fixture(scope="module")
-def trained():
-    x = clustered(4000, D, seed=3)
-    index = faiss().index_factory(D, f"IVF{NL},PQ4x4")
-    index.train(x)
-    return index, x
+def data():
+    x = clustered(N, D, seed=3)
+    return x, np.arange(N, dtype=np.int64) * 5 + 2
 
 
-def _work(tmp_path, trained, parts=3):
-    """A work dir as the add stage leaves it for one shard (s=0): trained.index and part sub-indexes."""
-    index, x = trained
+@functools.cache
+def _trained_once(factory: str, seed: int):
+    index = make_index(factory, D, "l2")
+    top = faiss().downcast_index(index)
+    if isinstance(top, faiss().IndexPreTransform):  # a few OPQ iterations are enough to rotate the codes
+        opq = faiss().downcast_VectorTransform(top.chain.at(0))
+        opq.niter = opq.niter_pq = 4
+    index.train(clustered(N, D, seed=seed))
+    return index
+
+
+def _trained(factory: str, x: np.ndarray, seed: int = 3):
+    """x: the data (clustered seed 3); trained once per module and factory, a fresh copy each time."""
+    return faiss().clone_index(_trained_once(factory, seed))
+
+
+def _work(tmp_path, index, x, ids, S=1, units=3, ranges=None):
+    """A work dir as the add stage leaves it: trained.index and one payload per unit, by id hash
+    (ranges None) or in one section sorted by list (ivf sharding)."""
     store, work = Store(str(tmp_path)), WorkDir("work/w")
-    write_index(store, f"{work.root}/trained.index", index)
-    ids = np.arange(len(x), dtype=np.int64) * 5 + 2
-    digests = []
-    for p, sl in enumerate(np.array_split(np.arange(len(x)), parts)):
-        sub = faiss().clone_index(index)
-        add_assigned(sub, x[sl], ids[sl])
-        write_index(store, f"{work.part(p)}/shard-0.index", sub)
-        digests.append(ids_digest(ids[sl]))
-    return store, work, ids, x, list(sum_digests(digests))
+    write_index(store, work.trained, index)
+    fp = payload.fingerprint(to_bytes(index))
+    names, digests = [], [[] for _ in range(S)]
+    for u, sl in enumerate(np.array_split(np.arange(len(x)), units)):
+        lists, codes = payload.encode(index, x[sl])
+        sh = np.zeros(len(sl), np.int64) if ranges else hash_shard(ids[sl], S)
+        name = f"unit-{u:05d}"
+        payload.write(store, work.unit_payload(name), fp, ivf(index).nlist if ivf(index) else 1, sh,
+                      1 if ranges else S, lists, ids[sl], codes)
+        names.append(name)
+        for s in range(S):
+            digests[s].append(ids_digest(ids[sl][(range_shard(lists, ranges) if ranges else sh) == s]))
+    return store, work, names, [list(sum_digests(d)) for d in digests]
 
 
-@pytest.mark.parametrize("ondisk", [False, True])
-def test_merge_in_ram_and_on_disk_equal_the_monolithic_index(tmp_path, trained, ondisk):
-    store, work, ids, x, want = _work(tmp_path, trained)
-    out = merge_shard(store, work, [0, 1, 2], 0, want, ondisk)
-    assert out["ntotal"] == len(x) and bool(out["ivfdata"]) == ondisk
-    shard = open_merged(store, work, 0)
-    assert isinstance(faiss().downcast_InvertedLists(ivf(shard).invlists), faiss().OnDiskInvertedLists) == ondisk
-    mono = faiss().clone_index(trained[0])
+def _mono(index, x, ids):
+    mono = faiss().clone_index(index)
     mono.add_with_ids(x, ids)
-    for nprobe in (1, 4, NL):
-        set_nprobe(shard, nprobe)
-        set_nprobe(mono, nprobe)
-        D1, I1 = shard.search(x[::50], 10)
-        D2, I2 = mono.search(x[::50], 10)
+    return mono
+
+
+def _same(a, b, xq, nprobes=(1, 4, NL)):
+    for nprobe in nprobes:
+        set_nprobe(a, nprobe)
+        set_nprobe(b, nprobe)
+        D1, I1 = a.search(xq, 10)
+        D2, I2 = b.search(xq, 10)
         np.testing.assert_array_equal(I1, I2)
         np.testing.assert_array_equal(D1, D2)
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+@pytest.mark.parametrize("ondisk", [False, True])
+def test_merge_equals_the_monolithic_index(tmp_path, data, factory, ondisk, monkeypatch):
+    x, ids = data
+    index = _trained(factory, x)
+    monkeypatch.setattr(merge_mod, "BATCH_BYTES", 20_000)  # several batches of lists
+    store, work, names, want = _work(tmp_path, index, x, ids)
+    out = merge_shard(store, work, names, 0, 0, (0, ivf(index).nlist if ivf(index) else 1), want[0], ondisk)
+    packed = ivf(index) is not None and ivf(index).get_CodePacker().nvec > 1
+    assert out["ntotal"] == N and out["ondisk"] == (ondisk and ivf(index) is not None and not packed)
+    shard = open_merged(store, work, 0)
+    _same(shard, _mono(index, x, ids), x[::50])
     assert index_digest(shard) == ids_digest(ids)
     info = shard_info(store, work, 0)
-    assert info.sha256 == store.sha256(f"{work.root}/shards/shard-0.index")
-    if ondisk:
-        assert info.ivfdata_sha256 == store.sha256(f"{work.root}/shards/shard-0.ivfdata")
-        assert info.ivfdata_bytes == len(x) * (8 + ivf(shard).code_size)   # lists sized exactly, no slack
+    assert (info.sha256, info.bytes) == (store.sha256(work.shard(0)), store.size(work.shard(0)))
+    if out["ondisk"]:
+        assert info.ivfdata_sha256 == store.sha256(work.shard_data(0))
+        assert info.ivfdata_bytes == N * (8 + ivf(shard).code_size)   # lists sized exactly, no slack
 
 
 @pytest.mark.parametrize("ondisk", [False, True])
-def test_merge_refuses_another_quantizer(tmp_path, trained, ondisk):
-    store, work, ids, x, want = _work(tmp_path, trained)
-    other = faiss().index_factory(D, f"IVF{NL},PQ4x4")
-    other.train(clustered(4000, D, seed=99))
-    other.add_with_ids(x[:10], ids[:10])
-    write_index(store, f"{work.part(1)}/shard-0.index", other)
-    with pytest.raises(IntegrityError, match=r"part-00001/shard-0.index: trained with a different quantizer"):
-        merge_shard(store, work, [0, 1, 2], 0, want, ondisk)
-    assert not store.exists(f"{work.root}/shards/shard-0.index.json")
+def test_hash_and_ivf_shards_together_are_the_monolithic_index(tmp_path, data, ondisk):
+    x, ids = data
+    index = _trained(f"IVF{NL},PQ4x4", x)
+    mono = _mono(index, x, ids)
+    for mode, ranges in (("hash", None), ("ivf", [[0, 5], [5, 11], [11, NL]])):
+        store, work, names, want = _work(tmp_path / mode, index, x, ids, S=3, ranges=ranges)
+        got = []
+        for s in range(3):
+            sec, lists = (0, tuple(ranges[s])) if ranges else (s, (0, NL))
+            merge_shard(store, work, names, s, sec, lists, want[s], ondisk)
+            shard = open_merged(store, work, s)
+            got.append(index_ids(shard))
+            if ranges:  # a shard holds its own lists, every vector of them
+                inv = ivf(shard).invlists
+                sizes = [inv.list_size(l) for l in range(NL)]
+                assert all(n == 0 for l, n in enumerate(sizes) if not ranges[s][0] <= l < ranges[s][1])
+                assert sizes[slice(*ranges[s])] == [ivf(mono).invlists.list_size(l) for l in range(*ranges[s])]
+        assert sorted(np.concatenate(got).tolist()) == sorted(ids.tolist())
+
+
+def test_payload_codes_are_what_faiss_stores(data):
+    x, ids = data
+    index = _trained(f"OPQ4,IVF{NL},PQ4", x)
+    mono = _mono(index, x, ids)
+    lists, codes = payload.encode(index, x)
+    inv = ivf(mono).invlists
+    for l in range(NL):
+        n = inv.list_size(l)
+        got = faiss().rev_swig_ptr(inv.get_codes(l), n * inv.code_size).reshape(n, -1)
+        np.testing.assert_array_equal(got, codes[lists == l])
+        np.testing.assert_array_equal(faiss().rev_swig_ptr(inv.get_ids(l), n), ids[lists == l])
 
 
 @pytest.mark.parametrize("ondisk", [False, True])
-@pytest.mark.parametrize("damage", ["missing_part", "other_ids"])
-def test_merge_checks_ntotal_and_ids(tmp_path, trained, ondisk, damage):
-    store, work, ids, x, want = _work(tmp_path, trained)
-    parts = [0, 1, 2]
-    if damage == "missing_part":
-        parts = [0, 1]
-        match = r"shard 0: merged \d+ vectors, not the 4000"
-    else:   # a part re-added with shifted ids (what merge_from with add_id != 0 does): same count
-        index, _ = trained
-        sub = faiss().clone_index(index)
-        sl = np.array_split(np.arange(len(x)), 3)[2]
-        add_assigned(sub, x[sl], ids[sl] + 1)
-        write_index(store, f"{work.part(2)}/shard-0.index", sub)
+def test_merge_refuses_codes_of_another_trained_index(tmp_path, data, ondisk):
+    x, ids = data
+    index = _trained(f"IVF{NL},PQ4x4", x)
+    store, work, names, want = _work(tmp_path, index, x, ids)
+    other = _trained(f"IVF{NL},PQ4x4", x, seed=99)
+    lists, codes = payload.encode(other, x[:10])
+    payload.write(store, work.unit_payload(names[1]), payload.fingerprint(to_bytes(other)), NL,
+                  np.zeros(10, np.int64), 1, lists, ids[:10], codes)
+    with pytest.raises(IntegrityError, match=r"unit-00001/payload.bin: encoded with another trained index"):
+        merge_shard(store, work, names, 0, 0, (0, NL), want[0], ondisk)
+    assert not store.exists(work.shard_record(0))
+
+
+@pytest.mark.parametrize("damage", ["missing_unit", "other_ids", "truncated"])
+def test_merge_checks_ntotal_ids_and_payloads(tmp_path, data, damage):
+    x, ids = data
+    index = _trained(f"IVF{NL},PQ4x4", x)
+    store, work, names, want = _work(tmp_path, index, x, ids)
+    if damage == "missing_unit":
+        names, match = names[:2], r"shard 0: merged \d+ vectors, not the 4000"
+    elif damage == "other_ids":  # a unit re-added with shifted ids: same count
+        sl = np.array_split(np.arange(N), 3)[2]
+        lists, codes = payload.encode(index, x[sl])
+        payload.write(store, work.unit_payload(names[2]), payload.fingerprint(to_bytes(index)), NL,
+                      np.zeros(len(sl), np.int64), 1, lists, ids[sl] + 1, codes)
         match = r"shard 0: merged other ids than the 4000"
+    else:
+        rel = work.unit_payload(names[0])
+        store.write_bytes(rel, store.read_bytes(rel)[:-100])
+        match = r"unit-00000/payload.bin: truncated"
     with pytest.raises(IntegrityError, match=match):
-        merge_shard(store, work, parts, 0, want, ondisk)
-    assert not store.exists(f"{work.root}/shards/shard-0.index.json")
+        merge_shard(store, work, names, 0, 0, (0, NL), want[0], False)
+    assert not store.exists(work.shard_record(0))
 
 
-def test_merge_commit_is_reused(tmp_path, trained):
-    store, work, ids, x, want = _work(tmp_path, trained)
-    first = merge_shard(store, work, [0, 1, 2], 0, want, True)
-    again = merge_shard(store, work, [0, 1, 2], 0, want, True)
+def test_merge_commit_is_reused(tmp_path, data):
+    x, ids = data
+    index = _trained(f"IVF{NL},PQ4x4", x)
+    store, work, names, want = _work(tmp_path, index, x, ids)
+    first = merge_shard(store, work, names, 0, 0, (0, NL), want[0], True)
+    again = merge_shard(store, work, names, 0, 0, (0, NL), want[0], True)
     assert again["reused"] and not first["reused"]
     assert first["rss_anon_peak_mib"] >= first["rss_anon_start_mib"] > 0       # the merge's memory, recorded
-    assert json.loads(store.read_text(f"{work.root}/shards/shard-0.index.json"))["ivfdata"] == "shard-0.ivfdata"
-    assert list(store.ls(f"{work.root}/shards")) == ["shard-0.index", "shard-0.index.json", "shard-0.ivfdata"]
-
-
-def test_add_assigned_equals_add_with_ids(trained):
-    index, x = trained
-    ids = np.arange(len(x), dtype=np.int64) * 7
-    a, b = faiss().clone_index(index), faiss().clone_index(index)
-    lists = add_assigned(a, x, ids)
-    b.add_with_ids(x, ids)
-    assert a.ntotal == b.ntotal == len(x)
-    np.testing.assert_array_equal(lists, probed_lists(index, x, 1)[:, 0])
-    for l in range(NL):
-        got = faiss().rev_swig_ptr(ivf(a).invlists.get_ids(l), ivf(a).invlists.list_size(l))
-        np.testing.assert_array_equal(np.sort(got), np.sort(ids[lists == l]))
-    set_nprobe(a, 4)
-    set_nprobe(b, 4)
-    np.testing.assert_array_equal(a.search(x[:20], 5)[1], b.search(x[:20], 5)[1])
+    assert json.loads(store.read_text(work.shard_record(0)))["ivfdata"] == "shard-0.ivfdata"
+    assert list(store.ls(work.shards)) == ["shard-0.index", "shard-0.index.json", "shard-0.ivfdata"]

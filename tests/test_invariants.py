@@ -1,6 +1,8 @@
 """Invariants 1, 3 and 4 on precomputed vectors: exactly once, resume reuses work, sharded == monolithic."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -65,7 +67,8 @@ def test_rebuild_reuses_every_finished_unit(ray_session, corpus, tmp_path):
     m2 = load_manifest(store, second.version)
     parts = -(-N // 1000) + 2  # 3 files of 3,334 rows split into parts of <= 1,000
     assert second.reused["encode"] == len(m1.docs.files) and len(m1.docs.files) <= parts
-    assert second.reused["add"] == len(m1.docs.files)
+    units = [u for u in os.listdir(os.path.join(root, first.work, "add")) if u.startswith("unit-")]
+    assert second.reused["add"] == len(units) >= 1
     assert second.reused["merge"] == 2 and second.reused["train"] == 1
     assert [s.sha256 for s in m1.shards] == [s.sha256 for s in m2.shards]
     assert current_version(store) == second.version != first.version

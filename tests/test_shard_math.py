@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from index_builder.plan.corpus import string_ids
-from index_builder.shard_math import hash_shard, ids_digest, ivf_ranges, mix64, sum_digests
+from index_builder.shard_math import add_rows, add_units, hash_shard, ids_digest, ivf_ranges, mix64, sum_digests
 from shards.errors import ConfigError
 
 
@@ -126,3 +126,28 @@ def test_ids_digest_sees_changes(change):
     bad = {"drop": ids[1:], "duplicate": np.append(ids, ids[5]), "alter": np.where(ids == 4, 5, ids),
            "swap_for_duplicate": np.append(ids[1:], ids[2])}[change]
     assert ids_digest(bad) != ids_digest(ids)
+
+
+@pytest.mark.parametrize("parts, rows, want", [
+    ([("a", 5), ("b", 3), ("c", 12)], 4,
+     [[("a", 0, 4)], [("a", 4, 5), ("b", 0, 3)], [("c", 0, 4)], [("c", 4, 8)], [("c", 8, 12)]]),
+    ([("a", 5)], 10, [[("a", 0, 5)]]),                                 # one small part: one unit
+    ([("a", 1)] * 3, 2, [[("a", 0, 1), ("a", 0, 1)], [("a", 0, 1)]]),  # tiny parts grouped
+    ([("a", 0), ("b", 2)], 2, [[("b", 0, 2)]]),                       # empty parts give nothing
+    ([], 3, []),
+])
+def test_add_units_group_small_parts_and_split_big_ones(parts, rows, want):
+    got = add_units(parts, rows)
+    assert got == want
+    assert sum(b - a for u in got for _, a, b in u) == sum(n for _, n in parts)
+    assert all(sum(b - a for _, a, b in u) <= rows for u in got)
+
+
+@pytest.mark.parametrize("d, n, cpus, asked, want", [
+    (768, 10**9, 256, None, (3 << 30) // (4 * 768)),   # big builds: bounded by bytes (about 1M at d=768)
+    (96, 10**6, 2, None, 500_000),                     # small ones: every CPU gets a unit
+    (96, 10**6, 2, 1234, 1234),                        # --add-rows wins
+    (8, 3, 16, None, 1),
+])
+def test_add_rows(d, n, cpus, asked, want):
+    assert add_rows(d, n, cpus, asked) == want

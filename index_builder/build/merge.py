@@ -1,88 +1,53 @@
-"""merge: the part sub-indexes of one serving shard into that shard, checked.
+"""merge: one serving shard from the add units' payloads, each list allocated once, checked.
 
-In RAM when the shard fits --merge-ram-budget: the trained index, then each part's
-sub-index merged into it (one part in memory at a time besides the shard).
+A shard is a section of every unit's payload (hash sharding) or a range of IVF lists of it (ivf
+sharding). The merge reads each unit's list numbers for its rows once, sums the list sizes, then
+fills the lists a batch of lists at a time (ranged reads of only those rows, BATCH_BYTES at most in
+memory besides the shard): every list receives all its entries in one call, so it is allocated
+once at its final size.
 
-On disk otherwise, as faiss's merge_ondisk does it: every part's sub-index is opened
-with IO_FLAG_MMAP (its lists stay in the file, read through the page cache), and
-OnDiskInvertedLists.merge_from_multiple writes the shard's lists into one .ivfdata
-file, sized exactly once and filled list by list; so RAM holds one list at a time,
-not the shard. The shard is then shard-s.index (quantizer, codebooks and list offsets)
-plus shard-s.ivfdata, served by mmap.
+In RAM when the shard's payload fits --merge-ram-budget: the trained index's own lists are
+filled (fast-scan lists packed into blocks here). On disk otherwise: an OnDiskInvertedLists file
+sized exactly from the summed sizes, each list written at its offset, so RAM holds one batch,
+not the shard. The shard is then shard-s.index (quantizer, codebooks and list offsets) plus
+shard-s.ivfdata, served by mmap.
 
-Every merge checks that each part was trained from the same quantizer, and that the
-merged shard holds exactly the ids that were added to it (count and id digest).
+Every payload must carry the fingerprint of this build's trained index, and the merged shard
+must hold exactly the ids its payloads hold (count, and the id digest the add recorded).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 
+import numpy as np
 import ray
 
+from index_builder.build import payload
+from index_builder.build.memwatch import MemoryWatch
 from index_builder.shard_math import ids_digest, sum_digests
 from index_builder.workdir import WorkDir, shard_name
 from shards.errors import IntegrityError
 from shards.storage.faissio import (
     faiss,
     faiss_quiet,
+    from_bytes,
     ivf,
     no_search_flags,
     open_shard_file,
-    quantizer_bytes,
-    read_index,
     set_ntotal,
+    to_bytes,
     write_index,
 )
 from shards.storage.manifest import FileInfo
 from shards.storage.store import Store
 
-
-class MemoryWatch:
-    """Peak anonymous and file-backed resident memory of this process while a merge runs, sampled
-    from /proc/self/status (Linux; elsewhere nothing is recorded). Anonymous memory is what a merge
-    holds; file-backed pages (the mmapped parts and .ivfdata) are page cache the kernel can drop."""
-
-    PERIOD_S = 0.02
-
-    def __enter__(self):
-        self.peak = {"anon": 0, "file": 0}
-        self.start = self._read()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _read(self) -> dict:
-        try:
-            with open("/proc/self/status") as f:
-                kv = dict(line.split(":", 1) for line in f if line.startswith(("RssAnon", "RssFile")))
-        except OSError:
-            return {}
-        return {"anon": int(kv["RssAnon"].split()[0]) << 10, "file": int(kv["RssFile"].split()[0]) << 10}
-
-    def _run(self):
-        while not self._stop.is_set():
-            for k, v in self._read().items():
-                self.peak[k] = max(self.peak[k], v)
-            time.sleep(self.PERIOD_S)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-
-    def record(self) -> dict:
-        if not self.start:
-            return {}
-        mib = 2**20
-        return {"rss_anon_start_mib": round(self.start["anon"] / mib, 1),
-                "rss_anon_peak_mib": round(self.peak["anon"] / mib, 1),
-                "rss_file_peak_mib": round(self.peak["file"] / mib, 1)}
+BATCH_BYTES = 256 << 20  # payload bytes of one batch of lists in memory at once
 
 
 def shard_info(store: Store, wd: WorkDir, s: int) -> FileInfo:
@@ -108,146 +73,213 @@ def index_digest(index) -> tuple[int, int, int]:
     return sum_digests(ds)
 
 
-def _mismatch(store: Store, rel: str, wd: WorkDir) -> IntegrityError:
-    return IntegrityError(f"{store.uri(rel)}: trained with a different quantizer than {wd.trained}; "
-                          f"delete {store.uri(wd.root)} and rebuild")
-
-
-def merge_in_ram(store: Store, wd: WorkDir, rels: list[str]):
-    index = read_index(store, wd.trained, no_search_flags())
-    q = quantizer_bytes(index)
-    for rel in rels:
-        sub = read_index(store, rel, no_search_flags())
-        if quantizer_bytes(sub) != q:
-            raise _mismatch(store, rel, wd)
-        index.merge_from(sub, 0)  # add_id=0: keep the ids the part was added with
-    return index
-
-
-def open_mmapped(path: str):
-    """(emptied index, its inverted lists): the lists stay mmapped in the file; the index,
-    with empty lists in their place, is what the quantizer check compares."""
-    f = faiss()
-    index = f.read_index(path, f.IO_FLAG_MMAP | no_search_flags())
-    iv = ivf(index)
-    lists = iv.invlists
-    iv.own_invlists = False
-    lists.this.acquire()  # Python owns the mmapped lists now: freed (and unmapped) with them
-    empty = f.ArrayInvertedLists(iv.nlist, iv.code_size)
-    iv.replace_invlists(empty, True)
-    empty.this.disown()
-    set_ntotal(index, 0)
-    iv.ntotal = 0
-    return index, lists
-
-
-def merge_on_disk(store: Store, wd: WorkDir, rels: list[str], local_dir: str, name: str):
-    """The shard as local_dir/<name>.index + local_dir/<name>.ivfdata; returns the index."""
-    f = faiss()
-    index = read_index(store, wd.trained, no_search_flags())
-    q = quantizer_bytes(index)
-    fetched = os.path.join(local_dir, "parts")
-    os.makedirs(fetched, exist_ok=True)
-    parts = []
-    for i, rel in enumerate(rels):
-        path = store.path(rel) if store.local else os.path.join(fetched, f"{i:06d}.index")
-        if not store.local:
-            store.fs.get_file(store.path(rel), path)
-        sub, lists = open_mmapped(path)
-        if quantizer_bytes(sub) != q:
-            raise _mismatch(store, rel, wd)
-        parts.append(lists)
-    iv = ivf(index)
-    ondisk = f.OnDiskInvertedLists(iv.nlist, iv.code_size, os.path.join(local_dir, f"{name}.ivfdata"))
-    vec = f.InvertedListsPtrVector()
-    for lists in parts:
-        vec.push_back(lists)
-    with faiss_quiet():
-        n = ondisk.merge_from_multiple(vec.data(), vec.size(), False, False)
-    iv.replace_invlists(ondisk, True)
-    ondisk.this.disown()
-    iv.ntotal = n
-    set_ntotal(index, n)
-    del parts, vec
-    shutil.rmtree(fetched, ignore_errors=True)
-    return index
-
-
 def ram_budget_exceeded(in_bytes: int, budget: int) -> bool:
-    """A shard goes on disk when the sub-indexes it is merged from add up to more than the budget."""
+    """A shard goes on disk when its payload (ids and codes) is more than the budget."""
     return in_bytes > budget
 
 
-def merge_shard(store: Store, wd: WorkDir, parts: list[int], s: int, expected: list[int], ondisk: bool) -> dict:
-    """Shard s from add/part-N/shard-s.index for N in parts, checked against expected: the digest
-    (count, sum, sum) of the ids the parts added to it. Commits shards/shard-s.index.json."""
-    out = wd.shard(s)
+class Sources:
+    """The rows of shard s in lists [a, b) of every unit's payload: their sizes per list, and
+    batches of them read by ranged reads."""
+
+    def __init__(self, pays: list[payload.Payload], section: int, a: int, b: int):
+        self.pays, self.a, self.b = pays, a, b
+        self.spans, self.sizes = [], np.zeros(b - a, np.int64)
+        for p in pays:
+            r0, r1 = p.section(section)
+            L = p.lists(r0, r1)
+            lo, hi = np.searchsorted(L, [a, b])
+            self.spans.append((r0 + int(lo), L[lo:hi]))
+            self.sizes += np.bincount(L[lo:hi] - a, minlength=b - a)
+
+    def batches(self, c: int) -> list[tuple[int, int]]:
+        """List ranges of about BATCH_BYTES of payload each (a list is never cut)."""
+        rows = max(1, BATCH_BYTES // (c + 8))
+        cum = np.concatenate([[0], np.cumsum(self.sizes)])
+        cuts, at = [self.a], 0
+        while at < len(self.sizes):
+            nxt = max(at + 1, int(np.searchsorted(cum, cum[at] + rows, side="right")) - 1)
+            cuts.append(self.a + nxt)
+            at = nxt
+        return list(zip(cuts[:-1], cuts[1:]))
+
+    def read(self, la: int, lb: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(lists, ids, codes) of lists [la, lb) from every unit, sorted by list (stable: unit order)."""
+        Ls, Is, Cs = [], [], []
+        for p, (r0, L) in zip(self.pays, self.spans):
+            i, j = np.searchsorted(L, [la, lb])
+            if j > i:
+                ids, codes = p.rows(r0 + int(i), r0 + int(j))
+                Ls.append(L[i:j]), Is.append(ids), Cs.append(codes)
+        if not Ls:
+            return np.empty(0, np.int32), np.empty(0, np.int64), np.empty((0, 0), np.uint8)
+        L, I, C = np.concatenate(Ls), np.concatenate(Is), np.concatenate(Cs)
+        o = np.argsort(L, kind="stable")
+        return L[o], I[o], C[o]
+
+
+def _pack(iv, codes: np.ndarray) -> np.ndarray:
+    """A list's codes as its inverted lists store them: fast-scan packs them into blocks of nvec."""
+    f, p = faiss(), iv.get_CodePacker()
+    try:
+        if p.nvec == 1:
+            return np.ascontiguousarray(codes)
+        nb = -(-len(codes) // p.nvec)
+        flat = np.zeros((nb * p.nvec, codes.shape[1]), np.uint8)
+        flat[:len(codes)] = codes
+        out = np.zeros(nb * p.block_size, np.uint8)
+        for j in range(nb):
+            blk, dst = flat[j * p.nvec:], out[j * p.block_size:]
+            p.pack_all(f.swig_ptr(blk), f.swig_ptr(dst))
+        return out
+    finally:
+        del p
+
+
+def fill(index, src: Sources, ondisk_path: str | None = None) -> int:
+    """Fill index's lists [a, b) from src, each list once; on disk: an exactly sized .ivfdata. Returns n."""
+    f, iv = faiss(), ivf(index)
+    if iv is None:  # a flat index: one list of codes behind an IDMap
+        for la, lb in src.batches(payload_code_size(src)):
+            _, I, C = src.read(la, lb)
+            if len(I):
+                index.add_sa_codes(np.ascontiguousarray(C), np.ascontiguousarray(I))
+        return int(index.ntotal)
+    inv = iv.invlists
+    if ondisk_path:
+        sizes = np.zeros(iv.nlist, np.uint64)
+        sizes[src.a:src.b] = src.sizes
+        inv = f.OnDiskInvertedLists(iv.nlist, iv.code_size, ondisk_path)
+        inv.set_all_lists_sizes(f.swig_ptr(sizes))
+        total = max(int(sizes.sum()) * (iv.code_size + 8), 1)
+        with faiss_quiet():
+            inv.update_totsize(total)
+        inv.allocate_slot(total)  # the free slot update_totsize left: the lists own the whole file
+    n = 0
+    for la, lb in src.batches(int(iv.code_size)):
+        L, I, C = src.read(la, lb)
+        bounds = np.searchsorted(L, np.arange(la, lb + 1))
+        for l in np.flatnonzero(np.diff(bounds)):
+            i, j = int(bounds[l]), int(bounds[l + 1])
+            ids, codes = np.ascontiguousarray(I[i:j]), C[i:j]
+            if ondisk_path:
+                codes = np.ascontiguousarray(codes)
+                inv.update_entries(la + int(l), 0, j - i, f.swig_ptr(ids), f.swig_ptr(codes))
+            else:
+                codes = _pack(iv, codes)
+                inv.add_entries(la + int(l), j - i, f.swig_ptr(ids), f.swig_ptr(codes))
+        n += len(I)
+    if ondisk_path:
+        iv.replace_invlists(inv, True)
+        inv.this.disown()
+    iv.ntotal = n
+    set_ntotal(index, n)
+    return n
+
+
+def payload_code_size(src: Sources) -> int:
+    return src.pays[0].c if src.pays else 1
+
+
+def merge_shard(store: Store, wd: WorkDir, units: list[str], s: int, section: int, lists: tuple[int, int],
+                expected: list[int] | None, ondisk: bool) -> dict:
+    """Shard s from section `section`, lists [a, b), of every unit's payload; checked against expected,
+    the digest (count, sum, sum) of the ids the add put in it (None: ivf, where the driver checks
+    that the shards' digests add up to the units'). Commits shards/shard-s.index.json."""
     if store.exists(wd.shard_record(s)):
         return {**json.loads(store.read_text(wd.shard_record(s))), "reused": True}
     t0 = time.time()
-    rels = [wd.part_shard(p, s) for p in parts]
     with MemoryWatch() as mem:
-        data = _merge_on_disk(store, wd, rels, s, expected) if ondisk else _merge_in_ram(store, wd, rels, s, expected)
-    info = FileInfo(file=f"{shard_name(s)}.index", sha256=store.sha256(out), bytes=store.size(out),
-                    ntotal=int(expected[0]), **data)
-    done = {**info.model_dump(), "seconds": time.time() - t0, "ondisk": ondisk, **mem.record()}
+        raw = store.read_bytes(wd.trained)
+        fp, index = payload.fingerprint(raw), from_bytes(raw, no_search_flags())
+        del raw
+        pays = [payload.Payload(store, wd.unit_payload(u)) for u in units]
+        for p in pays:
+            p.check(fp)
+        src = Sources(pays, section, *lists)
+        ondisk = ondisk and ivf(index) is not None and ivf(index).get_CodePacker().nvec == 1
+        files = _on_disk(store, wd, index, src, s) if ondisk else _in_ram(store, wd, index, src, s)
+        got = index_digest(index)
+        _check(got, int(src.sizes.sum()), expected, s, store, wd)
+    info = FileInfo(file=f"{shard_name(s)}.index", ntotal=int(got[0]), **files)
+    done = {**info.model_dump(), "digest": list(got), "seconds": time.time() - t0, "ondisk": ondisk,
+            **mem.record()}
     store.write_text(wd.shard_record(s), json.dumps(done))
     return {**done, "reused": False}
 
 
-def _merge_in_ram(store: Store, wd: WorkDir, rels: list[str], s: int, expected) -> dict:
-    """Writes shards/shard-s.index; nothing more to record."""
-    index = merge_in_ram(store, wd, rels)
-    _check(index, expected, s, store, wd)
-    write_index(store, wd.shard(s), index)
-    return {}
+merge_task = ray.remote(max_retries=3)(merge_shard)
 
 
-def _merge_on_disk(store: Store, wd: WorkDir, rels: list[str], s: int, expected) -> dict:
-    """Writes shards/shard-s.index and .ivfdata; returns the .ivfdata's FileInfo fields."""
+def _in_ram(store: Store, wd: WorkDir, index, src: Sources, s: int) -> dict:
+    """Fills and writes shards/shard-s.index, hashed where it is written."""
+    fill(index, src)
+    sha, n = _write_hashed(store, wd.shard(s), index)
+    return {"sha256": sha, "bytes": n}
+
+
+def _write_hashed(store: Store, rel: str, index) -> tuple[str, int]:
+    """Write an index and return (sha256, bytes) of what was written, without reading it back from S3."""
+    if store.local:
+        write_index(store, rel, index)
+        return store.sha256(rel), store.size(rel)
+    data = to_bytes(index)
+    store.write_bytes(rel, data)
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def _local_sha(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _on_disk(store: Store, wd: WorkDir, index, src: Sources, s: int) -> dict:
+    """Writes shards/shard-s.index and .ivfdata; returns both files' FileInfo fields."""
     out, data_rel, name = wd.shard(s), wd.shard_data(s), shard_name(s)
     # Local store: build in a scratch dir beside the output, then rename (same filesystem).
     tmp = (os.path.join(os.path.dirname(store.path(out)), f"tmp-{uuid.uuid4().hex[:8]}") if store.local
            else tempfile.mkdtemp(prefix="shardex-merge-"))
     os.makedirs(tmp, exist_ok=True)
     try:
-        index = merge_on_disk(store, wd, rels, tmp, name)
-        _check(index, expected, s, store, wd)
+        data_path, index_path = os.path.join(tmp, f"{name}.ivfdata"), os.path.join(tmp, f"{name}.index")
+        fill(index, src, data_path)
         with faiss_quiet():
-            faiss().write_index(index, os.path.join(tmp, f"{name}.index"))
-        del index
-        _move(store, os.path.join(tmp, f"{name}.ivfdata"), data_rel)
-        _move(store, os.path.join(tmp, f"{name}.index"), out)  # last: the .index names its .ivfdata
+            faiss().write_index(index, index_path)
+        got = {"sha256": _local_sha(index_path), "bytes": os.path.getsize(index_path),
+               "ivfdata": f"{name}.ivfdata", "ivfdata_sha256": _local_sha(data_path),
+               "ivfdata_bytes": os.path.getsize(data_path)}
+        _move(store, data_path, data_rel)
+        _move(store, index_path, out)  # last: the .index names its .ivfdata
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"ivfdata": f"{name}.ivfdata", "ivfdata_sha256": store.sha256(data_rel),
-            "ivfdata_bytes": store.size(data_rel)}
-
-
-merge_task = ray.remote(max_retries=3)(merge_shard)
+    return got
 
 
 def _move(store: Store, local_path: str, rel: str) -> None:
     """A finished local file into the store: renamed on a local store (same filesystem), uploaded to S3."""
     if store.local:
+        os.makedirs(os.path.dirname(store.path(rel)), exist_ok=True)
         os.replace(local_path, store.path(rel))
     else:
         store.put_file(local_path, rel)
 
 
-def _check(index, expected, s: int, store: Store, wd: WorkDir) -> None:
-    """ntotal and the id digest of the merged shard against what its parts added."""
-    got = index_digest(index)
-    if index.ntotal != expected[0] or got != tuple(expected):
-        what = "other ids than" if index.ntotal == expected[0] == got[0] else f"{index.ntotal} vectors, not"
-        raise IntegrityError(f"shard {s}: merged {what} the {expected[0]} its parts added; the part indexes "
-                             f"under {store.uri(wd.root)} are stale or damaged: delete them and rebuild")
+def _check(got, n: int, expected, s: int, store: Store, wd: WorkDir) -> None:
+    """The merged shard against the rows its payloads hold and, with hash sharding, what the add put in it."""
+    want = n if expected is None else expected[0]
+    if got[0] != want or got[0] != n:
+        what = f"{got[0]} vectors, not"
+    elif expected is not None and tuple(got) != tuple(expected):
+        what = "other ids than"
+    else:
+        return
+    raise IntegrityError(f"shard {s}: merged {what} the {want} the add put in it; the add units under "
+                         f"{store.uri(wd.root)}/add are stale or damaged: delete them and rebuild")
 
 
 def open_merged(store: Store, wd: WorkDir, s: int, local_dir: str | None = None):
     """A merged shard in the work dir, for tune: in RAM, or mmapped when merged on disk."""
     return open_shard_file(store, wd.shards, shard_info(store, wd, s), local_dir)
-
-
-def expected_digest(added: list[dict], s: int) -> list[int]:
-    return list(sum_digests(a["digests"][s] for a in added))

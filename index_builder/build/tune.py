@@ -15,23 +15,23 @@ from shards.storage.faissio import faiss, nlist
 from shards.storage.store import Store
 
 
-def ground_truth(store: Store, wd: WorkDir, parts: list[int], metric: str, k: int):
+def ground_truth(store: Store, wd: WorkDir, units: list[str], metric: str, k: int):
     """(query vectors, their ids, exact top-k without themselves) from what each add task found."""
     q = np.load(io.BytesIO(store.read_bytes(wd.queries)))
     res = []
-    for p in parts:
-        g = np.load(io.BytesIO(store.read_bytes(wd.part_gt(p))))
+    for u in units:
+        g = np.load(io.BytesIO(store.read_bytes(wd.unit_gt(u))))
         res.append((g["D"], g["I"]))
     return q["xq"], q["ids"], merged_truth(res, k, metric, own=q["ids"])
 
 
 @ray.remote
-def tune_task(store: Store, wd: WorkDir, parts: list[int], *, shards: int, metric: str, target: float, k: int,
+def tune_task(store: Store, wd: WorkDir, units: list[str], *, shards: int, metric: str, target: float, k: int,
               threads: int) -> dict:
     """The default nprobe of wd's merged shards, and the recall@k it reaches on tune's queries."""
     faiss().omp_set_num_threads(threads)
     index = [open_merged(store, wd, s) for s in range(shards)]
-    xq, own, gt = ground_truth(store, wd, parts, metric, k)
+    xq, own, gt = ground_truth(store, wd, units, metric, k)
     nl = nlist(index[0])
     rows = climb(merged_search(index, metric), xq, gt, k, nl, target, own)
     best = choose_nprobe(rows, target)
