@@ -66,6 +66,7 @@ class BuildConfig(Config):
     bad_rows: Literal["error", "skip"] = Field("error", description="error: stop at the first bad row; skip: "
                                                "quarantine it with a reason and go on")
     metric: Literal["ip", "l2"] | None = Field(None, description="ip or l2 (default: ip for normalised encoders, "
+                                               "and for a vector column whose sampled vectors have unit norm; "
                                                "l2 otherwise)")
     s3_endpoint: S3Endpoint = None
     part_rows: Count = Field(20_000, description="documents per input shard: the unit of encode work")
