@@ -114,6 +114,19 @@ def test_sample_of_old_single_group_parts_and_of_a_small_corpus(tmp_path):
     assert len(none.xt) == 0 and none.bytes_read == 0
 
 
+def test_sample_and_row_ranges_on_s3_read_what_they_read_locally(tmp_path, s3):
+    """On S3 the part is opened without s3fs's read-ahead; the rows and the bytes counted are the same."""
+    local, remote = Store(str(tmp_path)), Store("s3://indexes/sample", s3)
+    parts, x = _parts(local, [1000] * 12, 16, 100)
+    for rel, _ in parts:
+        remote.write_bytes(rel, local.read_bytes(rel))
+    a, b = sample(local, parts, 1000, seed=4, queries=20), sample(remote, parts, 1000, seed=4, queries=20)
+    np.testing.assert_array_equal(a.xt, b.xt)
+    np.testing.assert_array_equal(a.qids, b.qids)
+    assert a.bytes_read == b.bytes_read <= 2 * a.xt.nbytes
+    np.testing.assert_array_equal(read_vectors(remote, parts[5][0], 250, 420)[1], x[5250:5420])
+
+
 def test_parallel_sample_draws_the_same_rows_as_the_sequential_one(tmp_path, ray_session):
     """One Ray task per part (what the build runs) draws exactly what sample() draws in process."""
     store = Store(str(tmp_path))
