@@ -167,7 +167,7 @@ def prepare(shard: InputShard, cfg: BuildConfig, layout: Layout, dim: int | None
         out = vectors_table(ids, x, {HASH: pa.array(h, pa.int64()), **(origin_column(m.origin) if m else {})})
     else:  # the source's own ids and the stored fields travel with the vectors
         out = vectors_table(good.column(cfg.id_column), x, {f: good.column(f) for f in cfg.stored_fields})
-    store.write_table(emb, out)  # last: its presence marks the part done
+    store.write_table(emb, out, row_group_size=group_rows(x.shape[1]))  # last: its presence marks the part done
     counts = {"new": int((m.origin == NEW).sum()), "changed": int((m.origin == CHANGED).sum())} if m else {}
     return PartResult(shard.part, len(ids), int(bad.sum()), time.time() - t0, False, **counts)
 
@@ -197,12 +197,72 @@ def vectors_table(ids, x: np.ndarray, fields: dict | None = None) -> pa.Table:
     return pa.table({"id": ids, "vector": vec, **(fields or {})})
 
 
-def read_vectors(store: Store, rel: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int64, x float32 [n, d]) of one embeddings part."""
-    t = store.read_table(rel)
+ROW_GROUP_BYTES = 1 << 20  # of vectors per row group: what a sampler or a row range reads beyond its rows
+
+
+def group_rows(d: int) -> int:
+    """Rows per row group of an embeddings part: the power of two (at least 64) that keeps a group's
+    vectors near ROW_GROUP_BYTES, so reading a few rows costs about a MiB, not the whole part."""
+    return max(64, 1 << max(0, (ROW_GROUP_BYTES // (4 * max(d, 1))).bit_length() - 1))
+
+
+VECTOR_COLUMNS = ["id", "vector"]
+
+
+def open_part(store: Store, rel: str):
+    """An embeddings part, opened for pq.ParquetFile (use it in a with). On S3 it reads no more than each
+    range pyarrow asks for: s3fs's default read-ahead would fetch tens of MiB around a 1 MiB row group."""
+    return store.fs.open(store.path(rel), "rb", **({} if store.local else {"cache_type": "none"}))
+
+
+def group_bounds(md) -> np.ndarray:
+    """Row offsets of a Parquet file's row groups: group g holds rows [b[g], b[g + 1])."""
+    return np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])
+
+
+def group_bytes(md, groups, columns=VECTOR_COLUMNS) -> int:
+    """Compressed bytes of those row groups' chunks of columns, from the footer: what reading them costs."""
+    total = 0
+    for g in groups:
+        rg = md.row_group(g)
+        for c in range(rg.num_columns):
+            if rg.column(c).path_in_schema.split(".")[0] in columns:
+                total += rg.column(c).total_compressed_size
+    return total
+
+
+def read_groups(f, groups) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64, x float32 [n, d]) of the given row groups of an open embeddings part, in file order."""
+    return _matrix(f.read_row_groups(sorted(groups), columns=VECTOR_COLUMNS))
+
+
+def read_vectors(store: Store, rel: str, start: int | None = None,
+                 stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64, x float32 [n, d]) of rows [start, stop) of one embeddings part (all by default),
+    reading only the row groups that hold them."""
+    import pyarrow.parquet as pq
+
+    with open_part(store, rel) as fh:
+        return _rows(pq.ParquetFile(fh), start, stop)
+
+
+def _rows(f, start: int | None, stop: int | None) -> tuple[np.ndarray, np.ndarray]:
+    b = group_bounds(f.metadata)
+    n = int(b[-1])
+    start, stop = max(0, start or 0), n if stop is None else min(stop, n)
+    if start == 0 and stop == n:
+        return _matrix(f.read(columns=VECTOR_COLUMNS))
+    if start >= stop:  # an empty range: no group to read, but the part's d
+        return np.empty(0, np.int64), np.empty((0, f.schema_arrow.field("vector").type.list_size), np.float32)
+    g0, g1 = int(np.searchsorted(b, start, "right")) - 1, int(np.searchsorted(b, stop, "left"))
+    ids, x = read_groups(f, range(g0, g1))
+    return ids[start - b[g0]:stop - b[g0]], x[start - b[g0]:stop - b[g0]]
+
+
+def _matrix(t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     vec = t.column("vector").combine_chunks()
     d = vec.type.list_size
-    x = vec.values.to_numpy(zero_copy_only=False).reshape(-1, d)
+    x = vec.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)  # flatten: respects a slice's offset
     return t.column("id").to_numpy(), np.ascontiguousarray(x, dtype=np.float32)
 
 
