@@ -103,10 +103,11 @@ def test_merge_equals_the_monolithic_index(tmp_path, data, factory, ondisk, monk
         assert info.ivfdata_bytes == N * (8 + ivf(shard).code_size)   # lists sized exactly, no slack
 
 
+@pytest.mark.parametrize("factory", [f"IVF{NL},PQ4x4", f"IVF{NL},PQ4x4fs"])  # fast-scan: cut by list too
 @pytest.mark.parametrize("ondisk", [False, True])
-def test_hash_and_ivf_shards_together_are_the_monolithic_index(tmp_path, data, ondisk):
+def test_hash_and_ivf_shards_together_are_the_monolithic_index(tmp_path, data, factory, ondisk):
     x, ids = data
-    index = _trained(f"IVF{NL},PQ4x4", x)
+    index = _trained(factory, x)
     mono = _mono(index, x, ids)
     for mode, ranges in (("hash", None), ("ivf", [[0, 5], [5, 11], [11, NL]])):
         store, work, names, want = _work(tmp_path / mode, index, x, ids, S=3, ranges=ranges)

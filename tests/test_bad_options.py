@@ -36,7 +36,7 @@ def test_malformed_yaml_config(tmp_path):
     ("IVF4,PQ5", "faiss cannot build 'IVF4,PQ5' for d=16 (The dimension of the vector (d) should be a multiple"),
     ("lol,what", "could not parse index string"),
     ("IVF4096,Flat", "4,096 IVF lists"),                                      # more lists than the 200 vectors
-    ("HNSW32", "cannot be merged from part indexes"),                         # fails at merge, after add, today
+    ("HNSW32", "cannot be merged from the add units' codes"),                 # fails at merge, after add, today
     ("IVF4,PQ4,RFlat", "IndexRefineFlat"),
 ])
 def test_factory_refused_before_encoding(ray_session, vec_corpus, capsys, factory, expect):

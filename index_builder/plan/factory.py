@@ -188,6 +188,7 @@ class Plan:
     on_disk: bool                    # shards over the merge RAM budget: on-disk lists, mmapped
     train_vectors: int
     embeddings_bytes: int            # the vectors as encoded (embeddings/ parts)
+    code_bytes: int | None = None    # one vector's code
 
     @property
     def index_bytes(self) -> int | None:
@@ -209,10 +210,10 @@ class Plan:
                      "cache keeps" if self.on_disk else "merged and served in RAM")
             out.append(f"plan: memory per shard {_gb(self.shard_bytes + self.trained_bytes)} x {self.shards} "
                        f"shard(s), {where}")
-        work = 2 * self.index_bytes if self.index_bytes is not None else None
+        work = self.n * (self.code_bytes + 12) if self.code_bytes is not None else None  # list, id, code
         out.append(f"plan: disk {_gb(self.embeddings_bytes)} embeddings"
-                   + (f" + {_gb(work)} work (part indexes and merged shards, deletable after publish)"
-                      if work is not None else "") + "; the published version links or copies the shards")
+                   + (f" + {_gb(work)} add payloads in work/ (deletable after publish)" if work is not None else "")
+                   + (f" + {_gb(self.index_bytes)} shards" if self.index_bytes is not None else ""))
         out.append(f"plan: training sample {self.train_vectors:,} vectors ({_gb(self.train_bytes)})"
                    + (f", {self.train_vectors / self.nlist:,.0f} per list" if self.nlist else ""))
         return out
@@ -225,7 +226,8 @@ def index_plan(n: int, d: int, factory: str, shards: int, merge_ram_budget: int)
     shard = math.ceil(n / shards * per) if per is not None else None
     return Plan(factory=factory, n=n, d=d, shards=shards, nlist=nl, bytes_per_vector=per, trained_bytes=trained,
                 shard_bytes=shard, on_disk=bool(nl) and shard is not None and shard > merge_ram_budget,
-                train_vectors=train_size(n, d, factory, nl), embeddings_bytes=n * (4 * d + ID_BYTES))
+                train_vectors=train_size(n, d, factory, nl), embeddings_bytes=n * (4 * d + ID_BYTES),
+                code_bytes=code)
 
 
 # ---------------------------------------------------------------- before any work: trainable, sensible

@@ -68,11 +68,12 @@ def check_factory(factory: str, d: int, metric: str, sharding: str) -> None:
         top = f.downcast_index(top.index)
     iv = ivf(index)
     if iv is None:
-        try:
-            index.check_compatible_for_merge(make_index(factory, d, metric))
-        except RuntimeError:
-            raise ConfigError(f"factory: {factory!r} ({type(f.downcast_index(top.index)).__name__}) cannot be "
-                              f"merged from part indexes, which every build does; give {SUPPORTED}") from None
+        inner = f.downcast_index(top.index)  # under the IDMap (and any pre-transform)
+        if isinstance(inner, f.IndexPreTransform):
+            inner = f.downcast_index(inner.index)
+        if not isinstance(inner, f.IndexFlatCodes):  # the merge appends codes (add_sa_codes)
+            raise ConfigError(f"factory: {factory!r} ({type(inner).__name__}) cannot be merged from the add "
+                              f"units' codes, which every build does; give {SUPPORTED}")
         if sharding == "ivf":
             raise ConfigError(f"factory: --sharding ivf needs an IVF index and {factory!r} has no IVF lists; "
                               f"give --sharding hash, or an IVF factory like IVF1024,{factory}")
@@ -80,10 +81,6 @@ def check_factory(factory: str, d: int, metric: str, sharding: str) -> None:
     if not isinstance(top, f.IndexIVF):  # e.g. a refine stage over the IVF: merge_from is not implemented
         raise ConfigError(f"factory: {factory!r} wraps its IVF index in {type(top).__name__}, which cannot be "
                           f"merged from part indexes; drop the wrapper (e.g. ,RFlat) and give {SUPPORTED}")
-    if sharding == "ivf" and isinstance(top, f.IndexIVFFastScan):
-        # the split cuts ArrayInvertedLists by range; fast-scan's block lists are laid out differently
-        raise ConfigError(f"factory: --sharding ivf cannot cut the fast-scan lists of {factory!r}; give "
-                          f"--sharding hash, or PQ{{M}} without fs")
 
 
 def _faiss_reason(e: RuntimeError) -> str:
