@@ -254,7 +254,7 @@ def run_killed(case, ray_session, crash_at: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("crash_at,when", [
     ("work/*/trained.index", "before publish: the live quantizer is being put in place"),
-    ("versions/*/shard-1.index", "during publish: half the files copied"),
+    ("work/*/version.json", "before the index stages: the run's version is being named"),
     ("versions/*/manifest.json", "during publish: every file copied, no manifest"),
     ("CURRENT", "during publish: manifest written and verified, CURRENT not moved"),
 ])

@@ -3,6 +3,7 @@
 Layout under INDEX_ROOT/embeddings/<fp>/ (fp: corpus + encoder + columns):
   part-N.parquet           (id int64, vector fixed_size_list<float32>[d])   written last: the commit
   docs/part-N.parquet      (id, [source_id], stored fields), sorted by id
+  docs/part-N.parquet.json its sha256 and bytes, from the bytes written (a version refers to the part by them)
   rejected/part-N.parquet  (file, row, id, reason) for rows that were quarantined
 
 A part whose part-N.parquet exists is finished and never redone: every write is
@@ -15,6 +16,7 @@ the simplest design that keeps the devices busy.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -42,6 +44,7 @@ class PartResult:
     encoded: int = 0          # texts the encoder was given (a reindex gives it only new and changed ones)
     new: int = 0              # reindex: documents not in the live version
     changed: int = 0          # reindex: live documents whose encoded column changed
+    docs: dict | None = None  # the docs part's {"sha256", "bytes"} (its .json record), when the layout has docs
 
 
 def part_rel(fp: str, part: int, kind: str = "") -> str:
@@ -128,7 +131,8 @@ def prepare(shard: InputShard, cfg: BuildConfig, layout: Layout, dim: int | None
     if store.exists(emb):
         n = _num_rows(store, emb)
         rej = _num_rows(store, layout.rel(shard.part, layout.rejected))
-        return PartResult(shard.part, n, rej, 0.0, True, **_origin_counts(store, emb, reuse))
+        docs = docs_record(store, layout.rel(shard.part, layout.docs)) if layout.docs else None
+        return PartResult(shard.part, n, rej, 0.0, True, **_origin_counts(store, emb, reuse), docs=docs)
 
     data_col = cfg.vector_column or cfg.text_column
     cols = list(dict.fromkeys([cfg.id_column, data_col, *cfg.stored_fields]))
@@ -163,13 +167,35 @@ def prepare(shard: InputShard, cfg: BuildConfig, layout: Layout, dim: int | None
         store.write_table(layout.rel(shard.part, layout.rejected),
                           _rejects(t.filter(pa.array(bad)), shard, cfg, why[bad]))
     if layout.docs:
-        store.write_table(layout.rel(shard.part, layout.docs), _docs(good, ids, cfg, kind))
+        docs = write_docs(store, layout.rel(shard.part, layout.docs), _docs(good, ids, cfg, kind))
         out = vectors_table(ids, x, {HASH: pa.array(h, pa.int64()), **(origin_column(m.origin) if m else {})})
     else:  # the source's own ids and the stored fields travel with the vectors
         out = vectors_table(good.column(cfg.id_column), x, {f: good.column(f) for f in cfg.stored_fields})
     store.write_table(emb, out, row_group_size=group_rows(x.shape[1]))  # last: its presence marks the part done
     counts = {"new": int((m.origin == NEW).sum()), "changed": int((m.origin == CHANGED).sum())} if m else {}
-    return PartResult(shard.part, len(ids), int(bad.sum()), time.time() - t0, False, **counts)
+    return PartResult(shard.part, len(ids), int(bad.sum()), time.time() - t0, False, **counts,
+                      docs=docs if layout.docs else None)
+
+
+def write_docs(store: Store, rel: str, table: pa.Table) -> dict:
+    """A docs part, then its record beside it: sha256 and bytes of what was written, so that no one
+    reads the part back to hash it (a version refers to it as it is)."""
+    w = store.write_table(rel, table)
+    rec = {"sha256": w.sha256, "bytes": w.bytes}
+    store.write_text(f"{rel}.json", json.dumps(rec))
+    return rec
+
+
+def docs_record(store: Store, rel: str) -> dict | None:
+    """A docs part's record; one written before records were kept is hashed once, here, and recorded."""
+    try:
+        return json.loads(store.read_text(f"{rel}.json"))
+    except FileNotFoundError:
+        if not store.exists(rel):
+            return None
+    rec = {"sha256": store.sha256(rel), "bytes": store.size(rel)}
+    store.write_text(f"{rel}.json", json.dumps(rec))
+    return rec
 
 
 def _origin_counts(store: Store, rel: str, reuse: Reuse | None) -> dict:
