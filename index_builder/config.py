@@ -76,6 +76,8 @@ class BuildConfig(Config):
     target_recall: Recall = Field(0.95, description="the default nprobe is the smallest that reaches this "
                                   "recall@10")
     seed: int = Field(0, description="seed for sampling")
+    merge_task_bytes: Size = Field("2G", description="an on-disk shard with more ids and codes than this is "
+                                   "merged by several tasks, each a range of its lists of about this size")
     merge_ram_budget: Size = Field("auto", description="a serving shard bigger than this is merged into on-disk "
                                    "inverted lists (mmapped when served); auto: half the memory of the smallest "
                                    "Ray node")

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from index_builder.build import merge_ranges
 from index_builder.build.add import add_task, sum_sizes
 from index_builder.build.merge import merge_task, ram_budget_exceeded
 from index_builder.build.publish import claim_version, publish_run
@@ -341,6 +342,11 @@ def merge_shards(cfg: BuildConfig, store: Store, run: Run, added: list[dict], si
         if ondisk:
             log(f"merge: shard {s} ({n * (c + 8) / 2**20:,.1f} MiB) exceeds --merge-ram-budget "
                 f"{budget / 2**20:,.0f} MiB: on-disk inverted lists")
+        if ondisk and n * (c + 8) > parse_bytes(cfg.merge_task_bytes):
+            refs.append(merge_ranges.submit(store, run.wd, units, s, section, lists, want,
+                                            sizes[slice(*lists)] if ranges else None, nlist, c + 8,
+                                            parse_bytes(cfg.merge_task_bytes)))
+            continue
         refs.append(merge_task.options(num_cpus=1).remote(store, run.wd, units, s, section, lists, want, ondisk))
     merged = ray_get(refs)
     if sum_digests(m["digest"] for m in merged) != sum_digests(a["digest"] for a in added):

@@ -3,9 +3,12 @@ exactly what one monolithic index (the version's trained index, every vector add
 and routing a query to only the shards owning its probed lists changes nothing."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
+from index_builder.workdir import WorkDir
 from shards.errors import ConfigError
 from shards.search.router import Router
 from shards.search.shard_selection import shards_for_lists
@@ -26,23 +29,28 @@ def corpus(tmp_path_factory):
     return str(src), ids, x
 
 
-# (factory, shards, sharding, merge RAM budget: 0 puts every shard on disk)
+# (factory, shards, sharding, merge RAM budget: 0 puts every shard on disk, bytes per merge task: a small
+# one merges each on-disk shard by several tasks over list ranges, laid end to end)
 BUILDS = [
-    ("IVF32,PQ8x4", 3, "ivf", "auto"),
-    ("IVF32,Flat", 2, "ivf", "0"),
-    ("IVF32,PQ8x4", 2, "hash", "0"),
-    ("PCA16,IVF16,Flat", 4, "ivf", "auto"),
+    ("IVF32,PQ8x4", 3, "ivf", "auto", "2G"),
+    ("IVF32,Flat", 2, "ivf", "0", "80K"),
+    ("IVF32,PQ8x4", 2, "hash", "0", "2G"),
+    ("IVF32,PQ8x4", 2, "hash", "0", "5K"),
+    ("PCA16,IVF16,Flat", 4, "ivf", "auto", "2G"),
 ]
 
 
-@pytest.mark.parametrize("factory,shards,sharding,ram", BUILDS)
-def test_sharded_and_on_disk_equal_monolithic(ray_session, corpus, tmp_path, factory, shards, sharding, ram):
+@pytest.mark.parametrize("factory,shards,sharding,ram,task", BUILDS)
+def test_sharded_and_on_disk_equal_monolithic(ray_session, corpus, tmp_path, factory, shards, sharding, ram, task):
     src, ids, x = corpus
     root = str(tmp_path / "index")
     s = build(ray_session, source=src, index_root=root, vector_column="vector", factory=factory, shards=shards,
-              sharding=sharding, merge_ram_budget=ram, metric="l2")
+              sharding=sharding, merge_ram_budget=ram, merge_task_bytes=task, metric="l2", add_rows=1500)
     assert s.documents == N
     store = Store(root)
+    records = [json.loads(store.read_text(WorkDir(s.work).shard_record(i))) for i in range(shards)]
+    assert all(r.get("ranges", 1) > 1 for r in records) == (task != "2G")    # split by list range over tasks
+    assert not any(store.exists(f"{s.work}/merge/shard-{i}") for i in range(shards))  # the stretches deleted
     m = load_manifest(store, current_version(store))
     verify(store, m)                                      # .ivfdata files are checked too
     assert all(bool(f.ivfdata) == (ram == "0") for f in m.shards)

@@ -145,16 +145,7 @@ def fill(index, src: Sources, ondisk_path: str | None = None) -> int:
             if len(I):
                 index.add_sa_codes(np.ascontiguousarray(C), np.ascontiguousarray(I))
         return int(index.ntotal)
-    inv = iv.invlists
-    if ondisk_path:
-        sizes = np.zeros(iv.nlist, np.uint64)
-        sizes[src.a:src.b] = src.sizes
-        inv = f.OnDiskInvertedLists(iv.nlist, iv.code_size, ondisk_path)
-        inv.set_all_lists_sizes(f.swig_ptr(sizes))
-        total = max(int(sizes.sum()) * (iv.code_size + 8), 1)
-        with faiss_quiet():
-            inv.update_totsize(total)
-        inv.allocate_slot(total)  # the free slot update_totsize left: the lists own the whole file
+    inv = ondisk_lists(iv, full_sizes(iv, src), ondisk_path) if ondisk_path else iv.invlists
     n = 0
     for la, lb in src.batches(int(iv.code_size)):
         L, I, C = src.read(la, lb)
@@ -170,11 +161,37 @@ def fill(index, src: Sources, ondisk_path: str | None = None) -> int:
                 inv.add_entries(la + int(l), j - i, f.swig_ptr(ids), f.swig_ptr(codes))
         n += len(I)
     if ondisk_path:
-        iv.replace_invlists(inv, True)
-        inv.this.disown()
+        install(index, inv)
     iv.ntotal = n
     set_ntotal(index, n)
     return n
+
+
+def full_sizes(iv, src: Sources) -> np.ndarray:
+    sizes = np.zeros(iv.nlist, np.int64)
+    sizes[src.a:src.b] = src.sizes
+    return sizes
+
+
+def ondisk_lists(iv, sizes: np.ndarray, path: str):
+    """An OnDiskInvertedLists at path laid out exactly for sizes: list l at the sum of the lists before
+    it, each holding its codes then its ids, no free space (merge_ranges writes the same layout)."""
+    f = faiss()
+    inv = f.OnDiskInvertedLists(iv.nlist, iv.code_size, path)
+    sz = np.ascontiguousarray(sizes, dtype=np.uint64)
+    inv.set_all_lists_sizes(f.swig_ptr(sz))
+    total = max(int(sz.sum()) * (iv.code_size + 8), 1)
+    with faiss_quiet():
+        inv.update_totsize(total)
+    inv.allocate_slot(total)  # the free slot update_totsize left: the lists own the whole file
+    return inv
+
+
+def install(index, inv) -> None:
+    """index's lists replaced by inv, which the index then owns."""
+    iv = ivf(index)
+    iv.replace_invlists(inv, True)
+    inv.this.disown()
 
 
 def payload_code_size(src: Sources) -> int:
@@ -190,32 +207,41 @@ def merge_shard(store: Store, wd: WorkDir, units: list[str], s: int, section: in
         return {**json.loads(store.read_text(wd.shard_record(s))), "reused": True}
     t0 = time.time()
     with MemoryWatch() as mem:
-        raw = store.read_bytes(wd.trained)
-        fp, index = payload.fingerprint(raw), from_bytes(raw, no_search_flags())
-        del raw
-        pays = [payload.Payload(store, wd.unit_payload(u)) for u in units]
-        for p in pays:
-            p.check(fp)
+        index, pays = open_sources(store, wd, units)
         src = Sources(pays, section, *lists)
         ondisk = ondisk and ivf(index) is not None and ivf(index).get_CodePacker().nvec == 1
-        files = _on_disk(store, wd, index, src, s) if ondisk else _in_ram(store, wd, index, src, s)
-        got = index_digest(index)
-        _check(got, int(src.sizes.sum()), expected, s, store, wd)
-    info = FileInfo(file=f"{shard_name(s)}.index", ntotal=int(got[0]), **files)
-    done = {**info.model_dump(), "digest": list(got), "seconds": time.time() - t0, "ondisk": ondisk,
-            **mem.record()}
-    store.write_text(wd.shard_record(s), json.dumps(done))
-    return {**done, "reused": False}
+        n = int(src.sizes.sum())
+        check = lambda ix: checked(ix, n, expected, s, store, wd)  # noqa: E731
+        if ondisk:
+            files, got = write_on_disk(store, wd, index, s, lambda ix, path: fill(ix, src, path), check)
+        else:
+            fill(index, src)
+            got = check(index)
+            sha, size = _write_hashed(store, wd.shard(s), index)
+            files = {"sha256": sha, "bytes": size}
+    return commit(store, wd, s, files, got, {"seconds": time.time() - t0, "ondisk": ondisk, **mem.record()})
 
 
 merge_task = ray.remote(max_retries=3)(merge_shard)
 
 
-def _in_ram(store: Store, wd: WorkDir, index, src: Sources, s: int) -> dict:
-    """Fills and writes shards/shard-s.index, hashed where it is written."""
-    fill(index, src)
-    sha, n = _write_hashed(store, wd.shard(s), index)
-    return {"sha256": sha, "bytes": n}
+def open_sources(store: Store, wd: WorkDir, units: list[str]):
+    """(the trained index, every unit's payload), each payload checked to carry its fingerprint."""
+    raw = store.read_bytes(wd.trained)
+    fp, index = payload.fingerprint(raw), from_bytes(raw, no_search_flags())
+    del raw
+    pays = [payload.Payload(store, wd.unit_payload(u)) for u in units]
+    for p in pays:
+        p.check(fp)
+    return index, pays
+
+
+def commit(store: Store, wd: WorkDir, s: int, files: dict, got, extra: dict) -> dict:
+    """The merge's commit record of shard s (its FileInfo, digest and costs), written last."""
+    info = FileInfo(file=f"{shard_name(s)}.index", ntotal=int(got[0]), **files)
+    done = {**info.model_dump(), "digest": list(got), **extra}
+    store.write_text(wd.shard_record(s), json.dumps(done))
+    return {**done, "reused": False}
 
 
 def _write_hashed(store: Store, rel: str, index) -> tuple[str, int]:
@@ -236,8 +262,9 @@ def _local_sha(path: str) -> str:
     return h.hexdigest()
 
 
-def _on_disk(store: Store, wd: WorkDir, index, src: Sources, s: int) -> dict:
-    """Writes shards/shard-s.index and .ivfdata; returns both files' FileInfo fields."""
+def write_on_disk(store: Store, wd: WorkDir, index, s: int, filler, check) -> tuple[dict, tuple]:
+    """filler(index, path) fills the shard into path as its .ivfdata; check(index) verifies it, before
+    shard-s.index and .ivfdata are moved into place. Returns (both files' FileInfo fields, digest)."""
     out, data_rel, name = wd.shard(s), wd.shard_data(s), shard_name(s)
     # Local store: build in a scratch dir beside the output, then rename (same filesystem).
     tmp = (os.path.join(os.path.dirname(store.path(out)), f"tmp-{uuid.uuid4().hex[:8]}") if store.local
@@ -245,17 +272,18 @@ def _on_disk(store: Store, wd: WorkDir, index, src: Sources, s: int) -> dict:
     os.makedirs(tmp, exist_ok=True)
     try:
         data_path, index_path = os.path.join(tmp, f"{name}.ivfdata"), os.path.join(tmp, f"{name}.index")
-        fill(index, src, data_path)
+        filler(index, data_path)
+        got = check(index)
         with faiss_quiet():
             faiss().write_index(index, index_path)
-        got = {"sha256": _local_sha(index_path), "bytes": os.path.getsize(index_path),
-               "ivfdata": f"{name}.ivfdata", "ivfdata_sha256": _local_sha(data_path),
-               "ivfdata_bytes": os.path.getsize(data_path)}
+        files = {"sha256": _local_sha(index_path), "bytes": os.path.getsize(index_path),
+                 "ivfdata": f"{name}.ivfdata", "ivfdata_sha256": _local_sha(data_path),
+                 "ivfdata_bytes": os.path.getsize(data_path)}
         _move(store, data_path, data_rel)
         _move(store, index_path, out)  # last: the .index names its .ivfdata
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return got
+    return files, got
 
 
 def _move(store: Store, local_path: str, rel: str) -> None:
@@ -267,15 +295,17 @@ def _move(store: Store, local_path: str, rel: str) -> None:
         store.put_file(local_path, rel)
 
 
-def _check(got, n: int, expected, s: int, store: Store, wd: WorkDir) -> None:
-    """The merged shard against the rows its payloads hold and, with hash sharding, what the add put in it."""
+def checked(index, n: int, expected, s: int, store: Store, wd: WorkDir) -> tuple[int, int, int]:
+    """The merged shard's id digest, checked against the n rows its payloads hold and, with hash
+    sharding, the digest of what the add put in it."""
+    got = index_digest(index)
     want = n if expected is None else expected[0]
     if got[0] != want or got[0] != n:
         what = f"{got[0]} vectors, not"
     elif expected is not None and tuple(got) != tuple(expected):
         what = "other ids than"
     else:
-        return
+        return got
     raise IntegrityError(f"shard {s}: merged {what} the {want} the add put in it; the add units under "
                          f"{store.uri(wd.root)}/add are stale or damaged: delete them and rebuild")
 
