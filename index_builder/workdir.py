@@ -97,5 +97,9 @@ class WorkDir:
     def shard_data(self, s: int) -> str:
         return f"{self.shards}/{shard_name(s)}.ivfdata"
 
+    def shard_sizes(self, s: int) -> str:
+        """Shard s's vectors per IVF list (nlist of them), written by its merge: the drift baseline's."""
+        return f"{self.legacy_shards}/{shard_name(s)}.sizes.npy"
+
     def shard_record(self, s: int) -> str:
         return f"{self.legacy_shards}/{shard_name(s)}.index.json"

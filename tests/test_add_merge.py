@@ -183,4 +183,5 @@ def test_merge_commit_is_reused(tmp_path, data):
     assert again["reused"] and not first["reused"]
     assert first["rss_anon_peak_mib"] >= first["rss_anon_start_mib"] > 0       # the merge's memory, recorded
     assert json.loads(store.read_text(work.shard_record(0)))["ivfdata"] == "shard-0.ivfdata"
-    assert list(store.ls(work.shards)) == ["shard-0.index", "shard-0.index.json", "shard-0.ivfdata"]
+    assert list(store.ls(work.shards)) == ["shard-0.index", "shard-0.index.json", "shard-0.ivfdata",
+                                           "shard-0.sizes.npy"]

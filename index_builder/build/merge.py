@@ -18,6 +18,7 @@ must hold exactly the ids its payloads hold (count, and the id digest the add re
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -211,6 +212,8 @@ def merge_shard(store: Store, wd: WorkDir, units: list[str], s: int, section: in
         src = Sources(pays, section, *lists)
         ondisk = ondisk and ivf(index) is not None and ivf(index).get_CodePacker().nvec == 1
         n = int(src.sizes.sum())
+        if ivf(index) is not None:
+            save_sizes(store, wd, s, full_sizes(ivf(index), src))
         check = lambda ix: checked(ix, n, expected, s, store, wd)  # noqa: E731
         if ondisk:
             files, got = write_on_disk(store, wd, index, s, lambda ix, path: fill(ix, src, path), check)
@@ -234,6 +237,13 @@ def open_sources(store: Store, wd: WorkDir, units: list[str]):
     for p in pays:
         p.check(fp)
     return index, pays
+
+
+def save_sizes(store: Store, wd: WorkDir, s: int, sizes: np.ndarray) -> None:
+    """Shard s's list sizes beside its record, so the list imbalance needs no shard loaded."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(sizes, np.int64))
+    store.write_bytes(wd.shard_sizes(s), buf.getvalue())
 
 
 def commit(store: Store, wd: WorkDir, s: int, files: dict, got, extra: dict) -> dict:

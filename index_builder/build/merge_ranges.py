@@ -20,7 +20,16 @@ import numpy as np
 import ray
 
 from index_builder.build.memwatch import MemoryWatch
-from index_builder.build.merge import Sources, checked, commit, install, ondisk_lists, open_sources, write_on_disk
+from index_builder.build.merge import (
+    Sources,
+    checked,
+    commit,
+    install,
+    ondisk_lists,
+    open_sources,
+    save_sizes,
+    write_on_disk,
+)
 from index_builder.shard_math import ids_digest, ivf_ranges, sum_digests
 from index_builder.workdir import WorkDir
 from shards.storage.faissio import ivf, set_ntotal
@@ -88,6 +97,7 @@ def assemble_task(store: Store, wd: WorkDir, units: list[str], s: int, sizes: np
     with MemoryWatch() as mem:
         index, _ = open_sources(store, wd, [])
         n = int(np.asarray(sizes).sum())
+        save_sizes(store, wd, s, sizes)
 
         def filler(ix, path):
             iv = ivf(ix)

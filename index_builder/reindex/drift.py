@@ -134,8 +134,9 @@ def baseline_task(store: Store, wd: WorkDir, parts: list[tuple[str, int]], *, sh
     if ivf(index) is None:
         return out
     sizes = np.zeros(ivf(index).nlist, dtype=np.int64)
-    for s in range(shards):
-        sizes += list_sizes(open_merged(store, wd, s))  # in RAM, or mmapped when merged on disk
+    for s in range(shards):  # from the merge's record; a run merged before it had one loads the shard
+        rel = wd.shard_sizes(s)
+        sizes += load_npy(store, rel) if store.exists(rel) else list_sizes(open_merged(store, wd, s))
     save_npy(store, wd.lists, sizes)
     out.update(imbalance=imbalance(sizes), lists=wd.lists)
     return out
