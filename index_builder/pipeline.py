@@ -19,7 +19,8 @@ from index_builder.build import merge_ranges
 from index_builder.build.add import add_task, sum_sizes
 from index_builder.build.merge import merge_task, ram_budget_exceeded
 from index_builder.build.publish import claim_version, publish_run
-from index_builder.build.tune import recall_warning, tune_task
+from index_builder.build.tune import recall_warning
+from index_builder.build.tune import tune as tune_shards
 from index_builder.config import BuildConfig
 from index_builder.encode.parts import Layout, PartResult, part_rel
 from index_builder.encode.pool import Encoders
@@ -261,9 +262,8 @@ def add(cfg: BuildConfig, store: Store, run: Run) -> tuple[list[dict], np.ndarra
 
 
 def tune(cfg: BuildConfig, store: Store, run: Run, units: list[str]) -> dict:
-    return ray_get(tune_task.options(num_cpus=node_cpus()).remote(
-        store, run.wd, units, shards=cfg.shards, metric=run.metric,
-        target=cfg.target_recall, k=K, threads=node_cpus()))
+    return tune_shards(store, run.wd, units, shards=cfg.shards, metric=run.metric, target=cfg.target_recall,
+                       k=K, cpus=cluster_cpus() / 2)
 
 
 def baseline(cfg: BuildConfig, store: Store, run: Run) -> dict:
