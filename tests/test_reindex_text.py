@@ -38,7 +38,7 @@ def vectors(root, version: str) -> dict[str, np.ndarray]:
     m = load_manifest(store, version)
     docs = {}
     for f in m.docs.files:
-        t = store.read_table(f"versions/{version}/{f}", columns=["id", "source_id"])
+        t = store.read_table(m.path(f), columns=["id", "source_id"])
         docs.update(zip(t.column("id").to_pylist(), t.column("source_id").to_pylist()))
     out = {}
     for rel in m.embeddings.parts:
