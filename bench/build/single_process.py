@@ -32,7 +32,9 @@ def main() -> None:
                     help="turn off the polysemous training index_factory turns on for 8-bit PQs (as shardex does)")
     a = ap.parse_args()
     t0 = time.time()
-    import faiss
+    from shards.storage.faissio import faiss as load_faiss  # the same BLAS kernels shardex picks (faissio.CORES)
+
+    faiss = load_faiss()
     import pyarrow.parquet as pq
 
     from index_builder.plan.factory import train_size
