@@ -1,12 +1,15 @@
 """Seconds per million vectors of each build stage as N grows (issue 17): `shardex build` of 1M, 4M
-and 10M clustered vectors (d=96, IVF4096,PQ16, 4 shards, one factory for all sizes, so only N
-changes) on this machine, each stage's time from the build's summary, per million vectors, and its
-ratio to the first size's. Beside each, the capacity plan's prediction for the same build
-(index_builder.plan.capacity.predict on Cluster.this_machine(); "n/a" where the plan has no such
-stage or the module is not there). Target: every stage but train (the k-means, whose work grows
-with the sample, not with N) within 1.2x per million of the 1M run.
+and 10M clustered vectors (d=128, IVF4096,PQ16, 4 shards, one factory for all sizes, so only N
+changes; not d=96, whose 6-dim PQ sub-vectors take faiss's scalar code path, 7x slower to encode)
+on this machine, each stage's time from the build's summary, per million vectors, and its
+ratio to the first size's. The builds run against a `ray start --head` of the benchmark's own
+(`--address`), as on a cluster, so starting Ray is in no stage, and plan in Ray tasks at every size
+(SHARDEX_PLAN_LOCAL_ROWS=0), as every corpus over 1M rows does. Beside each, the capacity plan's
+prediction for the same build (index_builder.plan.capacity.predict on Cluster.this_machine(); "n/a"
+where the plan has no such stage or the module is not there). Target: every stage but train (the
+k-means, whose work grows with the sample, not with N) within 1.2x per million of the 1M run.
 
-    flock /tmp/shardex-bench.lock .venv/bin/python bench/scale/stages.py           # 1M, 4M, 10M
+    flock /tmp/shardex-bench.lock .venv/bin/python bench/scale/stages.py           # 1M, 4M, 10M x 128
     flock /tmp/shardex-bench.lock .venv/bin/python bench/scale/stages.py --quick   # 100k, 400k
 """
 from __future__ import annotations
@@ -17,7 +20,7 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import OUT, clustered, loadavg, machine, run_build, save
+from common import OUT, clustered, loadavg, machine, ray_head, run_build, save
 
 TARGET = 1.2
 EXEMPT = ("train",)     # the k-means: its time follows the sample and nlist, not N
@@ -37,14 +40,14 @@ def predicted(n: int, d: int, factory: str, shards: int) -> tuple[dict, str | No
         return {}, f"capacity.predict failed: {type(e).__name__}: {e}"
 
 
-def run(n: int, a) -> dict:
+def run(n: int, a, gcs: str) -> dict:
     src = clustered(n, a.dim, max(1, n // a.file_rows))
     root = f"{OUT}/stages-{n}"
     shutil.rmtree(root, ignore_errors=True)
-    opts = ["--factory", a.factory, "--shards", str(a.shards), "--metric", "l2"]
+    opts = ["--address", gcs, "--factory", a.factory, "--shards", str(a.shards), "--metric", "l2"]
     opts += ["--part-rows", str(a.part_rows)] if a.part_rows else []
     before = loadavg()
-    b = run_build(src, root, opts)
+    b = run_build(src, root, opts, env={"SHARDEX_PLAN_LOCAL_ROWS": "0"})
     if not a.keep:
         shutil.rmtree(root, ignore_errors=True)
     s, m = b["summary"], n / 1e6
@@ -106,7 +109,7 @@ def plot(res: dict, path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1000000,4000000,10000000")
-    ap.add_argument("--dim", type=int, default=96)
+    ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--factory", default="IVF4096,PQ16")
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--part-rows", type=int, default=None, help="--part-rows of the builds (default: the build's)")
@@ -118,11 +121,12 @@ def main() -> None:
     if a.quick:
         a.sizes, a.factory, a.file_rows = "100000,400000", "IVF256,PQ16", 100_000
     res = {"machine": machine(), "d": a.dim, "factory": a.factory, "shards": a.shards, "runs": []}
-    for n in (int(x) for x in a.sizes.split(",")):
-        res["runs"].append(run(n, a))
-        q = ratios(res["runs"])
-        print("\n".join(show(res["runs"][-1], q["ratio"][-1])), flush=True)
-        path = save("scale_stages", {**res, **q}, a.quick)
+    with ray_head() as head:
+        for n in (int(x) for x in a.sizes.split(",")):
+            res["runs"].append(run(n, a, head["gcs"]))
+            q = ratios(res["runs"])
+            print("\n".join(show(res["runs"][-1], q["ratio"][-1])), flush=True)
+            path = save("scale_stages", {**res, **q}, a.quick)
     res.update(q)
     over = {r["vectors"]: o for r, o in zip(res["runs"], q["over"]) if o}
     print(f"stages over {TARGET}x per million of the first run (train exempt): {over or 'none'}")

@@ -21,11 +21,11 @@ import pyarrow as pa
 from index_builder.config import BuildConfig
 from index_builder.shard_math import mix64
 from shards.errors import CorpusError
-from shards.raytools import ensure_ray, ray_get
+from shards.raytools import cluster_cpus, ensure_ray, ray_get
 
 ID_MASK = (1 << 63) - 1  # string ids map to non-negative int64 (faiss uses -1 for "no result")
 BUCKET_IDS = 16_000_000  # ids per bucket at most: its task sorts 24 bytes an id (id, file, row)
-SCAN_ROWS = 4_000_000    # rows per phase-1 task: small files are batched up to it (a file is never split)
+SCAN_ROWS = 1_000_000    # rows per phase-1 task: small files are batched up to it (a file is never split)
 # (so a task's bucket holds about SCAN_ROWS / buckets x 24 bytes: well above Ray's 100 KB for returning
 # an object inline to its owner, so the buckets stay in the object store and out of the driver)
 _SALT = np.int64(0x5BD1E9955BD1E995)  # buckets independent of the hash shards (mix64(id) % shards)
@@ -143,10 +143,11 @@ def check_ids(files: list[str], rows: list[int], cfg: BuildConfig, kind: str, re
     --bad-rows skip return {uri: [(row, why)]}: per file its null and out-of-range rows, then its
     repeats in id order. read(uri, cfg) gives a file's id column; ray: run in tasks."""
     first_only = cfg.bad_rows == "error"
-    nb = buckets_for(sum(rows)) if ray else 1
     jobs = [[(fi, files[fi]) for fi in b] for b in batches(rows)]
+    nb = 1
     if ray:
         ensure_ray()
+        nb = max(buckets_for(sum(rows)), min(cluster_cpus(), len(jobs)))  # every CPU sorts a bucket
         task = remote(scan).options(num_cpus=1, num_returns=nb + 1)
         outs = [task.remote(j, cfg, kind, nb, first_only, read) for j in jobs]
         bad = ray_get([o[0] for o in outs])  # small: the bad rows (one a batch when they are an error)
