@@ -32,6 +32,22 @@ def test_exact_knn_is_faiss_flat_search(n, nq, k, block_bytes, metric, monkeypat
     assert np.allclose(D[I >= 0], wantD[wantI >= 0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_exact_knn_keeps_k_among_ties(metric):
+    """Rows repeated many times tie at the threshold exact_knn cuts at: still k distinct rows, each
+    at the true k-th distance or nearer."""
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(5)
+    xb = np.repeat(rng.standard_normal((200, 16)).astype(np.float32), 100, axis=0)  # 20,000 rows, 200 distinct
+    xq = rng.standard_normal((9, 16)).astype(np.float32)
+    flat = faiss.IndexFlat(16, faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2)
+    flat.add(xb)
+    wantD, _ = flat.search(xq, 20)
+    D, I = measures.exact_knn(xq, xb, 20, metric)  # 20,000 >= 4 x STRIDE x k: the threshold's path
+    assert all(len(set(row)) == 20 for row in I.tolist())
+    assert np.allclose(D, wantD, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("I,gt,k,want", [
     ([[1, 2, 3]], [[1, 2, 3]], 3, 1.0),
     ([[3, 2, 1]], [[1, 2, 3]], 3, 1.0),             # order within the top-k does not matter
