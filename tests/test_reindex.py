@@ -64,6 +64,22 @@ DRIFT_ROWS = [
 ]
 
 
+@pytest.mark.parametrize("factory", ["IVF16,PQ8x4fs", "OPQ8_32,IVF16,PQ8x4fs", "IVF16,PQ8"])
+def test_codec_error_of_an_index_read_back(factory):
+    """The drift's codec error of a trained index read from bytes (as the build's baseline reads it) is
+    the sa_encode/sa_decode error of the same index in memory; fast-scan's sa_decode crashes once read."""
+    from index_builder.reindex.drift import codec_error
+    from index_builder.train.quantizer import make_index
+    from shards.storage.faissio import from_bytes, to_bytes
+
+    x = np.random.default_rng(3).standard_normal((3000, 32)).astype(np.float32)
+    index = make_index(factory, 32, "l2")
+    index.train(x)
+    want = ((x[:500] - index.sa_decode(index.sa_encode(x[:500]))) ** 2).sum(1)
+    got = codec_error(from_bytes(to_bytes(index)), x[:500])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("be,ne,bi,pi,retrain,why", DRIFT_ROWS)
 def test_drift_decision(be, ne, bi, pi, retrain, why):
     d = decide(be, ne, bi, pi, max_error=2.0, max_imbalance=1.5)

@@ -24,7 +24,7 @@ import ray
 from index_builder.build.merge import open_merged
 from index_builder.encode.parts import read_vectors
 from index_builder.workdir import WorkDir
-from shards.storage.faissio import faiss, ivf, read_index
+from shards.storage.faissio import faiss, ivf, pretransform, read_index, untransform
 from shards.storage.store import Store
 
 BASELINE_SAMPLE = 20_000   # vectors the build's error baseline is measured on
@@ -53,11 +53,26 @@ def assign(index, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def codec_error(index, x: np.ndarray) -> np.ndarray | None:
     """||x - decode(encode(x))||^2 per vector; None for an index without standalone codes."""
+    f, iv = faiss(), ivf(index)
+    if iv is not None and isinstance(f.downcast_index(iv), f.IndexIVFPQFastScan):
+        return fast_scan_error(index, f.downcast_index(iv), x)
     try:
         y = index.sa_decode(index.sa_encode(x))
     except RuntimeError:
         return None
     return ((x - y) ** 2).sum(1)
+
+
+def fast_scan_error(index, iv, x: np.ndarray) -> np.ndarray:
+    """codec_error of an IVF fast-scan PQ index, from its quantizer and PQ: sa_decode of one read
+    from a file crashes (faiss 1.15.1), and the build's baseline reads the trained index. The
+    codes are the PQ's of the residuals to the nearest centroid; the decoded vector goes back
+    through the pre-transforms as sa_decode's would."""
+    xt = pretransform(index, x)
+    _, I = iv.quantizer.search(xt, 1)
+    c = iv.quantizer.reconstruct_batch(I[:, 0]) if iv.by_residual else np.zeros_like(xt)
+    y = c + iv.pq.decode(iv.pq.compute_codes(np.ascontiguousarray(xt - c)))
+    return ((x - untransform(index, y)) ** 2).sum(1)
 
 
 def error_kind(index, x: np.ndarray) -> str | None:

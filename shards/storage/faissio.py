@@ -155,6 +155,18 @@ def pretransform(index, x: np.ndarray) -> np.ndarray:
     return x
 
 
+def untransform(index, y: np.ndarray) -> np.ndarray:
+    """y, as the IVF index under index's OPQ/PCA chain sees vectors, back in the input space."""
+    f = faiss()
+    top = f.downcast_index(index)
+    if not isinstance(top, f.IndexPreTransform):
+        return y
+    y = np.ascontiguousarray(y, dtype=np.float32)
+    out = np.empty((len(y), top.d), np.float32)
+    top.reverse_chain(len(y), f.swig_ptr(y), f.swig_ptr(out))
+    return out
+
+
 def coarse_search(trained_index, xq: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
     """(distances, lists) [nq, nprobe]: what the IVF index's own search probes for these queries."""
     i = ivf(trained_index)
