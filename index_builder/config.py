@@ -5,6 +5,7 @@ Keys are the CLI's argument and option names with underscores; each field's desc
 """
 from __future__ import annotations
 
+import os
 from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -23,6 +24,7 @@ from shards.config import (
     parse_duration,
     split_commas,
 )
+from shards.errors import ConfigError
 
 __all__ = ["BuildConfig", "ReindexConfig", "EvalConfig", "make", "parse_bytes"]  # make, parse_bytes: re-exported
 
@@ -151,6 +153,18 @@ class ReindexConfig(BuildConfig):
     def build_options(self) -> dict:
         """The build options given explicitly (on the command line or in YAML), not defaulted."""
         return {k: getattr(self, k) for k in self.model_fields_set if k in BuildConfig.model_fields}
+
+
+def env_count(name: str, default: int) -> int:
+    """A whole number from the environment variable `name` (a threshold tests and benchmarks move),
+    else default."""
+    v = os.environ.get(name, "")
+    if not v.strip():
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise ConfigError(f"${name}={v!r}: not a whole number; unset it or give a count") from None
 
 
 def _nprobes(v):

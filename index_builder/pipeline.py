@@ -212,7 +212,7 @@ def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, run: Run, lineag
     with t.stage("merge"):
         merged = merge_shards(cfg, store, run, added, sizes, ranges, tr["nlist"])
     with t.stage("tune"):
-        best = tune(cfg, store, run, [a["unit"] for a in added])
+        best = tune(cfg, store, run, [a["unit"] for a in added], merged)
     said += [w for w in [recall_warning(best, cfg.target_recall)] if w]
     for w in said:
         log(f"warning: {w}")
@@ -261,9 +261,9 @@ def add(cfg: BuildConfig, store: Store, run: Run) -> tuple[list[dict], np.ndarra
     return added, sizes, ranges
 
 
-def tune(cfg: BuildConfig, store: Store, run: Run, units: list[str]) -> dict:
+def tune(cfg: BuildConfig, store: Store, run: Run, units: list[str], merged: list[dict]) -> dict:
     return tune_shards(store, run.wd, units, shards=cfg.shards, metric=run.metric, target=cfg.target_recall,
-                       k=K, cpus=cluster_cpus() / 2)
+                       k=K, cpus=cluster_cpus(), node=node_cpus(), shard_bytes=sum(m["bytes"] for m in merged))
 
 
 def baseline(cfg: BuildConfig, store: Store, run: Run) -> dict:

@@ -87,3 +87,18 @@ def test_search_checks_dimension_and_k(ray_session, corpus, tmp_path):
         r.search_vectors(x[:2], k=0)
     with pytest.raises(SearchError, match="fields"):
         r.search(x[:2], fields=["nope"])
+
+
+@pytest.mark.parametrize("factory", ["IVF32,PQ8", "IVF32,PQ8x4fs"])
+def test_tune_in_one_task_equals_an_actor_per_shard(ray_session, corpus, tmp_path, monkeypatch, factory):
+    """Small shards are tuned by one task (as one index where the lists allow: PQ8, not fast-scan),
+    big ones by an actor per shard ($SHARDEX_TUNE_LOCAL_BYTES=0 forces them): the same default nprobe
+    and recall either way."""
+    src, _, _ = corpus
+    kw = dict(source=src, vector_column="vector", factory=factory, shards=3)
+    one = build(ray_session, index_root=str(tmp_path / "one"), **kw)
+    monkeypatch.setenv("SHARDEX_TUNE_LOCAL_BYTES", "0")
+    each = build(ray_session, index_root=str(tmp_path / "each"), **kw)
+    got = [load_manifest(Store(str(tmp_path / r)), s.version).search for r, s in (("one", one), ("each", each))]
+    assert got[0].nprobe == got[1].nprobe and got[0].recall_at_10 == pytest.approx(got[1].recall_at_10, abs=0.005)
+    assert got[0].eval_queries == got[1].eval_queries == 200

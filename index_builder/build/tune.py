@@ -9,18 +9,22 @@ import numpy as np
 import ray
 
 from index_builder.build.merge import open_merged
+from index_builder.config import env_count
 from index_builder.eval.measures import choose_nprobe, climb, drop_own
 from index_builder.workdir import WorkDir
 from shards.raytools import ray_get
 from shards.search.topk import merge_topk
-from shards.storage.faissio import faiss, nlist, set_nprobe
+from shards.storage.faissio import faiss, ivf, nlist, set_nprobe, set_ntotal
 from shards.storage.store import Store
 
 FOLD = 64  # units' exact answers merged at a time
+# Merged shards holding this many bytes together are tuned by one task, in a worker Ray keeps warm: an
+# actor per shard costs a process start each, which is most of a small build's tune. Above it, one actor
+# per shard, so that no process holds them all. $SHARDEX_TUNE_LOCAL_BYTES moves it (tests, benchmarks).
+LOCAL_BYTES = 1 << 30
 
 
-@ray.remote
-def truth_task(store: Store, wd: WorkDir, units: list[str], metric: str, k: int):
+def truth(store: Store, wd: WorkDir, units: list[str], metric: str, k: int):
     """(query vectors, their ids, exact top-k without themselves) from what each add task found,
     folded FOLD units at a time: memory holds the queries' running top-k, not every unit's."""
     q = np.load(io.BytesIO(store.read_bytes(wd.queries)))
@@ -29,6 +33,14 @@ def truth_task(store: Store, wd: WorkDir, units: list[str], metric: str, k: int)
         res = [np.load(io.BytesIO(store.read_bytes(wd.unit_gt(u)))) for u in units[a:a + FOLD]]
         best = [merge_topk(best + [(g["D"], g["I"]) for g in res], k + 1, metric)]
     return q["xq"], own, drop_own(*best[0], own, k)[1]
+
+
+truth_task = ray.remote(truth)
+
+
+def search_shard(index, xq: np.ndarray, k: int, nprobe: int | None):
+    set_nprobe(index, nprobe)
+    return index.search(xq, k)
 
 
 @ray.remote
@@ -43,30 +55,67 @@ class TuneShard:
         return nlist(self.index)
 
     def search(self, xq: np.ndarray, k: int, nprobe: int | None):
-        set_nprobe(self.index, nprobe)
-        return self.index.search(xq, k)
+        return search_shard(self.index, xq, k, nprobe)
+
+
+def tuned(search_all, nl: int | None, xq, own, gt, *, metric: str, target: float, k: int) -> dict:
+    """Climb the nprobe ladder over the shards' merged top-k. search_all(xq, k, nprobe): every
+    shard's (D, I)."""
+    rows = climb(lambda xq, k, p: merge_topk(search_all(xq, k, p), k, metric), xq, gt, k, nl, target, own)
+    best = choose_nprobe(rows, target)
+    return {"nprobe": best["nprobe"], "recall_at_10": best["recall"], "eval_queries": len(xq), "ladder": rows}
+
+
+def union(ix: list):
+    """The shards as one IVF index, the others' lists moved into the first's, when every one is an
+    IVF index with plain lists in RAM (not packed for fast-scan, not on disk); else None. Searching
+    it returns what searching each and merging returns, with one coarse search and one distance
+    table per probed list instead of one per shard."""
+    f, ivs = faiss(), [ivf(i) for i in ix]
+    if any(v is None or not isinstance(f.downcast_InvertedLists(v.invlists), f.ArrayInvertedLists) for v in ivs):
+        return None
+    for v in ivs[1:]:
+        ivs[0].merge_from(v, 0)
+    set_ntotal(ix[0], ivs[0].ntotal)
+    return ix[0]
+
+
+@ray.remote
+def tune_task(store: Store, wd: WorkDir, units: list[str], *, shards: int, metric: str, target: float, k: int,
+              threads: int) -> dict:
+    """tune() for shards small enough to hold together: all of them in this one task, as one index
+    when they can be (union)."""
+    faiss().omp_set_num_threads(threads)
+    xq, own, gt = truth(store, wd, units, metric, k)
+    ix = [open_merged(store, wd, s) for s in range(shards)]
+    nl, one = nlist(ix[0]), union(ix)
+    ix = [one] if one is not None else ix
+    return tuned(lambda xq, k, p: [search_shard(i, xq, k, p) for i in ix], nl, xq, own, gt,
+                 metric=metric, target=target, k=k)
 
 
 def tune(store: Store, wd: WorkDir, units: list[str], *, shards: int, metric: str, target: float, k: int,
-         cpus: float) -> dict:
-    """The default nprobe of wd's merged shards, and the recall@k it reaches on tune's queries. Each
-    shard is searched by its own actor (cpus: what all of them may take together), and the top-k
-    merged here as the router merges it."""
-    each = max(0.01, min(1.0, cpus / shards))
-    actors = [TuneShard.options(num_cpus=each).remote(store, wd, s, max(1, int(each))) for s in range(shards)]
+         cpus: int, node: int, shard_bytes: int) -> dict:
+    """The default nprobe of wd's merged shards, and the recall@k it reaches on tune's queries, the
+    top-k merged as the router merges it. cpus, node: the cluster's CPUs and its largest node's;
+    shard_bytes: the merged shards' together. Up to LOCAL_BYTES, one task searches them all on a
+    node's CPUs. Above, each shard is searched by its own actor; they reserve half the cluster
+    together, so that truth_task finds room beside them, and run more threads than they reserve
+    (the cluster's CPUs over the shards): truth is done before any search."""
+    common = {"metric": metric, "target": target, "k": k}
+    if shard_bytes <= env_count("SHARDEX_TUNE_LOCAL_BYTES", LOCAL_BYTES):
+        return ray_get(tune_task.options(num_cpus=node).remote(store, wd, units, shards=shards, threads=node,
+                                                               **common))
+    each, threads = max(0.01, min(1.0, cpus / 2 / shards)), max(1, min(node, cpus // shards))
+    actors = [TuneShard.options(num_cpus=each).remote(store, wd, s, threads) for s in range(shards)]
     try:
         xq, own, gt = ray_get(truth_task.options(num_cpus=0.5).remote(store, wd, units, metric, k))
         nl = ray_get(actors[0].nlist.remote())
-
-        def search(xq, k, nprobe):
-            return merge_topk(ray_get([a.search.remote(xq, k, nprobe) for a in actors]), k, metric)
-
-        rows = climb(search, xq, gt, k, nl, target, own)
+        return tuned(lambda xq, k, p: ray_get([a.search.remote(xq, k, p) for a in actors]), nl, xq, own, gt,
+                     **common)
     finally:
         for a in actors:
             ray.kill(a)
-    best = choose_nprobe(rows, target)
-    return {"nprobe": best["nprobe"], "recall_at_10": best["recall"], "eval_queries": len(xq), "ladder": rows}
 
 
 def recall_warning(tuned: dict, target: float) -> str | None:

@@ -11,14 +11,13 @@ Also the readers of the other input files a user gives: query vectors (.npy) for
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from index_builder.config import BuildConfig
+from index_builder.config import BuildConfig, env_count
 from index_builder.plan.ids import ID_MASK, check_ids, int_ids, out_of_range, remote, string_ids  # noqa: F401
 from shards.errors import (
     ConfigError,
@@ -198,20 +197,10 @@ def fingerprint(stamps: list[str], *extra) -> str:
     return h.hexdigest()[:16]
 
 
-def _limit(name: str, default: int) -> int:
-    v = os.environ.get(name, "")
-    if not v.strip():
-        return default
-    try:
-        return int(v)
-    except ValueError:
-        raise ConfigError(f"${name}={v!r}: not a whole number; unset it or give a count") from None
-
-
 def on_ray(files: int, rows: int = 0) -> bool:
     """Whether the plan's work goes to Ray tasks: above LOCAL_FILES files or LOCAL_ROWS rows."""
-    return (files > _limit("SHARDEX_PLAN_LOCAL_FILES", LOCAL_FILES)
-            or rows > _limit("SHARDEX_PLAN_LOCAL_ROWS", LOCAL_ROWS))
+    return (files > env_count("SHARDEX_PLAN_LOCAL_FILES", LOCAL_FILES)
+            or rows > env_count("SHARDEX_PLAN_LOCAL_ROWS", LOCAL_ROWS))
 
 
 def id_column(uri: str, cfg: BuildConfig) -> pa.ChunkedArray:
