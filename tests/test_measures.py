@@ -87,7 +87,9 @@ def test_choose_nprobe(recalls, target, want):
 
 @pytest.mark.parametrize("recalls,want", [([0.5, 0.8], False), ([0.5, 0.8, 0.801], False),
                                           ([0.83, 0.831, 0.832], True), ([0.7, 0.83, 0.831, 0.8319], True),
-                                          ([0.9, 0.9, 0.95], False)])
+                                          ([0.9, 0.9, 0.95], False),
+                                          ([0.8475, 0.8495, 0.8505], True),  # 1M x 128, IVF4096,PQ32
+                                          ([0.8475, 0.8496, 0.8505], False)])
 def test_the_ladder_stops_on_a_plateau(recalls, want):
     assert plateaued(_rows(recalls)) == want
 
