@@ -105,6 +105,11 @@ def _text_problems(col: pa.ChunkedArray) -> np.ndarray:
 def _vector_problems(col: pa.ChunkedArray, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(reason per row, float32 matrix with zeros in rejected rows)."""
     col = col.combine_chunks()
+    if _dense(col, dim):  # every row dim float32 values, none null: read as they are, without a copy
+        x = col.flatten().to_numpy().reshape(-1, dim)
+        why = np.full(len(col), "", dtype=object)
+        why[~np.isfinite(x).all(axis=1)] = "vector has NaN or inf"
+        return why, x
     null = col.is_null().to_numpy(zero_copy_only=False)
     lens = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False)
     bad_dim = ~null & (lens != dim)
@@ -119,6 +124,12 @@ def _vector_problems(col: pa.ChunkedArray, dim: int) -> tuple[np.ndarray, np.nda
         x[ok] = vals.astype(np.float32).reshape(-1, dim)
     why[ok & ~np.isfinite(x).all(axis=1)] = "vector has NaN or inf"
     return why, x
+
+
+def _dense(col: pa.Array, dim: int) -> bool:
+    t = col.type
+    return (pa.types.is_fixed_size_list(t) and t.list_size == dim and pa.types.is_float32(t.value_type)
+            and col.null_count == 0 and col.flatten().null_count == 0)
 
 
 def prepare(shard: InputShard, cfg: BuildConfig, layout: Layout, dim: int | None, kind: str,
@@ -151,18 +162,15 @@ def prepare(shard: InputShard, cfg: BuildConfig, layout: Layout, dim: int | None
         i = int(np.flatnonzero(bad)[0])
         raise CorpusError(f"{shard.file} row {rows[i]}: {why[i]} (column {data_col!r}); "
                           "fix the row, or pass --bad-rows skip to quarantine it")
-    keep = pa.array(~bad)
-    good = t.filter(keep)
+    good = t.filter(pa.array(~bad)) if bad.any() else t
     ids = int_ids(good.column(cfg.id_column), kind)
     texts = None if cfg.vector_column else good.column(data_col).to_pylist()
-    h = vector_hashes(x[~bad]) if cfg.vector_column else text_hashes(texts)
-    m = match(store, reuse, ids, h) if reuse is not None else None
-    if cfg.vector_column:
+    if cfg.vector_column and bad.any():
         x = x[~bad]
-    elif m is not None:
-        x = fill(m, texts, encode)
-    else:
-        x = encode(texts)
+    h = vector_hashes(x) if cfg.vector_column else text_hashes(texts)
+    m = match(store, reuse, ids, h) if reuse is not None else None
+    if not cfg.vector_column:
+        x = fill(m, texts, encode) if m is not None else encode(texts)
     if bad.any():
         store.write_table(layout.rel(shard.part, layout.rejected),
                           _rejects(t.filter(pa.array(bad)), shard, cfg, why[bad]))

@@ -52,6 +52,18 @@ def dictionary_columns(schema) -> list[str]:
     return [f.name for f in schema if any(t(f.type) for t in text)]
 
 
+def compression_of(schema) -> dict[str, str]:
+    """Per column: none for vectors (lists of floats), whose bits barely compress, zstd for the rest.
+    zstd saved 9% of an embeddings part and made reading it 2.5x slower (0.050 s against 0.020 s for
+    20,000 x 128), and it is read by every add and sample."""
+    import pyarrow as pa
+
+    def floats(t) -> bool:
+        return pa.types.is_floating(t.value_type) if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) else False
+
+    return {f.name: "none" if floats(f.type) else "zstd" for f in schema}
+
+
 @dataclass(frozen=True)
 class Written:
     """What a write put at its path: the sha256 and size of its bytes, computed from them as they
@@ -166,7 +178,8 @@ class Store:
         import pyarrow.parquet as pq
 
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd", use_dictionary=dictionary_columns(table.schema),
+        pq.write_table(table, buf, compression=compression_of(table.schema),
+                       use_dictionary=dictionary_columns(table.schema),
                        row_group_size=row_group_size)
         return self.write_bytes(rel, buf.getvalue())
 
