@@ -15,6 +15,7 @@ k-means, whose work grows with the sample, not with N) within 1.2x per million o
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -48,6 +49,7 @@ def run(n: int, a, gcs: str) -> dict:
     opts += ["--part-rows", str(a.part_rows)] if a.part_rows else []
     before = loadavg()
     b = run_build(src, root, opts, env={"SHARDEX_PLAN_LOCAL_ROWS": "0"})
+    tr = train_record(root, b["summary"]["work"])
     if not a.keep:
         shutil.rmtree(root, ignore_errors=True)
     s, m = b["summary"], n / 1e6
@@ -56,7 +58,16 @@ def run(n: int, a, gcs: str) -> dict:
             "per_million": {st: round(v / m, 3) for st, v in s["seconds"].items()},
             "predicted": pred, "predicted_per_million": {st: round(v / m, 3) for st, v in pred.items()},
             "predicted_why_not": why, "recall_at_10": s["recall_at_10"], "nprobe": s["nprobe"],
-            "index_bytes": s["index_bytes"], "loadavg": [before, loadavg()], "cmd": b["cmd"]}
+            "index_bytes": s["index_bytes"], "train_vectors": tr["train_vectors"],
+            "sample_bytes": tr["sample_bytes"], "sample_bytes_read": tr["sample_bytes_read"],
+            "corpus_vector_bytes": n * a.dim * 4, "loadavg": [before, loadavg()], "cmd": b["cmd"]}
+
+
+def train_record(root: str, work: str) -> dict:
+    """The build's train record (index_builder/train/quantizer.train_task): the training sample's float32
+    bytes and the bytes read to draw it, which issue 17 wants in proportion to the sample, not the corpus."""
+    with open(os.path.join(root, work, "trained.index.json")) as f:
+        return json.load(f)
 
 
 def ratios(runs: list[dict]) -> dict:
@@ -71,7 +82,10 @@ def ratios(runs: list[dict]) -> dict:
 
 
 def show(r: dict, q: dict) -> list[str]:
-    lines = [f"{r['vectors']:>12,} vectors  {r['wall']:.0f} s  recall@10 {r['recall_at_10']} at nprobe {r['nprobe']}"]
+    lines = [f"{r['vectors']:>12,} vectors  {r['wall']:.0f} s  recall@10 {r['recall_at_10']} at nprobe {r['nprobe']}",
+             f"    training read {r['sample_bytes_read'] / 2**20:,.1f} MiB for a sample of {r['train_vectors']:,} "
+             f"({r['sample_bytes'] / 2**20:,.1f} MiB, {r['sample_bytes_read'] / r['sample_bytes']:.2f}x) of a "
+             f"{r['corpus_vector_bytes'] / 2**20:,.0f} MiB corpus"]
     for st, v in r["per_million"].items():
         p = r["predicted_per_million"].get(st)
         lines.append(f"    {st:<9} {r['seconds'][st]:9.2f} s  {v:9.2f} s/M  x{q[st]} of the first"
