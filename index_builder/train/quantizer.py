@@ -143,10 +143,19 @@ def sample(store: Store, parts: list[tuple[str, int]], size: int, seed: int, que
 
 
 def sample_parallel(store: Store, parts: list[tuple[str, int]], size: int, seed: int, queries: int) -> Drawn:
-    """What sample() reads, read by one task per part that holds any of it, across the cluster: at a
-    billion vectors one task reading in turn would take hours. Returns the tasks' refs (for joined)."""
-    jobs = draw_jobs(store, parts, max(size, queries), seed)
-    return Drawn(size, queries, seed, [draw_task.options(num_cpus=1).remote(store, *job) for job in jobs])
+    """What sample() reads, read by parallel tasks across the cluster (at a billion vectors one task
+    reading in turn would take hours), each reading DRAW_GROUPS row groups or DRAW_PARTS whole parts:
+    a task per part costs more to start than a small part costs to read. Returns the tasks' refs
+    (for joined)."""
+    batches, load = [], 1.0
+    for rel, rows in draw_jobs(store, parts, max(size, queries), seed):
+        w = len(rows) / DRAW_GROUPS if rows is not None else 1 / DRAW_PARTS
+        if load + w > 1:
+            batches.append([])
+            load = 0.0
+        batches[-1].append((rel, rows))
+        load += w
+    return Drawn(size, queries, seed, [draw_many.options(num_cpus=1).remote(store, b) for b in batches])
 
 
 def draw_jobs(store: Store, parts: list[tuple[str, int]], want: int, seed: int) -> list[tuple]:
@@ -194,7 +203,16 @@ def draw(store: Store, rel: str, rows: list[int] | None):
         return ids, x, group_bytes(f.metadata, groups)
 
 
-draw_task = ray.remote(max_retries=3)(draw)
+DRAW_GROUPS = 64  # row groups (about a MiB each) a sampling task reads
+DRAW_PARTS = 8    # whole parts a sampling task reads (a corpus not much bigger than the sample)
+
+
+@ray.remote(max_retries=3)
+def draw_many(store: Store, jobs: list[tuple]):
+    """draw() of several parts, joined: (ids, x, bytes read)."""
+    got = [draw(store, *job) for job in jobs]
+    return (np.concatenate([i for i, _, _ in got]), np.concatenate([x for _, x, _ in got]),
+            sum(b for _, _, b in got))
 
 
 def joined(d: Drawn) -> Sample:
