@@ -12,9 +12,10 @@ import sys
 
 import pytest
 
+from index_builder.plan import capacity as capacity_module
 from index_builder.plan import costs
-from index_builder.plan.capacity import STAGES, Cluster, capacity, predict
-from index_builder.plan.factory import LIST_OVERHEAD, choose_factory
+from index_builder.plan.capacity import STAGES, Cluster, add_units, capacity, predict, train_units
+from index_builder.plan.factory import LIST_OVERHEAD, choose_factory, index_plan
 from shards.errors import ConfigError
 
 from helpers import REPO, SHARDEX, cli_env, run_cli
@@ -30,28 +31,31 @@ def _load(name: str) -> dict:
     return json.loads((RESULTS / name).read_text())
 
 
+FIT = 10_000_000   # the run of bench/scale/stages.py the compute rates are fitted to: its largest
+
+
+def _stages() -> dict:
+    return _load("scale_stages.json")
+
+
 def _run(n: int) -> dict:
-    return next(r for r in _load("build_scaling.json")["runs"] if r["vectors"] == n)
+    return next(r for r in _stages()["runs"] if r["vectors"] == n)
 
 
 # ---------------------------------------------------------------- the cost table is what was measured
 
-def _add_fit() -> tuple[float, float]:
-    """add_unit and add_vector solved from the 1M and 4M runs: core-s = N x (units x a + b)."""
-    (n1, u1, t1), (n4, u4, t4) = [(n, (nl + 256) * 128, 2 * _run(n)["stages"]["add"])
-                                  for n, nl in ((1_000_000, 4096), (4_000_000, 16384))]
-    a = (t4 / n4 - t1 / n1) / (u4 - u1)
-    return a, t1 / n1 - a * u1
-
-
 def _measured() -> dict[str, float]:
-    r4 = _run(4_000_000)
-    km = 1_638_400 * 16384 * 128 * (costs.IVF_NITER + 1) + 65536 * 256 * 128 * costs.PQ_NITER
+    """Every measured rate, recomputed from its results file with the model's own work formulas."""
+    s, r = _stages(), _run(FIT)
+    d, f, secs = s["d"], s["factory"], r["seconds"]
+    dd, nl, _, pq, rot = capacity_module._shape(f, d)
+    p = index_plan(FIT, d, f, 1, 0)
+    km, other = train_units(p.train_vectors, nl, dd, pq, rot)
     merge = next(r for r in _load("build_ondisk_merge.json")["runs"] if not r["ondisk"])
-    a, b = _add_fit()
-    return {"kmeans_unit": 2 * r4["stages"]["train"] / km, "add_unit": a, "add_vector": b,
-            "merge_bytes": merge["bytes"] / merge["seconds"],
-            "copy_bytes": 4_000_000 * 128 * 4 / (2 * r4["stages"]["encode"]),
+    return {"kmeans_unit": HERE.cores * secs["train"] / (km + other),
+            "add_unit": HERE.cores * secs["add"] / (FIT * add_units(d, dd, nl, pq, rot)),
+            "merge_bytes": merge["bytes"] / merge["seconds"],   # a 522 MB shard: bandwidth, not task overhead
+            "copy_bytes": FIT * d * 4 / (HERE.cores * secs["encode"]),
             "encode_gpu": _load("encode_gpu.json")["docs_per_s"]["shardex_fp16_two_threads"],
             "encode_cpu": _load("encode_cpu.json")["shardex_docs_per_s"] / 2}
 
@@ -68,15 +72,14 @@ def test_every_measured_rate_is_its_results_file():
         assert r.unit and r.note and (r.measured or "not measured" in r.note), k
 
 
-@pytest.mark.parametrize("n, factory", [(1_000_000, "IVF4096,PQ32"), (4_000_000, "IVF16384,PQ32")])
-def test_the_model_predicts_the_runs_it_came_from(n, factory):
-    """On the machine and shape they were measured at, train, add and the vectors' copy are within
-    25% of build_scaling.json (the 1M train is not in the fit: 21.7 s for 25.2 s)."""
-    p = predict(n, 128, factory, 1, HERE)
-    run = _run(n)
-    assert run["factory"] == factory
+@pytest.mark.parametrize("n", [1_000_000, 4_000_000, 10_000_000])
+def test_the_model_predicts_the_runs_it_came_from(n):
+    """On the machine and shape the rates were fitted at (the 10M run), the vectors' copy, train and
+    add of the smaller runs are within 25% too: the model's work grows with N as the stages' does."""
+    s = _stages()
+    p = predict(n, s["d"], s["factory"], s["shards"], HERE)
     for stage in ("encode", "train", "add"):
-        assert p[stage].seconds == pytest.approx(run["stages"][stage], rel=0.25), stage
+        assert p[stage].seconds == pytest.approx(_run(n)["seconds"][stage], rel=0.25), stage
 
 
 # ---------------------------------------------------------------- the rules of the model

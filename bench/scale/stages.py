@@ -21,7 +21,7 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import OUT, clustered, loadavg, machine, ray_head, run_build, save
+from common import OUT, RESULTS, clustered, loadavg, machine, ray_head, run_build, save
 
 TARGET = 1.2
 EXEMPT = ("train",)     # the k-means: its time follows the sample and nlist, not N
@@ -120,6 +120,23 @@ def plot(res: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def repredict() -> None:
+    """The predictions of the saved runs from the plan as it is now: a pure function of (N, d, factory,
+    shards, this machine), so nothing is measured again."""
+    path = f"{RESULTS}/scale_stages.json"
+    with open(path) as f:
+        res = json.load(f)
+    for r in res["runs"]:
+        pred, why = predicted(r["vectors"], res["d"], res["factory"], res["shards"])
+        m = r["vectors"] / 1e6
+        r.update(predicted=pred, predicted_per_million={st: round(v / m, 3) for st, v in pred.items()},
+                 predicted_why_not=why)
+    for r, q in zip(res["runs"], res["ratio"]):
+        print("\n".join(show(r, q)))
+    save("scale_stages", res, False)
+    plot(res, path[:-5] + ".png")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1000000,4000000,10000000")
@@ -131,7 +148,12 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep each index root under bench/out/scale/")
     ap.add_argument("--quick", action="store_true", help="100k and 400k, IVF256,PQ16; results under "
                     "bench/out/scale/, not bench/results/")
+    ap.add_argument("--repredict", action="store_true", help="measure nothing: put the capacity plan's "
+                    "current predictions beside the measurements in bench/results/scale_stages.json (after "
+                    "its cost table was refitted) and plot again")
     a = ap.parse_args()
+    if a.repredict:
+        return repredict()
     if a.quick:
         a.sizes, a.factory, a.file_rows = "100000,400000", "IVF256,PQ16", 100_000
     res = {"machine": machine(), "d": a.dim, "factory": a.factory, "shards": a.shards, "runs": []}

@@ -19,6 +19,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 
+from index_builder.eval.measures import EVAL_QUERIES
 from index_builder.plan import costs
 from index_builder.plan.costs import RATES as R
 from index_builder.plan.factory import (
@@ -92,8 +93,9 @@ def train_units(sample: int, nlist: int, dd: int, pq: bool, rot: bool) -> tuple[
 
 
 def add_units(d: int, dd: int, nlist: int, pq: bool, rot: bool) -> int:
-    """Per vector: the rotation (d x D), the nearest of nlist centroids, then PQ's 256 per sub-space."""
-    return d * dd * rot + nlist * dd + costs.PQ_KSUB * dd * pq
+    """Per vector: the rotation (d x D), the nearest of nlist centroids, PQ's 256 per sub-space, and its
+    distance to each of tune's held-out queries (the add takes their exact top-k while it holds the vectors)."""
+    return d * dd * rot + nlist * dd + costs.PQ_KSUB * dd * pq + EVAL_QUERIES * d
 
 
 def _io(nbytes: float, nodes: int) -> float:
@@ -139,7 +141,7 @@ def _add(n: int, d: int, factory: str, cl: Cluster) -> Stage:
     dd, nl, code, pq, rot = _shape(factory, d)
     emb, payload = n * (4 * d + ID_BYTES), n * (code + ID_BYTES)
     u = add_units(d, dd, nl, pq, rot)
-    t = n * (u * R["add_unit"].value + R["add_vector"].value) / cl.cores
+    t = n * u * R["add_unit"].value / cl.cores
     return _stage(t, emb + payload, cl.nodes, emb, payload, f"{u:,} distance units a vector on {cl.cores:,} cores")
 
 

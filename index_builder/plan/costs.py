@@ -39,28 +39,25 @@ class Rate:
         return f"{name}: {self.value:.4g} {self.unit} ({self.source}; {self.note})"
 
 
+STAGES_10M = "bench/results/scale_stages.json: runs[vectors=10000000].seconds"
+HERE_NOW = "2-vCPU x86_64 (Intel Xeon @ 2.60GHz, OpenBLAS SkylakeX kernels), 23.5 GiB, faiss-cpu 1.15.1"
+
 RATES: dict[str, Rate] = {
-    # 4M x 128 IVF16384,PQ32 train stage: 340.71 s x 2 cores over the k-means and PQ units below
-    # (1,638,400 x 16,384 x 128 x (10 + 1 assignment for the residuals) + 65,536 x 256 x 128 x 25).
-    "kmeans_unit": Rate(1.8003e-11, "core-s per distance unit (k-means, CPU)",
-                        "bench/results/build_scaling.json: runs[vectors=4000000].stages.train",
-                        f"{HERE}, 2026-11-23; the 1M run predicts 21.7 s of its 25.2 s"),
-    # add = N x (units x add_unit + add_vector), fitted to the 1M (8.96 s) and 4M (97.59 s) runs on
-    # 2 cores, units = (nlist + 256) x 128 per vector: assignment to the centroids, then PQ encoding.
-    "add_unit": Rate(1.9630e-11, "core-s per distance unit (add: assign and encode)",
-                     "bench/results/build_scaling.json: runs[vectors=1000000,4000000].stages.add",
-                     f"{HERE}, 2026-11-23; fitted with add_vector to both runs"),
-    "add_vector": Rate(6.9851e-6, "core-s per vector (add: read the part, exact top-k for tune, write)",
-                       "bench/results/build_scaling.json: runs[vectors=1000000,4000000].stages.add",
-                       f"{HERE}, 2026-11-23; fitted with add_unit to both runs"),
+    # 10M x 128 IVF4096,PQ16 train stage: 50.20 s x 2 cores over the k-means and PQ units below
+    # (409,600 x 4,096 x 128 x (10 + 1 assignment for the residuals) + 65,536 x 256 x 128 x 25).
+    "kmeans_unit": Rate(4.1558e-11, "core-s per distance unit (k-means, CPU)", f"{STAGES_10M}.train",
+                        f"{HERE_NOW}, 2026-12-01; the 1M and 4M runs (same sample) took 45.3 and 43.3 s"),
+    # 10M x 128 IVF4096,PQ16 add stage: 160.17 s x 2 cores over (4,096 + 256 + 200) x 128 units a vector:
+    # the assignment to the centroids, PQ encoding, and the distances to tune's 200 queries.
+    "add_unit": Rate(5.4979e-11, "core-s per distance unit (add: assign, encode, tune's exact top-k)",
+                     f"{STAGES_10M}.add", f"{HERE_NOW}, 2026-12-01; reading and writing are in the rate"),
     # one merge task wrote a 522 MB IVF4096,Flat shard in RAM in 1.85 s
     "merge_bytes": Rate(2.8207e8, "bytes/s per merge task (one core)",
                         "bench/results/build_ondisk_merge.json: runs[ondisk=false].bytes / .seconds",
                         f"{HERE}, 2026-11-23"),
-    # 4M x 128 float32 copied into embeddings parts (read, hash, write) in 10.87 s on 2 cores
-    "copy_bytes": Rate(9.4204e7, "vector bytes/s per core (a vector source into embeddings parts)",
-                       "bench/results/build_scaling.json: runs[vectors=4000000].stages.encode",
-                       f"{HERE}, 2026-11-23"),
+    # 10M x 128 float32 copied into embeddings parts (read, check, hash, write) in 51.48 s on 2 cores
+    "copy_bytes": Rate(4.9728e7, "vector bytes/s per core (a vector source into embeddings parts)",
+                       f"{STAGES_10M}.encode", f"{HERE_NOW}, 2026-12-01"),
     "encode_gpu": Rate(5654.6, "docs/s per GPU (all-MiniLM-L6-v2, fp16)",
                        "bench/results/encode_gpu.json: docs_per_s.shardex_fp16_two_threads",
                        "NVIDIA H100 80GB HBM3, 2026-11-22; standard-library docstrings, batch 256"),
