@@ -16,7 +16,7 @@ import pytest
 
 from index_builder.cli import main
 from shards.errors import BusyError, ConfigError, StorageError
-from shards.storage.lease import LEASE, Lease, hold
+from shards.storage.lease import LEASE, Lease, _slot, hold
 from shards.storage.manifest import current_version, list_versions, load_manifest, verify
 from shards.storage.store import Store
 
@@ -40,12 +40,17 @@ def lease_doc(store: Store) -> dict:
 
 
 def foreign(store: Store, **kw) -> dict:
-    """A lease written by some other writer, as it would have written it."""
+    """A lease written by some other writer, as it would have written it: by compare-and-swap, so
+    a heartbeat of ours racing with it either lands before it or sees it (a plain write could land
+    between the heartbeat's compare and its swap, and be overwritten)."""
     now = time.time()
     d = {"user": "alice", "host": "elsewhere", "pid": 4242, "command": "shardex build", "token": "f" * 32,
          "started": now - 5, "heartbeat": now, **kw}
-    store.write_text(LEASE, json.dumps(d))
-    return d
+    slot = _slot(store)
+    for _ in range(100):
+        if slot.put(json.dumps(d).encode(), slot.read()[1]) is not None:
+            return d
+    raise AssertionError(f"could not write a foreign lease to {store.uri(LEASE)}")
 
 
 def dead_pid() -> int:
