@@ -9,9 +9,12 @@ import re
 import sys
 import time
 
-from shards.errors import ConfigError
+from shards.errors import ConfigError, TransientStorageError
 
 _T0 = time.time()
+# Every storage-touching Ray task: retried when its worker or node is lost (max_retries), and when
+# storage kept failing for a passing reason through the client's own retries (retry_exceptions).
+TASK_RETRIES = {"max_retries": 3, "retry_exceptions": [TransientStorageError]}
 
 
 def log(msg: str) -> None:

@@ -26,6 +26,7 @@ from index_builder.encode.parts import read_vectors
 from index_builder.eval.measures import part_topk
 from index_builder.shard_math import hash_shard, ids_digest
 from index_builder.workdir import WorkDir
+from shards.raytools import TASK_RETRIES
 from shards.storage.faissio import faiss, from_bytes, nlist, no_search_flags
 from shards.storage.store import Store
 
@@ -51,7 +52,7 @@ def read_unit(store: Store, pieces: list) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([i for i, _ in got]), np.concatenate([x for _, x in got])
 
 
-@ray.remote(max_retries=3)
+@ray.remote(**TASK_RETRIES)
 def add_task(store: Store, wd: WorkDir, unit: str, pieces: list, *, shards: int, sharding: str, metric: str,
              k: int) -> dict:
     """Encodes the unit's pieces with wd's trained index into its payload; k: tune's k, for gt.npz."""
@@ -84,7 +85,7 @@ def add_task(store: Store, wd: WorkDir, unit: str, pieces: list, *, shards: int,
     return {**done, "reused": False}
 
 
-@ray.remote(max_retries=3)
+@ray.remote(**TASK_RETRIES)
 def sum_sizes_task(store: Store, rels: list[str]) -> np.ndarray:
     """The list sizes of several units, summed: the driver never holds one array per unit."""
     total = None

@@ -34,6 +34,7 @@ from index_builder.build.memwatch import MemoryWatch
 from index_builder.shard_math import ids_digest, sum_digests
 from index_builder.workdir import WorkDir, shard_name
 from shards.errors import IntegrityError
+from shards.raytools import TASK_RETRIES
 from shards.storage.faissio import (
     faiss,
     faiss_quiet,
@@ -225,7 +226,7 @@ def merge_shard(store: Store, wd: WorkDir, units: list[str], s: int, section: in
     return commit(store, wd, s, files, got, {"seconds": time.time() - t0, "ondisk": ondisk, **mem.record()})
 
 
-merge_task = ray.remote(max_retries=3)(merge_shard)
+merge_task = ray.remote(**TASK_RETRIES)(merge_shard)
 
 
 def open_sources(store: Store, wd: WorkDir, units: list[str]):

@@ -32,6 +32,7 @@ from index_builder.build.merge import (
 )
 from index_builder.shard_math import ids_digest, ivf_ranges, sum_digests
 from index_builder.workdir import WorkDir
+from shards.raytools import TASK_RETRIES
 from shards.storage.faissio import ivf, set_ntotal
 from shards.storage.store import Store
 
@@ -47,14 +48,14 @@ def range_rel(wd: WorkDir, s: int, k: int) -> str:
     return f"{wd.root}/merge/shard-{s}/range-{k:05d}.bin"
 
 
-@ray.remote(max_retries=3)
+@ray.remote(**TASK_RETRIES)
 def sizes_task(store: Store, wd: WorkDir, units: list[str], section: int, lists: tuple[int, int]) -> np.ndarray:
     """The list sizes of lists [a, b) of section `section` over every unit: what the ranges are cut from."""
     _, pays = open_sources(store, wd, units)
     return Sources(pays, section, *lists).sizes
 
 
-@ray.remote(max_retries=3)
+@ray.remote(**TASK_RETRIES)
 def range_task(store: Store, wd: WorkDir, units: list[str], s: int, section: int, k: int,
                lists: tuple[int, int]) -> dict:
     """Writes the .ivfdata stretch of lists [la, lb) of shard s; returns its record (bytes, id digest)."""
@@ -86,7 +87,7 @@ def range_task(store: Store, wd: WorkDir, units: list[str], s: int, section: int
     return done
 
 
-@ray.remote(max_retries=3)
+@ray.remote(**TASK_RETRIES)
 def assemble_task(store: Store, wd: WorkDir, units: list[str], s: int, sizes: np.ndarray,
                   expected: list[int] | None, *ranges: dict) -> dict:
     """Shard s from its range stretches (ranges: range_task's records, in list order); sizes: the

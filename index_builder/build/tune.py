@@ -12,7 +12,7 @@ from index_builder.build.merge import open_merged
 from index_builder.config import env_count
 from index_builder.eval.measures import choose_nprobe, climb, drop_own
 from index_builder.workdir import WorkDir
-from shards.raytools import ray_get
+from shards.raytools import TASK_RETRIES, ray_get
 from shards.search.topk import merge_topk
 from shards.storage.faissio import faiss, ivf, nlist, set_nprobe, set_ntotal
 from shards.storage.store import Store
@@ -35,7 +35,7 @@ def truth(store: Store, wd: WorkDir, units: list[str], metric: str, k: int):
     return q["xq"], own, drop_own(*best[0], own, k)[1]
 
 
-truth_task = ray.remote(truth)
+truth_task = ray.remote(**TASK_RETRIES)(truth)
 
 
 def search_shard(index, xq: np.ndarray, k: int, nprobe: int | None):
@@ -43,7 +43,7 @@ def search_shard(index, xq: np.ndarray, k: int, nprobe: int | None):
     return index.search(xq, k)
 
 
-@ray.remote
+@ray.remote(max_restarts=-1, max_task_retries=3)  # a lost node's shard reloads elsewhere
 class TuneShard:
     """One merged shard, held by its own actor for the tune's searches: no process holds them all."""
 
@@ -80,7 +80,7 @@ def union(ix: list):
     return ix[0]
 
 
-@ray.remote
+@ray.remote(**TASK_RETRIES)
 def tune_task(store: Store, wd: WorkDir, units: list[str], *, shards: int, metric: str, target: float, k: int,
               threads: int) -> dict:
     """tune() for shards small enough to hold together: all of them in this one task, as one index

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from index_builder.config import BuildConfig
 from index_builder.encode.reuse import CHANGED, HASH, NEW, Reuse, fill, match, origin_column, text_hashes, vector_hashes
-from index_builder.plan.corpus import InputShard, first_line, int_ids, open_parquet
+from index_builder.plan.corpus import InputShard, int_ids, open_parquet, read_error
 from shards.errors import CorpusError
 from shards.storage.store import Store
 
@@ -88,9 +88,8 @@ def read_shard(shard: InputShard, columns: list[str], s3_endpoint: str | None) -
         pos += n
     try:
         t = f.read_row_groups(groups, columns=columns)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise CorpusError(f"{shard.file}: rows {shard.start}-{shard.stop}: not a readable Parquet file "
-                          f"({first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - read_error sorts it: storage, corrupt, or as it is
+        raise read_error(shard.file, e, f": rows {shard.start}-{shard.stop}") from None
     t = t.slice(shard.start - (first or 0), shard.rows)
     return t.append_column("__row", pa.array(np.arange(shard.start, shard.stop, dtype=np.int64)))
 
@@ -246,7 +245,7 @@ VECTOR_COLUMNS = ["id", "vector"]
 def open_part(store: Store, rel: str):
     """An embeddings part, opened for pq.ParquetFile (use it in a with). On S3 it reads no more than each
     range pyarrow asks for: s3fs's default read-ahead would fetch tens of MiB around a 1 MiB row group."""
-    return store.fs.open(store.path(rel), "rb", **({} if store.local else {"cache_type": "none"}))
+    return store.open(rel, "rb", **({} if store.local else {"cache_type": "none"}))
 
 
 def group_bounds(md) -> np.ndarray:

@@ -25,11 +25,13 @@ from shards.errors import (
     ShardexError,
     StorageError,
     is_storage_failure,
+    is_transient,
     storage_fix,
     storage_message,
+    transient,
 )
 from shards.raytools import ensure_ray, ray_get
-from shards.storage.store import storage_options
+from shards.storage.store import filesystem
 
 # Up to this many files and rows the plan runs in this process: a bad small corpus fails in a second,
 # and no Ray starts for it. $SHARDEX_PLAN_LOCAL_FILES / $SHARDEX_PLAN_LOCAL_ROWS override them.
@@ -67,11 +69,7 @@ class Corpus:
 
 
 def open_fs(uri: str, s3_endpoint: str | None):
-    import fsspec
-
-    opts = storage_options(s3_endpoint) if uri.startswith("s3://") else {}
-    fs, path = fsspec.core.url_to_fs(uri, **opts)
-    return fs, path
+    return filesystem(uri, s3_endpoint)
 
 
 def _uri(fs, path: str) -> str:
@@ -113,17 +111,31 @@ def open_parquet(uri: str, s3_endpoint: str | None) -> pq.ParquetFile:
     fs, path = open_fs(uri, s3_endpoint)
     try:
         return pq.ParquetFile(fs.open(path, "rb"))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise CorpusError(f"{uri}: not a readable Parquet file ({first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - read_error sorts it: storage, corrupt, or as it is
+        raise read_error(uri, e) from None
 
 
 def read_columns(uri: str, f: pq.ParquetFile, columns: list[str], group: int | None = None) -> pa.Table:
     """Read columns (of one row group), naming the file when its data pages are corrupt."""
     try:
         return f.read(columns=columns) if group is None else f.read_row_group(group, columns=columns)
-    except (pa.ArrowInvalid, OSError) as e:
-        where = "" if group is None else f" row group {group}"
-        raise CorpusError(f"{uri}{where}: not a readable Parquet file ({first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - read_error sorts it: storage, corrupt, or as it is
+        raise read_error(uri, e, "" if group is None else f" row group {group}") from None
+
+
+def read_error(uri: str, e: Exception, where: str = "") -> Exception:
+    """What to raise for e, met reading the Parquet file uri: a storage request that kept failing
+    for a passing reason is not a corrupt file (TransientStorageError, which tasks retry); a missing
+    or denied object is a StorageError; what pyarrow could not decode is a CorpusError."""
+    if isinstance(e, ShardexError):
+        return e
+    if is_transient(e):
+        return transient(f"{uri}{where}", e)
+    if isinstance(e, (FileNotFoundError, PermissionError)) or (is_storage_failure(e) and not isinstance(e, OSError)):
+        return StorageError(f"{uri}{where}: cannot read it ({storage_message(e)}); {storage_fix(e)}")
+    if isinstance(e, (pa.ArrowException, OSError, ValueError)):  # pyarrow's decoding errors are these
+        return CorpusError(f"{uri}{where}: not a readable Parquet file ({first_line(e)})")
+    return e
 
 
 def first_line(e: Exception) -> str:

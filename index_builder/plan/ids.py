@@ -21,7 +21,7 @@ import pyarrow as pa
 from index_builder.config import BuildConfig
 from index_builder.shard_math import mix64
 from shards.errors import CorpusError
-from shards.raytools import cluster_cpus, ensure_ray, ray_get
+from shards.raytools import TASK_RETRIES, cluster_cpus, ensure_ray, ray_get
 
 ID_MASK = (1 << 63) - 1  # string ids map to non-negative int64 (faiss uses -1 for "no result")
 BUCKET_IDS = 16_000_000  # ids per bucket at most: its task sorts 24 bytes an id (id, file, row)
@@ -67,7 +67,7 @@ def remote(fn):
     """fn as a Ray task, made on first use: Ray is imported only by a plan that uses it."""
     import ray
 
-    return ray.remote(max_retries=3)(fn)
+    return ray.remote(**TASK_RETRIES)(fn)
 
 
 def buckets_for(rows: int) -> int:

@@ -24,6 +24,7 @@ import ray
 from index_builder.build.merge import open_merged
 from index_builder.encode.parts import read_vectors
 from index_builder.workdir import WorkDir
+from shards.raytools import TASK_RETRIES
 from shards.storage.faissio import faiss, ivf, pretransform, read_index, untransform
 from shards.storage.store import Store
 
@@ -135,7 +136,7 @@ def _sample(store: Store, parts: list[tuple[str, int]], n: int, seed: int) -> np
     return x[np.sort(rng.choice(len(x), size=min(n, len(x)), replace=False))]
 
 
-@ray.remote
+@ray.remote(**TASK_RETRIES)
 def baseline_task(store: Store, wd: WorkDir, parts: list[tuple[str, int]], *, shards: int, seed: int,
                   threads: int) -> dict:
     """The build's baseline: error over a sample of the indexed vectors (parts: (rel, rows) of the
@@ -157,7 +158,7 @@ def baseline_task(store: Store, wd: WorkDir, parts: list[tuple[str, int]], *, sh
     return out
 
 
-@ray.remote
+@ray.remote(**TASK_RETRIES)
 def delta_task(store: Store, trained_rel: str, rel: str, ids: list[int] | None, kind: str | None) -> dict:
     """The list counts and error sum of some vectors of one embeddings part: ids=None takes the rows a
     reindex encoded (origin new or changed), else the rows with these ids (the live vectors it drops)."""

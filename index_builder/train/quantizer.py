@@ -28,7 +28,7 @@ import ray
 from index_builder.encode.parts import group_bounds, group_bytes, open_part, read_groups
 from index_builder.workdir import WorkDir
 from shards.errors import ConfigError
-from shards.raytools import log
+from shards.raytools import TASK_RETRIES, log
 from shards.storage.faissio import faiss, ivf, metric_type, nlist, read_index, write_index
 from shards.storage.store import Store
 
@@ -207,7 +207,7 @@ DRAW_GROUPS = 64  # row groups (about a MiB each) a sampling task reads
 DRAW_PARTS = 8    # whole parts a sampling task reads (a corpus not much bigger than the sample)
 
 
-@ray.remote(max_retries=3)
+@ray.remote(**TASK_RETRIES)
 def draw_many(store: Store, jobs: list[tuple]):
     """draw() of several parts, joined: (ids, x, bytes read)."""
     got = [draw(store, *job) for job in jobs]
@@ -332,7 +332,7 @@ def zero_norm_warning(tr: dict, metric: str) -> str | None:
             f"they score 0 against every query; check the vector column or the encoder, or give --metric l2")
 
 
-@ray.remote
+@ray.remote(**TASK_RETRIES)
 def train_task(store: Store, wd: WorkDir, drawn: Drawn | list, *, factory: str, d: int, metric: str, seed: int,
                threads: int, keep: bool = False, t0: float | None = None) -> dict:
     """Writes wd.trained (the trained index), wd.queries (tune's queries), and wd.train_record (how

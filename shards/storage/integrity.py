@@ -17,7 +17,7 @@ import posixpath
 import uuid
 
 from shards.errors import IntegrityError
-from shards.storage.store import CHUNK, Store, _retry
+from shards.storage.store import CHUNK, Store
 
 MARKER = ".verified"            # .<name>.verified beside a cached copy: {"sha256", "size", "mtime_ns", "ino"}
 HASHED = {"files": 0, "bytes": 0}  # what this process hashed (tests count on it)
@@ -87,7 +87,7 @@ def check_file(store: Store, rel: str, want_sha: str, want_size: int | None) -> 
     if store.local:
         return check_path(store.path(rel), store.uri(rel), want_sha, want_size)
     try:
-        info = _retry(store.fs.info, store.path(rel))
+        info = store.call(store.fs.info, store.path(rel))
     except FileNotFoundError:
         raise missing(store.uri(rel)) from None
     size = int(info["size"])
@@ -156,7 +156,7 @@ def fetch_checked(store: Store, rel: str, want_sha: str, want_size: int | None, 
     tmp = f"{dst}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         try:
-            n, sha = _retry(_download, store, rel, tmp)
+            n, sha = store.call(lambda _: _download(store, rel, tmp), store.path(rel))
         except FileNotFoundError:
             raise missing(store.uri(rel)) from None
         _count(n)

@@ -247,6 +247,8 @@ class Lease:
             b, tag = self.slot.read()
             now = time.time()
             old = _parse(b) if b is not None else None
+            if old and old["token"] == self.token:  # our put landed, its answer was lost and the retry refused
+                return self._held(old, tag, None, None, now)
             why = stale_reason(old, now, self.stale_s) if old is not None else None
             if old is not None and why is None:
                 raise BusyError(f"{self.store.uri()}: another writer holds the lease: {describe(old, now)}; "
@@ -254,15 +256,18 @@ class Lease:
             doc = _me(self.command, self.token, now)
             new = self.slot.put(json.dumps(doc).encode(), tag)
             if new is not None:
-                self.doc, self.tag = doc, new
-                if old is not None:
-                    log(f"lease: took over {self.where} from {describe(old, now)}: {why}")
-                self._thread = threading.Thread(target=self._beat, name="shardex-lease", daemon=True)
-                self._thread.start()
-                return self
+                return self._held(doc, new, old, why, now)
             # another writer wrote it between our read and our put: look again
         raise BusyError(f"{self.store.uri()}: other writers race for the lease {self.where}; "
                         "wait for them to finish and run again")
+
+    def _held(self, doc: dict, tag: str, old: dict | None, why: str | None, now: float) -> Lease:
+        self.doc, self.tag = doc, tag
+        if old is not None:
+            log(f"lease: took over {self.where} from {describe(old, now)}: {why}")
+        self._thread = threading.Thread(target=self._beat, name="shardex-lease", daemon=True)
+        self._thread.start()
+        return self
 
     def _beat(self) -> None:
         while not self._stop.wait(self.every):

@@ -14,10 +14,19 @@ import posixpath
 import signal
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+from shards.errors import ConfigError, TransientStorageError, is_transient, transient
 
 IO_RETRIES = 3          # attempts for one storage call before the error is raised
 IO_RETRY_SLEEP_S = 0.5  # first back-off; doubled on each retry
+# S3 requests: s3fs retries each one S3_ATTEMPTS times, waiting 0.1 s growing 1.7x (about 28 s in
+# all), on connection errors (refused, reset, timed out), bodies cut mid-read and SlowDown; botocore's
+# adaptive mode slows the client when throttled. botocore's own retries are off: they wait about 1 s
+# on the first connection error and double from there, which at a bad minute costs more than the fault.
+S3_ATTEMPTS = 10        # SHARDEX_S3_ATTEMPTS changes it
+S3_TIMEOUTS = {"connect_timeout": 10, "read_timeout": 60}
 CHUNK = 8 << 20         # bytes per read when hashing or copying
 
 # Crash testing: SHARDEX_CRASH_AT=GLOB makes this process SIGKILL itself just before it writes a
@@ -40,7 +49,37 @@ def storage_options(s3_endpoint: str | None = None) -> dict:
     """fsspec options for s3://; the endpoint also comes from AWS_ENDPOINT_URL."""
     ep = resolve_endpoint(s3_endpoint)
     # No region_name in client_kwargs: moto and MinIO reject the signature with it.
-    return {"client_kwargs": {"endpoint_url": ep}} if ep else {}
+    config = {"retries": {"total_max_attempts": 1, "mode": "adaptive"}, **S3_TIMEOUTS}
+    return {"config_kwargs": config, **({"client_kwargs": {"endpoint_url": ep}} if ep else {})}
+
+
+def filesystem(uri: str, s3_endpoint: str | None = None) -> tuple:
+    """(fsspec filesystem, path) for a URI; on S3 with shardex's retries."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options(s3_endpoint) if uri.startswith("s3://") else {}))
+    if uri.startswith("s3://"):
+        _retry_connection_errors()
+        fs.retries = s3_attempts()  # s3fs's own, around each request and each body read
+    return fs, path
+
+
+def s3_attempts() -> int:
+    v = os.environ.get("SHARDEX_S3_ATTEMPTS", "")
+    if not v:
+        return S3_ATTEMPTS
+    if not v.isdigit() or int(v) < 1:
+        raise ConfigError(f"SHARDEX_S3_ATTEMPTS: {v!r} is not a whole number of attempts of at least 1")
+    return int(v)
+
+
+def _retry_connection_errors() -> None:
+    """s3fs retries a reset or timed-out connection, not one refused or never made: add those."""
+    import botocore.exceptions
+    import s3fs.core
+
+    if botocore.exceptions.ConnectionError not in s3fs.core.S3_RETRYABLE_ERRORS:
+        s3fs.core.add_retryable_error(botocore.exceptions.ConnectionError)
 
 
 def dictionary_columns(schema) -> list[str]:
@@ -73,20 +112,6 @@ class Written:
     bytes: int
 
 
-def _retry(fn, *a, **kw):
-    delay = IO_RETRY_SLEEP_S
-    for attempt in range(IO_RETRIES):
-        try:
-            return fn(*a, **kw)
-        except (FileNotFoundError, IsADirectoryError, PermissionError):
-            raise  # not transient
-        except OSError:
-            if attempt == IO_RETRIES - 1:
-                raise
-            time.sleep(delay)
-            delay *= 2
-
-
 @dataclass
 class Store:
     """A root URI plus the filesystem that serves it. Paths are relative to the root."""
@@ -97,16 +122,33 @@ class Store:
     base: str = field(init=False)
 
     def __post_init__(self):
-        import fsspec
-
         self.root = self.root.rstrip("/") or "/"
         if self.root.startswith("s3://"):
             # Fixed here, on the creating process: Ray workers get it through __reduce__, as their
             # environment may lack the driver's AWS_ENDPOINT_URL.
             self.s3_endpoint = resolve_endpoint(self.s3_endpoint)
-        opts = storage_options(self.s3_endpoint) if self.root.startswith("s3://") else {}
-        self.fs, self.base = fsspec.core.url_to_fs(self.root, **opts)
+        self.fs, self.base = filesystem(self.root, self.s3_endpoint)
         self.local = "file" in _protocols(self.fs)
+
+    def call(self, fn, path: str, *a, **kw):
+        """fn(path, ...), tried again on an error that may pass: on local disk IO_RETRIES times; on S3,
+        where s3fs retries each request S3_ATTEMPTS times, once more (a driver's call has no task retry
+        behind it). One that kept failing for a passing reason (throttling, a refused, reset or timed-out
+        connection) is a TransientStorageError naming the path, which Ray tasks retry; a missing object
+        or denied access is raised at once, as it is."""
+        delay, tries = IO_RETRY_SLEEP_S, IO_RETRIES if self.local else 2
+        for attempt in range(tries):
+            try:
+                return fn(path, *a, **kw)
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+                raise
+            except Exception as e:
+                if attempt == tries - 1 or not (isinstance(e, OSError) if self.local else is_transient(e)):
+                    if is_transient(e):
+                        raise transient(path if self.local else self.fs.unstrip_protocol(path), e) from e
+                    raise
+                time.sleep(delay)
+                delay *= 2
 
     def __reduce__(self):  # Ray ships Stores to workers by URI, not by filesystem object
         return (Store, (self.root, self.s3_endpoint))
@@ -121,24 +163,35 @@ class Store:
         return Store(self.uri(rel), self.s3_endpoint)
 
     def exists(self, rel: str) -> bool:
-        return _retry(self.fs.exists, self.path(rel))
+        return self.call(self.fs.exists, self.path(rel))
 
     def size(self, rel: str) -> int:
-        return _retry(self.fs.size, self.path(rel))
+        return self.call(self.fs.size, self.path(rel))
 
     def ls(self, rel: str = "") -> list[str]:
         """Names (not paths) directly under rel; [] when it does not exist."""
         p = self.path(rel)
-        if not _retry(self.fs.exists, p):
+        if not self.call(self.fs.exists, p):
             return []
-        return sorted(posixpath.basename(x.rstrip("/")) for x in _retry(self.fs.ls, p, detail=False))
+        return sorted(posixpath.basename(x.rstrip("/")) for x in self.call(self.fs.ls, p, detail=False))
 
-    def open(self, rel: str, mode: str = "rb"):
-        return self.fs.open(self.path(rel), mode)
+    @contextmanager
+    def open(self, rel: str, mode: str = "rb", **kw):
+        """The file rel, for a with block. A failure inside the block (opening, reading, writing) that
+        kept failing for a passing reason is a TransientStorageError naming rel, which tasks retry."""
+        try:
+            with self.fs.open(self.path(rel), mode, **kw) as f:
+                yield f
+        except TransientStorageError:
+            raise
+        except Exception as e:
+            if is_transient(e):
+                raise transient(self.uri(rel), e) from e
+            raise
 
     def read_bytes(self, rel: str) -> bytes:
         try:
-            return _retry(self.fs.cat_file, self.path(rel))
+            return self.call(self.fs.cat_file, self.path(rel))
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.uri(rel)}: not found") from None
 
@@ -149,16 +202,16 @@ class Store:
         """{name: bytes} of the files directly under rel, from one listing; {} when it does not exist."""
         p = self.path(rel)
         self.fs.invalidate_cache(p)  # s3fs caches listings: another process (a task) may have written since
-        if not _retry(self.fs.exists, p):
+        if not self.call(self.fs.exists, p):
             return {}
         return {posixpath.basename(x["name"].rstrip("/")): int(x.get("size") or 0)
-                for x in _retry(self.fs.ls, p, detail=True) if x.get("type") == "file"}
+                for x in self.call(self.fs.ls, p, detail=True) if x.get("type") == "file"}
 
     def write_bytes(self, rel: str, data: bytes) -> Written:
         _crash_point(rel)
         p, done = self.path(rel), Written(hashlib.sha256(data).hexdigest(), len(data))
         if not self.local:
-            _retry(self.fs.pipe_file, p, data)
+            self.call(self.fs.pipe_file, p, data)
             return done
         self.fs.makedirs(posixpath.dirname(p), exist_ok=True)
         tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
@@ -194,7 +247,7 @@ class Store:
         _crash_point(dst_rel)
         src, dst = self.path(src_rel), self.path(dst_rel)
         if not self.local:
-            _retry(self.fs.copy, src, dst)
+            self.call(self.fs.copy, src, dst)
             return
         self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
         tmp = f"{dst}.tmp-{uuid.uuid4().hex[:8]}"
@@ -206,15 +259,15 @@ class Store:
 
     def rm(self, rel: str, recursive: bool = False) -> None:
         p = self.path(rel)
-        if _retry(self.fs.exists, p):
-            _retry(self.fs.rm, p, recursive=recursive)
+        if self.call(self.fs.exists, p):
+            self.call(self.fs.rm, p, recursive=recursive)
 
     def newest(self, rel: str) -> float | None:
         """The newest modification time (epoch seconds) of any file at or under rel; None when empty."""
         p = self.path(rel)
-        if not _retry(self.fs.exists, p):
+        if not self.call(self.fs.exists, p):
             return None
-        found = _retry(self.fs.find, p, detail=True, withdirs=False)
+        found = self.call(self.fs.find, p, detail=True, withdirs=False)
         stamps = [_mtime(info) for info in found.values()]
         return max((t for t in stamps if t is not None), default=None)
 
@@ -232,7 +285,7 @@ class Store:
         dst = os.path.join(local_dir, rel.replace("/", "__"))
         if not os.path.exists(dst):
             tmp = f"{dst}.tmp-{uuid.uuid4().hex[:8]}"
-            _retry(self.fs.get_file, self.path(rel), tmp)
+            self.call(self.fs.get_file, self.path(rel), tmp)
             os.replace(tmp, dst)
         return dst
 
@@ -241,7 +294,7 @@ class Store:
         _crash_point(rel)
         p = self.path(rel)
         if not self.local:
-            _retry(self.fs.put_file, local_path, p)
+            self.call(self.fs.put_file, local_path, p)
             return
         self.fs.makedirs(posixpath.dirname(p), exist_ok=True)
         tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
