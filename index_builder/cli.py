@@ -150,6 +150,18 @@ def cmd_versions(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    from index_builder.progress import status, status_lines
+    from shards.storage.manifest import check_root
+    from shards.storage.store import Store
+
+    store = Store(args.index_root, args.s3_endpoint)
+    check_root(store)
+    st = status(store)
+    print(json.dumps(st, indent=2) if args.json else "\n".join(status_lines(st)))
+    return 0
+
+
 def _lineage(lin: dict | None) -> str:
     if not lin or lin["kind"] == "build":
         return "build"
@@ -310,6 +322,13 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true")
     v.add_argument("--s3-endpoint", default=None)
     v.set_defaults(fn=cmd_versions)
+
+    st = sub.add_parser("status", help="a running, stopped or finished build's progress: stage, units done "
+                        "of total, rate and ETA, from the index root's records")
+    st.add_argument("index_root")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--s3-endpoint", default=None)
+    st.set_defaults(fn=cmd_status)
 
     r = sub.add_parser("rollback", help="make an earlier version CURRENT")
     r.add_argument("index_root")

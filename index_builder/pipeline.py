@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from index_builder import progress
 from index_builder.build import merge_ranges
 from index_builder.build.add import add_task, sum_sizes
 from index_builder.build.merge import merge_task, ram_budget_exceeded
@@ -85,9 +86,11 @@ class Timer:
     @contextmanager
     def stage(self, name: str):
         log(f"{name}: start")
+        progress.stage_started(name)
         t0 = time.time()
         yield
         self.seconds[name] = round(time.time() - t0, 2)
+        progress.stage_ended(name, self.seconds[name])
         log(f"{name}: {self.seconds[name]:.1f} s")
 
 
@@ -107,7 +110,8 @@ def build(cfg: BuildConfig) -> Summary:
     store, t = Store(cfg.index_root, cfg.s3_endpoint), Timer()
     with t.stage("plan"):
         corpus = plan_corpus(cfg)  # before Ray starts: a bad corpus fails in a second
-    with hold(store, "shardex build"):  # before Ray too: a second writer is refused at once
+    with hold(store, "shardex build"), progress.tracking(store, "shardex build") as p:  # before Ray too:
+        p.doc["stages"].update(t.seconds)                                # a second writer is refused at once
         return _build(cfg, store, t, corpus)
 
 
@@ -250,9 +254,9 @@ def add(cfg: BuildConfig, store: Store, run: Run) -> tuple[list[dict], np.ndarra
     units = add_units(run.sizes, rows)
     names = [f"unit-{i:05d}-{short_hash(u)[:8]}" for i, u in enumerate(units)]
     log(f"add: {len(units):,} unit(s) of up to {rows:,} vectors")
-    added = ray_get([add_task.options(num_cpus=1).remote(store, run.wd, name, u, shards=cfg.shards,
-                                                         sharding=cfg.sharding, metric=run.metric, k=K)
-                     for name, u in zip(names, units)])
+    added = progress.gather([add_task.options(num_cpus=1).remote(store, run.wd, name, u, shards=cfg.shards,
+                                                                 sharding=cfg.sharding, metric=run.metric, k=K)
+                             for name, u in zip(names, units)], "add", "units")
     if cfg.sharding != "ivf":
         return added, None, None
     sizes = sum_sizes(store, run.wd, names)
@@ -348,7 +352,7 @@ def merge_shards(cfg: BuildConfig, store: Store, run: Run, added: list[dict], si
                                             parse_bytes(cfg.merge_task_bytes)))
             continue
         refs.append(merge_task.options(num_cpus=1).remote(store, run.wd, units, s, section, lists, want, ondisk))
-    merged = ray_get(refs)
+    merged = progress.gather(refs, "merge", "shards")
     if sum_digests(m["digest"] for m in merged) != sum_digests(a["digest"] for a in added):
         raise IntegrityError(f"{store.uri(run.wd.root)}: the merged shards do not hold every added id exactly once; "
                              f"delete it and rebuild")

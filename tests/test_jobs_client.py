@@ -58,7 +58,7 @@ def test_build_then_reindex_as_jobs(client, tmp_path):
     status, logs, _ = submit(client, "jobs.reindex", reindex)
     assert status == "SUCCEEDED", logs[-4000:]
     # progress while it ran, then the summary
-    for line in ("plan: 3 file(s), 2,100 rows", "vectors: part 4 done", "reindex: 100 new, 0 changed, 0 deleted",
+    for line in ("plan: 3 file(s), 2,100 rows", "parts (100%)", "reindex: 100 new, 0 changed, 0 deleted",
                  "quantizer: reuse", "publish: start", "prune: 0 version(s)"):
         assert line in logs, f"{line!r} not in the job's logs:\n{logs[-4000:]}"
     v2 = current_version(Store(str(root)))

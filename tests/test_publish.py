@@ -6,11 +6,14 @@ publishes under the version name the killed one recorded, and ends with every id
 """
 from __future__ import annotations
 
+import io
 import json
 import subprocess
+from contextlib import redirect_stdout
 
 import numpy as np
 
+from index_builder.cli import main
 from shards.search.router import Router
 from shards.storage.faissio import index_ids
 from shards.storage.manifest import current_version, list_versions, load_manifest, vdir, verify
@@ -39,6 +42,13 @@ def _corpus(tmp_path, seed: int = 3):
     return src, root, ids, x
 
 
+def status_of(root) -> list[str]:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["status", str(root)]) == 0
+    return out.getvalue().splitlines()
+
+
 def test_killed_publish_resumes_under_its_version(ray_session, tmp_path):
     src, root, ids, x = _corpus(tmp_path)
     p = subprocess.run(_args(src, root), env=cli_env(SHARDEX_CRASH_AT="versions/*/manifest.json"),
@@ -51,8 +61,13 @@ def test_killed_publish_resumes_under_its_version(ray_session, tmp_path):
     assert {"shard-0.index", "shard-1.index", "trained.index"} <= set(store.ls(vdir(v)))
     # a copy killed before it ran leaves no file (every write is atomic): the resumed publish redoes it
     store.rm(f"{vdir(v)}/trained.index")
+    said = status_of(root)  # `shardex status` of the killed build: where it stopped, how to go on
+    assert said[0].startswith(f"{root}: stopped: shardex build by pid ") and "is gone from this host" in said[0]
+    assert "run the same command again to resume" in said[0]
+    assert said[1].startswith("stage    publish") and said[2].startswith("done     plan ") and "baseline" in said[2]
 
     s = build(ray_session, source=str(src), index_root=str(root), **OPTS)
+    assert status_of(root)[0] == f"{root}: no build running" and status_of(root)[-1].startswith("ended    done")
     assert s.version == v and current_version(store) == v
     assert [r["version"] for r in list_versions(store)] == [v]
     m = load_manifest(store, v)

@@ -26,8 +26,9 @@ from index_builder.build.merge import shard_info
 from index_builder.config import BuildConfig
 from index_builder.encode.parts import PartResult, docs_record, part_rel
 from index_builder.plan.corpus import Corpus
+from index_builder.progress import gather
 from index_builder.workdir import WorkDir
-from shards.raytools import ray_get
+from shards.raytools import TASK_RETRIES, ray_get
 from shards.storage.lease import assert_held
 from shards.storage.manifest import (
     ROOTED,
@@ -74,7 +75,7 @@ def claim_version(store: Store, wd: WorkDir) -> WorkDir:
     return wd
 
 
-@ray.remote(max_retries=3)
+@ray.remote(**TASK_RETRIES)
 def copy_task(store: Store, src: str, dst: str) -> dict:
     """src copied to dst (server-side on S3) unless an earlier attempt did; dst's FileInfo fields."""
     size = store.size(src)
@@ -83,7 +84,7 @@ def copy_task(store: Store, src: str, dst: str) -> dict:
     return {"file": dst, "sha256": store.sha256(dst), "bytes": size}
 
 
-@ray.remote(max_retries=3)
+@ray.remote(**TASK_RETRIES)
 def quarantine_task(store: Store, rels: list[str], dst: str) -> dict | None:
     """All rejected rows, with their reasons, in one Parquet file; its FileInfo fields, or None when none."""
     tables = [store.read_table(r) for r in rels if store.exists(r)]
@@ -97,7 +98,8 @@ def copy_all(store: Store, pairs: list[tuple[str, str]]) -> list[FileInfo]:
     """(src, dst) pairs copied by parallel tasks; FileInfos named by their path under the root."""
     if not pairs:
         return []
-    return [FileInfo(**d) for d in ray_get([copy_task.options(num_cpus=0.25).remote(store, *p) for p in pairs])]
+    return [FileInfo(**d) for d in gather([copy_task.options(num_cpus=0.25).remote(store, *p) for p in pairs],
+                                          "publish", "files")]
 
 
 def put_files(store: Store, run, base: dict) -> dict[str, FileInfo | None]:

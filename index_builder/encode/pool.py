@@ -16,7 +16,6 @@ bench/README.md compares this pool with a plain single-process loop.
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 
 import ray
@@ -25,8 +24,9 @@ from index_builder.config import BuildConfig
 from index_builder.encode.parts import Layout, PartResult, prepare
 from index_builder.encode.reuse import Reuse
 from index_builder.plan.corpus import Corpus, InputShard
+from index_builder.progress import Progress
 from shards.errors import ShardexError
-from shards.raytools import log, node_cpus, ray_get
+from shards.raytools import TASK_RETRIES, log, node_cpus, ray_get
 from shards.storage.manifest import EncoderInfo
 
 ACTOR_PREFIX = "shardex-encoder-"
@@ -66,7 +66,7 @@ class EncoderActor:
         return r
 
 
-@ray.remote(max_retries=3)
+@ray.remote(**TASK_RETRIES)
 def prepare_vectors(shard: InputShard, cfg: BuildConfig, layout: Layout, dim: int, kind: str,
                     reuse=None) -> PartResult:
     return prepare(shard, cfg, layout, dim, kind, reuse=reuse)
@@ -102,12 +102,12 @@ def start_pool(cfg: BuildConfig) -> list:
 
 
 def run_parts(submit, shards: list[InputShard], workers: int, slots: int, what: str) -> list[PartResult]:
-    """Keep `slots` parts in flight per worker; log each finished part with its docs/s.
-    A part whose worker died for good goes back on the queue for the others: parts commit
+    """Keep `slots` parts in flight per worker; log progress (parts done of total, docs/s, ETA) at a
+    steady pace. A part whose worker died for good goes back on the queue for the others: parts commit
     atomically, so the redo writes it once."""
     queue, pending, done, dead = list(shards), {}, [], set()
     load = [0] * workers
-    t0, ndocs = time.time(), 0
+    p, fresh = Progress(what, len(shards), "parts", items="docs"), [0, 0]
     while queue or pending:
         live = [w for w in range(workers) if w not in dead]
         if not live:
@@ -117,7 +117,10 @@ def run_parts(submit, shards: list[InputShard], workers: int, slots: int, what: 
             load[w] += 1
             s = queue.pop(0)
             pending[submit(s, w)] = (w, s)
-        ready, _ = ray.wait(list(pending), num_returns=1)
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=p.pace)
+        if not ready:
+            p.tick()
+            continue
         w, s = pending.pop(ready[0])
         load[w] -= 1
         try:
@@ -128,12 +131,12 @@ def run_parts(submit, shards: list[InputShard], workers: int, slots: int, what: 
             log(f"{what}: worker {w} died during part {s.part}; the part goes to another worker")
             continue
         done.append(r)
-        ndocs += r.rows
-        rate = f"{r.rows / r.seconds:,.0f} docs/s" if not r.reused else "reused"
-        if r.new or r.changed:  # a reindex: what the encoder ran on
-            rate += f", {r.new} new, {r.changed} changed"
-        log(f"{what}: part {r.part} done ({len(done)}/{len(shards)}): {r.rows} docs, {rate}; "
-            f"stage {ndocs / max(time.time() - t0, 1e-9):,.0f} docs/s")
+        fresh[0] += r.new
+        fresh[1] += r.changed
+        p.add(1, r.rows)
+    if any(fresh):  # a reindex: what the encoder ran on
+        log(f"{what}: {fresh[0]:,} new and {fresh[1]:,} changed documents encoded, "
+            f"{sum(r.reused for r in done)} part(s) reused")
     return sorted(done, key=lambda r: r.part)
 
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import pyarrow as pa
 
+from index_builder import progress
 from index_builder.config import BuildConfig, ReindexConfig, make
 from index_builder.encode.parts import Layout, part_rel
 from index_builder.encode.pool import Encoders
@@ -191,7 +192,8 @@ def diff(store: Store, emb: list[str], live: LiveIds) -> Diff:
 def reindex(cfg: ReindexConfig) -> ReindexSummary:
     cfg = with_endpoint(cfg)
     store = Store(cfg.index_root, cfg.s3_endpoint)
-    with hold(store, "shardex reindex"):  # the build and prune it runs re-enter this lease
+    # the build and prune it runs re-enter this lease, and add to this progress record
+    with hold(store, "shardex reindex"), progress.tracking(store, "shardex reindex"):
         return _reindex(cfg, store)
 
 
