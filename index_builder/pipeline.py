@@ -37,7 +37,7 @@ from index_builder.plan.factory import (
 )
 from index_builder.reindex.drift import baseline_task
 from index_builder.shard_math import add_rows, add_units, ivf_ranges, sum_digests
-from index_builder.train.quantizer import check_factory, sample_parallel, train_task, zero_norm_warning
+from index_builder.train.quantizer import check_factory, sample_parallel, train_args, train_task, zero_norm_warning
 from index_builder.workdir import WorkDir
 from shards.config import parse_bytes
 from shards.errors import ConfigError, CorpusError, IntegrityError
@@ -244,7 +244,7 @@ def train(cfg: BuildConfig, store: Store, run: Run) -> dict:
     drawn = ([] if store.exists(run.wd.train_record) else  # a killed run's, done
              sample_parallel(store, run.sizes, size, cfg.seed, EVAL_QUERIES))
     return ray_get(train_task.options(**res).remote(
-        store, run.wd, drawn, factory=run.factory, d=run.enc.dim, metric=run.metric, seed=cfg.seed,
+        store, run.wd, *train_args(drawn), factory=run.factory, d=run.enc.dim, metric=run.metric, seed=cfg.seed,
         threads=res["num_cpus"], keep=bool(run.kept), t0=t0))
 
 

@@ -141,13 +141,14 @@ def test_parallel_sample_draws_the_same_rows_as_the_sequential_one(tmp_path, ray
 def test_train_task_records_the_bytes_it_read(tmp_path, ray_session):
     import ray
 
-    from index_builder.train.quantizer import train_task
+    from index_builder.train.quantizer import train_args, train_task
     from index_builder.workdir import WorkDir
 
     store, wd = Store(str(tmp_path)), WorkDir.of("run")
     parts, _ = _parts(store, [1000] * 40, 16, 100)
     drawn = sample_parallel(store, parts, 4000, 0, 100)
-    ray.get(train_task.remote(store, wd, drawn, factory="IVF16,Flat", d=16, metric="l2", seed=0, threads=1))
+    ray.get(train_task.remote(store, wd, *train_args(drawn), factory="IVF16,Flat", d=16, metric="l2", seed=0,
+                              threads=1))
     tr = json.loads(store.read_text(wd.train_record))
     assert tr["train_vectors"] == 4000 and tr["sample_bytes"] == 4000 * 16 * 4
     assert 0 < tr["sample_bytes_read"] <= 2 * tr["sample_bytes"]

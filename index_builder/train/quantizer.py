@@ -215,6 +215,11 @@ def draw_many(store: Store, jobs: list[tuple]):
             sum(b for _, _, b in got))
 
 
+def train_args(drawn: Drawn | list) -> tuple:
+    """train_task's (drawn, *parts): the draw tasks' refs out of the Drawn, each an argument."""
+    return (Drawn(drawn.size, drawn.queries, drawn.seed, []), *drawn.parts) if drawn else (drawn,)
+
+
 def joined(d: Drawn) -> Sample:
     """The sample from the rows read: `size` of them at random when more were read (in their order),
     and `queries` rows at random among all, seeded: the same for the same seed."""
@@ -333,19 +338,22 @@ def zero_norm_warning(tr: dict, metric: str) -> str | None:
 
 
 @ray.remote(**TASK_RETRIES)
-def train_task(store: Store, wd: WorkDir, drawn: Drawn | list, *, factory: str, d: int, metric: str, seed: int,
-               threads: int, keep: bool = False, t0: float | None = None) -> dict:
+def train_task(store: Store, wd: WorkDir, drawn: Drawn | list, *parts, factory: str, d: int, metric: str,
+               seed: int, threads: int, keep: bool = False, t0: float | None = None) -> dict:
     """Writes wd.trained (the trained index), wd.queries (tune's queries), and wd.train_record (how
     it was trained) last. drawn: sample_parallel's (training rows and tune queries; [] when the
     record exists). The record holds sample_bytes (the sample's float32) beside sample_bytes_read
     (what reading it cost).
     keep: take wd.trained as it is (a reindex put the live quantizer there, not drifted); the
-    tune queries are still drawn. t0: when the driver started the sampling."""
+    tune queries are still drawn. t0: when the driver started the sampling.
+    parts: the draw tasks' refs, given as arguments of their own (train_args) so that Ray has them all
+    before the task starts, rebuilding any a lost node held; fetched inside the task instead, a lost
+    one is rebuilt by a draw task that may find no CPU free while this one waits."""
     if store.exists(wd.train_record):
         return {**json.loads(store.read_text(wd.train_record)), "reused": True}
     faiss().omp_set_num_threads(threads)
     t0 = t0 or time.time()
-    s = joined(drawn)
+    s = joined(Drawn(drawn.size, drawn.queries, drawn.seed, list(parts)) if drawn else drawn)
     xt = s.xt
     buf = io.BytesIO()
     np.savez(buf, xq=s.xq, ids=s.qids)

@@ -38,6 +38,35 @@ CRASH_AT = os.environ.pop("SHARDEX_CRASH_AT", None)
 def _crash_point(rel: str) -> None:
     if CRASH_AT and fnmatch.fnmatch(rel, CRASH_AT):
         os.kill(os.getpid(), signal.SIGKILL)
+    _pause_point(rel)
+
+
+# Node-loss testing: with SHARDEX_PAUSE_DIR=DIR, a process about to write a path matching the glob in
+# DIR/at records itself (DIR/paused-<Ray node id>-<pid>-<n>, holding the path) and waits while DIR/hold
+# exists, at most PAUSE_MAX_S: a test removes the node that holds a stage's task while it runs
+# (tests/test_node_loss.py). Ray workers inherit it from the nodes' environment, unlike SHARDEX_CRASH_AT.
+PAUSE_MAX_S = 120
+
+
+def _pause_point(rel: str) -> None:
+    d = os.environ.get("SHARDEX_PAUSE_DIR")
+    if not d:
+        return
+    try:
+        with open(os.path.join(d, "at")) as f:
+            at = f.read().strip()
+    except OSError:
+        return
+    if not fnmatch.fnmatch(rel, at):
+        return
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "driver"
+    with open(os.path.join(d, f"paused-{node}-{os.getpid()}-{uuid.uuid4().hex[:6]}"), "w") as f:
+        f.write(rel)
+    t0 = time.monotonic()
+    while os.path.exists(os.path.join(d, "hold")) and time.monotonic() - t0 < PAUSE_MAX_S:
+        time.sleep(0.05)
 
 
 def resolve_endpoint(s3_endpoint: str | None = None) -> str | None:
