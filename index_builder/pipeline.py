@@ -41,7 +41,7 @@ from index_builder.train.quantizer import check_factory, sample_parallel, train_
 from index_builder.workdir import WorkDir
 from shards.config import parse_bytes
 from shards.errors import ConfigError, CorpusError, IntegrityError
-from shards.raytools import cluster_cpus, ensure_ray, log, node_cpus, ray_get
+from shards.raytools import cluster_cpus, ensure_ray, log, node_cpus
 from shards.storage.lease import hold
 from shards.storage.manifest import DriftBaseline, EncoderInfo, Lineage, Manifest
 from shards.storage.store import Store, resolve_endpoint
@@ -243,9 +243,9 @@ def train(cfg: BuildConfig, store: Store, run: Run) -> dict:
     size = 0 if run.kept else train_size(run.n, run.enc.dim, run.factory, _nlist_of(run.factory))
     drawn = ([] if store.exists(run.wd.train_record) else  # a killed run's, done
              sample_parallel(store, run.sizes, size, cfg.seed, EVAL_QUERIES))
-    return ray_get(train_task.options(**res).remote(
+    return progress.gather([train_task.options(**res).remote(
         store, run.wd, *train_args(drawn), factory=run.factory, d=run.enc.dim, metric=run.metric, seed=cfg.seed,
-        threads=res["num_cpus"], keep=bool(run.kept), t0=t0))
+        threads=res["num_cpus"], keep=bool(run.kept), t0=t0)], "train", "task")[0]
 
 
 def add(cfg: BuildConfig, store: Store, run: Run) -> tuple[list[dict], np.ndarray | None, list[list[int]] | None]:
@@ -271,8 +271,8 @@ def tune(cfg: BuildConfig, store: Store, run: Run, units: list[str], merged: lis
 
 
 def baseline(cfg: BuildConfig, store: Store, run: Run) -> dict:
-    return ray_get(baseline_task.options(num_cpus=node_cpus()).remote(
-        store, run.wd, run.sizes, shards=cfg.shards, seed=cfg.seed, threads=node_cpus()))
+    return progress.gather([baseline_task.options(num_cpus=node_cpus()).remote(
+        store, run.wd, run.sizes, shards=cfg.shards, seed=cfg.seed, threads=node_cpus())], "baseline", "task")[0]
 
 
 def _nlist_of(factory: str) -> int | None:

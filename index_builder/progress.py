@@ -95,7 +95,8 @@ class Progress:
         self.done += n
         self.items += items
         now = time.time()
-        if self.done >= self.total or now - self.last >= self.pace:
+        one_done = self.total == 1 and self.done  # one task: its stage's own line says when it ended
+        if not one_done and (self.done >= self.total or now - self.last >= self.pace):
             self.last = now
             log(self.line(now))
             if _current is not None:
@@ -120,6 +121,8 @@ class Progress:
 
 def describe(u: dict) -> str:
     """'add: 12/50 units (24%), 3.2 units/s, ETA 12 s'; at the end, the time it took."""
+    if u["total"] == 1 and not u["done"]:  # one task (train, baseline): no units to count, only its time
+        return f"{u['what']}: running, {duration(u['elapsed_s'])} in"
     pct = f" ({u['done'] / u['total']:.0%})" if u["total"] else ""
     out = f"{u['what']}: {u['done']:,}/{u['total']:,} {u['unit']}{pct}"
     if u.get("items"):

@@ -27,6 +27,17 @@ def test_describe(u, want):
     assert describe({"what": "add", "unit": "units", "items": 0, **u}) == want
 
 
+def test_one_task_says_how_long_it_runs(monkeypatch, capfd):
+    monkeypatch.setenv("SHARDEX_PROGRESS_S", "0.01")
+    p = Progress("train", 1, "task")
+    p.t0 -= 125
+    p.last -= 1
+    p.tick()
+    assert "train: running, 2 min 5 s in" in capfd.readouterr().err
+    p.add()
+    assert capfd.readouterr().err == ""  # the stage's own line says when it ended
+
+
 def test_lines_come_at_the_pace_and_at_the_end(monkeypatch, capfd):
     monkeypatch.setenv("SHARDEX_PROGRESS_S", "3600")
     p = Progress("encode", 3, "parts", items="docs")
