@@ -26,6 +26,7 @@ from index_builder.config import BuildConfig
 from index_builder.encode.parts import Layout, PartResult, part_rel
 from index_builder.encode.pool import Encoders
 from index_builder.eval.measures import EVAL_QUERIES, K
+from index_builder.plan.capacity import train_seconds
 from index_builder.plan.corpus import Corpus, plan_corpus
 from index_builder.plan.factory import (
     Choice,
@@ -243,9 +244,10 @@ def train(cfg: BuildConfig, store: Store, run: Run) -> dict:
     size = 0 if run.kept else train_size(run.n, run.enc.dim, run.factory, _nlist_of(run.factory))
     drawn = ([] if store.exists(run.wd.train_record) else  # a killed run's, done
              sample_parallel(store, run.sizes, size, cfg.seed, EVAL_QUERIES))
+    expect = train_seconds(run.n, run.enc.dim, run.factory, res["num_cpus"], res.get("num_gpus", 0)) if size else None
     return progress.gather([train_task.options(**res).remote(
         store, run.wd, *train_args(drawn), factory=run.factory, d=run.enc.dim, metric=run.metric, seed=cfg.seed,
-        threads=res["num_cpus"], keep=bool(run.kept), t0=t0)], "train", "task")[0]
+        threads=res["num_cpus"], keep=bool(run.kept), t0=t0)], "train", "task", expect=expect)[0]
 
 
 def add(cfg: BuildConfig, store: Store, run: Run) -> tuple[list[dict], np.ndarray | None, list[list[int]] | None]:

@@ -86,8 +86,8 @@ def stage_ended(name: str, secs: float) -> None:
 class Progress:
     """One stage's units: add() as they finish; a line at the pace, and one at the end."""
 
-    def __init__(self, what: str, total: int, unit: str, items: str | None = None):
-        self.what, self.total, self.unit, self.items_name = what, total, unit, items
+    def __init__(self, what: str, total: int, unit: str, items: str | None = None, expect: float | None = None):
+        self.what, self.total, self.unit, self.items_name, self.expect = what, total, unit, items, expect
         self.done, self.items, self.t0 = 0, 0, time.time()
         self.last, self.pace = self.t0, pace()
 
@@ -113,7 +113,7 @@ class Progress:
         eta = (self.total - self.done) / rate if rate > 0 else None
         return {"what": self.what, "done": self.done, "total": self.total, "unit": self.unit,
                 "items": self.items, "items_unit": self.items_name, "elapsed_s": round(el, 3),
-                "rate": rate, "eta_s": None if eta is None else round(eta, 1)}
+                "rate": rate, "eta_s": None if eta is None else round(eta, 1), "expect_s": self.expect}
 
     def line(self, now: float | None = None) -> str:
         return describe(self.state(now or time.time()))
@@ -122,7 +122,12 @@ class Progress:
 def describe(u: dict) -> str:
     """'add: 12/50 units (24%), 3.2 units/s, ETA 12 s'; at the end, the time it took."""
     if u["total"] == 1 and not u["done"]:  # one task (train, baseline): no units to count, only its time
-        return f"{u['what']}: running, {duration(u['elapsed_s'])} in"
+        out, ex = f"{u['what']}: running, {duration(u['elapsed_s'])} in", u.get("expect_s")
+        if not ex:
+            return out
+        left = ex - u["elapsed_s"]
+        return out + (f", {duration(ex)} by the plan's rates, ETA {duration(left)}" if left > 0 else
+                      f", past the {duration(ex)} the plan's rates give")
     pct = f" ({u['done'] / u['total']:.0%})" if u["total"] else ""
     out = f"{u['what']}: {u['done']:,}/{u['total']:,} {u['unit']}{pct}"
     if u.get("items"):
@@ -135,14 +140,15 @@ def describe(u: dict) -> str:
     return out + (f", ETA {duration(u['eta_s'])}" if u["eta_s"] is not None else f", {duration(u['elapsed_s'])} in")
 
 
-def gather(refs: list, what: str, unit: str, count=None) -> list:
+def gather(refs: list, what: str, unit: str, count=None, expect: float | None = None) -> list:
     """ray_get(refs), in order, logging progress as they finish; a failed one raises at once.
-    count(result) -> (units, items) of one result, else (1, 0)."""
+    count(result) -> (units, items) of one result, else (1, 0). expect: the seconds one task should
+    take by the plan's rates, shown while it runs."""
     import ray
 
     if not refs:
         return []
-    p, index = Progress(what, len(refs), unit), {r: i for i, r in enumerate(refs)}
+    p, index = Progress(what, len(refs), unit, expect=expect), {r: i for i, r in enumerate(refs)}
     out, pending = [None] * len(refs), list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=p.pace)

@@ -36,6 +36,24 @@ def test_one_task_says_how_long_it_runs(monkeypatch, capfd):
     assert "train: running, 2 min 5 s in" in capfd.readouterr().err
     p.add()
     assert capfd.readouterr().err == ""  # the stage's own line says when it ended
+    q = Progress("train", 1, "task", expect=600)
+    q.t0 -= 120
+    q.last -= 1
+    q.tick()
+    assert "train: running, 2 min 0 s in, 10 min 0 s by the plan's rates, ETA 8 min 0 s" in capfd.readouterr().err
+    q.t0 -= 600
+    q.last -= 1
+    q.tick()
+    assert "train: running, 12 min 0 s in, past the 10 min 0 s the plan's rates give" in capfd.readouterr().err
+
+
+def test_the_plan_gives_training_its_time():
+    from index_builder.plan.capacity import train_seconds
+
+    small, big = (train_seconds(n, 128, "IVF4096,PQ16", 2) for n in (1_000_000, 100_000_000))
+    assert 10 < small < 200  # measured here: 45 s at 1M (bench/results/scale_stages.json)
+    assert big == small  # the sample, not the corpus, sets it (factory.train_size)
+    assert train_seconds(1_000_000, 128, "IVF4096,PQ16", 16) < small
 
 
 def test_lines_come_at_the_pace_and_at_the_end(monkeypatch, capfd):

@@ -137,6 +137,12 @@ def _train(n: int, d: int, factory: str, cl: Cluster) -> Stage:
                   f"{p.train_vectors:,} sample x {nl:,} lists x {dd} dims on {where}")
 
 
+def train_seconds(n: int, d: int, factory: str, cpus: int, gpus: int = 0) -> float:
+    """The training of one build, by the plan's rates, on a node of `cpus` cores (and a GPU if gpus):
+    what a running build's progress compares its training with."""
+    return _train(n, d, factory, Cluster(1, max(1, cpus), gpus)).seconds
+
+
 def _add(n: int, d: int, factory: str, cl: Cluster) -> Stage:
     dd, nl, code, pq, rot = _shape(factory, d)
     emb, payload = n * (4 * d + ID_BYTES), n * (code + ID_BYTES)
