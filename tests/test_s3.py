@@ -80,9 +80,9 @@ def hits_of(r: Router, xq: np.ndarray, k: int = 10):
     return [[(h.id, h.score) for h in hs] for hs in r.search(xq, k=k)]
 
 
-def shardex(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+def shardex(*args, timeout: int = 300, **extra) -> subprocess.CompletedProcess:
     """The real console script, with this module's environment (AWS_ENDPOINT_URL, dummy credentials)."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", **extra}
     env.pop("RAY_ADDRESS", None)  # start its own Ray: it must get the endpoint from its own environment
     return subprocess.run([SHARDEX, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -227,10 +227,12 @@ def test_cli_search_missing_s3_index_is_one_clear_line(s3, tmp_path):
 
 
 def test_cli_unreachable_endpoint_is_one_clear_line(s3):
-    """Nothing listens on port 9: the S3 client's connection error becomes one line naming the source."""
+    """Nothing listens on port 9: the S3 client's connection error, after its retries (2 here, not the
+    default 10 over ~28 s), becomes one line naming the source and saying what to do."""
     p = shardex("build", "s3://corpus/vec", "s3://indexes/never", "--vector-column", "vector",
-                "--s3-endpoint", "http://127.0.0.1:9", timeout=180)
+                "--s3-endpoint", "http://127.0.0.1:9", timeout=180, SHARDEX_S3_ATTEMPTS="2")
     assert p.returncode == 1
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("shardex: error: ")]
     assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert "s3://corpus/vec" in errors[0] and "EndpointConnectionError" in errors[0]
+    assert "run the same command again" in errors[0] and "else check its URL" in errors[0]
