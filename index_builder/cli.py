@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+from index_builder.cli_versions import add_version_commands
 from shards.errors import ShardexError, is_local, is_storage_failure, storage_fix, storage_message
 
 
@@ -83,21 +84,6 @@ def cmd_reindex(args) -> int:
     return 0
 
 
-def cmd_prune(args) -> int:
-    from shards.config import parse_duration
-    from shards.errors import ConfigError
-    from shards.storage.retention import as_dict, prune
-    from shards.storage.store import Store
-
-    try:
-        grace = parse_duration(args.grace)
-    except ValueError as e:
-        raise ConfigError(f"--grace: {e}") from None
-    p = prune(Store(args.index_root, args.s3_endpoint), args.keep, grace, dry_run=args.dry_run)
-    print(json.dumps(as_dict(p), indent=2) if args.json else "\n".join(p.lines()))
-    return 0
-
-
 def cmd_search(args) -> int:
     from index_builder.plan.corpus import load_npy
     from shards.search.router import Router
@@ -127,60 +113,6 @@ def cmd_search(args) -> int:
 def _snippet(fields: dict, width: int = 90) -> str:
     text = " ".join(str(v) for v in fields.values() if v is not None)
     return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def cmd_versions(args) -> int:
-    from shards.errors import IntegrityError
-    from shards.storage.manifest import CURRENT, check_root, dangling_current, list_versions
-    from shards.storage.store import Store
-
-    store = Store(args.index_root, args.s3_endpoint)
-    check_root(store)
-    vs = list_versions(store)
-    if args.json:
-        print(json.dumps(vs, indent=2))
-    for v in [] if args.json else vs:
-        mark = "*" if v["current"] else " "
-        enc = v["encoder"] + (f"@{v['encoder_revision']}" if v.get("encoder_revision") else "")
-        print(f"{mark} {v['version']}  {v['created']}  {v['documents']:>10,} docs  {v['shards']} shard(s)  "
-              f"{v['factory']}  {enc} d={v['dim']}  {_lineage(v.get('lineage'))}")
-    if (live := dangling_current(store, vs)) is not None:  # listed first: the versions to roll back to
-        raise IntegrityError(f"{store.uri(CURRENT)}: names version {live!r}, which has no manifest; "
-                             "`shardex rollback INDEX_ROOT VERSION` to one listed")
-    return 0
-
-
-def cmd_status(args) -> int:
-    from index_builder.progress import status, status_lines
-    from shards.storage.manifest import check_root
-    from shards.storage.store import Store
-
-    store = Store(args.index_root, args.s3_endpoint)
-    check_root(store)
-    st = status(store)
-    print(json.dumps(st, indent=2) if args.json else "\n".join(status_lines(st)))
-    return 0
-
-
-def _lineage(lin: dict | None) -> str:
-    if not lin or lin["kind"] == "build":
-        return "build"
-    q = "retrained" if lin["retrained"] else "quantizer reused"
-    return (f"reindex of {lin['parent']}: +{lin['new']:,} new ~{lin['changed']:,} changed "
-            f"-{lin['deleted']:,} deleted, {q}")
-
-
-def cmd_rollback(args) -> int:
-    from shards.storage.lease import hold
-    from shards.storage.manifest import load_manifest, set_current, verify
-    from shards.storage.store import Store
-
-    store = Store(args.index_root, args.s3_endpoint)
-    with hold(store, "shardex rollback", make_root=False):  # not while a build or prune writes the root
-        verify(store, load_manifest(store, args.version))  # a damaged version is refused before CURRENT moves
-        set_current(store, args.version)
-    print(f"CURRENT -> {args.version}")
-    return 0
 
 
 def cmd_serve(args) -> int:
@@ -252,7 +184,6 @@ def cmd_plan(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from shards.config import option_help
 
     p = argparse.ArgumentParser(prog="shardex", description="Distributed batch indexing on Ray: "
                                 "Parquet corpus -> sharded IVF-PQ index -> exact top-k router.")
@@ -287,14 +218,7 @@ def parser() -> argparse.ArgumentParser:
     _address_option(ri)
     ri.set_defaults(fn=cmd_reindex)
 
-    pr = sub.add_parser("prune", help="delete old versions and stale scratch (never CURRENT or the one before it)")
-    pr.add_argument("index_root")
-    pr.add_argument("--keep", type=int, required=True, help="keep the N newest versions")
-    pr.add_argument("--grace", default="1h", help=option_help(config_model("ReindexConfig"), "grace"))
-    pr.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
-    pr.add_argument("--json", action="store_true")
-    pr.add_argument("--s3-endpoint", default=None)
-    pr.set_defaults(fn=cmd_prune)
+    add_version_commands(sub)
 
     s = sub.add_parser("search", help="search the CURRENT version")
     s.add_argument("index_root")
@@ -316,25 +240,6 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_options(ev, "EvalConfig")
     ev.set_defaults(fn=cmd_eval)
-
-    v = sub.add_parser("versions", help="list the versions and which one is CURRENT")
-    v.add_argument("index_root")
-    v.add_argument("--json", action="store_true")
-    v.add_argument("--s3-endpoint", default=None)
-    v.set_defaults(fn=cmd_versions)
-
-    st = sub.add_parser("status", help="a running, stopped or finished build's progress: stage, units done "
-                        "of total, rate and ETA, from the index root's records")
-    st.add_argument("index_root")
-    st.add_argument("--json", action="store_true")
-    st.add_argument("--s3-endpoint", default=None)
-    st.set_defaults(fn=cmd_status)
-
-    r = sub.add_parser("rollback", help="make an earlier version CURRENT")
-    r.add_argument("index_root")
-    r.add_argument("version")
-    r.add_argument("--s3-endpoint", default=None)
-    r.set_defaults(fn=cmd_rollback)
 
     sv = sub.add_parser("serve", help="serve the CURRENT version over HTTP: a Ray Serve app with a router and "
                         "one deployment per shard; follows CURRENT as it moves")

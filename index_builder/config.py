@@ -139,6 +139,10 @@ class ReindexConfig(BuildConfig):
         "before it) and stale scratch")
     grace: str = Field("1h", description="scratch and unfinished versions modified within this long are left "
                        "alone (a job may own them)")
+    compact_share: float = Field(0.1, gt=0, description="compact a shard (its segments rewritten into one base) "
+                                 "when its delta segments hold more than this share of its base's vectors")
+    compact_segments: int = Field(8, ge=1, description="compact a shard when it has more than this many delta "
+                                  "segments")
 
     @field_validator("grace", mode="before")
     @classmethod

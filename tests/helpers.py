@@ -134,12 +134,12 @@ def monolithic(root: str, ids: np.ndarray, x: np.ndarray, version: str | None = 
     """One index: a version's (CURRENT's) own trained index, every vector added to it, at the
     version's default nprobe unless given."""
     from shards.storage.faissio import read_index, set_nprobe
-    from shards.storage.manifest import current_version, load_manifest, vdir
+    from shards.storage.manifest import current_version, load_manifest
     from shards.storage.store import Store
 
     store = Store(root)
     m = load_manifest(store, version or current_version(store))
-    index = read_index(store, f"{vdir(m.version)}/trained.index")
+    index = read_index(store, m.path(m.trained.file))  # a delta version refers to its parent's
     index.add_with_ids(x, ids)
     set_nprobe(index, nprobe or m.search.nprobe)
     return index

@@ -18,7 +18,6 @@ import pytest
 
 from index_builder.cli import main
 from shards.search.router import Router
-from shards.storage.faissio import index_ids
 from shards.storage.manifest import current_version, load_manifest
 from shards.storage.store import Store
 
@@ -252,7 +251,7 @@ def test_skip_quarantines_bad_vector_rows_and_indexes_the_rest(ray_session, tmp_
     assert got[b, 300]["id"] == str(ids[1300]) and "NaN or inf" in got[b, 300]["reason"]
 
     r = Router(root, backend="local")
-    held = np.concatenate([index_ids(sh.index) for sh in r.shards])
+    held = np.concatenate([sh.ids() for sh in r.shards])
     assert sum(sh.ntotal() for sh in r.shards) == m.ntotal == n - 4
     assert len(held) == len(set(held.tolist())), "an id is in the index twice"
     assert sorted(held.tolist()) == valid
@@ -279,7 +278,7 @@ def test_skip_quarantines_bad_text_rows(ray_session, tmp_path, capsys):
     assert sorted((r["file"], r["row"], r["id"], r["reason"]) for r in q) == [
         (a, 8, "8", "null text"), (b, 21, "51", "empty text")]
     r = Router(root, backend="local")
-    held = sorted(np.concatenate([index_ids(sh.index) for sh in r.shards]).tolist())
+    held = sorted(np.concatenate([sh.ids() for sh in r.shards]).tolist())
     assert held == [i for i in range(60) if i not in (8, 51)]
 
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from shards.search.router import Router
-from shards.storage.faissio import index_ids
 from shards.storage.manifest import current_version, load_manifest
 from shards.storage.store import Store
 
@@ -47,7 +46,7 @@ def test_every_document_exactly_once(ray_session, corpus, tmp_path):
     build(ray_session, source=src, index_root=root, vector_column="vector", fields=["title"],
           factory="IVF32,Flat", shards=3)
     r = Router(root, backend="local")
-    got = np.concatenate([index_ids(s.index) for s in r.shards])
+    got = np.concatenate([s.ids() for s in r.shards])
     assert len(got) == len(ids)
     np.testing.assert_array_equal(np.sort(got), np.sort(ids))
     docs = r.docs.dataset.to_table(columns=["id"]).column("id").to_numpy()

@@ -13,7 +13,7 @@ from shards.errors import ConfigError
 from shards.search.router import Router
 from shards.search.shard_selection import shards_for_lists
 from shards.search.topk import merge_topk
-from shards.storage.faissio import faiss, index_ids, ivf, probed_lists, read_index, set_nprobe
+from shards.storage.faissio import faiss, ivf, probed_lists, read_index, set_nprobe
 from shards.storage.manifest import current_version, load_manifest, vdir, verify
 from shards.storage.store import Store
 
@@ -65,7 +65,7 @@ def test_sharded_and_on_disk_equal_monolithic(ray_session, corpus, tmp_path, fac
         D1, I1 = r.search_vectors(xq, k=10, nprobe=nprobe)
         D2, I2 = mono.search(xq, 10)
         assert_same_topk(D1, I1, D2, I2)
-    got = np.concatenate([index_ids(sh.index) for sh in r.shards])
+    got = np.concatenate([sh.ids() for sh in r.shards])
     np.testing.assert_array_equal(np.sort(got), np.sort(ids))   # every vector exactly once
     if sharding == "ivf":
         _check_ranges(store, m, r, xq)

@@ -15,7 +15,6 @@ import numpy as np
 
 from index_builder.cli import main
 from shards.search.router import Router
-from shards.storage.faissio import index_ids
 from shards.storage.manifest import current_version, list_versions, load_manifest, vdir, verify
 from shards.storage.retention import prune
 from shards.storage.store import Store
@@ -33,7 +32,7 @@ def _args(src, root) -> list[str]:
 
 def _ids(root: str, version: str | None = None) -> np.ndarray:
     r = Router(root, version=version, backend="local")
-    return np.concatenate([index_ids(sh.index) for sh in r.shards])
+    return np.concatenate([sh.ids() for sh in r.shards])
 
 
 def _corpus(tmp_path, seed: int = 3):

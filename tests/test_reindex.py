@@ -20,7 +20,6 @@ from index_builder.config import ReindexConfig
 from index_builder.reindex.drift import decide, imbalance
 from index_builder.reindex.incremental import reindex, space_change
 from shards.search.router import Router
-from shards.storage.faissio import index_ids
 from shards.storage.manifest import EncoderInfo, current_version, list_versions, load_manifest, vdir
 from shards.storage.retention import versions_to_keep
 from shards.storage.store import Store
@@ -157,7 +156,7 @@ def test_reindex_applies_new_changed_and_deleted(case, capsys):
     # every id exactly once: old minus deleted, plus new
     want = np.sort(np.concatenate([np.setdiff1d(case["ids"], m["gone"]), m["new"]]))
     r = Router(str(case["root"]), backend="local")
-    got = np.concatenate([index_ids(sh.index) for sh in r.shards])
+    got = np.concatenate([sh.ids() for sh in r.shards])
     np.testing.assert_array_equal(np.sort(got), want)
     docs = r.docs.dataset.to_table(columns=["id"]).column("id").to_numpy()
     np.testing.assert_array_equal(np.sort(docs), want)
@@ -254,7 +253,12 @@ def test_keep_prunes_old_versions_and_scratch(case):
     assert main(["prune", root, "--keep", "1", "--grace", "0", "--dry-run"]) == 0
     assert "v99999999-000000-dead00-0000" in store.ls("versions")
     assert main(["prune", root, "--keep", "1", "--grace", "0"]) == 0
-    assert set(store.ls("versions")) == set(made[-2:])  # newest, and CURRENT (rolled back to)
+    assert {v["version"] for v in list_versions(store)} == set(made[-2:])  # newest, and CURRENT (rolled back to)
+    # what is left of the deleted versions' directories is only what the kept ones refer to (delta versions
+    # keep their parents' segments), and no version directory is left without anything in it
+    refd = {p for v in made[-2:] for p, _ in load_manifest(store, v).listed()}
+    for v in set(store.ls("versions")) - set(made[-2:]):
+        assert {f"versions/{v}/{n}" for n in store.ls(f"versions/{v}")} <= refd, v
     assert current_version(store) == made[-2]
     assert main(["prune", root, "--keep", "0"]) == 1  # refused, one line
 
@@ -291,7 +295,7 @@ def test_crash_leaves_previous_version_current(case, ray_session, crash_at, when
     s = reindex(ReindexConfig(source=str(case["src"]), index_root=str(case["root"])))
     assert s.published and current_version(store) == s.version
     assert (s.new, s.changed, s.deleted) == (100, 100, 100)
-    got = np.concatenate([index_ids(sh.index) for sh in Router(str(case["root"]), backend="local").shards])
+    got = np.concatenate([sh.ids() for sh in Router(str(case["root"]), backend="local").shards])
     assert len(got) == len(np.unique(got)) == N and not set(m["gone"].tolist()) & set(got.tolist())
 
 
@@ -307,7 +311,7 @@ def test_reindex_of_an_ivf_sharded_index_merged_on_disk(ray_session, tmp_path):
     man = load_manifest(Store(str(root)), s.version)
     assert man.sharding.mode == "ivf" and all(sh.ivfdata for sh in man.shards) and man.lineage.parent == v1.version
     r = Router(str(root), backend="local")
-    got = np.concatenate([index_ids(sh.index) for sh in r.shards])
+    got = np.concatenate([sh.ids() for sh in r.shards])
     want = np.sort(np.concatenate([np.setdiff1d(ids, m["gone"]), m["new"]]))
     np.testing.assert_array_equal(np.sort(got), want)
     hits = r.search(m["changed_x"][:3], k=1, nprobe=32)

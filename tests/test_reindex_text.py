@@ -18,7 +18,6 @@ from index_builder.config import ReindexConfig
 from index_builder.demo.textcorpus import SCHEMA, stdlib_docstrings
 from index_builder.reindex.incremental import reindex
 from shards.search.router import Router
-from shards.storage.faissio import index_ids
 from shards.storage.manifest import current_version, load_manifest
 from shards.storage.store import Store
 
@@ -96,7 +95,7 @@ def test_changed_documents_answer_with_new_text_and_fields(text):
     assert [h[0].id for h in hits] == [p["id"] for p in probes]
     assert all(h[0].score > 0.99 for h in hits)
     assert hits[0][0].fields["title"].startswith("(revised) ")
-    got = np.concatenate([index_ids(s.index) for s in r.shards])
+    got = np.concatenate([s.ids() for s in r.shards])
     assert len(got) == len(np.unique(got)) == V1_DOCS                   # -8 +8: every id once
 
 

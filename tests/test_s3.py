@@ -138,7 +138,7 @@ def test_s3_on_disk_shards_merged_over_list_ranges(ray_session, s3, corpus, tmp_
     build(ray_session, source=local_src, index_root=local_root, **KW)
     xq, r = x[::151][:20], Router(root, s3_endpoint=s3, backend="local")
     assert hits_of(r, xq) == hits_of(Router(local_root, backend="local"), xq)
-    got = np.concatenate([index_ids(sh.index) for sh in r.shards])   # the mmapped lists, from the cache
+    got = np.concatenate([sh.ids() for sh in r.shards])   # the mmapped lists, from the cache
     np.testing.assert_array_equal(np.sort(got), np.sort(ids))
 
 

@@ -16,7 +16,6 @@ import pytest
 
 from index_builder.demo.textcorpus import write_corpus
 from shards.search.router import Router
-from shards.storage.faissio import index_ids
 from shards.storage.manifest import current_version, list_versions
 from shards.storage.store import Store
 
@@ -81,7 +80,7 @@ def test_rerun_reuses_finished_parts_and_duplicates_nothing(text_index):
     for path, mtime in text_index["killed"].items():
         assert os.path.getmtime(path) == mtime, f"{path} was rewritten"
     r = Router(text_index["root"], backend="local")
-    got = np.concatenate([index_ids(s.index) for s in r.shards])
+    got = np.concatenate([s.ids() for s in r.shards])
     assert len(got) == len(np.unique(got)) == text_index["info"]["documents"] == v2.documents
     assert current_version(Store(text_index["root"])) == v2.version
 

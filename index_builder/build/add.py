@@ -22,7 +22,8 @@ import numpy as np
 import ray
 
 from index_builder.build import payload
-from index_builder.encode.parts import read_vectors
+from index_builder.encode.parts import read_origin, read_vectors
+from index_builder.encode.reuse import KEPT
 from index_builder.eval.measures import part_topk
 from index_builder.shard_math import hash_shard, ids_digest
 from index_builder.workdir import WorkDir
@@ -46,16 +47,21 @@ def part_ground_truth(store: Store, wd: WorkDir, unit: str, ids: np.ndarray, x: 
     store.write_bytes(wd.unit_gt(unit), buf.getvalue())
 
 
-def read_unit(store: Store, pieces: list) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, x) of a unit's pieces: (embeddings part, first row, stop row) each."""
+def read_unit(store: Store, pieces: list, changed_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, x) of a unit's pieces: (embeddings part, first row, stop row) each. changed_only (a
+    reindex's delta): only the rows whose origin is new or changed."""
     got = [read_vectors(store, rel, a, b) for rel, a, b in pieces]
+    if changed_only:
+        keep = [read_origin(store, rel, a, b) != KEPT for rel, a, b in pieces]
+        got = [(i[k], x[k]) for (i, x), k in zip(got, keep)]
     return np.concatenate([i for i, _ in got]), np.concatenate([x for _, x in got])
 
 
 @ray.remote(**TASK_RETRIES)
 def add_task(store: Store, wd: WorkDir, unit: str, pieces: list, *, shards: int, sharding: str, metric: str,
-             k: int) -> dict:
-    """Encodes the unit's pieces with wd's trained index into its payload; k: tune's k, for gt.npz."""
+             k: int, changed_only: bool = False) -> dict:
+    """Encodes the unit's pieces with wd's trained index into its payload; k: tune's k, for gt.npz.
+    changed_only: a reindex's delta, of the rows it encoded or found new."""
     if store.exists(wd.unit_done(unit)):
         return {**json.loads(store.read_text(wd.unit_done(unit))), "reused": True}
     faiss().omp_set_num_threads(1)
@@ -63,7 +69,7 @@ def add_task(store: Store, wd: WorkDir, unit: str, pieces: list, *, shards: int,
     raw = store.read_bytes(wd.trained)
     fp, trained = payload.fingerprint(raw), from_bytes(raw, no_search_flags())
     del raw
-    ids, x = read_unit(store, pieces)
+    ids, x = read_unit(store, pieces, changed_only)
     part_ground_truth(store, wd, unit, ids, x, metric, k)
     lists, codes = payload.encode(trained, x)
     del x

@@ -41,6 +41,7 @@ from shards.storage.manifest import (
     Lineage,
     Manifest,
     SearchDefaults,
+    ShardInfo,
     ShardingInfo,
     SourceInfo,
     check_listed,
@@ -129,13 +130,14 @@ def named(f: FileInfo | None, version: str) -> FileInfo | None:
     return f.model_copy(update={"file": ref(version, f.file)}) if f else None
 
 
-def located_shard(store: Store, wd: WorkDir, s: int, version: str) -> FileInfo:
-    """Shard s's FileInfo from its merge record, its files named as version's manifest names them."""
+def located_shard(store: Store, wd: WorkDir, s: int, version: str) -> ShardInfo:
+    """Shard s's ShardInfo (one base segment) from its merge record, its files named as version's
+    manifest names them."""
     i = shard_info(store, wd, s)
     up = {"file": ref(version, wd.shard(s))}
     if i.ivfdata:
         up["ivfdata"] = ref(version, wd.shard_data(s))
-    return i.model_copy(update=up)
+    return ShardInfo(**i.model_copy(update=up).model_dump())
 
 
 def docs_files(store: Store, run) -> tuple[list[str], list[dict]]:

@@ -279,6 +279,11 @@ def read_vectors(store: Store, rel: str, start: int | None = None,
         return _rows(pq.ParquetFile(fh), start, stop)
 
 
+def read_origin(store: Store, rel: str, start: int, stop: int) -> np.ndarray:
+    """The origin column (reuse.KEPT / NEW / CHANGED) of rows [start, stop) of a reindexed part."""
+    return store.read_table(rel, columns=["origin"]).column("origin").to_numpy()[start:stop]
+
+
 def _rows(f, start: int | None, stop: int | None) -> tuple[np.ndarray, np.ndarray]:
     b = group_bounds(f.metadata)
     n = int(b[-1])

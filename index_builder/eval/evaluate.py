@@ -42,6 +42,7 @@ from index_builder.eval.measures import (
 )
 from index_builder.plan.corpus import first_line, load_npy
 from shards.errors import ConfigError, StorageError
+from shards.search.searcher import ShardSearcher
 from shards.storage.faissio import faiss, load_shard, nlist, read_verified
 from shards.storage.manifest import Manifest, current_version, load_manifest, vdir
 from shards.storage.store import Store
@@ -135,13 +136,15 @@ def evaluate(cfg: EvalConfig) -> dict:
     m = _with_vectors(store, version)
     threads = cfg.threads or os.cpu_count() or 1
     faiss().omp_set_num_threads(threads)
-    shards = [load_shard(store, m, f) for f in m.shards]
+    # a segmented shard (delta segments, a dead set) is searched as serving searches it
+    shards = [ShardSearcher(store, m, f) if f.segmented else load_shard(store, m, f) for f in m.shards]
     log(f"eval: {version}: {len(shards)} shard(s), {m.ntotal:,} vectors loaded; {threads} thread(s)")
     metric, k = m.index.metric, cfg.k
     xq, own, source = _queries(cfg, store, m)
     log(f"eval: exact top-{k} of {len(xq):,} queries over {len(m.vectors)} stored part(s)")
     gt = stored_truth(store, m.vectors, xq, k, metric, own)
-    nl, kind = nlist(shards[0]), search_kind(shards[0])
+    top = getattr(shards[0], "index", shards[0])
+    nl, kind = nlist(top), search_kind(top)
     rows = sweep(merged_search(shards, metric), xq, gt, k, _nprobes(cfg, nl, m.index.factory), own,
                  latency_queries=min(cfg.latency_queries, len(xq)),
                  progress=lambda r: log(f"eval: {label(r, kind, m.index.factory)}: recall@{k} {r['recall']:.4f}, "

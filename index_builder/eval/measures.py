@@ -125,11 +125,16 @@ def recall_at_k(I: np.ndarray, gt: np.ndarray, k: int) -> float:
 
 def merged_search(shards: list, metric: str):
     """search(xq, k, nprobe) -> (D, I): every shard in this process, then the exact top-k merge,
-    which is what the router answers."""
+    which is what the router answers. shards: faiss indexes, or ShardSearchers (a segmented
+    shard is searched through its segments and dead set)."""
+    def one(s, xq, k, nprobe):
+        if hasattr(s, "seg"):
+            return s.search(xq, k, nprobe)
+        set_nprobe(s, nprobe)
+        return s.search(xq, k)
+
     def search(xq, k, nprobe):
-        for s in shards:
-            set_nprobe(s, nprobe)
-        return merge_topk([s.search(xq, k) for s in shards], k, metric)
+        return merge_topk([one(s, xq, k, nprobe) for s in shards], k, metric)
     return search
 
 

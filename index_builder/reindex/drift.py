@@ -206,3 +206,16 @@ def decide(baseline_error: float | None, new_error: float | None, baseline_imbal
             reasons.append(f"list imbalance would be {ratios['imbalance']:.2f}x the baseline "
                            f"(threshold {max_imbalance})")
     return Decision(bool(reasons), "; ".join(reasons) or None, ratios)
+
+
+@ray.remote(**TASK_RETRIES)
+def lists_task(store: Store, trained_rel: str, rel: str, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, IVF list) of the rows of one embeddings part with these ids: the lists the live index
+    holds their vectors in, as the add assigned them (the same quantizer, the same vectors)."""
+    faiss().omp_set_num_threads(1)
+    index = read_index(store, trained_rel)
+    pid, x = read_vectors(store, rel)
+    rows = np.flatnonzero(np.isin(pid, np.asarray(ids, dtype=np.int64)))
+    if not len(rows):
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    return pid[rows], assign(index, x[rows])[0].astype(np.int64)

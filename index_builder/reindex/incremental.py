@@ -38,6 +38,7 @@ from index_builder.pipeline import (
 )
 from index_builder.plan.corpus import Corpus, int_ids, open_parquet, out_of_range, plan_corpus, read_columns
 from index_builder.plan.factory import choose_factory
+from index_builder.reindex import deltas
 from index_builder.reindex.drift import Decision, decide, delta_task, imbalance, list_sizes, load_npy
 from shards.errors import ShardexError
 from shards.raytools import ensure_ray, log, ray_get
@@ -234,8 +235,14 @@ def _reindex(cfg: ReindexConfig, store: Store) -> ReindexSummary:
     run_cfg, kept = _run_config(bcfg, live, dec)
     run = Run.of(run_cfg, corpus, parts, enc, fp, kept)
     show_plan(run_cfg, run.n, run.enc.dim, run.metric, trains=kept is None)
+    why = deltas.why_not(live, bcfg, dec.retrain)
     # the version records the options asked for, not the kept quantizer's factory and metric
-    s = index_and_publish(run_cfg, store, t, run, lineage=_lineage(found, dec), options=options_of(bcfg))
+    if why is None:
+        s = deltas.index_deltas(run_cfg, store, t, run, live, old, d, _lineage(found, dec, "delta"),
+                                options_of(bcfg), (cfg.compact_share, cfg.compact_segments))
+    else:
+        log(f"reindex: new segments for every shard: {why}")
+        s = index_and_publish(run_cfg, store, t, run, lineage=_lineage(found, dec), options=options_of(bcfg))
     out = replace(found, version=s.version, published=True, retrained=dec.retrain, retrain_reason=dec.reason,
                   drift=dec.ratios, build=s)
     return _finish(cfg, store, out, [s.work])
@@ -249,8 +256,9 @@ def _run_config(bcfg: BuildConfig, live: Manifest, dec: Decision) -> tuple[Build
     return bcfg.model_copy(update={"factory": live.index.factory, "metric": live.index.metric}), kept
 
 
-def _lineage(found: ReindexSummary, dec: Decision) -> Lineage:
-    return Lineage(kind="reindex", parent=found.parent, new=found.new, changed=found.changed, deleted=found.deleted,
+def _lineage(found: ReindexSummary, dec: Decision, segments: str = "rebuilt") -> Lineage:
+    return Lineage(kind="reindex", segments=segments,
+                   parent=found.parent, new=found.new, changed=found.changed, deleted=found.deleted,
                    unchanged=found.unchanged, reencoded_all=found.reencoded_all, retrained=dec.retrain,
                    retrain_reason=dec.reason, drift=dec.ratios)
 

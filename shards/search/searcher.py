@@ -9,8 +9,9 @@ import numpy as np
 
 from shards.errors import IntegrityError, SearchError
 from shards.search.filters import Attributes, SelectionCache
+from shards.storage import segments
 from shards.storage.faissio import faiss, index_ids, ivf, load_shard
-from shards.storage.manifest import FileInfo, Manifest
+from shards.storage.manifest import FileInfo, Manifest, load_manifest
 from shards.storage.store import Store
 
 NPROBE_GROWTH = 4   # a filtered search that comes back short retries with nprobe this many times larger
@@ -21,8 +22,13 @@ class ShardSearcher:
         self.threads = threads
         if threads:
             faiss().omp_set_num_threads(threads)
-        self.index = load_shard(store, version, shard)  # checks ntotal; mmaps a shard merged on disk
+        m = load_manifest(store, version) if isinstance(version, str) else version
+        self.index = load_shard(store, m, shard)  # checks ntotal; mmaps a shard merged on disk
         self.name = shard.file
+        self.seg = None  # a shard with delta segments or a dead set is searched through them
+        if getattr(shard, "segmented", False):
+            self.seg = segments.load(store, m, shard, self.index)
+            self.index = self.seg.index
         if self._ivf is not None:
             # faiss parallelizes the default mode (0) in search() only, around search_preassigned, so a shard
             # scanning the router's lists ran one thread whatever `threads` said; mode 3 splits the queries
@@ -43,10 +49,15 @@ class ShardSearcher:
         Every docs file is read with only the id and those columns, and only this shard's
         rows are kept, so a shard holds 1/S of the attributes and none of the text.
         """
-        self.attrs = Attributes.from_table(_own_rows(store, m, np.sort(index_ids(self.index)), list(kinds)),
-                                           kinds)
-        if len(self.attrs) != self.index.ntotal:
-            raise IntegrityError(f"{self.name}: {self.index.ntotal} vectors but {len(self.attrs)} rows of "
+        if self.seg is None:
+            rows = _own_rows(store, m, np.sort(index_ids(self.index)), list(kinds))
+        else:  # keyed by entry: a filter's selector then names live entries only
+            keys, ids = self.seg.live()
+            rows = _own_rows(store, m, ids, list(kinds))
+            rows = rows.set_column(0, "id", _keys_of(rows.column("id").to_numpy(), ids, keys))
+        self.attrs = Attributes.from_table(rows, kinds)
+        if len(self.attrs) != self.ntotal():
+            raise IntegrityError(f"{self.name}: {self.ntotal()} vectors but {len(self.attrs)} rows of "
                                  f"{m.version}'s docs files carry its ids")
         self.selections = SelectionCache()
         return self.attrs.nbytes()
@@ -71,21 +82,33 @@ class ShardSearcher:
             if sel.count == 0:
                 return (np.full((len(xq), k), _worst(self.index), dtype=np.float32),
                         np.full((len(xq), k), -1, dtype=np.int64))
+        s = self._selector(sel)
         if coarse is not None and self._ivf is not None:
-            D, I = self._preassigned(xq, k, coarse, sel.sel if sel else None)
+            D, I = self._preassigned(xq, k, coarse, s)
         else:
-            D, I = self.index.search(xq, k, params=self._params(nprobe, sel.sel if sel else None))
-        if sel is None:
-            return D, I
-        want, p = min(k, sel.count), (coarse[1].shape[1] if coarse is not None else nprobe) or \
-            self._default_nprobe()
-        while p < self.nlist:
-            short = np.flatnonzero((I >= 0).sum(1) < want)
-            if not len(short):
-                break
-            p = min(self.nlist, p * NPROBE_GROWTH)
-            D[short], I[short] = self.index.search(xq[short], k, params=self._params(p, sel.sel))
-        return D, I
+            D, I = self.index.search(xq, k, params=self._params(nprobe, s))
+        if sel is not None:
+            want, p = min(k, sel.count), (coarse[1].shape[1] if coarse is not None else nprobe) or \
+                self._default_nprobe()
+            while p < self.nlist:
+                short = np.flatnonzero((I != -1).sum(1) < want)  # a delta's keys are negative
+                if not len(short):
+                    break
+                p = min(self.nlist, p * NPROBE_GROWTH)
+                D[short], I[short] = self.index.search(xq[short], k, params=self._params(p, s))
+        return D, (self.seg.ids(I) if self.seg else I)
+
+    def _selector(self, sel):
+        """The IDSelector a search runs with: the filter's selection, and on a segmented shard only
+        live entries (a selection of matches holds live keys only; "all" and "not-batch" do not)."""
+        alive = self.seg.alive if self.seg else None
+        if sel is None or sel.kind == "all":
+            return alive
+        if alive is None or sel.kind not in ("not-batch",):
+            return sel.sel
+        if getattr(sel, "_and", None) is None:
+            sel._and = faiss().IDSelectorAnd(sel.sel, alive)
+        return sel._and
 
     def _preassigned(self, xq, k, coarse, sel):
         """Scan the lists the router chose. The C++ call, not the Python wrapper: the wrapper
@@ -126,13 +149,25 @@ class ShardSearcher:
             return outer
         return p
 
+    def ids(self) -> np.ndarray:
+        """The ids of every live vector of this shard, unsorted (a segmented shard: sorted)."""
+        return self.seg.live()[1] if self.seg else index_ids(self.index)
+
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        """Live vectors: a segmented shard's entries less its dead ones."""
+        return len(self.seg) if self.seg else int(self.index.ntotal)
 
 
 def _worst(index) -> float:
     return -np.finfo(np.float32).max if index.metric_type == faiss().METRIC_INNER_PRODUCT \
         else np.finfo(np.float32).max
+
+
+def _keys_of(ids: np.ndarray, live_ids: np.ndarray, live_keys: np.ndarray):
+    """The entry key of each id (live_ids sorted, live_keys beside them), as an Arrow column."""
+    import pyarrow as pa
+
+    return pa.array(live_keys[np.searchsorted(live_ids, ids)], pa.int64())
 
 
 def _own_rows(store: Store, m: Manifest, ids: np.ndarray, fields: list[str]):

@@ -16,7 +16,7 @@ import posixpath
 import uuid
 from datetime import datetime, timezone
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from shards.errors import StorageError
 from shards.storage.store import Store
@@ -54,6 +54,33 @@ class FileInfo(BaseModel):
         if not self.ivfdata:
             return None
         return FileInfo(file=self.ivfdata, sha256=self.ivfdata_sha256 or "", bytes=self.ivfdata_bytes or 0)
+
+
+class DeltaInfo(FileInfo):
+    """A delta segment of a shard (shards/storage/segments.py): the codes of vectors a reindex added,
+    under the shard's trained index, searched beside its base. Its entries are keyed -(2 + first + row)."""
+    first: int = 0                      # the first entry number: a shard's deltas number their entries in turn
+
+
+class ShardInfo(FileInfo):
+    """One serving shard: its base segment (`file`, a faiss index, with `ivfdata` when on disk), the
+    delta segments reindexes added since it was built, and the keys of entries no longer live in any
+    of them (`dead`: sorted int64 .npy; a base entry's key is its id, a delta's is negative)."""
+    deltas: list[DeltaInfo] = []
+    dead: FileInfo | None = None
+    dead_count: int = 0
+
+    @property
+    def live(self) -> int:
+        """Vectors this shard serves: every segment's entries less the dead ones."""
+        return (self.ntotal or 0) + sum(d.ntotal or 0 for d in self.deltas) - self.dead_count
+
+    @property
+    def segmented(self) -> bool:
+        return bool(self.deltas or self.dead)
+
+    def segment_files(self) -> list[FileInfo]:
+        return [*self.deltas, *([self.dead] if self.dead else [])]
 
 
 class SourceInfo(BaseModel):
@@ -124,6 +151,8 @@ class Lineage(BaseModel):
     retrained: bool = True
     retrain_reason: str | None = None
     drift: dict[str, float] = {}    # measured ratios against the baseline (error, imbalance)
+    segments: str = "rebuilt"       # "rebuilt": every shard new; "delta": the parent's segments plus deltas
+    compacted: dict[str, str] = {}  # shard -> why its segments were rewritten into a new base
 
 
 class Manifest(BaseModel):
@@ -136,7 +165,7 @@ class Manifest(BaseModel):
     index: IndexInfo
     sharding: ShardingInfo
     trained: FileInfo
-    shards: list[FileInfo]
+    shards: list[ShardInfo]
     docs: DocsInfo
     search: SearchDefaults = SearchDefaults()
     timings: dict[str, float] = {}
@@ -147,12 +176,19 @@ class Manifest(BaseModel):
     vectors: list[str] = []         # embeddings parts (under INDEX_ROOT) with the exact vectors: eval's ground truth
     extra: list[FileInfo] = []      # the version's other files (quarantine, list sizes), checked like the rest
 
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _shards(cls, v):
+        """A plain FileInfo is a shard of one base segment."""
+        return [x.model_dump() if isinstance(x, FileInfo) and not isinstance(x, ShardInfo) else x for x in v]
+
     @property
     def ntotal(self) -> int:
-        return sum(s.ntotal or 0 for s in self.shards)
+        return sum(s.live for s in self.shards)
 
     def files(self) -> list[FileInfo]:
-        return [self.trained, *self.shards, *(f for s in self.shards if (f := s.ivfdata_info()))]
+        return [self.trained, *self.shards, *(f for s in self.shards if (f := s.ivfdata_info())),
+                *(f for s in self.shards for f in s.segment_files())]
 
     def path(self, name: str) -> str:
         """The path under INDEX_ROOT of a file this manifest names (see the module's docstring)."""
@@ -172,6 +208,29 @@ class Manifest(BaseModel):
         if self.drift and self.drift.lists and not any(f.file == self.drift.lists for f in self.extra):
             named.append((self.drift.lists, None))
         return [(self.path(n), b) for n, b in named]
+
+
+def rebase(m: Manifest, version: str) -> Manifest:
+    """m as version `version` would name the same files: every name it holds (shards and their
+    segments, trained index, docs, extra files) rooted or bare as ref() gives it. The start of a
+    version that refers to another's files (a compaction, a delta reindex)."""
+    def at(name: str | None) -> str | None:
+        return ref(version, m.path(name)) if name else None
+
+    def file(f):
+        up = {"file": at(f.file)}
+        if f.ivfdata:
+            up["ivfdata"] = at(f.ivfdata)
+        return f.model_copy(update=up)
+
+    shards = [file(sh).model_copy(update={"deltas": [file(d) for d in sh.deltas],
+                                          "dead": file(sh.dead) if sh.dead else None}) for sh in m.shards]
+    return m.model_copy(update={
+        "version": version, "trained": file(m.trained), "shards": shards,
+        "docs": m.docs.model_copy(update={"files": [at(f) for f in m.docs.files]}),
+        "extra": [file(f) for f in m.extra],
+        "source": m.source.model_copy(update={"quarantine": at(m.source.quarantine)}),
+        "drift": m.drift.model_copy(update={"lists": at(m.drift.lists)}) if m.drift else None})
 
 
 def ref(version: str, rel: str) -> str:
