@@ -140,7 +140,7 @@ def encode(cfg: BuildConfig, corpus: Corpus, before=None) -> tuple[list[PartResu
     with Encoders(cfg, corpus) as pool:
         if before:
             before(pool.info)
-        fp = short_hash(corpus.fingerprint, pool.info)
+        fp = short_hash(corpus.columns, pool.info)  # parts are keyed by their source: a reindex shares them
         return pool.encode(Layout.build(fp)), pool.info, fp
 
 
@@ -152,6 +152,7 @@ class Kept:
     trained: str                 # versions/<live>/trained.index
     auto_reason: str | None
     drift: DriftBaseline | None
+    parent: str = ""             # the live version the reindex starts from
 
 
 @dataclass(frozen=True)
@@ -176,8 +177,9 @@ class Run:
             raise CorpusError(f"{cfg.source}: no valid documents ({corpus.total_rows} rows, all rejected)")
         enc = enc.model_copy(update={"metric": cfg.metric or enc.metric})
         choice, factory = _choose(cfg, n, enc.dim)
-        reused = [kept.trained] if kept else []  # a reused quantizer never shares scratch with a trained one
-        h = short_hash(fp, factory, enc.metric, cfg.shards, cfg.sharding, cfg.seed, *reused)
+        # a reused quantizer never shares scratch with a trained one, nor a reindex with another's parent
+        reused = [kept.trained, kept.parent] if kept else []
+        h = short_hash(fp, corpus.fingerprint, factory, enc.metric, cfg.shards, cfg.sharding, cfg.seed, *reused)
         return cls(corpus, parts, enc, fp, factory, choice, WorkDir.of(h), kept)
 
     @property
@@ -194,12 +196,12 @@ class Run:
 
     @property
     def emb(self) -> list[str]:
-        return [part_rel(self.fp, p.part) for p in self.live]
+        return [part_rel(self.fp, p.name) for p in self.live]
 
     @property
     def sizes(self) -> list[tuple[str, int]]:
         """(embeddings part, rows) of every part with rows."""
-        return [(part_rel(self.fp, p.part), p.rows) for p in self.live]
+        return [(part_rel(self.fp, p.name), p.rows) for p in self.live]
 
 
 def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, run: Run, lineage: Lineage | None = None,

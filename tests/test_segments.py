@@ -7,6 +7,8 @@ and a second reindex that replaces vectors the first one added.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -118,8 +120,12 @@ def test_reindex_adds_delta_segments_that_search_as_one_index(ray_session, tmp_p
     m1 = load_manifest(store, v1.version)
 
     mutate(src)  # 100 deleted, 100 changed, 100 new
+    stamps = {p: os.stat(store.path(p)).st_mtime_ns for p in m1.embeddings.parts}
     s = reindex(ReindexConfig(source=str(src), index_root=str(root), drift_error=100))
     m2 = load_manifest(store, current_version(store))
+    # file 0 did not change: its parts are the live version's own, not written again
+    same = [p for p in m2.embeddings.parts if p in stamps]
+    assert len(same) == 3 and all(os.stat(store.path(p)).st_mtime_ns == stamps[p] for p in same)
     assert s.published and not s.retrained and m2.lineage.segments == "delta"
     assert [sh.file for sh in m2.shards] == [f"/versions/{v1.version}/shard-{i}.index" for i in range(3)]
     assert sum(d.ntotal for sh in m2.shards for d in sh.deltas) == 200

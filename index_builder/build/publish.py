@@ -108,7 +108,7 @@ def put_files(store: Store, run, base: dict) -> dict[str, FileInfo | None]:
     and the quarantine, at once. FileInfos by role, named by their path under the root."""
     d = vdir(run.wd.version)
     pairs = [(run.wd.trained, f"{d}/{TRAINED}")] + ([(base["lists"], f"{d}/{LISTS}")] if base["lists"] else [])
-    rejected = [part_rel(run.fp, p.part, "rejected") for p in run.parts if p.rejected]
+    rejected = [part_rel(run.fp, p.name, "rejected") for p in run.parts if p.rejected]
     q = quarantine_task.options(num_cpus=1).remote(store, rejected, f"{d}/{QUARANTINE}") if rejected else None
     copied = copy_all(store, pairs)
     qi = ray_get(q) if q else None
@@ -142,7 +142,7 @@ def located_shard(store: Store, wd: WorkDir, s: int, version: str) -> ShardInfo:
 
 def docs_files(store: Store, run) -> tuple[list[str], list[dict]]:
     """(rooted names, records) of the live parts' docs, as encode wrote and recorded them."""
-    rels = [part_rel(run.fp, p.part, "docs") for p in run.live]
+    rels = [part_rel(run.fp, p.name, "docs") for p in run.live]
     recs = [p.docs or docs_record(store, r) for p, r in zip(run.live, rels)]  # a record is made once if none
     return [ROOTED + r for r in rels], recs
 

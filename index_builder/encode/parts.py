@@ -34,6 +34,7 @@ from shards.storage.store import Store
 @dataclass
 class PartResult:
     part: int
+    key: str           # its file's name: part-<key>.parquet (InputShard.key)
     rows: int          # valid documents written
     rejected: int      # rows quarantined (including the id check's)
     seconds: float
@@ -45,11 +46,22 @@ class PartResult:
     new: int = 0              # reindex: documents not in the live version
     changed: int = 0          # reindex: live documents whose encoded column changed
     docs: dict | None = None  # the docs part's {"sha256", "bytes"} (its .json record), when the layout has docs
+    kept: bool = False        # reindex: the live version's own part (its file unchanged), taken unread
+
+    @property
+    def name(self) -> int | str:
+        """What its files are named by (part_rel): the key, or the number when it has none."""
+        return self.key or self.part
 
 
-def part_rel(fp: str, part: int, kind: str = "") -> str:
+def part_name(name: int | str) -> str:
+    """part-<key>.parquet for a key, part-NNNNN.parquet for a number (shardex encode's, older builds')."""
+    return f"part-{name:05d}.parquet" if isinstance(name, int) else f"part-{name}.parquet"
+
+
+def part_rel(fp: str, name: int | str, kind: str = "") -> str:
     sub = f"{kind}/" if kind else ""
-    return f"embeddings/{fp}/{sub}part-{part:05d}.parquet"
+    return f"embeddings/{fp}/{sub}{part_name(name)}"
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,7 @@ class Layout:
     prefix: str
     docs: str | None = "docs/"
     rejected: str = "rejected/"
+    keyed: bool = True   # parts named by their source's key (build), or by number (shardex encode)
 
     @classmethod
     def build(cls, fp: str) -> Layout:
@@ -69,10 +82,10 @@ class Layout:
 
     @classmethod
     def flat(cls) -> Layout:
-        return cls("", None, "_rejected/")
+        return cls("", None, "_rejected/", keyed=False)
 
-    def rel(self, part: int, sub: str = "") -> str:
-        return f"{self.prefix}{sub}part-{part:05d}.parquet"
+    def rel(self, shard: InputShard, sub: str = "") -> str:
+        return f"{self.prefix}{sub}{part_name(shard.key if self.keyed and shard.key else shard.part)}"
 
 
 def read_shard(shard: InputShard, columns: list[str], s3_endpoint: str | None) -> pa.Table:
@@ -137,12 +150,12 @@ def prepare(shard: InputShard, cfg: BuildConfig, layout: Layout, dim: int | None
     reuse (a reindex): the live parts to take unchanged documents' vectors from; only the rest is encoded."""
     t0 = time.time()
     store = Store(cfg.index_root, cfg.s3_endpoint)
-    emb = layout.rel(shard.part)
+    emb = layout.rel(shard)
     if store.exists(emb):
         n = _num_rows(store, emb)
-        rej = _num_rows(store, layout.rel(shard.part, layout.rejected))
-        docs = docs_record(store, layout.rel(shard.part, layout.docs)) if layout.docs else None
-        return PartResult(shard.part, n, rej, 0.0, True, **_origin_counts(store, emb, reuse), docs=docs)
+        rej = _num_rows(store, layout.rel(shard, layout.rejected))
+        docs = docs_record(store, layout.rel(shard, layout.docs)) if layout.docs else None
+        return PartResult(shard.part, shard.key, n, rej, 0.0, True, **_origin_counts(store, emb, reuse), docs=docs)
 
     data_col = cfg.vector_column or cfg.text_column
     cols = list(dict.fromkeys([cfg.id_column, data_col, *cfg.stored_fields]))
@@ -171,16 +184,16 @@ def prepare(shard: InputShard, cfg: BuildConfig, layout: Layout, dim: int | None
     if not cfg.vector_column:
         x = fill(m, texts, encode) if m is not None else encode(texts)
     if bad.any():
-        store.write_table(layout.rel(shard.part, layout.rejected),
+        store.write_table(layout.rel(shard, layout.rejected),
                           _rejects(t.filter(pa.array(bad)), shard, cfg, why[bad]))
     if layout.docs:
-        docs = write_docs(store, layout.rel(shard.part, layout.docs), _docs(good, ids, cfg, kind))
+        docs = write_docs(store, layout.rel(shard, layout.docs), _docs(good, ids, cfg, kind))
         out = vectors_table(ids, x, {HASH: pa.array(h, pa.int64()), **(origin_column(m.origin) if m else {})})
     else:  # the source's own ids and the stored fields travel with the vectors
         out = vectors_table(good.column(cfg.id_column), x, {f: good.column(f) for f in cfg.stored_fields})
     store.write_table(emb, out, row_group_size=group_rows(x.shape[1]))  # last: its presence marks the part done
     counts = {"new": int((m.origin == NEW).sum()), "changed": int((m.origin == CHANGED).sum())} if m else {}
-    return PartResult(shard.part, len(ids), int(bad.sum()), time.time() - t0, False, **counts,
+    return PartResult(shard.part, shard.key, len(ids), int(bad.sum()), time.time() - t0, False, **counts,
                       docs=docs if layout.docs else None)
 
 

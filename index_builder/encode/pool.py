@@ -179,7 +179,7 @@ class Encoders:
     killed on exit; a vector column: one task per part, and nothing to hold.
 
         with Encoders(cfg, corpus) as pool:
-            parts = pool.encode(Layout.build(short_hash(corpus.fingerprint, pool.info)))
+            parts = pool.encode(Layout.build(short_hash(corpus.columns, pool.info)))
     """
 
     def __init__(self, cfg: BuildConfig, corpus: Corpus):

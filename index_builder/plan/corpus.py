@@ -42,11 +42,13 @@ FOOTER_FILES = 64  # files per footer task: each read costs a round trip or two,
 
 @dataclass(frozen=True)
 class InputShard:
-    part: int          # part number: embeddings/<fp>/part-<part>.parquet
+    part: int          # its place in the corpus (shardex encode names its output part-<part>.parquet)
     file: str          # full URI of the Parquet file
     start: int         # first row (0-based, within the file)
     stop: int          # one past the last row
     drops: tuple = ()  # (row, reason) for rows rejected by the id check (--bad-rows skip)
+    key: str = ""      # the source's identity (file, size, ETag or mtime, rows, drops): its embeddings
+                       # part is embeddings/<fp>/part-<key>.parquet, so a file that did not change keeps it
 
     @property
     def rows(self) -> int:
@@ -62,6 +64,7 @@ class Corpus:
     fingerprint: str
     shards: list[InputShard] = field(default_factory=list)
     rejected_ids: int = 0
+    columns: str = ""                    # a hash of what a part holds besides its rows (columns, policies)
 
     @property
     def total_rows(self) -> int:
@@ -255,13 +258,14 @@ def plan_corpus(cfg: BuildConfig) -> Corpus:
         raise CorpusError(f"{cfg.source}: empty corpus: {len(files)} file(s), 0 rows")
     kind = kinds.pop()
     drops = check_ids(files, rows, cfg, kind, id_column, on_ray(len(files), sum(rows)))
-    fp = fingerprint([st for _, _, st in feet], cfg.id_column, cfg.text_column, cfg.vector_column,
-                     cfg.stored_fields, cfg.bad_rows, cfg.part_rows)
-    corpus = Corpus(files, rows, kind, dim, fp, rejected_ids=sum(len(d) for d in drops.values()))
-    for uri, n in zip(files, rows):
+    cols = (cfg.id_column, cfg.text_column, cfg.vector_column, cfg.stored_fields, cfg.bad_rows, kind, dim)
+    fp = fingerprint([st for _, _, st in feet], *cols[:5], cfg.part_rows)
+    corpus = Corpus(files, rows, kind, dim, fp, rejected_ids=sum(len(d) for d in drops.values()),
+                    columns=fingerprint([], *cols))
+    for (uri, n), (_, _, st) in zip(zip(files, rows), feet):
         for a, b in split_rows(n, cfg.part_rows):
             d = tuple((r, why) for r, why in drops.get(uri, []) if a <= r < b)
-            corpus.shards.append(InputShard(len(corpus.shards), uri, a, b, d))
+            corpus.shards.append(InputShard(len(corpus.shards), uri, a, b, d, fingerprint([st], a, b, d)))
     return corpus
 
 

@@ -128,7 +128,7 @@ def index_deltas(cfg, store: Store, t: Timer, run: Run, live: Manifest, old, dif
         store.copy(run.kept.trained, run.wd.trained)
     fp = fingerprint(store.read_bytes(run.wd.trained))
     with t.stage("add"):
-        changed = [(part_rel(run.fp, p.part), p.rows) for p in run.live if p.new + p.changed]
+        changed = [(part_rel(run.fp, p.name), p.rows) for p in run.live if p.new + p.changed]
         n = sum(p.new + p.changed for p in run.live)
         units = add_units(changed, add_rows(run.enc.dim, max(n, 1), cluster_cpus(), cfg.add_rows)) if n else []
         names = [f"delta-{i:05d}" for i in range(len(units))]
@@ -216,7 +216,7 @@ def _lists(store: Store, live: Manifest, v: str, made: list, gone: list) -> tupl
 
 def _manifest(cfg, store, run: Run, live: Manifest, v: str, shards, made, gone, diff, lineage, options,
               timings) -> Manifest:
-    rejected = [part_rel(run.fp, p.part, "rejected") for p in run.parts if p.rejected]
+    rejected = [part_rel(run.fp, p.name, "rejected") for p in run.parts if p.rejected]
     q = ray_get(quarantine_task.remote(store, rejected, f"{vdir(v)}/{QUARANTINE}")) if rejected else None
     qi = FileInfo(file=QUARANTINE, sha256=q["sha256"], bytes=q["bytes"]) if q else None
     got = _lists(store, live, v, made, gone)

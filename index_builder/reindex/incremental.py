@@ -17,13 +17,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
-import pyarrow as pa
 
 from index_builder import progress
 from index_builder.config import BuildConfig, ReindexConfig, make
 from index_builder.encode.parts import Layout, part_rel
 from index_builder.encode.pool import Encoders
-from index_builder.encode.reuse import CHANGED, KEPT, NEW, Reuse
+from index_builder.encode.reuse import CHANGED, NEW, Reuse
 from index_builder.pipeline import (
     Kept,
     Run,
@@ -36,7 +35,7 @@ from index_builder.pipeline import (
     show_plan,
     with_endpoint,
 )
-from index_builder.plan.corpus import Corpus, int_ids, open_parquet, out_of_range, plan_corpus, read_columns
+from index_builder.plan.corpus import Corpus, plan_corpus
 from index_builder.plan.factory import choose_factory
 from index_builder.reindex import deltas
 from index_builder.reindex.drift import Decision, decide, delta_task, imbalance, list_sizes, load_npy
@@ -116,7 +115,8 @@ def _live(store: Store) -> Manifest | None:
 
 @dataclass
 class LiveIds:
-    """Every id of the live version, and the embeddings part that holds it."""
+    """The ids of some of the live version's embeddings parts (those of changed or removed files),
+    and the part that holds each."""
 
     ids: np.ndarray          # sorted
     part: np.ndarray         # index into parts, per id
@@ -124,46 +124,28 @@ class LiveIds:
     missing: str | None      # why the live vectors cannot be reused (None when they can)
 
     @classmethod
-    def read(cls, store: Store, m: Manifest) -> LiveIds:
-        missing, parts = None, (m.embeddings.parts if m.embeddings else [])
+    def read(cls, store: Store, m: Manifest, parts: list[str] | None = None) -> LiveIds:
+        """parts: the live parts to read (default: all); every id, from the version's docs, when the
+        live vectors are gone."""
+        missing, every = None, (m.embeddings.parts if m.embeddings else [])
         if not m.embeddings:
             missing = f"{m.version} records no embeddings (built before reindex support)"
         else:
-            gone = [p for p in parts if not store.exists(p)]
+            gone = [p for p in every if not store.exists(p)]
             if gone:
                 missing = f"{len(gone)} of {m.version}'s embeddings parts are gone (e.g. {store.uri(gone[0])})"
+        parts = every if parts is None else parts
         if missing:  # the ids still come from the version's own docs
             ids = [store.read_table(m.path(f), columns=["id"]).column("id").to_numpy()
                    for f in m.docs.files]
-            part = [np.full(len(a), -1) for a in ids]
+            part, parts = [np.full(len(a), -1) for a in ids], []
         else:
             ids = [store.read_table(p, columns=["id"]).column("id").to_numpy() for p in parts]
             part = [np.full(len(a), i) for i, a in enumerate(ids)]
-        ids, part = np.concatenate(ids), np.concatenate(part)
+        ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
+        part = np.concatenate(part) if part else np.empty(0, np.int64)
         order = np.argsort(ids, kind="stable")
         return cls(ids[order], part[order], list(parts), missing)
-
-    def parts_of(self, ids: np.ndarray) -> list[int]:
-        """The live parts holding any of these ids."""
-        if len(self.ids) == 0:
-            return []
-        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
-        hit = self.ids[pos] == ids
-        return sorted(int(p) for p in np.unique(self.part[pos[hit]]) if p >= 0)
-
-
-def shard_ids(corpus: Corpus, cfg: BuildConfig) -> dict[int, np.ndarray]:
-    """The int64 ids of every input shard's rows (null and out-of-range ids left out), reading only the id column."""
-    out = {}
-    for uri in corpus.files:
-        col = read_columns(uri, open_parquet(uri, cfg.s3_endpoint), [cfg.id_column]).column(0)
-        valid = col.is_valid().to_numpy(zero_copy_only=False) & ~out_of_range(col, corpus.id_kind)
-        ids = np.full(len(col), -1, dtype=np.int64)
-        ids[valid] = int_ids(col.filter(pa.array(valid)), corpus.id_kind)
-        for s in corpus.shards:
-            if s.file == uri:
-                out[s.part] = ids[s.start:s.stop][valid[s.start:s.stop]]
-    return out
 
 
 @dataclass
@@ -176,8 +158,10 @@ class Diff:
     deleted_ids: np.ndarray
 
 
-def diff(store: Store, emb: list[str], live: LiveIds) -> Diff:
-    """What the reindex found, from the origin column of its parts (so a resumed run counts the same)."""
+def diff(store: Store, emb: list[str], old: LiveIds, total: int) -> Diff:
+    """What the reindex found, from the origin column of the parts it wrote (emb: those of changed
+    and new files; a resumed run counts the same) against the live ids of the files they replace
+    (old). Parts of unchanged files hold the same documents as before: total - new - changed."""
     ids, origin = [], []
     for rel in emb:
         t = store.read_table(rel, columns=["id", "origin"])
@@ -185,9 +169,10 @@ def diff(store: Store, emb: list[str], live: LiveIds) -> Diff:
         origin.append(t.column("origin").to_numpy())
     ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
     origin = np.concatenate(origin) if origin else np.empty(0, np.int8)
-    deleted = np.setdiff1d(live.ids, ids)
-    return Diff(new=int((origin == NEW).sum()), changed=int((origin == CHANGED).sum()), deleted=len(deleted),
-                unchanged=int((origin == KEPT).sum()), changed_ids=ids[origin == CHANGED], deleted_ids=deleted)
+    deleted = np.setdiff1d(old.ids, ids)
+    new, changed = int((origin == NEW).sum()), int((origin == CHANGED).sum())
+    return Diff(new=new, changed=changed, deleted=len(deleted), unchanged=total - new - changed,
+                changed_ids=ids[origin == CHANGED], deleted_ids=deleted)
 
 
 def reindex(cfg: ReindexConfig) -> ReindexSummary:
@@ -209,22 +194,19 @@ def _reindex(cfg: ReindexConfig, store: Store) -> ReindexSummary:
     t = Timer()
     with t.stage("plan"):
         corpus = plan_corpus(bcfg)
-        old = LiveIds.read(store, live)
-        cands = {p: old.parts_of(ids) for p, ids in shard_ids(corpus, bcfg).items()}
     ensure_ray()
     log(f"plan: {len(corpus.files)} file(s), {corpus.total_rows:,} rows, {len(corpus.shards)} part(s); "
-        f"live {live.version}: {len(old.ids):,} documents")
+        f"live {live.version}: {live.source.documents:,} documents")
     with t.stage("encode"):
-        parts, enc, fp, why_all = encode(bcfg, corpus, live, old, cands)
-    emb = [part_rel(fp, p.part) for p in parts if p.rows]
-    d = diff(store, emb, old)
+        parts, enc, fp, why_all, old = encode(bcfg, corpus, live, store)
+    emb = [part_rel(fp, p.name) for p in parts if p.rows and not p.kept]  # what this run wrote
+    d = diff(store, emb, old, sum(p.rows for p in parts))
     log(f"reindex: {d.new:,} new, {d.changed:,} changed, {d.deleted:,} deleted, {d.unchanged:,} unchanged")
     found = ReindexSummary(version=live.version, parent=live.version, published=False, new=d.new, changed=d.changed,
                            deleted=d.deleted, unchanged=d.unchanged, encoded=sum(p.encoded for p in parts),
                            reencoded_all=why_all)
     if not (d.new or d.changed or d.deleted or why_all or cfg.retrain) and _same_options(bcfg, live):
         log(f"reindex: nothing changed since {live.version}; CURRENT stays")
-        store.rm(f"embeddings/{fp}", recursive=True)  # this run's copy of the live vectors: nobody uses it
         return _finish(cfg, store, found, [])
 
     with t.stage("drift"):
@@ -252,7 +234,8 @@ def _run_config(bcfg: BuildConfig, live: Manifest, dec: Decision) -> tuple[Build
     """The config the stages run with, and the live quantizer when it is kept (with its factory and metric)."""
     if dec.retrain:
         return bcfg, None
-    kept = Kept(trained=live.path(live.trained.file), auto_reason=live.index.auto_reason, drift=live.drift)
+    kept = Kept(trained=live.path(live.trained.file), auto_reason=live.index.auto_reason, drift=live.drift,
+                parent=live.version)
     return bcfg.model_copy(update={"factory": live.index.factory, "metric": live.index.metric}), kept
 
 
@@ -263,18 +246,31 @@ def _lineage(found: ReindexSummary, dec: Decision, segments: str = "rebuilt") ->
                    retrain_reason=dec.reason, drift=dec.ratios)
 
 
-def encode(bcfg: BuildConfig, corpus: Corpus, live: Manifest, old: LiveIds, cands: dict[int, list[int]]):
-    """(part results, encoder info, fingerprint, why every document is encoded or None). Each part
-    reuses the live vectors of its unchanged documents (cands: the live parts holding its ids),
-    unless every vector must be new: the live ones are gone, or the encoder's space changed."""
+def encode(bcfg: BuildConfig, corpus: Corpus, live: Manifest, store: Store):
+    """(part results, encoder info, fingerprint, why every document is encoded or None, the live ids
+    of the files that changed or went). A part is named by its source's identity (InputShard.key),
+    so an input shard whose file did not change finds the live version's part and keeps it as it
+    is, unread (PartResult.kept). The others are read and hashed: each row reuses the vector of its
+    id in the live parts of the changed and removed files when the hash matches, and is encoded
+    otherwise. Every vector is new when the live ones are gone or the encoder's space changed."""
     with Encoders(bcfg, corpus) as pool:
+        fp = short_hash(corpus.columns, pool.info)
+        live_parts = set(live.embeddings.parts if live.embeddings else [])
+        rel = {s.part: part_rel(fp, s.key or s.part) for s in corpus.shards}
+        old = LiveIds.read(store, live, [p for p in sorted(live_parts) if p not in set(rel.values())])
         why_all = old.missing or space_change(pool.info, live.encoder)
         if why_all:
             log(f"reindex: encoding every document: {why_all}")
-        fp = short_hash(corpus.fingerprint, pool.info, "reindex", live.version, why_all)
-        reuse = {s.part: Reuse(tuple(old.parts[i] for i in cands.get(s.part, [])), encode_all=bool(why_all))
-                 for s in corpus.shards}
-        return pool.encode(Layout.build(fp), reuse), pool.info, fp, why_all
+            old = LiveIds.read(store, live)
+        kept = set() if why_all else {s.part for s in corpus.shards if rel[s.part] in live_parts}
+        cands = tuple(old.parts)
+        reuse = {s.part: Reuse(cands, encode_all=bool(why_all)) for s in corpus.shards if s.part not in kept}
+        log(f"reindex: {len(kept):,} of {len(corpus.shards):,} part(s) unchanged (their files are the same), "
+            f"{len(reuse):,} to read against {len(cands):,} live part(s)")
+        parts = pool.encode(Layout.build(fp), reuse)
+        for p in parts:
+            p.kept = p.part in kept
+        return parts, pool.info, fp, why_all, old
 
 
 def _same_options(bcfg: BuildConfig, live: Manifest) -> bool:

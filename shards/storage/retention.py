@@ -5,7 +5,8 @@ What goes, with --keep N:
   or CURRENT's parent (the version a reindex started from); age: manifest.age_key;
 - versions/<v> without a manifest (a publish that died) older than the grace period;
 - work/<run>/ scratch older than the grace period (and the caller's own finished runs at once);
-- embeddings/<fp>/ that no kept version uses, older than the grace period.
+- embeddings/<fp>/ that no kept version uses, older than the grace period; and in the directories
+  kept versions use, the files of parts none of them uses (a changed file's old part), as old.
 
 A version's manifest may refer to files outside versions/<v>/ (Manifest.path): another version's
 shards, encode's docs parts. No file a kept version refers to is ever deleted: a deleted version's
@@ -17,6 +18,7 @@ first, so a half-deleted one is never listed.
 """
 from __future__ import annotations
 
+import posixpath
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -35,6 +37,7 @@ class Pruned:
     unfinished: list[str] = field(default_factory=list)
     work: list[str] = field(default_factory=list)
     embeddings: list[str] = field(default_factory=list)
+    parts: list[str] = field(default_factory=list)        # files of embeddings parts no kept version uses
     notes: list[str] = field(default_factory=list)
     dry_run: bool = False
 
@@ -44,6 +47,8 @@ class Pruned:
         for what, names in (("versions", self.versions), ("unfinished", self.unfinished),
                             ("work", self.work), ("embeddings", self.embeddings)):
             out.append(f"{what:<12} {verb} {len(names)}" + (f": {', '.join(names)}" if names else ""))
+        if self.parts:
+            out.append(f"{'parts':<12} {verb} {len(self.parts)} file(s) of embeddings parts no kept version uses")
         return out + [f"note         {n}" for n in self.notes]
 
 
@@ -92,18 +97,22 @@ def _prune(store: Store, keep: int, grace_s: float, own_work: tuple[str, ...], d
     out.work = [w for w in store.ls("work") if f"work/{w}" in own_work or stale(store, f"work/{w}", now, grace_s)]
 
     used, unknown = {p.split("/")[1] for p in refs if p.startswith("embeddings/")}, []
+    names: dict[str, set[str]] = {}  # per used embeddings dir, the part files kept versions use
     for v in kept:
         e = manifests[v].embeddings
         if e is None:
             unknown.append(v)
         else:
             used |= {p.split("/")[1] for p in e.parts}
+            for p in e.parts:
+                names.setdefault(p.split("/")[1], set()).add(posixpath.basename(p))
     if unknown:
         out.notes.append(f"embeddings/ left alone: {', '.join(sorted(unknown))} do(es) not record which "
                          "embeddings it uses (built before shardex recorded them)")
     else:
         out.embeddings = [fp for fp in store.ls("embeddings")
                           if fp not in used and stale(store, f"embeddings/{fp}", now, grace_s)]
+        out.parts = [f for fp in sorted(used) for f in stale_parts(store, fp, names.get(fp, set()), refs, now, grace_s)]
     if dry_run:
         return out
     for v in out.versions:
@@ -115,6 +124,20 @@ def _prune(store: Store, keep: int, grace_s: float, own_work: tuple[str, ...], d
         store.rm(f"work/{w}", recursive=True)
     for fp in out.embeddings:
         store.rm(f"embeddings/{fp}", recursive=True)
+    for f in out.parts:
+        store.rm(f)
+    return out
+
+
+def stale_parts(store: Store, fp: str, kept_names: set[str], refs: set[str], now: float, grace_s: float) -> list[str]:
+    """The files of embeddings/<fp>/ (a part, its docs, record and rejects) of parts no kept version
+    uses and older than the grace period: parts are named by their source, so one directory holds the
+    parts of every version with the same encoder, and a changed file's old part goes once unused."""
+    out = []
+    for f in _files(store, f"embeddings/{fp}"):
+        name = posixpath.basename(f).removesuffix(".json")
+        if name not in kept_names and f not in refs and stale(store, f, now, grace_s):
+            out.append(f)
     return out
 
 
