@@ -233,3 +233,37 @@ def test_filtered_search_over_segments_sees_live_entries_only(ray_session, tmp_p
         np.testing.assert_allclose(D1, np.take_along_axis(d, o, 1), rtol=1e-4, atol=1e-3)
         np.testing.assert_array_equal(I1, li[match][o])
     r.close()
+
+
+def test_a_prune_killed_half_way_deletes_nothing_a_kept_version_uses(ray_session, tmp_path):
+    """`shardex prune` SIGKILLed between deleting v1's manifest and its files (v3 refers to v1's base
+    segments): v3 still loads, verifies and searches whole, and the prune run again finishes."""
+    import subprocess
+    import sys
+
+    from shards.storage.manifest import list_versions, verify
+
+    from helpers import cli_env
+
+    src, root = tmp_path / "corpus", tmp_path / "index"
+    write_vector_corpus(str(src), n=N, d=D, files=2, seed=5)
+    v1 = build(ray_session, source=str(src), index_root=str(root), vector_column="vector", fields=["title"],
+               factory="IVF32,PQ8", shards=2, part_rows=500)
+    mutate(src)
+    reindex(ReindexConfig(source=str(src), index_root=str(root), drift_error=100))
+    change_again(src)
+    reindex(ReindexConfig(source=str(src), index_root=str(root), drift_error=100))
+    store = Store(str(root))
+    m3 = load_manifest(store, current_version(store))
+    shardex = [sys.executable, "-m", "index_builder.cli", "prune", str(root), "--keep", "1", "--grace", "0"]
+    p = subprocess.run(shardex, env=cli_env(SHARDEX_CRASH_AT=f"versions/{v1.version}/lists.npy"),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert v1.version not in [v["version"] for v in list_versions(store)]  # its manifest went first
+    verify(store, m3)
+    same_as_monolithic(root, src)
+    p = subprocess.run(shardex, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert not store.exists(f"versions/{v1.version}/lists.npy")
+    verify(store, m3)
+    same_as_monolithic(root, src)

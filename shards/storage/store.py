@@ -287,6 +287,7 @@ class Store:
         os.replace(tmp, dst)
 
     def rm(self, rel: str, recursive: bool = False) -> None:
+        _crash_point(rel)  # a crash test may kill a prune just before one of its deletes
         p = self.path(rel)
         if self.call(self.fs.exists, p):
             self.call(self.fs.rm, p, recursive=recursive)
