@@ -362,3 +362,11 @@ def test_plan_warnings(n, d, factory, shards, fragments):
     for f in fragments:
         assert f in text, text
     assert bool(text) == bool(fragments), text
+
+
+@pytest.mark.parametrize("factory,fast", [("IVF16,PQ8x4fs", True), ("OPQ8_32,IVF16,PQ8x4fs", True),
+                                          ("IVF16,PQ8", False), ("IVF16,Flat", False), ("PQ8x4fs", True)])
+def test_fast_scan(factory, fast):
+    from index_builder.plan.factory import fast_scan
+
+    assert fast_scan(factory) is fast

@@ -68,10 +68,10 @@ def base_entries(index, dead: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
 def live_entries(store: Store, m: Manifest, s: int, base) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(lists, ids, codes) of every live entry of shard s of m: its base's, then its deltas'."""
     sh = m.shards[s]
-    dead = segments.dead_from_bytes(segments.read_checked(store, m, sh.dead)) if sh.dead else np.empty(0, np.int64)
+    dead = segments.read_dead(store, m, sh)
     parts = [base_entries(base, dead[dead >= 0])]
     for d in sh.deltas:
-        h, L, ids, codes = segments.from_bytes(segments.read_checked(store, m, d), store.uri(m.path(d.file)))
+        h, L, ids, codes = segments.read_delta(store, m, d)
         keep = ~np.isin(segments.keys(h["first"], h["n"]), dead)
         parts.append((L[keep], ids[keep], codes[keep]))
     return tuple(np.concatenate(a) for a in zip(*parts))
@@ -97,6 +97,5 @@ def compact_task(store: Store, wd: WorkDir, m: Manifest, s: int, ondisk: bool) -
         store.write_text(wd.unit_done(unit), json.dumps({"unit": unit, "vectors": len(ids), "fingerprint": fp,
                                                          "digest": list(ids_digest(ids))}))
     done = json.loads(store.read_text(wd.unit_done(unit)))
-    nl = m.index.nlist
-    return merge_shard(store, wd, [unit], s, s, (0, nl), done["digest"], ondisk)
+    return merge_shard(store, wd, [unit], s, s, (0, m.index.nlist), done["digest"], ondisk)
 

@@ -14,6 +14,7 @@ import json
 import numpy as np
 import ray
 
+from index_builder.build.merge import Sources
 from index_builder.build.payload import Payload
 from index_builder.shard_math import ids_digest
 from index_builder.workdir import WorkDir, shard_name
@@ -31,17 +32,6 @@ def delta_name(s: int, first: int) -> str:
     return f"{shard_name(s)}.delta-{first}.seg"
 
 
-def shard_rows(p: Payload, section: int, lists: tuple[int, int] | None):
-    """(lists, ids, codes) of one payload's rows for a shard: a section, cut to a list range if given."""
-    r0, r1 = p.section(section)
-    L = p.lists(r0, r1)
-    if lists is not None:  # section 0 is sorted by list
-        a, b = np.searchsorted(L, lists[0]), np.searchsorted(L, lists[1])
-        r0, r1, L = r0 + int(a), r0 + int(b), L[a:b]
-    ids, codes = p.rows(r0, r1)
-    return L, ids, codes
-
-
 @ray.remote(**TASK_RETRIES)
 def delta_task(store: Store, wd: WorkDir, units: list[str], s: int, section: int, lists: tuple[int, int] | None,
                fp: str, first: int, nlist: int) -> dict:
@@ -49,15 +39,12 @@ def delta_task(store: Store, wd: WorkDir, units: list[str], s: int, section: int
     rec = delta_record(wd, s)
     if store.exists(rec):
         return {**json.loads(store.read_text(rec)), "reused": True}
-    got = []
-    for u in units:
-        p = Payload(store, wd.unit_payload(u))
+    pays = [Payload(store, wd.unit_payload(u)) for u in units]
+    for p in pays:
         p.check(fp)
-        got.append(shard_rows(p, section, lists))
-    L = np.concatenate([g[0] for g in got]).astype(np.int32)
-    ids = np.concatenate([g[1] for g in got]).astype(np.int64)
-    c = got[0][2].shape[1] if got else 0
-    codes = np.concatenate([g[2] for g in got]) if got else np.empty((0, c), np.uint8)
+    a, b = lists if lists is not None else (0, nlist)  # ivf: the shard's list range of section 0
+    L, ids, codes = Sources(pays, section, a, b).read(a, b)  # the merge's reader: rows by list
+    L, ids = L.astype(np.int32), ids.astype(np.int64)
     if (ids < 0).any():
         raise IntegrityError(f"{store.uri(wd.root)}: a delta of shard {s} holds a negative id")
     name = f"{wd.shards}/{delta_name(s, first)}"

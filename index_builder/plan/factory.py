@@ -136,6 +136,11 @@ _PQ = re.compile(r"^PQ(\d+)(?:x(\d+))?(fs)?$")
 _SQ_BITS = {"SQ4": 4, "SQ6": 6, "SQ8": 8, "SQfp16": 16, "SQbf16": 16}
 
 
+def fast_scan(factory: str) -> bool:
+    """Whether the factory's codes are fast-scan PQ (PQ{M}x4fs), whose lists are packed in blocks."""
+    return any((m := _PQ.match(p.strip())) and m.group(3) for p in factory.split(","))
+
+
 def factory_shape(factory: str, d: int) -> tuple[int, int | None, float | None]:
     """(dims the index sees after its pre-transforms, nlist or None, code bytes per vector or None
     when this parser does not know the encoding). Pure string work: no faiss."""

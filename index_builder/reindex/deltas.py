@@ -12,7 +12,6 @@ a flat or fast-scan index, or other shards (why_not).
 """
 from __future__ import annotations
 
-import io
 from dataclasses import replace
 from datetime import datetime, timezone
 
@@ -36,7 +35,8 @@ from index_builder.build.publish import (
 from index_builder.encode.parts import part_rel
 from index_builder.eval.measures import K
 from index_builder.pipeline import Run, Summary, Timer, merge_ram_budget
-from index_builder.reindex.drift import imbalance, lists_task, load_npy
+from index_builder.plan.factory import fast_scan
+from index_builder.reindex.drift import imbalance, lists_task, load_npy, save_npy
 from index_builder.shard_math import add_rows, add_units, hash_shard
 from shards.errors import IntegrityError
 from shards.raytools import cluster_cpus, log, ray_get
@@ -64,7 +64,7 @@ def why_not(live: Manifest, cfg, retrain: bool) -> str | None:
         return "the quantizer is retrained"
     if not live.index.nlist:
         return f"{live.index.factory} has no IVF lists to add delta segments to"
-    if "fs" in live.index.factory.split(",")[-1]:
+    if fast_scan(live.index.factory):
         return f"{live.index.factory}: fast-scan lists are packed in blocks, which delta segments do not hold"
     if (live.sharding.mode, live.sharding.shards) != (cfg.sharding, cfg.shards):
         return (f"the shards change ({live.sharding.shards} {live.sharding.mode} -> "
@@ -77,14 +77,13 @@ def why_not(live: Manifest, cfg, retrain: bool) -> str | None:
 def live_deltas(store: Store, m: Manifest, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, keys, lists) of shard s's live delta entries in m."""
     sh = m.shards[s]
-    got = [segments.from_bytes(segments.read_checked(store, m, d), store.uri(m.path(d.file))) for d in sh.deltas]
+    got = [segments.read_delta(store, m, d) for d in sh.deltas]
     if not got:
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
     ids = np.concatenate([g[2] for g in got])
     keys = np.concatenate([segments.keys(h["first"], h["n"]) for h, *_ in got])
     lists = np.concatenate([g[1] for g in got]).astype(np.int64)
-    dead = segments.dead_from_bytes(segments.read_checked(store, m, sh.dead)) if sh.dead else np.empty(0, np.int64)
-    ok = ~np.isin(keys, dead)
+    ok = ~np.isin(keys, segments.read_dead(store, m, sh))
     return ids[ok], keys[ok], lists[ok]
 
 
@@ -188,9 +187,7 @@ def _shard(store: Store, live: Manifest, v: str, s: int, made: dict | None, dead
                                 ntotal=made["ntotal"], first=made["first"]))
     dead, count = sh.dead, sh.dead_count
     if len(dead_keys):
-        was = live.shards[s].dead
-        old = segments.dead_from_bytes(segments.read_checked(store, live, was)) if was else np.empty(0, np.int64)
-        keys = np.union1d(old, dead_keys)
+        keys = np.union1d(segments.read_dead(store, live, live.shards[s]), dead_keys)
         rel = f"{vdir(v)}/shard-{s}.dead.npy"
         w = store.write_bytes(rel, segments.dead_bytes(keys))
         dead, count = FileInfo(file=ref(v, rel), sha256=w.sha256, bytes=w.bytes, ntotal=len(keys)), len(keys)
@@ -208,9 +205,7 @@ def _lists(store: Store, live: Manifest, v: str, made: list, gone: list) -> tupl
             sizes = sizes + np.asarray(m["counts"], np.int64)
     for _, lists in gone:
         sizes = sizes - np.bincount(lists.astype(np.int64), minlength=len(sizes))
-    buf = io.BytesIO()
-    np.save(buf, sizes)
-    w = store.write_bytes(f"{vdir(v)}/{LISTS}", buf.getvalue())
+    w = save_npy(store, f"{vdir(v)}/{LISTS}", sizes)
     return FileInfo(file=LISTS, sha256=w.sha256, bytes=w.bytes), sizes
 
 

@@ -110,10 +110,11 @@ def list_sizes(index) -> np.ndarray | None:
     return np.array([inv.list_size(l) for l in range(iv.nlist)], dtype=np.int64)
 
 
-def save_npy(store: Store, rel: str, a: np.ndarray) -> None:
+def save_npy(store: Store, rel: str, a: np.ndarray):
+    """a as a .npy file at rel; the Written (sha256, bytes) of it."""
     buf = io.BytesIO()
     np.save(buf, a)
-    store.write_bytes(rel, buf.getvalue())
+    return store.write_bytes(rel, buf.getvalue())
 
 
 def load_npy(store: Store, rel: str) -> np.ndarray:

@@ -104,7 +104,7 @@ class ShardSearcher:
         alive = self.seg.alive if self.seg else None
         if sel is None or sel.kind == "all":
             return alive
-        if alive is None or sel.kind not in ("not-batch",):
+        if alive is None or sel.kind != "not-batch":
             return sel.sel
         if getattr(sel, "_and", None) is None:
             sel._and = faiss().IDSelectorAnd(sel.sel, alive)

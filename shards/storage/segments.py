@@ -7,7 +7,7 @@ live (replaced or deleted) as the shard's dead set. A version's shard is then
   base       shard-s.index (+ .ivfdata): the faiss index a build merged, ids as its entries' keys
   deltas     shard-s.delta-F.seg: magic b"SHXSEG01" | uint64 header length | header (JSON) |
              int32 lists[n] | int64 ids[n] | uint8 codes[n, c], rows sorted by list
-  dead       shard-s.dead-V.npy: sorted int64 keys of entries that no longer count
+  dead       shard-s.dead.npy: sorted int64 keys of entries that no longer count
 
 A delta's entry r is keyed -(2 + F + r) (F: its `first`, the number of delta entries the shard's
 deltas held before it), never an id (ids are >= 0) nor faiss's -1. So one key names one entry, and
@@ -154,11 +154,19 @@ def read_checked(store, m, info) -> bytes:
     return check_bytes(store.uri(rel), store.read_bytes(rel), info.sha256, info.bytes)
 
 
+def read_delta(store, m, info) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """(header, lists, ids, codes) of the delta segment m names by info, checked."""
+    return from_bytes(read_checked(store, m, info), store.uri(m.path(info.file)))
+
+
+def read_dead(store, m, shard) -> np.ndarray:
+    """The dead keys of a shard of m (none when it has no dead set), checked."""
+    return dead_from_bytes(read_checked(store, m, shard.dead)) if shard.dead else np.empty(0, np.int64)
+
+
 def load(store, m, shard, base) -> SegmentedIndex:
     """Shard `shard` of manifest m (a ShardInfo with deltas or a dead set) over its loaded base."""
-    deltas = [from_bytes(read_checked(store, m, d), store.uri(m.path(d.file))) for d in shard.deltas]
-    dead = dead_from_bytes(read_checked(store, m, shard.dead)) if shard.dead else np.empty(0, np.int64)
-    seg = SegmentedIndex(base, deltas, dead)
+    seg = SegmentedIndex(base, [read_delta(store, m, d) for d in shard.deltas], read_dead(store, m, shard))
     if len(seg) != shard.live:
         raise IntegrityError(f"{store.uri(m.path(shard.file))}: its segments hold {len(seg)} live vectors, "
                              f"the manifest says {shard.live}")
