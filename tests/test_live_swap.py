@@ -9,7 +9,8 @@ serving cluster here anyway: train, tune and baseline each ask for a whole node'
 
 Threads keep querying, with the vectors of a deleted, a new and a changed document, from before
 the reindex starts until after the router has swapped; every answer must be whole and come from
-the version it names.
+the version it names. The reindex keeps the trained index and adds delta segments, so the swap is
+in place: the app's own shard replicas load the new version from its new segments, beside the old.
 """
 from __future__ import annotations
 
@@ -33,6 +34,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def served(out: list, version: str) -> int:
     """How many of under_load's answers came from this version."""
     return sum(code == 200 and r["version"] == version for _, _, code, r in list(out))
+
+
+def damaged_delta_refused(c: Client, store: Store, good: str) -> bool:
+    """A copy of `good` whose first delta segment the manifest gives a wrong sha256: the swap in place
+    to it is refused naming the file, and `good` serves on."""
+    import json
+    import shutil
+
+    from shards.storage.manifest import set_current, vdir
+
+    bad = good + "-bad"
+    shutil.copytree(store.path(vdir(good)), store.path(vdir(bad)))
+    m = json.loads(store.read_text(f"{vdir(bad)}/manifest.json"))
+    d = next(d for sh in m["shards"] for d in sh["deltas"])
+    d["sha256"] = ("0" if d["sha256"][0] != "0" else "1") + d["sha256"][1:]
+    m["version"] = bad
+    store.write_text(f"{vdir(bad)}/manifest.json", json.dumps(m))
+    set_current(store, bad)
+    try:
+        r = c.post("/admin/reload")
+        err = r.json().get("error", "")
+        ok = r.status_code == 503 and d["file"] in err and f"still serving {good}" in err
+        return ok and c.get("/version").json()["version"] == good
+    finally:
+        set_current(store, good)
 
 
 def reindex_process(src, root) -> subprocess.Popen:
@@ -76,11 +102,18 @@ def test_reindex_while_serving_swaps_with_no_failed_request(ray_session, tmp_pat
             wait_until(lambda: Client(base).get("/version").json()["version"] == v2, 30,
                        what="the router to follow CURRENT")
             wait_until(lambda: served(out, v2) >= 10, 60, what="10 answers from v2")
-        wait_until(lambda: app_name(cfg.name, v1) not in serve.status().applications, 60,
-                   what="the old version's app to be released")
         stats = Client(base).get("/stats").json()
+        serving = Client(base).get("/version").json()["serving"]
+        apps = [a for a in serve.status().applications if a.startswith(cfg.name + "--")]
+        refused = damaged_delta_refused(Client(base), Store(str(root)), v2)
     finally:
         serve.shutdown()
+
+    # in place: v1's app serves v2, its replicas read the deltas and dead sets, the bases they held stay
+    assert apps == [app_name(cfg.name, v1)] and serving["app"] == app_name(cfg.name, v1)
+    assert stats["swaps_in_place"] == 1 and stats["last_load"]["in_place"] and stats["last_load"]["version"] == v2
+    assert stats["last_load"]["segments_reused"] == 2, stats["last_load"]   # one base per shard, not read again
+    assert refused
 
     failed = [(code, res) for _, _, code, res in out if code != 200]
     assert not failed, failed[:3]

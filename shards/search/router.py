@@ -39,7 +39,9 @@ class IndexView:
     """What the router knows of one version: the manifest, the docs dataset (not its rows),
     the filterable fields, the coarse quantizer of an IVF index, and the list ranges of ivf sharding."""
 
-    def __init__(self, store: Store, version: str, filter_fields: list[str] | None = None):
+    def __init__(self, store: Store, version: str, filter_fields: list[str] | None = None,
+                 prev: IndexView | None = None):
+        """prev: a view loaded before; its coarse quantizer is taken when this version keeps it."""
         self.store = store
         self.version = version
         self.manifest: Manifest = load_manifest(store, version)
@@ -49,10 +51,23 @@ class IndexView:
         self.mode = m.sharding.mode
         self.ranges = [list(r) for r in m.sharding.ranges] if self.mode == "ivf" else None
         self.quantizer = None
-        if m.index.nlist:
+        if m.index.nlist and prev is not None and self.keeps_trained(prev):
+            self.quantizer = prev.quantizer
+        elif m.index.nlist:
             from shards.storage.faissio import read_verified
 
             self.quantizer = read_verified(store, m.dir_of(m.trained), m.trained)  # checked against the manifest
+
+    def keeps_trained(self, other: IndexView) -> bool:
+        """Whether this version's trained index is other's file (same path, same sha256)."""
+        a, b = self.manifest, other.manifest
+        return (a.path(a.trained.file), a.trained.sha256) == (b.path(b.trained.file), b.trained.sha256)
+
+    def fits_app_of(self, other: IndexView) -> bool:
+        """Whether other's shard replicas can load this version beside their own (a swap in place):
+        the same trained index, shard count, filterable fields and encoder."""
+        return (self.keeps_trained(other) and self.nshards == other.nshards and self.kinds == other.kinds
+                and self.manifest.encoder == other.manifest.encoder)
 
     @property
     def nshards(self) -> int:

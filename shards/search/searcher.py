@@ -18,16 +18,20 @@ NPROBE_GROWTH = 4   # a filtered search that comes back short retries with nprob
 
 
 class ShardSearcher:
-    def __init__(self, store: Store, version: str | Manifest, shard: FileInfo, threads: int | None = None):
+    def __init__(self, store: Store, version: str | Manifest, shard: FileInfo, threads: int | None = None,
+                 held=None):
+        """held: where a serving replica keeps loaded segments (shards/search/held.py), asked for the
+        base and each delta before they are read; None reads them."""
         self.threads = threads
         if threads:
             faiss().omp_set_num_threads(threads)
         m = load_manifest(store, version) if isinstance(version, str) else version
-        self.index = load_shard(store, m, shard)  # checks ntotal; mmaps a shard merged on disk
+        self.index = held.base(store, m, shard) if held else load_shard(store, m, shard)  # checked, mmapped
         self.name = shard.file
         self.seg = None  # a shard with delta segments or a dead set is searched through them
+        self.rows, self.attr_bytes = None, 0
         if getattr(shard, "segmented", False):
-            self.seg = segments.load(store, m, shard, self.index)
+            self.seg = segments.load(store, m, shard, self.index, held.delta if held else segments.read_delta)
             self.index = self.seg.index
         if self._ivf is not None:
             # faiss parallelizes the default mode (0) in search() only, around search_preassigned, so a shard
@@ -43,24 +47,55 @@ class ShardSearcher:
     def nlist(self) -> int:
         return int(self._ivf.nlist) if self._ivf is not None else 1
 
-    def load_attributes(self, store: Store, m: Manifest, kinds: dict[str, str]) -> int:
+    def load_attributes(self, store: Store, m: Manifest, kinds: dict[str, str],
+                        prev: ShardSearcher | None = None) -> int:
         """Hold the filterable columns of this shard's own documents; returns their bytes.
 
         Every docs file is read with only the id and those columns, and only this shard's
-        rows are kept, so a shard holds 1/S of the attributes and none of the text.
-        """
-        if self.seg is None:
-            rows = _own_rows(store, m, np.sort(index_ids(self.index)), list(kinds))
-        else:  # keyed by entry: a filter's selector then names live entries only
-            keys, ids = self.seg.live()
-            rows = _own_rows(store, m, ids, list(kinds))
-            rows = rows.set_column(0, "id", _keys_of(rows.column("id").to_numpy(), ids, keys))
-        self.attrs = Attributes.from_table(rows, kinds)
+        rows are kept, so a shard holds 1/S of the attributes and none of the text. With
+        prev (this shard in a version loaded before), only docs files prev did not have are
+        read: prev's rows of entries still live stay, those files' rows replace them.
+        Rows are keyed by entry (an id in a base, negative in a delta), so a filter's
+        selection names live entries only."""
+        self.kinds, self.docs, self.docs_read = kinds, set(_docs(m)), 0
+        rows = self._rows_since(store, m, kinds, prev) if prev is not None else None
+        if rows is None or len(rows) != self.ntotal():  # prev could not say (none held, or a row short)
+            rows = self._rows(store, m, [f for f, _ in _docs(m)], kinds)
+        self.rows, self.attrs = rows, Attributes.from_table(rows, kinds)
         if len(self.attrs) != self.ntotal():
             raise IntegrityError(f"{self.name}: {self.ntotal()} vectors but {len(self.attrs)} rows of "
                                  f"{m.version}'s docs files carry its ids")
         self.selections = SelectionCache()
-        return self.attrs.nbytes()
+        self.attr_bytes = self.attrs.nbytes()
+        return self.attr_bytes
+
+    def _rows(self, store: Store, m: Manifest, files: list[str], kinds: dict[str, str]):
+        """The id (as entry key) and `kinds` columns of this shard's live rows in docs files `files`."""
+        keys, ids = self._live()
+        rows = _own_rows(store, m, ids, list(kinds), files)
+        self.docs_read += len(files)
+        return rows if self.seg is None else rows.set_column(0, "id", _keys_of(rows.column("id").to_numpy(),
+                                                                               ids, keys))
+
+    def _rows_since(self, store: Store, m: Manifest, kinds: dict[str, str], prev: ShardSearcher):
+        """prev's rows of entries still live, overlaid by the rows of docs files new since prev;
+        None when prev holds none of the same columns."""
+        import pyarrow as pa
+
+        if prev.rows is None or prev.kinds != kinds:
+            return None
+        new = [f for f, sha in _docs(m) if (f, sha) not in prev.docs]
+        fresh = self._rows(store, m, new, kinds) if new else prev.rows.schema.empty_table()
+        k = prev.rows.column("id").to_numpy()
+        keep = np.isin(k, self._live()[0]) & ~np.isin(k, fresh.column("id").to_numpy())
+        return pa.concat_tables([prev.rows.filter(pa.array(keep)), fresh.cast(prev.rows.schema)])
+
+    def _live(self) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, ids) of the live entries, sorted by id (a base entry's key is its id)."""
+        if self.seg is not None:
+            return self.seg.live()
+        ids = np.sort(index_ids(self.index))
+        return ids, ids
 
     def search(self, xq: np.ndarray, k: int, nprobe: int | None = None, flt: list | None = None,
                coarse: tuple[np.ndarray, np.ndarray] | None = None):
@@ -170,13 +205,21 @@ def _keys_of(ids: np.ndarray, live_ids: np.ndarray, live_keys: np.ndarray):
     return pa.array(live_keys[np.searchsorted(live_ids, ids)], pa.int64())
 
 
-def _own_rows(store: Store, m: Manifest, ids: np.ndarray, fields: list[str]):
-    """The id and `fields` columns of the docs rows whose id is in `ids` (sorted), file by file."""
+def _docs(m: Manifest) -> list[tuple[str, str]]:
+    """(path under INDEX_ROOT, sha256 or "") of each docs file of m: one pair names one content."""
+    d = m.docs
+    shas = d.sha256 if len(d.sha256) == len(d.files) else [""] * len(d.files)
+    return [(m.path(f), sha) for f, sha in zip(d.files, shas)]
+
+
+def _own_rows(store: Store, m: Manifest, ids: np.ndarray, fields: list[str], files: list[str]):
+    """The id and `fields` columns of the docs rows (of `files`, paths under INDEX_ROOT) whose id is
+    in `ids` (sorted), file by file."""
     import pyarrow as pa
 
     parts = []
-    for f in m.docs.files:
-        t = store.read_table(m.path(f), columns=["id", *fields])
+    for f in files:
+        t = store.read_table(f, columns=["id", *fields])
         got = t.column("id").to_numpy()
         pos = np.minimum(np.searchsorted(ids, got), len(ids) - 1) if len(ids) else got * 0
         keep = (ids[pos] == got) if len(ids) else np.zeros(len(got), bool)

@@ -171,6 +171,7 @@ class RouterDeployment:
         self.token_sha = token_sha
         self.store = Store(self.cfg.index_root, self.cfg.s3_endpoint)
         self.stats = {"requests": 0, "queries": 0, "fanouts": 0, "batches": 0, "partial": 0, "swaps": 0,
+                      "swaps_in_place": 0, "last_load": None,
                       "encode_s": 0.0, "search_s": 0.0, "fields_s": 0.0}  # time inside each step, summed
         self.versions = Versions(self.cfg, self.store, self.stats)
         self._search_batch.set_max_batch_size(self.cfg.max_queries)
@@ -277,8 +278,10 @@ class RouterDeployment:
 
     @api.get("/stats", responses={401: {"model": ErrorResponse}}, dependencies=TOKEN)
     async def stats(self):
-        """Counters since start: requests, queries, server batches and fan-outs, partial answers, swaps,
-        and the seconds requests spent encoding, searching (batch wait included) and reading fields."""
+        """Counters since start: requests, queries, server batches and fan-outs, partial answers, swaps
+        (and those in place, by the served app's replicas), the seconds requests spent encoding,
+        searching (batch wait included) and reading fields, and how the last version loaded
+        (last_load: in place or not, seconds, bytes its replicas read, segments they reused)."""
         return Json({**self.stats, "version": self._version()})
 
     @api.post("/admin/reload", responses=ERRORS, dependencies=TOKEN)

@@ -4,6 +4,12 @@ The router loads a version by deploying its app beside the one being served, wai
 until every replica is up, and then replacing one reference: a request holds the
 version it started with until it ends, so every response names the version that
 answered it. The old app is deleted once its last request is done.
+
+In place: a version that keeps the served one's trained index, shard count, filterable
+fields and encoder (a reindex that added delta segments) is loaded by the served app's
+own shard replicas, beside the version they serve, from what is new in it (its deltas,
+dead sets, docs files: shards/search/held.py). Each request names its version to the
+shard, so the switch is the same one reference, and the app stays.
 """
 from __future__ import annotations
 
@@ -60,7 +66,7 @@ class Live:
 
     def call(self, s, xq, k, nprobe, flt, coarse):
         """fan_out's call: shard s of this version, through its Serve handle."""
-        return self.shards[s].search.remote(xq, k, nprobe, flt, coarse)
+        return self.shards[s].search.remote(xq, k, nprobe, flt, coarse, self.version)
 
 
 class Versions:
@@ -72,6 +78,7 @@ class Versions:
         self.load_error: str | None = None
         self.failed_version: str | None = None
         self.lock = asyncio.Lock()
+        self.apps: dict[str, int] = {}  # app -> Live objects on it not released yet (the served one too)
 
     async def watch(self) -> None:
         """Load CURRENT, then follow it every poll_seconds (0: only the first load)."""
@@ -100,26 +107,53 @@ class Versions:
                 self.load_error = one_line(e, ShardexError)
                 raise SearchError(self.load_error) from None
             old, self.live = self.live, new  # the switch: one reference, read once by each request
+            self.apps[new.app] = self.apps.get(new.app, 0) + 1
             self.load_error, self.failed_version = None, None
             self.stats["swaps"] += old is not None
+            self.stats["swaps_in_place"] += old is not None and old.app == new.app
         if old is not None:
             asyncio.get_running_loop().create_task(self._release(old))
         return True
 
     async def _load(self, version: str) -> Live:
-        view = await asyncio.to_thread(IndexView, self.store, version, self.cfg.filter_fields)
-        res = self._resources(view)
+        t, old = time.perf_counter(), self.live
+        view = await asyncio.to_thread(IndexView, self.store, version, self.cfg.filter_fields,
+                                       old.view if old else None)
+        if old is not None and view.fits_app_of(old.view):
+            live = Live(view, old.app, old.shards, old.encoder)
+            await self._ready(live, self.cfg.replicas, t, delete=False)
+        else:
+            live = await self._deploy(view)
+            await self._ready(live, self.cfg.replicas, t, delete=True)
+        return live
+
+    async def _deploy(self, view: IndexView) -> Live:
+        """A new app for view's version, beside the served one; its replicas load it as they start."""
+        res, version = self._resources(view), view.version
         name = app_name(self.cfg.name, version)
         await asyncio.to_thread(deploy_version, version_app(self.cfg, view, res), name, self.cfg.load_timeout)
         shards = [serve.get_deployment_handle(shard_name(s), name) for s in range(view.nshards)]
         enc = serve.get_deployment_handle("encoder", name) if view.text else None
-        live = Live(view, name, shards, enc)
-        pings = await asyncio.gather(*[as_coroutine(h.ping.remote()) for h in shards], return_exceptions=True)
-        bad = [f"{shard_name(s)}: {one_line(p)}" for s, p in enumerate(pings) if isinstance(p, BaseException)]
+        return Live(view, name, shards, enc)
+
+    async def _ready(self, live: Live, per_shard: int, t: float, delete: bool) -> None:
+        """Ping each shard of live's version `per_shard` times at once (a replica loads the version if it
+        does not hold it; concurrent pings spread over the replicas, and one a ping missed loads it
+        on its first request); record the load in stats["last_load"]; raise naming the shards that failed."""
+        hs = [(s, h) for s, h in enumerate(live.shards) for _ in range(per_shard)]
+        pings = await asyncio.gather(*[as_coroutine(h.ping.remote(live.version)) for _, h in hs],
+                                     return_exceptions=True)
+        bad = sorted({f"{shard_name(s)}: {one_line(p)}" for (s, _), p in zip(hs, pings)
+                      if isinstance(p, BaseException)})
         if bad:
-            await asyncio.to_thread(delete_app, name)
-            raise SearchError(f"{name}: " + "; ".join(bad))
-        return live
+            if delete:
+                await asyncio.to_thread(delete_app, live.app)
+            raise SearchError(f"{live.app}: " + "; ".join(bad))
+        loads = {p["replica"]: p["load"] or {} for p in pings}
+        self.stats["last_load"] = {"version": live.version, "in_place": not delete, "replicas": len(loads),
+                                   "seconds": round(time.perf_counter() - t, 3),
+                                   "bytes_read": sum(x.get("bytes_read") or 0 for x in loads.values()),
+                                   "segments_reused": sum(x.get("segments_reused") or 0 for x in loads.values())}
 
     def _resources(self, view: IndexView) -> Resources:
         return plan_resources(*cluster_cpus(), view.nshards, self.cfg.replicas, self.cfg.encoder_replicas,
@@ -131,4 +165,7 @@ class Versions:
             await asyncio.wait_for(old.idle.wait(), DRAIN_SECONDS)
         except asyncio.TimeoutError:
             pass
-        await asyncio.to_thread(delete_app, old.app)
+        self.apps[old.app] -= 1
+        if not self.apps[old.app]:  # no version on it is served or draining: an app swapped in place stays
+            del self.apps[old.app]
+            await asyncio.to_thread(delete_app, old.app)

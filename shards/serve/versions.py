@@ -5,7 +5,9 @@
                              encoder                  text indexes only: the index's own encoder
                              version                  the app's (empty) ingress
 
-The router (shards/serve/http.py) deploys one beside the version it serves and swaps to it
+The router (shards/serve/http.py) deploys one beside the version it serves and swaps to it, or,
+when the next version keeps the trained index and the shape, swaps in place: the app's shard
+replicas load the next version beside the one they serve, from its new segments only
 (shards/serve/swap.py); concurrent text queries are encoded as one batch (@serve.batch on the encoder).
 """
 import asyncio
@@ -34,31 +36,46 @@ def app_name(name: str, version: str) -> str:
 @serve.deployment(max_ongoing_requests=32, graceful_shutdown_timeout_s=5, max_constructor_retry_count=2,
                   health_check_period_s=5)
 class ShardDeployment:
-    """One shard of one version. Searches run one at a time in a thread (faiss uses the threads)."""
+    """One shard, from the version its app was deployed for on. A request names the version it
+    searches; a version that shares segments with one held is loaded beside it from what is new
+    (shards/search/held.py), so the router can swap in place. Searches run one at a time in a
+    thread (faiss uses the threads); a load does not stop them."""
 
     def __init__(self, index_root: str, s3_endpoint: str | None, version: str, s: int, kinds: dict,
                  threads: int):
-        from shards.search.searcher import ShardSearcher
+        from shards.search.held import HeldShard
 
         store = Store(index_root, s3_endpoint)
-        m = load_manifest(store, version)
-        self.s, self.version = s, version
-        self.searcher = ShardSearcher(store, m, m.shards[s], threads)
-        self.attr_bytes = self.searcher.load_attributes(store, m, kinds) if kinds else 0
+        self.s, self.version = s, first_version(store, version)
+        self.held = HeldShard(store, s, kinds, threads)
+        self.held.get(self.version)
         self.lock = threading.Lock()
 
-    def _search(self, *a):
+    def _search(self, xq, k, nprobe, flt, coarse, version):
+        sr = self.held.get(version or self.version)
         with self.lock:
-            return self.searcher.search(*a)
+            return sr.search(xq, k, nprobe, flt, coarse)
 
-    async def search(self, xq: np.ndarray, k: int, nprobe: int | None, flt: list | None, coarse=None):
-        return await asyncio.to_thread(self._search, xq, k, nprobe, flt, coarse)
+    async def search(self, xq: np.ndarray, k: int, nprobe: int | None, flt: list | None, coarse=None,
+                     version: str | None = None):
+        return await asyncio.to_thread(self._search, xq, k, nprobe, flt, coarse, version)
 
-    async def ping(self) -> dict:
+    async def ping(self, version: str | None = None) -> dict:
+        """This replica's shard of `version` (loaded if it is not held) and how its load went."""
         import ray
 
-        return {"shard": shard_name(self.s), "version": self.version, "ntotal": self.searcher.ntotal(),
-                "attribute_bytes": self.attr_bytes, "replica": ray.get_runtime_context().get_actor_name()}
+        v = version or self.version
+        sr = await asyncio.to_thread(self.held.get, v)
+        return {"shard": shard_name(self.s), "version": v, "ntotal": sr.ntotal(), "attribute_bytes": sr.attr_bytes,
+                "load": self.held.loads.get(v), "replica": ray.get_runtime_context().get_actor_name()}
+
+
+def first_version(store: Store, version: str) -> str:
+    """The version a shard replica starts on: its app's, or CURRENT once that one is pruned (a replica
+    Serve restarts after its app swapped in place to later versions and the first was let go)."""
+    from shards.storage.manifest import current_version, vdir
+
+    return version if store.exists(f"{vdir(version)}/manifest.json") else current_version(store)
 
 
 def _texts(items: list) -> int:

@@ -164,9 +164,10 @@ def read_dead(store, m, shard) -> np.ndarray:
     return dead_from_bytes(read_checked(store, m, shard.dead)) if shard.dead else np.empty(0, np.int64)
 
 
-def load(store, m, shard, base) -> SegmentedIndex:
-    """Shard `shard` of manifest m (a ShardInfo with deltas or a dead set) over its loaded base."""
-    seg = SegmentedIndex(base, [read_delta(store, m, d) for d in shard.deltas], read_dead(store, m, shard))
+def load(store, m, shard, base, read=read_delta) -> SegmentedIndex:
+    """Shard `shard` of manifest m (a ShardInfo with deltas or a dead set) over its loaded base;
+    read(store, m, info): a delta's parsed file (a serving replica passes one that keeps them)."""
+    seg = SegmentedIndex(base, [read(store, m, d) for d in shard.deltas], read_dead(store, m, shard))
     if len(seg) != shard.live:
         raise IntegrityError(f"{store.uri(m.path(shard.file))}: its segments hold {len(seg)} live vectors, "
                              f"the manifest says {shard.live}")
