@@ -87,9 +87,12 @@ def live_deltas(store: Store, m: Manifest, s: int) -> tuple[np.ndarray, np.ndarr
     return ids[ok], keys[ok], lists[ok]
 
 
-def locate(store: Store, live: Manifest, old, gone: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per shard of the live version, (keys, lists) of the live entries of the ids in `gone`."""
-    S, out, rest = len(live.shards), [], np.asarray(gone, np.int64)
+def locate(store: Store, live: Manifest, old, diff) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per shard of the live version, (keys, lists) of the live entries of the ids the diff found
+    gone (diff.gone: per old part, its ids changed or deleted)."""
+    S, out, rest = len(live.shards), [], diff.gone_ids
+    if not len(rest):
+        return [(np.empty(0, np.int64), np.empty(0, np.int64))] * S
     for s in range(S):
         ids, keys, lists = live_deltas(store, live, s)
         hit = np.isin(ids, rest)
@@ -98,9 +101,8 @@ def locate(store: Store, live: Manifest, old, gone: np.ndarray) -> list[tuple[np
     if not len(rest):
         return [tuple(o) for o in out]
     trained = live.path(live.trained.file)
-    pos = np.searchsorted(old.ids, rest)
-    refs = [lists_task.options(num_cpus=1).remote(store, trained, old.parts[p], rest[old.part[pos] == p].tolist())
-            for p in np.unique(old.part[pos])]
+    refs = [lists_task.options(num_cpus=1).remote(store, trained, old.sources[p], ids[np.isin(ids, rest)].tolist())
+            for p, ids in diff.gone.items() if np.isin(ids, rest).any()]
     got = ray_get(refs)
     ids = np.concatenate([g[0] for g in got])
     lists = np.concatenate([g[1] for g in got])
@@ -117,10 +119,11 @@ def locate(store: Store, live: Manifest, old, gone: np.ndarray) -> list[tuple[np
     return [tuple(o) for o in out]
 
 
-def index_deltas(cfg, store: Store, t: Timer, run: Run, live: Manifest, old, diff, lineage: Lineage,
+def index_deltas(cfg, store: Store, t: Timer, run: Run, live: Manifest, gone, diff, lineage: Lineage,
                  options: dict, policy: tuple[float, int]) -> Summary:
     """Publish run's new and changed vectors as delta segments over the live version (see above);
-    policy: (share, segments), when a shard is compacted (build/compact.py due)."""
+    gone: locate's (keys, lists) per shard; policy: (share, segments), when a shard is compacted
+    (build/compact.py due)."""
     run = replace(run, wd=claim_version(store, run.wd))
     v, S, nlist = run.wd.version, len(live.shards), live.index.nlist
     if not store.exists(run.wd.trained):
@@ -135,7 +138,6 @@ def index_deltas(cfg, store: Store, t: Timer, run: Run, live: Manifest, old, dif
             store, run.wd, u, pieces, shards=S, sharding=live.sharding.mode, metric=run.metric, k=K,
             changed_only=True) for u, pieces in zip(names, units)], "add", "units")
     with t.stage("merge"):
-        gone = locate(store, live, old, np.concatenate([diff.changed_ids, diff.deleted_ids]))
         ranges = live.sharding.ranges
         refs = [delta_task.options(num_cpus=1).remote(
             store, run.wd, names, s, 0 if ranges else s, tuple(ranges[s]) if ranges else None, fp,

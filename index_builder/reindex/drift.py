@@ -28,7 +28,7 @@ from shards.raytools import TASK_RETRIES
 from shards.storage.faissio import faiss, ivf, pretransform, read_index, untransform
 from shards.storage.store import Store
 
-BASELINE_SAMPLE = 20_000   # vectors the build's error baseline is measured on
+BASELINE_SAMPLE = 20_000   # vectors the build's error baseline is measured on, and a reindex's new vectors at most
 LOSSLESS = 1e-7            # codec error under this fraction of the mean squared norm: the codes are exact
 
 
@@ -160,9 +160,12 @@ def baseline_task(store: Store, wd: WorkDir, parts: list[tuple[str, int]], *, sh
 
 
 @ray.remote(**TASK_RETRIES)
-def delta_task(store: Store, trained_rel: str, rel: str, ids: list[int] | None, kind: str | None) -> dict:
+def delta_task(store: Store, trained_rel: str, rel: str, ids: list[int] | None, kind: str | None,
+               sample: int | None = None) -> dict:
     """The list counts and error sum of some vectors of one embeddings part: ids=None takes the rows a
-    reindex encoded (origin new or changed), else the rows with these ids (the live vectors it drops)."""
+    reindex encoded (origin new or changed), else the rows with these ids (the live vectors it drops).
+    sample: the error is measured on at most this many of them, drawn at random (n says how many);
+    the counts are over all of them (assigning a vector is cheap, encoding it is not)."""
     faiss().omp_set_num_threads(1)
     index = read_index(store, trained_rel)
     t = store.read_table(rel)
@@ -177,7 +180,11 @@ def delta_task(store: Store, trained_rel: str, rel: str, ids: list[int] | None, 
     out = {"n": len(rows), "error_sum": 0.0, "counts": None}
     if not len(rows):
         return out
-    e = errors(index, x, kind)
+    pick = np.arange(len(rows))
+    if sample is not None and sample < len(rows):
+        pick = np.sort(np.random.default_rng(len(rows)).choice(len(rows), sample, replace=False))
+        out["n"] = len(pick)
+    e = errors(index, x[pick], kind)
     out["error_sum"] = float(e.sum()) if e is not None else 0.0
     if ivf(index) is not None:
         out["counts"] = np.bincount(assign(index, x)[0], minlength=ivf(index).nlist).astype(np.int64)

@@ -4,7 +4,8 @@
 2. encode    each input shard: hash the encoded column of every row, compare (id, hash) with the
              live version's embeddings; a match keeps its stored vector, the rest is encoded
              (everything is encoded when the encoder differs from the live version's)
-3. diff      new, changed, deleted and unchanged documents, from the parts' origin column
+3. diff      new, changed, deleted and unchanged documents, from the parts' origin column, in
+             tasks over id buckets (reindex/diff.py)
 4. drift     keep the live quantizer unless --retrain, another encoder, another factory, or the
              new vectors' quantization error or the lists' imbalance passed its threshold
 5. index     add, merge, tune and publish as a build does, with the kept quantizer in place
@@ -22,7 +23,7 @@ from index_builder import progress
 from index_builder.config import BuildConfig, ReindexConfig, make
 from index_builder.encode.parts import Layout, part_rel
 from index_builder.encode.pool import Encoders
-from index_builder.encode.reuse import CHANGED, NEW, Reuse
+from index_builder.encode.reuse import Reuse
 from index_builder.pipeline import (
     Kept,
     Run,
@@ -38,7 +39,16 @@ from index_builder.pipeline import (
 from index_builder.plan.corpus import Corpus, plan_corpus
 from index_builder.plan.factory import choose_factory
 from index_builder.reindex import deltas
-from index_builder.reindex.drift import Decision, decide, delta_task, imbalance, list_sizes, load_npy
+from index_builder.reindex.diff import Diff, Old, diff
+from index_builder.reindex.drift import (
+    BASELINE_SAMPLE,
+    Decision,
+    decide,
+    delta_task,
+    imbalance,
+    list_sizes,
+    load_npy,
+)
 from shards.errors import ShardexError
 from shards.raytools import ensure_ray, log, ray_get
 from shards.storage.integrity import check_info
@@ -113,66 +123,19 @@ def _live(store: Store) -> Manifest | None:
         return None
 
 
-@dataclass
-class LiveIds:
-    """The ids of some of the live version's embeddings parts (those of changed or removed files),
-    and the part that holds each."""
-
-    ids: np.ndarray          # sorted
-    part: np.ndarray         # index into parts, per id
-    parts: list[str]
-    missing: str | None      # why the live vectors cannot be reused (None when they can)
-
-    @classmethod
-    def read(cls, store: Store, m: Manifest, parts: list[str] | None = None) -> LiveIds:
-        """parts: the live parts to read (default: all); every id, from the version's docs, when the
-        live vectors are gone."""
-        missing, every = None, (m.embeddings.parts if m.embeddings else [])
-        if not m.embeddings:
-            missing = f"{m.version} records no embeddings (built before reindex support)"
-        else:
-            gone = [p for p in every if not store.exists(p)]
-            if gone:
-                missing = f"{len(gone)} of {m.version}'s embeddings parts are gone (e.g. {store.uri(gone[0])})"
-        parts = every if parts is None else parts
-        if missing:  # the ids still come from the version's own docs
-            ids = [store.read_table(m.path(f), columns=["id"]).column("id").to_numpy()
-                   for f in m.docs.files]
-            part, parts = [np.full(len(a), -1) for a in ids], []
-        else:
-            ids = [store.read_table(p, columns=["id"]).column("id").to_numpy() for p in parts]
-            part = [np.full(len(a), i) for i, a in enumerate(ids)]
-        ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
-        part = np.concatenate(part) if part else np.empty(0, np.int64)
-        order = np.argsort(ids, kind="stable")
-        return cls(ids[order], part[order], list(parts), missing)
-
-
-@dataclass
-class Diff:
-    new: int
-    changed: int
-    deleted: int
-    unchanged: int
-    changed_ids: np.ndarray
-    deleted_ids: np.ndarray
-
-
-def diff(store: Store, emb: list[str], old: LiveIds, total: int) -> Diff:
-    """What the reindex found, from the origin column of the parts it wrote (emb: those of changed
-    and new files; a resumed run counts the same) against the live ids of the files they replace
-    (old). Parts of unchanged files hold the same documents as before: total - new - changed."""
-    ids, origin = [], []
-    for rel in emb:
-        t = store.read_table(rel, columns=["id", "origin"])
-        ids.append(t.column("id").to_numpy())
-        origin.append(t.column("origin").to_numpy())
-    ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
-    origin = np.concatenate(origin) if origin else np.empty(0, np.int8)
-    deleted = np.setdiff1d(old.ids, ids)
-    new, changed = int((origin == NEW).sum()), int((origin == CHANGED).sum())
-    return Diff(new=new, changed=changed, deleted=len(deleted), unchanged=total - new - changed,
-                changed_ids=ids[origin == CHANGED], deleted_ids=deleted)
+def old_ids(store: Store, m: Manifest, parts: list[str] | None = None) -> Old:
+    """Where the live ids of `parts` (default: every part) are, and whether the live vectors can be
+    reused: when some part is gone, the ids come from the version's own docs files."""
+    every = m.embeddings.parts if m.embeddings else []
+    missing = None
+    if not m.embeddings:
+        missing = f"{m.version} records no embeddings (built before reindex support)"
+    elif gone := [p for p in every if not store.exists(p)]:
+        missing = f"{len(gone)} of {m.version}'s embeddings parts are gone (e.g. {store.uri(gone[0])})"
+    if missing:
+        return Old(sources=[m.path(f) for f in m.docs.files], parts=[], missing=missing)
+    parts = list(every if parts is None else parts)
+    return Old(sources=parts, parts=parts)
 
 
 def reindex(cfg: ReindexConfig) -> ReindexSummary:
@@ -199,8 +162,9 @@ def _reindex(cfg: ReindexConfig, store: Store) -> ReindexSummary:
         f"live {live.version}: {live.source.documents:,} documents")
     with t.stage("encode"):
         parts, enc, fp, why_all, old = encode(bcfg, corpus, live, store)
-    emb = [part_rel(fp, p.name) for p in parts if p.rows and not p.kept]  # what this run wrote
-    d = diff(store, emb, old, sum(p.rows for p in parts))
+    wrote = [p for p in parts if p.rows and not p.kept]
+    emb, news = [part_rel(fp, p.name) for p in wrote], [p.new + p.changed for p in wrote]  # what this run wrote
+    d = diff(store, old, emb, sum(p.rows for p in parts))
     log(f"reindex: {d.new:,} new, {d.changed:,} changed, {d.deleted:,} deleted, {d.unchanged:,} unchanged")
     found = ReindexSummary(version=live.version, parent=live.version, published=False, new=d.new, changed=d.changed,
                            deleted=d.deleted, unchanged=d.unchanged, encoded=sum(p.encoded for p in parts),
@@ -210,7 +174,9 @@ def _reindex(cfg: ReindexConfig, store: Store) -> ReindexSummary:
         return _finish(cfg, store, found, [])
 
     with t.stage("drift"):
-        dec = _quantizer(cfg, bcfg, store, live, Changes(old, emb, d, why_all), dim=enc.dim,
+        # where the gone ids' live entries are, and their lists: the dead sets' keys, the drift's list counts
+        located = deltas.locate(store, live, old, d) if live.index.nlist and not (why_all or cfg.retrain) else None
+        dec = _quantizer(cfg, bcfg, store, live, Changes(old, emb, news, d, why_all, located), dim=enc.dim,
                          metric=bcfg.metric or enc.metric)
     log(f"quantizer: {'retrain: ' + dec.reason if dec.retrain else 'reuse ' + live.version + chr(39) + 's'}"
         + (f" (drift {dec.ratios})" if dec.ratios else ""))
@@ -220,7 +186,7 @@ def _reindex(cfg: ReindexConfig, store: Store) -> ReindexSummary:
     why = deltas.why_not(live, bcfg, dec.retrain)
     # the version records the options asked for, not the kept quantizer's factory and metric
     if why is None:
-        s = deltas.index_deltas(run_cfg, store, t, run, live, old, d, _lineage(found, dec, "delta"),
+        s = deltas.index_deltas(run_cfg, store, t, run, live, located, d, _lineage(found, dec, "delta"),
                                 options_of(bcfg), (cfg.compact_share, cfg.compact_segments))
     else:
         log(f"reindex: new segments for every shard: {why}")
@@ -257,11 +223,11 @@ def encode(bcfg: BuildConfig, corpus: Corpus, live: Manifest, store: Store):
         fp = short_hash(corpus.columns, pool.info)
         live_parts = set(live.embeddings.parts if live.embeddings else [])
         rel = {s.part: part_rel(fp, s.key or s.part) for s in corpus.shards}
-        old = LiveIds.read(store, live, [p for p in sorted(live_parts) if p not in set(rel.values())])
+        old = old_ids(store, live, [p for p in sorted(live_parts) if p not in set(rel.values())])
         why_all = old.missing or space_change(pool.info, live.encoder)
         if why_all:
             log(f"reindex: encoding every document: {why_all}")
-            old = LiveIds.read(store, live)
+            old = old_ids(store, live)
         kept = set() if why_all else {s.part for s in corpus.shards if rel[s.part] in live_parts}
         cands = tuple(old.parts)
         reuse = {s.part: Reuse(cands, encode_all=bool(why_all)) for s in corpus.shards if s.part not in kept}
@@ -282,10 +248,12 @@ def _same_options(bcfg: BuildConfig, live: Manifest) -> bool:
 class Changes:
     """What a reindex found against the live version, for the drift check."""
 
-    old: LiveIds
+    old: Old
     emb: list[str]                 # this run's embeddings parts (with rows)
+    emb_new: list[int]             # the new and changed rows of each
     diff: Diff
     reencoded_all: str | None      # why every document was encoded again, if it was
+    located: list | None = None    # per live shard, (keys, lists) of the gone ids' live entries (deltas.locate)
 
 
 def _quantizer(cfg: ReindexConfig, bcfg: BuildConfig, store: Store, live: Manifest, c: Changes, *, dim: int,
@@ -313,17 +281,11 @@ def _quantizer(cfg: ReindexConfig, bcfg: BuildConfig, store: Store, live: Manife
 
 
 def _drift_check(cfg, store: Store, live: Manifest, c: Changes, b) -> Decision:
-    trained, old, d = live.path(live.trained.file), c.old, c.diff
-    kind = b.error_kind
-    added = [delta_task.options(num_cpus=1).remote(store, trained, rel, None, kind) for rel in c.emb]
-    gone_ids = np.concatenate([d.changed_ids, d.deleted_ids])
-    gone = []
-    if len(gone_ids) and old.missing is None:
-        pos = np.searchsorted(old.ids, gone_ids)
-        for p in np.unique(old.part[pos]):
-            ids = gone_ids[old.part[pos] == p]
-            gone.append(delta_task.options(num_cpus=1).remote(store, trained, old.parts[p], ids.tolist(), kind))
-    added, gone = ray_get(added), ray_get(gone)
+    trained, kind = live.path(live.trained.file), b.error_kind
+    total = max(1, sum(c.emb_new))  # the error over a bounded sample: each part's share of BASELINE_SAMPLE
+    added = [delta_task.options(num_cpus=1).remote(store, trained, rel, None, kind, -(-BASELINE_SAMPLE * k // total))
+             for rel, k in zip(c.emb, c.emb_new)]
+    added = ray_get(added)
     n_new = sum(a["n"] for a in added)
     new_error = sum(a["error_sum"] for a in added) / n_new if n_new and kind else None
     projected = None
@@ -332,9 +294,8 @@ def _drift_check(cfg, store: Store, live: Manifest, c: Changes, b) -> Decision:
         for a in added:
             if a["counts"] is not None:
                 sizes = sizes + a["counts"]
-        for g in gone:
-            if g["counts"] is not None:
-                sizes = sizes - g["counts"]
+        for _, lists in c.located or []:  # the entries that go, in the lists they are in now
+            sizes = sizes - np.bincount(lists.astype(np.int64), minlength=len(sizes))
         projected = imbalance(np.maximum(sizes, 0))
     return decide(b.error, new_error, b.imbalance, projected, cfg.drift_error, cfg.drift_imbalance)
 
