@@ -61,6 +61,31 @@ def test_segmented_index_equals_one_index_of_the_live_vectors(factory):
     np.testing.assert_array_equal(got, np.sort(live_i))
 
 
+@pytest.mark.parametrize("factory,metric", [("IVF16,PQ8", "l2"), ("OPQ8_32,IVF16,PQ8", "l2"), ("IVF16,PQ8", "ip"),
+                                            ("IVF16,PQ8np", "l2"), ("IVF16,PQ8np", "ip")])
+def test_delta_scan_gives_the_distances_faiss_gives(factory, metric):
+    """DeltaScan (a delta's entries scanned in numpy, beside the base) against faiss searching an index
+    holding only those entries, in the same lists: the same top-k, distances to float rounding."""
+    from shards.storage.faissio import coarse_search, metric_type, pretransform
+
+    f = faiss()
+    x = clustered(3000, 32, seed=5)
+    tr = f.index_factory(32, factory, metric_type(metric))
+    tr.train(x[:2000])
+    iv = f.extract_index_ivf(tr)
+    h, L, ids, C = _delta(tr, x[2000:], np.arange(1000, dtype=np.int64) * 3, 7)
+    scan = segments.DeltaScan.of(iv, L.astype(np.int64), ids, C)  # keyed by id here: rows are by list
+    ref = f.clone_index(tr)
+    ref.add_with_ids(x[2000:], np.arange(1000, dtype=np.int64) * 3)
+    xq = clustered(60, 32, seed=9)
+    for nprobe in (1, 3, 16):
+        Dq, Iq = coarse_search(tr, xq, nprobe)
+        D1, I1 = scan.search(pretransform(tr, xq), Dq, Iq, 10, chunk=25)
+        D2, I2 = ref.search(xq, 10, params=f.SearchParametersIVF(nprobe=nprobe))
+        assert_same_topk(D1, I1, D2, I2)
+    assert segments.DeltaScan.of(f.extract_index_ivf(f.index_factory(32, "IVF16,SQ8")), L, ids, C) is None
+
+
 def _delta(tr, x, ids, first):
     """A delta segment's parts (header, lists, ids, codes), as the reindex writes and serving reads them."""
     from index_builder.build import payload
