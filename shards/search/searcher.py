@@ -154,7 +154,7 @@ class ShardSearcher:
         if coarse is None:
             coarse = coarse_search(self.index, xq, nprobe or self._default_nprobe())
         D, I = self._live_only(xq, k, nprobe, coarse, self.index)
-        Dd, Id = self.seg.scan.search(pretransform(self.index, xq), coarse[0], coarse[1], k)
+        Dd, Id = self.seg.scan.search(pretransform(self.index, xq), coarse[0], coarse[1], k, D[:, -1])
         D, I = np.concatenate([D, Dd], 1), np.concatenate([I, Id], 1)
         best = -D if self.index.metric_type == faiss().METRIC_INNER_PRODUCT else D
         o = np.argsort(np.where(I == -1, np.inf, best), axis=1, kind="stable")[:, :k]

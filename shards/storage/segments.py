@@ -104,6 +104,7 @@ class DeltaScan:
         f = faiss()
         o = np.argsort(lists, kind="stable")
         self.keys, self.codes = keys[o], np.ascontiguousarray(codes[o])
+        self.codesT = np.ascontiguousarray(self.codes.T)  # by subquantizer: a scan gathers M times
         self.off = np.searchsorted(lists[o], np.arange(iv.nlist + 1))
         pq = iv.pq
         self.M, self.ip, self.residual = pq.M, iv.metric_type == f.METRIC_INNER_PRODUCT, bool(iv.by_residual)
@@ -121,31 +122,42 @@ class DeltaScan:
             return None
         return cls(iv, lists, keys, codes)
 
-    def search(self, xt: np.ndarray, Dq: np.ndarray, Iq: np.ndarray, k: int, chunk: int = 256):
+    def search(self, xt: np.ndarray, Dq: np.ndarray, Iq: np.ndarray, k: int, bound: np.ndarray | None = None,
+               chunk: int = 256):
         """(D, keys) [nq, k] of the best delta entries in each query's probed lists (xt: queries as the
-        IVF sees them, Dq, Iq: their coarse search); -1 keys where fewer."""
+        IVF sees them, Dq, Iq: their coarse search); -1 keys where fewer. bound [nq]: only entries
+        better than it count (the base's k-th result: nothing worse can make the merged top-k)."""
         nq = len(xt)
         D = np.full((nq, k), -np.inf if self.ip else np.inf, np.float32)
         I = np.full((nq, k), -1, np.int64)
+        if bound is None:
+            bound = D[:, 0]
         for a in range(0, nq, chunk):
-            self._chunk(xt[a:a + chunk], Dq[a:a + chunk], Iq[a:a + chunk], D[a:a + chunk], I[a:a + chunk])
+            z = slice(a, a + chunk)
+            self._chunk(xt[z], Dq[z], Iq[z], bound[z], D[z], I[z])
         return D, I
 
-    def _chunk(self, xt, Dq, Iq, D, I):
-        n, k = len(xt), D.shape[1]
-        cnt = np.where(Iq >= 0, self.off[np.maximum(Iq, 0) + 1] - self.off[np.maximum(Iq, 0)], 0).ravel()
-        if not cnt.sum():
-            return
+    def _chunk(self, xt, Dq, Iq, bound, D, I):
+        n, k, ks = len(xt), D.shape[1], self.C.shape[1]
+        L = np.maximum(Iq, 0)
+        cnt = np.where(Iq >= 0, self.off[L + 1] - self.off[L], 0).ravel()
         P = int(cnt.sum())
-        q = np.repeat(np.repeat(np.arange(n), Iq.shape[1]), cnt)
-        e = np.repeat(self.off[np.maximum(Iq, 0)].ravel(), cnt) + np.arange(P) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-        T = np.einsum("qmd,mjd->qmj", xt.reshape(n, self.M, -1), self.C).reshape(n, -1)
-        xr = T[q[:, None], np.arange(self.M) * self.C.shape[1] + self.codes[e]].sum(1)  # <x, r>
+        if not P:
+            return
+        q = np.repeat(np.repeat(np.arange(n), Iq.shape[1]), cnt)  # the (query, entry) pairs, by query
+        e = np.repeat(self.off[L].ravel() - (np.cumsum(cnt) - cnt), cnt) + np.arange(P)
+        # T[m, q, j] = <x_q's m-th part, centroid j of m>: one small matmul per m; then <x, r> by M gathers
+        T = np.matmul(xt.reshape(n, self.M, -1).transpose(1, 0, 2), self.C.transpose(0, 2, 1))
+        qk, xr = q * ks, np.zeros(P, np.float32)
+        for m in range(self.M):
+            xr += T[m].ravel()[qk + self.codesT[m][e]]
         dis0 = np.repeat(Dq.ravel(), cnt) if self.residual else (0 if self.ip else (xt * xt).sum(1)[q])
         d = (dis0 + xr) if self.ip else (dis0 + self.const[e] - 2 * xr)
+        ok = np.flatnonzero(d > bound[q] if self.ip else d < bound[q])
+        q, d, e = q[ok], d[ok], e[ok]
         o = np.lexsort((-d if self.ip else d, q))
         q, d, e = q[o], d[o], e[o]
-        rank = np.arange(P) - np.searchsorted(q, q)
+        rank = np.arange(len(q)) - np.searchsorted(q, q)
         keep = rank < k
         D[q[keep], rank[keep]], I[q[keep], rank[keep]] = d[keep], self.keys[e[keep]]
 
