@@ -215,6 +215,64 @@ def test_compaction_rewrites_segments_into_a_base_and_prune_keeps_what_is_referr
     assert s.published and sorted(m4.lineage.compacted) == ["0", "1"]
     assert all(not sh.segmented and sh.file == f"shard-{i}.index" for i, sh in enumerate(m4.shards))
     assert m4.ntotal == N - 80  # the second change_again: 20 replaced, 40 deleted
+    assert m4.lineage.located["assigned"] == 0  # prune kept the list records of the parts kept versions use
+    same_as_monolithic(root, src)
+
+
+def records_match(store, m):
+    """Every part of m has list records covering it, equal to its vectors assigned by m's quantizer."""
+    from index_builder.build import rowlists
+    from index_builder.encode.parts import read_vectors
+    from index_builder.reindex.drift import assign
+    from shards.storage.faissio import read_index
+
+    index = read_index(store, m.path(m.trained.file))
+    for p in m.embeddings.parts:
+        _, x = read_vectors(store, p)
+        np.testing.assert_array_equal(rowlists.read(store, p, m.trained.sha256, len(x)), assign(index, x)[0])
+
+
+def test_the_lists_of_dead_entries_come_from_the_records_of_the_add(ray_session, tmp_path):
+    """The add records each row's list; a reindex finds the base entries it kills there (not by reading
+    and assigning their vectors), the delta ones in the deltas; without records it assigns, and is exact."""
+    src, root = tmp_path / "corpus", tmp_path / "index"
+    write_vector_corpus(str(src), n=N, d=D, files=2, seed=5)
+    v1 = build(ray_session, source=str(src), index_root=str(root), vector_column="vector", fields=["title"],
+               factory="IVF32,PQ8", shards=3, sharding="ivf", part_rows=500, add_rows=700)
+    store = Store(str(root))
+    records_match(store, load_manifest(store, v1.version))
+    mutate(src)  # 100 deleted and 100 changed, in v1's base
+    reindex(ReindexConfig(source=str(src), index_root=str(root), drift_error=100))
+    m2 = load_manifest(store, current_version(store))
+    assert m2.lineage.located == {"deltas": 0, "records": 200, "assigned": 0}
+    records_match(store, m2)  # the reindexed part's kept rows too
+
+    def change(rows):
+        ids, x, titles = read_part(src, 1)
+        x[rows] = clustered(len(x[rows]), D, seed=rows.start)
+        pq.write_table(vector_table(ids, x, title=titles), src / "part-1.parquet")
+
+    change(slice(0, 20))     # rows the first reindex changed: entries of its delta
+    change(slice(100, 130))  # rows it kept: entries of v1's base, found in the reindexed part's record
+    reindex(ReindexConfig(source=str(src), index_root=str(root), drift_error=100))
+    m3 = load_manifest(store, current_version(store))
+    assert m3.lineage.located == {"deltas": 20, "records": 30, "assigned": 0}
+    same_as_monolithic(root, src)
+    ids, x, titles = read_part(src, 1)  # deletions only: nothing to add, the part's records still written
+    pq.write_table(vector_table(ids[5:], x[5:], title=titles[5:]), src / "part-1.parquet")
+    reindex(ReindexConfig(source=str(src), index_root=str(root), drift_error=100))
+    m4 = load_manifest(store, current_version(store))
+    assert m4.lineage.located == {"deltas": 5, "records": 0, "assigned": 0} and m4.ntotal == m3.ntotal - 5
+    records_match(store, m4)
+
+    for fp in store.ls("embeddings"):  # records gone (an index built before them): assigned, as exact
+        for d in store.ls(f"embeddings/{fp}"):
+            if d.startswith("lists-"):
+                store.rm(f"embeddings/{fp}/{d}", recursive=True)
+    change(slice(200, 210))
+    reindex(ReindexConfig(source=str(src), index_root=str(root), drift_error=100))
+    m5 = load_manifest(store, current_version(store))
+    assert m5.lineage.located == {"deltas": 0, "records": 0, "assigned": 10}
     same_as_monolithic(root, src)
 
 

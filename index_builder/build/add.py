@@ -4,8 +4,10 @@ An add unit is a bounded number of vectors (--add-rows) cut from consecutive emb
 (shard_math.add_units), however small or large the parts are. Its task reads the trained index
 once, encodes the unit's vectors (IVF list and codes, build/payload.py) and writes them, sorted by
 serving shard and list, to work/<run>/add/<unit>/payload.bin: no copy of the trained index is
-written per unit or per shard. --sharding ivf records the unit's list sizes too (sizes.npy), which
-tasks sum into the list ranges of the shards (sum_sizes).
+written per unit or per shard. With IVF lists it records the list of every row of its pieces
+(build/rowlists.py), where a reindex finds the lists of the entries it marks dead. --sharding ivf
+records the unit's list sizes too (sizes.npy), which tasks sum into the list ranges of the shards
+(sum_sizes).
 
 done.json (the commit, written last) holds the vector count, per shard the count and a digest of
 the ids (hash sharding; ivf only knows its shards once the ranges are cut), the digest of all ids,
@@ -21,7 +23,7 @@ import time
 import numpy as np
 import ray
 
-from index_builder.build import payload
+from index_builder.build import payload, rowlists
 from index_builder.encode.parts import read_origin, read_vectors
 from index_builder.encode.reuse import KEPT
 from index_builder.eval.measures import part_topk
@@ -47,14 +49,26 @@ def part_ground_truth(store: Store, wd: WorkDir, unit: str, ids: np.ndarray, x: 
     store.write_bytes(wd.unit_gt(unit), buf.getvalue())
 
 
-def read_unit(store: Store, pieces: list, changed_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, x) of a unit's pieces: (embeddings part, first row, stop row) each. changed_only (a
-    reindex's delta): only the rows whose origin is new or changed."""
+def read_unit(store: Store, pieces: list, changed_only: bool = False) -> list[tuple]:
+    """(ids, x, rows to add) of each of a unit's pieces: (embeddings part, first row, stop row) each.
+    changed_only (a reindex's delta): only the rows whose origin is new or changed are added."""
     got = [read_vectors(store, rel, a, b) for rel, a, b in pieces]
     if changed_only:
-        keep = [read_origin(store, rel, a, b) != KEPT for rel, a, b in pieces]
-        got = [(i[k], x[k]) for (i, x), k in zip(got, keep)]
-    return np.concatenate([i for i, _ in got]), np.concatenate([x for _, x in got])
+        return [(i, x, read_origin(store, rel, a, b) != KEPT) for (i, x), (rel, a, b) in zip(got, pieces)]
+    return [(i, x, np.ones(len(i), bool)) for i, x in got]
+
+
+def write_rowlists(store: Store, trained, tfp: str, pieces: list, got: list, lists: np.ndarray) -> None:
+    """Each piece's record of the list of every row (build/rowlists.py): the added rows' from their
+    encoding, the kept rows' (a reindex's) assigned now with the same quantizer."""
+    at = 0
+    for (rel, a, _), (_, x, k) in zip(pieces, got):
+        L = np.empty(len(k), np.int32)
+        L[k] = lists[at:at + int(k.sum())]
+        if not k.all():
+            L[~k] = payload.lists_of(trained, x[~k])
+        at += int(k.sum())
+        rowlists.write(store, rel, tfp, a, L)
 
 
 @ray.remote(**TASK_RETRIES)
@@ -69,11 +83,15 @@ def add_task(store: Store, wd: WorkDir, unit: str, pieces: list, *, shards: int,
     raw = store.read_bytes(wd.trained)
     fp, trained = payload.fingerprint(raw), from_bytes(raw, no_search_flags())
     del raw
-    ids, x = read_unit(store, pieces, changed_only)
+    got = read_unit(store, pieces, changed_only)
+    ids, x = np.concatenate([i[k] for i, _, k in got]), np.concatenate([x[k] for _, x, k in got])
     part_ground_truth(store, wd, unit, ids, x, metric, k)
     lists, codes = payload.encode(trained, x)
     del x
     nl = nlist(trained) or 1
+    if nlist(trained):
+        write_rowlists(store, trained, fp, pieces, got, lists)
+    del got
     done = {"unit": unit, "vectors": len(ids), "digest": list(ids_digest(ids)), "fingerprint": fp,
             "code_size": int(codes.shape[1])}
     if sharding == "ivf":

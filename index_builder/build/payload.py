@@ -60,6 +60,15 @@ def encode(index, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return L, C
 
 
+def lists_of(index, x: np.ndarray) -> np.ndarray:
+    """The IVF list int32 [n] of each row of x, as encode() gives it, without encoding the codes."""
+    iv, L = ivf(index), np.zeros(len(x), np.int32)
+    for a in range(0, len(x), CHUNK):
+        xt = np.ascontiguousarray(pretransform(index, np.ascontiguousarray(x[a:a + CHUNK], np.float32)), np.float32)
+        L[a:a + len(xt)] = iv.quantizer.search(xt, 1)[1][:, 0]
+    return L
+
+
 def write(store: Store, rel: str, fp: str, nlist: int, shard: np.ndarray, S: int, lists: np.ndarray,
           ids: np.ndarray, codes: np.ndarray) -> int:
     """Sort the rows by (shard, list) and write them; returns the file's bytes."""

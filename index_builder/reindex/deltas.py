@@ -5,7 +5,7 @@ The new version's shard s is the live version's segments, referred to and never 
   - a new dead set: the live one and the keys of the live entries of every changed or deleted id.
 Where such an entry is: a live delta entry of the id (read from the live deltas), else the id in
 the base of its shard (hash sharding: the id's shard; ivf: the range of its list, which lists_task
-computes from its old vector with the kept quantizer). Those lists also correct the list sizes the
+reads from the list record the add wrote for its part, build/rowlists.py). Those lists also correct the list sizes the
 drift baseline keeps (lists.npy). Search defaults (nprobe, recall) are the live version's: the
 quantizer is the same and the lineage says how much changed. Full rebuilds remain for a retrain,
 a flat or fast-scan index, or other shards (why_not).
@@ -87,25 +87,30 @@ def live_deltas(store: Store, m: Manifest, s: int) -> tuple[np.ndarray, np.ndarr
     return ids[ok], keys[ok], lists[ok]
 
 
-def locate(store: Store, live: Manifest, old, diff) -> list[tuple[np.ndarray, np.ndarray]]:
+def locate(store: Store, live: Manifest, old, diff) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
     """Per shard of the live version, (keys, lists) of the live entries of the ids the diff found
-    gone (diff.gone: per old part, its ids changed or deleted)."""
+    gone (diff.gone: per old part, its ids changed or deleted); and how many entries were found where:
+    in the live deltas' records, in the parts' list records, or by assigning their vectors again."""
     S, out, rest = len(live.shards), [], diff.gone_ids
+    how = {"deltas": 0, "records": 0, "assigned": 0}
     if not len(rest):
-        return [(np.empty(0, np.int64), np.empty(0, np.int64))] * S
+        return [(np.empty(0, np.int64), np.empty(0, np.int64))] * S, how
     for s in range(S):
         ids, keys, lists = live_deltas(store, live, s)
         hit = np.isin(ids, rest)
         out.append([keys[hit], lists[hit]])
         rest = np.setdiff1d(rest, ids[hit])
+        how["deltas"] += int(hit.sum())
     if not len(rest):
-        return [tuple(o) for o in out]
-    trained = live.path(live.trained.file)
-    refs = [lists_task.options(num_cpus=1).remote(store, trained, old.sources[p], ids[np.isin(ids, rest)].tolist())
+        return [tuple(o) for o in out], how
+    trained, tfp = live.path(live.trained.file), live.trained.sha256
+    refs = [lists_task.options(num_cpus=1).remote(store, trained, tfp, old.sources[p], ids[np.isin(ids, rest)].tolist())
             for p, ids in diff.gone.items() if np.isin(ids, rest).any()]
     got = ray_get(refs)
     ids = np.concatenate([g[0] for g in got])
     lists = np.concatenate([g[1] for g in got])
+    for g in got:
+        how["records" if g[2] else "assigned"] += len(g[0])
     if len(ids) != len(rest):
         raise IntegrityError(f"{live.version}: {len(rest) - len(ids)} live id(s) not found in its embeddings parts")
     if live.sharding.mode == "ivf":
@@ -116,7 +121,7 @@ def locate(store: Store, live: Manifest, old, diff) -> list[tuple[np.ndarray, np
     for s in range(S):
         k = sh == s
         out[s] = [np.concatenate([out[s][0], ids[k]]), np.concatenate([out[s][1], lists[k]])]
-    return [tuple(o) for o in out]
+    return [tuple(o) for o in out], how
 
 
 def index_deltas(cfg, store: Store, t: Timer, run: Run, live: Manifest, gone, diff, lineage: Lineage,
@@ -130,9 +135,10 @@ def index_deltas(cfg, store: Store, t: Timer, run: Run, live: Manifest, gone, di
         store.copy(run.kept.trained, run.wd.trained)
     fp = fingerprint(store.read_bytes(run.wd.trained))
     with t.stage("add"):
-        changed = [(part_rel(run.fp, p.name), p.rows) for p in run.live if p.new + p.changed]
-        n = sum(p.new + p.changed for p in run.live)
-        units = add_units(changed, add_rows(run.enc.dim, max(n, 1), cluster_cpus(), cfg.add_rows)) if n else []
+        # every part this run wrote, its kept rows too: the add records the lists of all their rows
+        changed = [(part_rel(run.fp, p.name), p.rows) for p in run.live if not p.kept]
+        n, rows = sum(p.new + p.changed for p in run.live), sum(r for _, r in changed)
+        units = add_units(changed, add_rows(run.enc.dim, rows, cluster_cpus(), cfg.add_rows)) if rows else []
         names = [f"delta-{i:05d}" for i in range(len(units))]
         added = progress.gather([add_task.options(num_cpus=1).remote(
             store, run.wd, u, pieces, shards=S, sharding=live.sharding.mode, metric=run.metric, k=K,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
+from index_builder.build import rowlists
 from index_builder.build.merge import open_merged
 from index_builder.encode.parts import read_vectors
 from index_builder.workdir import WorkDir
@@ -217,13 +218,17 @@ def decide(baseline_error: float | None, new_error: float | None, baseline_imbal
 
 
 @ray.remote(**TASK_RETRIES)
-def lists_task(store: Store, trained_rel: str, rel: str, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, IVF list) of the rows of one embeddings part with these ids: the lists the live index
-    holds their vectors in, as the add assigned them (the same quantizer, the same vectors)."""
-    faiss().omp_set_num_threads(1)
-    index = read_index(store, trained_rel)
-    pid, x = read_vectors(store, rel)
+def lists_task(store: Store, trained_rel: str, tfp: str, rel: str, ids: list[int]) -> tuple:
+    """(ids, IVF list, from the record) of the rows of one embeddings part with these ids: the lists the
+    live index holds their vectors in. From the part's list record (build/rowlists.py, tfp: the trained
+    index's sha256) where the add wrote one, else by assigning their vectors again with the same quantizer."""
+    pid = store.read_table(rel, columns=["id"]).column("id").to_numpy().astype(np.int64)
     rows = np.flatnonzero(np.isin(pid, np.asarray(ids, dtype=np.int64)))
     if not len(rows):
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    return pid[rows], assign(index, x[rows])[0].astype(np.int64)
+        return np.empty(0, np.int64), np.empty(0, np.int64), True
+    rec = rowlists.read(store, rel, tfp, len(pid))
+    if rec is not None:
+        return pid[rows], rec[rows], True
+    faiss().omp_set_num_threads(1)
+    _, x = read_vectors(store, rel)
+    return pid[rows], assign(read_index(store, trained_rel), x[rows])[0].astype(np.int64), False

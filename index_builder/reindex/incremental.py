@@ -175,7 +175,11 @@ def _reindex(cfg: ReindexConfig, store: Store) -> ReindexSummary:
 
     with t.stage("drift"):
         # where the gone ids' live entries are, and their lists: the dead sets' keys, the drift's list counts
-        located = deltas.locate(store, live, old, d) if live.index.nlist and not (why_all or cfg.retrain) else None
+        located, how = (deltas.locate(store, live, old, d) if live.index.nlist and not (why_all or cfg.retrain)
+                        else (None, {}))
+        if how:
+            log(f"reindex: gone entries found in the deltas {how['deltas']:,}, in the list records "
+                f"{how['records']:,}, by their vectors {how['assigned']:,}")
         dec = _quantizer(cfg, bcfg, store, live, Changes(old, emb, news, d, why_all, located), dim=enc.dim,
                          metric=bcfg.metric or enc.metric)
     log(f"quantizer: {'retrain: ' + dec.reason if dec.retrain else 'reuse ' + live.version + chr(39) + 's'}"
@@ -186,7 +190,8 @@ def _reindex(cfg: ReindexConfig, store: Store) -> ReindexSummary:
     why = deltas.why_not(live, bcfg, dec.retrain)
     # the version records the options asked for, not the kept quantizer's factory and metric
     if why is None:
-        s = deltas.index_deltas(run_cfg, store, t, run, live, located, d, _lineage(found, dec, "delta"),
+        s = deltas.index_deltas(run_cfg, store, t, run, live, located, d,
+                                _lineage(found, dec, "delta").model_copy(update={"located": how}),
                                 options_of(bcfg), (cfg.compact_share, cfg.compact_segments))
     else:
         log(f"reindex: new segments for every shard: {why}")

@@ -153,6 +153,7 @@ class Lineage(BaseModel):
     drift: dict[str, float] = {}    # measured ratios against the baseline (error, imbalance)
     segments: str = "rebuilt"       # "rebuilt": every shard new; "delta": the parent's segments plus deltas
     compacted: dict[str, str] = {}  # shard -> why its segments were rewritten into a new base
+    located: dict[str, int] = {}    # delta: where the gone entries were found (deltas, records, assigned)
 
 
 class Manifest(BaseModel):

@@ -112,7 +112,9 @@ def _prune(store: Store, keep: int, grace_s: float, own_work: tuple[str, ...], d
     else:
         out.embeddings = [fp for fp in store.ls("embeddings")
                           if fp not in used and stale(store, f"embeddings/{fp}", now, grace_s)]
-        out.parts = [f for fp in sorted(used) for f in stale_parts(store, fp, names.get(fp, set()), refs, now, grace_s)]
+        tfps = {manifests[v].trained.sha256[:16] for v in kept}
+        out.parts = [f for fp in sorted(used)
+                     for f in stale_parts(store, fp, names.get(fp, set()), refs, now, grace_s, tfps)]
     if dry_run:
         return out
     for v in out.versions:
@@ -129,14 +131,18 @@ def _prune(store: Store, keep: int, grace_s: float, own_work: tuple[str, ...], d
     return out
 
 
-def stale_parts(store: Store, fp: str, kept_names: set[str], refs: set[str], now: float, grace_s: float) -> list[str]:
-    """The files of embeddings/<fp>/ (a part, its docs, record and rejects) of parts no kept version
-    uses and older than the grace period: parts are named by their source, so one directory holds the
-    parts of every version with the same encoder, and a changed file's old part goes once unused."""
+def stale_parts(store: Store, fp: str, kept_names: set[str], refs: set[str], now: float, grace_s: float,
+                tfps: set[str] = frozenset()) -> list[str]:
+    """The files of embeddings/<fp>/ (a part, its docs, record, rejects and list records) of parts no kept
+    version uses, and the list records of a trained index no kept version has (lists-<t>/, t not in tfps),
+    older than the grace period: parts are named by their source, so one directory holds the parts of
+    every version with the same encoder, and a changed file's old part goes once unused."""
     out = []
     for f in _files(store, f"embeddings/{fp}"):
-        name = posixpath.basename(f).removesuffix(".json")
-        if name not in kept_names and f not in refs and stale(store, f, now, grace_s):
+        base = posixpath.basename(f)
+        name = base[:base.index(".parquet") + 8] if ".parquet" in base else base
+        other = "/lists-" in f and f.split("/lists-")[1][:16] not in tfps
+        if (name not in kept_names or other) and f not in refs and stale(store, f, now, grace_s):
             out.append(f)
     return out
 
