@@ -173,7 +173,7 @@ def test_scan_partitions_every_good_row_once(tmp_path):
     cols = messy()
     files = write(tmp_path / "corpus", cols)
     cfg = build_config(source=str(tmp_path / "corpus"), bad_rows="skip")
-    bad, *parts = ids_mod.scan(list(enumerate(files)), cfg, "int", 5, False, corpus_mod.id_column)
+    bad, *parts = ids_mod.scan([(i, f, None) for i, f in enumerate(files)], cfg, "int", 5, False, corpus_mod.id_column)
     assert [(files[f], r, w) for f, r, w in bad] == expected(files, cols, "int")[:4]
     rec = np.concatenate(parts)
     good = [(v, f, r) for f, c in enumerate(cols) for r, v in enumerate(c) if v is not None and v >= 0]
@@ -204,3 +204,18 @@ def test_small_corpus_is_planned_without_importing_ray(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.path.join(os.getcwd(), "tests")])}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.parametrize("ranges,same,want", [
+    ([[(5, 0, 9), (5, 10, 19)], [(5, 12, 14)]], [True, False], {0: [1]}),          # only the group it meets
+    ([[(5, 0, 9), (5, 10, 19)], [(5, 30, 40)]], [True, False], {0: []}),           # ids beyond: nothing read
+    ([[(5, 0, 9), (5, 20, 29)], [(5, 9, 9), (5, 20, 20)]], [True, False], {0: [0, 1]}),  # ends touch
+    ([[(5, 0, 9), (5, None, None)], [(5, 50, 60)]], [True, False], {0: [1]}),      # no statistics: read
+    ([[(5, 0, 9)], [(5, None, None)]], [True, False], {}),                         # a changed one without: all
+    ([[(5, "a", "c")], [(5, "b", "b")], [(5, "x", "z")]], [True, False, True], {0: [0], 2: []}),  # string ids
+    ([[(5, 0, 9)], [(0, None, None)]], [True, False], {0: []}),                    # an empty group is no range
+])
+def test_the_row_groups_an_unchanged_file_is_read_for(ranges, same, want):
+    from index_builder.plan.known import to_read
+
+    assert to_read(ranges, same) == want

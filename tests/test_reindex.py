@@ -316,3 +316,32 @@ def test_reindex_of_an_ivf_sharded_index_merged_on_disk(ray_session, tmp_path):
     np.testing.assert_array_equal(np.sort(got), want)
     hits = r.search(m["changed_x"][:3], k=1, nprobe=32)
     assert [h[0].id for h in hits] == m["changed"][:3].tolist()
+
+
+def test_the_id_check_reads_unchanged_files_only_where_a_changed_one_meets_their_ids(ray_session, tmp_path):
+    """An unchanged file was checked by the live version: the reindex's id check reads its row groups
+    only where a changed file's id range meets theirs, and still names a repeat of one of its ids."""
+    from index_builder.plan.corpus import plan_corpus
+    from index_builder.reindex.incremental import checked_keys, effective_config
+    from shards.errors import CorpusError
+
+    src, root = tmp_path / "corpus", tmp_path / "index"  # its own build: a part's key holds its file's path
+    write_vector_corpus(str(src), n=N, d=D, files=2, seed=1)
+    v = build(ray_session, source=str(src), index_root=str(root), vector_column="vector", factory="Flat",
+              part_rows=500)
+    live = load_manifest(Store(str(root)), v.version)
+    bcfg = effective_config(ReindexConfig(source=str(src), index_root=str(root)), live)
+    keys = checked_keys(live, bcfg)
+    mutate(src)  # file 1 changed, file 2 new (ids above all), file 0 as it was (the lowest ids)
+    c = plan_corpus(bcfg, keys)
+    rows = c.rows
+    assert c.ids_read == rows[1] + rows[2] and plan_corpus(bcfg).ids_read == sum(rows)
+
+    ids0, x0, _ = read_part(src, 0)  # a new file repeats two of file 0's ids: rows 7 and 600
+    pq.write_table(vector_table(ids0[[7, 600]], x0[:2], title=["a", "b"]), src / "part-3.parquet")
+    with pytest.raises(CorpusError, match=rf"part-3.parquet row 0: duplicate id {ids0[7]}, first at "
+                                          r"\S*part-0.parquet row 7 "):
+        plan_corpus(bcfg, keys)
+    c = plan_corpus(bcfg.model_copy(update={"bad_rows": "skip"}), keys)
+    assert c.rejected_ids == 2 and c.ids_read == rows[1] + rows[2] + 2 + 1000  # file 0's first 2 row groups
+    assert [s.drops for s in c.shards if s.file.endswith("part-3.parquet")][0][1][0] == 1

@@ -59,6 +59,12 @@ def part_name(name: int | str) -> str:
     return f"part-{name:05d}.parquet" if isinstance(name, int) else f"part-{name}.parquet"
 
 
+def part_key(rel: str) -> str | None:
+    """The key a part is named by (part_name's inverse), None for a numbered part."""
+    name = rel.rsplit("/", 1)[-1].removeprefix("part-").removesuffix(".parquet")
+    return None if name.isdigit() else name
+
+
 def part_rel(fp: str, name: int | str, kind: str = "") -> str:
     sub = f"{kind}/" if kind else ""
     return f"embeddings/{fp}/{sub}{part_name(name)}"

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from index_builder.config import BuildConfig, env_count
+from index_builder.plan import known
 from index_builder.plan.ids import ID_MASK, check_ids, int_ids, out_of_range, remote, string_ids  # noqa: F401
 from shards.errors import (
     ConfigError,
@@ -65,6 +66,7 @@ class Corpus:
     shards: list[InputShard] = field(default_factory=list)
     rejected_ids: int = 0
     columns: str = ""                    # a hash of what a part holds besides its rows (columns, policies)
+    ids_read: int = 0                    # rows whose id the id check read (a reindex skips unchanged files')
 
     @property
     def total_rows(self) -> int:
@@ -218,21 +220,31 @@ def on_ray(files: int, rows: int = 0) -> bool:
             or rows > env_count("SHARDEX_PLAN_LOCAL_ROWS", LOCAL_ROWS))
 
 
-def id_column(uri: str, cfg: BuildConfig) -> pa.ChunkedArray:
-    """A file's id column, read on its own."""
-    return read_columns(uri, open_parquet(uri, cfg.s3_endpoint), [cfg.id_column]).column(0)
+def id_column(uri: str, cfg: BuildConfig, groups: list[int] | None = None) -> tuple[pa.ChunkedArray, np.ndarray | None]:
+    """A file's id column, read on its own, and the rows it holds (None: every row, in order); groups:
+    only those row groups."""
+    f = open_parquet(uri, cfg.s3_endpoint)
+    if groups is None:
+        return read_columns(uri, f, [cfg.id_column]).column(0), None
+    md, at = f.metadata, np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)])
+    cols = [read_columns(uri, f, [cfg.id_column], g).column(0) for g in groups]
+    rows = [np.arange(at[g], at[g] + md.row_group(g).num_rows) for g in groups]
+    return (pa.chunked_array([c for col in cols for c in col.chunks], f.schema_arrow.field(cfg.id_column).type),
+            np.concatenate(rows) if rows else np.empty(0, np.int64))
 
 
-def footers(files: list[str], cfg: BuildConfig) -> list[tuple[str, int, str]]:
-    """(id kind, rows, stamp) of each file, its schema checked: raise naming the first bad file."""
+def footers(files: list[str], cfg: BuildConfig) -> list[tuple[str, int, str, list]]:
+    """(id kind, rows, stamp, id ranges) of each file, its schema checked: raise naming the first bad
+    file. id ranges: per row group (rows, min id, max id), the ids None where the footer has no statistics."""
     out = []
     for uri in files:
         f = open_parquet(uri, cfg.s3_endpoint)
-        out.append((_check_schema(uri, f.schema_arrow, cfg), f.metadata.num_rows, stamp(uri, cfg.s3_endpoint)))
+        out.append((_check_schema(uri, f.schema_arrow, cfg), f.metadata.num_rows, stamp(uri, cfg.s3_endpoint),
+                    known.id_ranges(f.metadata, cfg.id_column)))
     return out
 
 
-def read_footers(files: list[str], cfg: BuildConfig) -> list[tuple[str, int, str]]:
+def read_footers(files: list[str], cfg: BuildConfig) -> list[tuple[str, int, str, list]]:
     """footers() of every file: here for a few files, else in tasks over batches of FOOTER_FILES."""
     if not on_ray(len(files)):
         return footers(files, cfg)
@@ -242,11 +254,13 @@ def read_footers(files: list[str], cfg: BuildConfig) -> list[tuple[str, int, str
     return [x for r in refs for x in ray_get(r)]  # got in file order: the error is the first bad file's
 
 
-def plan_corpus(cfg: BuildConfig) -> Corpus:
-    """Validate the corpus schema and ids, and split it into input shards."""
+def plan_corpus(cfg: BuildConfig, live_keys: set[str] | None = None) -> Corpus:
+    """Validate the corpus schema and ids, and split it into input shards. live_keys (a reindex's):
+    the keys of the live version's parts, whose unchanged files the id check reads only where their
+    ids can meet a changed file's (plan/known.py)."""
     files = list_files(cfg.source, cfg.s3_endpoint)
     feet = read_footers(files, cfg)
-    kinds, rows = {k for k, _, _ in feet}, [n for _, n, _ in feet]
+    kinds, rows = {k for k, *_ in feet}, [n for _, n, *_ in feet]
     dim = cfg.dim
     for uri in files if cfg.vector_column and dim is None else []:  # the first file that shows it, in order
         if (dim := _infer_dim(uri, open_parquet(uri, cfg.s3_endpoint), cfg.vector_column)) is not None:
@@ -257,12 +271,18 @@ def plan_corpus(cfg: BuildConfig) -> Corpus:
     if sum(rows) == 0:
         raise CorpusError(f"{cfg.source}: empty corpus: {len(files)} file(s), 0 rows")
     kind = kinds.pop()
-    drops = check_ids(files, rows, cfg, kind, id_column, on_ray(len(files), sum(rows)))
+    groups, read = {}, rows
+    if live_keys:
+        same = [all(fingerprint([st], a, b, ()) in live_keys for a, b in split_rows(n, cfg.part_rows))
+                for _, n, st, _ in feet]  # every part of the file is the live version's: the file is as it was
+        groups = known.to_read([r for *_, r in feet], same)
+        read = [sum(feet[fi][3][g][0] for g in groups[fi]) if fi in groups else n for fi, n in enumerate(rows)]
+    drops = check_ids(files, read, cfg, kind, id_column, on_ray(len(files), sum(rows)), groups)
     cols = (cfg.id_column, cfg.text_column, cfg.vector_column, cfg.stored_fields, cfg.bad_rows, kind, dim)
-    fp = fingerprint([st for _, _, st in feet], *cols[:5], cfg.part_rows)
+    fp = fingerprint([st for _, _, st, _ in feet], *cols[:5], cfg.part_rows)
     corpus = Corpus(files, rows, kind, dim, fp, rejected_ids=sum(len(d) for d in drops.values()),
-                    columns=fingerprint([], *cols))
-    for (uri, n), (_, _, st) in zip(zip(files, rows), feet):
+                    columns=fingerprint([], *cols), ids_read=sum(read))
+    for (uri, n), (_, _, st, _) in zip(zip(files, rows), feet):
         for a, b in split_rows(n, cfg.part_rows):
             d = tuple((r, why) for r, why in drops.get(uri, []) if a <= r < b)
             corpus.shards.append(InputShard(len(corpus.shards), uri, a, b, d, fingerprint([st], a, b, d)))

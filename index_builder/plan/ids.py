@@ -97,22 +97,28 @@ def range_why(value) -> str:
             "(faiss's -1 means no result); map them into that range or give string ids")
 
 
-def scan(jobs: list[tuple[int, str]], cfg: BuildConfig, kind: str, nb: int, first_only: bool, read) -> tuple:
-    """Phase 1 over files [(file index, uri)]: (bad, *buckets). bad lists (file index, row, why) of the
-    null and out-of-range rows in file and row order (only the first with first_only: it is the
-    error); each of the nb buckets is an [n, 3] int64 array of (id, file index, row)."""
+def scan(jobs: list[tuple], cfg: BuildConfig, kind: str, nb: int, first_only: bool, read) -> tuple:
+    """Phase 1 over files [(file index, uri, row groups or None for all)]: (bad, *buckets). bad lists
+    (file index, row, why) of the null and out-of-range rows in file and row order (only the first with
+    first_only: it is the error); each of the nb buckets is an [n, 3] int64 array of (id, file index, row).
+    read(uri, cfg, groups) gives the id column of those row groups (all: None) and the file rows of its
+    values (None: 0, 1, ...)."""
     bad, ids, where = [], [], []
-    for fi, uri in jobs:
-        col = read(uri, cfg)
+    for fi, uri, *g in jobs:
+        groups = g[0] if g else None
+        if groups == []:
+            continue
+        col, at = read(uri, cfg, groups)
+        at = np.arange(len(col)) if at is None else at
         valid = col.is_valid().to_numpy(zero_copy_only=False)
         out = out_of_range(col, kind)
-        bad += [(fi, int(r), "null id") for r in np.flatnonzero(~valid)]
-        bad += [(fi, int(r), range_why(col[int(r)].as_py())) for r in np.flatnonzero(out)]
+        bad += [(fi, int(at[r]), "null id") for r in np.flatnonzero(~valid)]
+        bad += [(fi, int(at[r]), range_why(col[int(r)].as_py())) for r in np.flatnonzero(out)]
         if first_only and bad:
             return (bad[:1], *[np.empty((0, 3), np.int64)] * nb)
         valid &= ~out
         ids.append(int_ids(col.filter(pa.array(valid)), kind))
-        where.append(np.stack([np.full(int(valid.sum()), fi), np.flatnonzero(valid)], axis=1))
+        where.append(np.stack([np.full(int(valid.sum()), fi), at[valid]], axis=1))
     rec = np.empty((sum(len(i) for i in ids), 3), np.int64)
     if len(rec):
         rec[:, 0] = np.concatenate(ids)
@@ -137,13 +143,17 @@ def repeats(first_only: bool, *parts: np.ndarray) -> np.ndarray:
     return np.concatenate([a[rep], a[first, 1:]], axis=1)
 
 
-def check_ids(files: list[str], rows: list[int], cfg: BuildConfig, kind: str, read, ray: bool) -> dict:
+def check_ids(files: list[str], rows: list[int], cfg: BuildConfig, kind: str, read, ray: bool,
+              groups: dict[int, list[int]] | None = None) -> dict:
     """Null, out-of-range and duplicate ids. Raise naming file and row (the first bad row in file
     order; else the repeat of the smallest duplicate id, naming its first occurrence), or with
     --bad-rows skip return {uri: [(row, why)]}: per file its null and out-of-range rows, then its
-    repeats in id order. read(uri, cfg) gives a file's id column; ray: run in tasks."""
+    repeats in id order. read(uri, cfg, groups): see scan; ray: run in tasks. groups: the only row
+    groups to read of some files (a reindex's unchanged files, plan/known.py), whose rows says how
+    many rows that reads."""
     first_only = cfg.bad_rows == "error"
-    jobs = [[(fi, files[fi]) for fi in b] for b in batches(rows)]
+    groups = groups or {}
+    jobs = [[(fi, files[fi], groups.get(fi)) for fi in b] for b in batches(rows)]
     nb = 1
     if ray:
         ensure_ray()

@@ -21,7 +21,7 @@ import numpy as np
 
 from index_builder import progress
 from index_builder.config import BuildConfig, ReindexConfig, make
-from index_builder.encode.parts import Layout, part_rel
+from index_builder.encode.parts import Layout, part_key, part_rel
 from index_builder.encode.pool import Encoders
 from index_builder.encode.reuse import Reuse
 from index_builder.pipeline import (
@@ -75,6 +75,7 @@ class ReindexSummary:
     deleted: int = 0
     unchanged: int = 0
     encoded: int = 0                  # documents the encoder ran on (new + changed, or all)
+    ids_read: int = 0                 # ids the corpus-wide id check read (plan/known.py)
     reencoded_all: str | None = None
     retrained: bool = False
     retrain_reason: str | None = None
@@ -123,6 +124,14 @@ def _live(store: Store) -> Manifest | None:
         return None
 
 
+def checked_keys(live: Manifest, bcfg: BuildConfig) -> set[str] | None:
+    """The keys of the live parts, whose files the live version's id check read (plan/known.py), when it
+    read the same id column; else None, and the plan checks every file's ids again."""
+    if not live.embeddings or (live.options or {}).get("id_column") != bcfg.id_column:
+        return None
+    return {k for p in live.embeddings.parts if (k := part_key(p))}
+
+
 def old_ids(store: Store, m: Manifest, parts: list[str] | None = None) -> Old:
     """Where the live ids of `parts` (default: every part) are, and whether the live vectors can be
     reused: when some part is gone, the ids come from the version's own docs files."""
@@ -156,10 +165,10 @@ def _reindex(cfg: ReindexConfig, store: Store) -> ReindexSummary:
                                                   build=s, retrained=True, retrain_reason="first version"), [s.work])
     t = Timer()
     with t.stage("plan"):
-        corpus = plan_corpus(bcfg)
+        corpus = plan_corpus(bcfg, live_keys=checked_keys(live, bcfg))
     ensure_ray()
     log(f"plan: {len(corpus.files)} file(s), {corpus.total_rows:,} rows, {len(corpus.shards)} part(s); "
-        f"live {live.version}: {live.source.documents:,} documents")
+        f"live {live.version}: {live.source.documents:,} documents; the id check read {corpus.ids_read:,} ids")
     with t.stage("encode"):
         parts, enc, fp, why_all, old = encode(bcfg, corpus, live, store)
     wrote = [p for p in parts if p.rows and not p.kept]
@@ -168,7 +177,7 @@ def _reindex(cfg: ReindexConfig, store: Store) -> ReindexSummary:
     log(f"reindex: {d.new:,} new, {d.changed:,} changed, {d.deleted:,} deleted, {d.unchanged:,} unchanged")
     found = ReindexSummary(version=live.version, parent=live.version, published=False, new=d.new, changed=d.changed,
                            deleted=d.deleted, unchanged=d.unchanged, encoded=sum(p.encoded for p in parts),
-                           reencoded_all=why_all)
+                           ids_read=corpus.ids_read, reencoded_all=why_all)
     if not (d.new or d.changed or d.deleted or why_all or cfg.retrain) and _same_options(bcfg, live):
         log(f"reindex: nothing changed since {live.version}; CURRENT stays")
         return _finish(cfg, store, found, [])
