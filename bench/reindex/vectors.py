@@ -6,7 +6,8 @@
   3. `reindex` of the changed corpus, keeping the quantizer.
 Counted: wall time of each, and the bytes each wrote under INDEX_ROOT (the files it created,
 by size, from a listing before and after: a build's work/ scratch included, as it is written),
-by top-level directory. Targets: reindex bytes <= 5% of the build's, time <= 0.15x.
+by top-level directory; the ids the reindex's id check read, and where it found the entries it
+marked dead (issue 19 item 5). Targets: reindex bytes <= 5% of the build's, time <= 0.15x.
 
     flock /tmp/shardex-bench.lock .venv/bin/python bench/reindex/vectors.py [--n 400000] [--files 50]
 """
@@ -59,6 +60,15 @@ def written(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return by
 
 
+def located(root: str) -> dict:
+    """Where the reindex found the entries it marked dead (the lineage's record of it)."""
+    from shards.storage.manifest import current_version, load_manifest
+    from shards.storage.store import Store
+
+    store = Store(root)
+    return load_manifest(store, current_version(store)).lineage.located
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=400_000)
@@ -94,7 +104,8 @@ def main() -> None:
     res = {"n": a.n, "d": a.d, "files": a.files, "changed": k, "factory": "IVF1024,PQ32", "shards": 4,
            "build": {"seconds": round(tb, 2), "bytes": wb, "stages": b.seconds},
            "reindex": {"seconds": round(tr, 2), "bytes": wr, "stages": r.build.seconds if r.build else {},
-                       "changed": r.changed, "new": r.new, "deleted": r.deleted, "retrained": r.retrained},
+                       "changed": r.changed, "new": r.new, "deleted": r.deleted, "retrained": r.retrained,
+                       "ids_read": r.ids_read, "located": located(root)},
            "ratio": {"bytes": round(sum(wr.values()) / sum(wb.values()), 4), "time": round(tr / tb, 4)},
            "targets": TARGETS, "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
     os.makedirs(RESULTS, exist_ok=True)
@@ -104,6 +115,7 @@ def main() -> None:
     print(f"build   {tb:7.1f} s  wrote {sum(wb.values()) / 2**20:8.1f} MiB ({mib(wb)})")
     print(f"reindex {tr:7.1f} s  wrote {sum(wr.values()) / 2**20:8.1f} MiB ({mib(wr)}); "
           f"{r.changed:,} changed, retrained {r.retrained}")
+    print(f"id check read {r.ids_read:,} of {a.n:,} ids; replaced entries found {res['reindex']['located']}")
     print(f"ratio   time {res['ratio']['time']:.3f}x (target {TARGETS['time']}), "
           f"bytes {res['ratio']['bytes']:.3f}x (target {TARGETS['bytes']})")
 
