@@ -60,6 +60,9 @@ class BuildConfig(Config):
     sharding: Literal["hash", "ivf"] = Field("hash", description="hash: ids spread evenly, every query goes to "
                                              "every shard; ivf: each shard owns a contiguous range of IVF lists "
                                              "(balanced by vectors), a query needs only the shards it probes")
+    ivf_order: Literal["grouped", "kmeans"] = Field("grouped", description="--sharding ivf: grouped renumbers the "
+                                                    "lists so that each shard owns a compact region of the space "
+                                                    "(a query reaches few shards); kmeans keeps k-means' order")
     actors: Annotated[int, at_least(1, hint="; leave it out to size the pool to the cluster")] | None = Field(
         None, description="encoder actors (default: one per GPU, or sized to the CPUs)")
     gpus_per_actor: float | None = Field(None, description="GPUs per encoder actor (default: 1 when the cluster "

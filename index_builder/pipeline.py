@@ -38,13 +38,14 @@ from index_builder.plan.factory import (
 )
 from index_builder.reindex.drift import baseline_task
 from index_builder.shard_math import add_rows, add_units, ivf_ranges, sum_digests
+from index_builder.train.groups import kept_ranges
 from index_builder.train.quantizer import check_factory, sample_parallel, train_args, train_task, zero_norm_warning
 from index_builder.workdir import WorkDir
 from shards.config import parse_bytes
 from shards.errors import ConfigError, CorpusError, IntegrityError
 from shards.raytools import cluster_cpus, ensure_ray, log, node_cpus
 from shards.storage.lease import hold
-from shards.storage.manifest import DriftBaseline, EncoderInfo, Lineage, Manifest
+from shards.storage.manifest import DriftBaseline, EncoderInfo, Lineage, Manifest, ShardingInfo
 from shards.storage.store import Store, resolve_endpoint
 
 
@@ -153,6 +154,7 @@ class Kept:
     auto_reason: str | None
     drift: DriftBaseline | None
     parent: str = ""             # the live version the reindex starts from
+    sharding: ShardingInfo | None = None  # the live version's: its list ranges, when grouped, stay
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,9 @@ class Run:
         choice, factory = _choose(cfg, n, enc.dim)
         # a reused quantizer never shares scratch with a trained one, nor a reindex with another's parent
         reused = [kept.trained, kept.parent] if kept else []
-        h = short_hash(fp, corpus.fingerprint, factory, enc.metric, cfg.shards, cfg.sharding, cfg.seed, *reused)
+        order = [cfg.ivf_order] if cfg.sharding == "ivf" else []  # grouped lists are another trained index
+        h = short_hash(fp, corpus.fingerprint, factory, enc.metric, cfg.shards, cfg.sharding, cfg.seed, *order,
+                       *reused)
         return cls(corpus, parts, enc, fp, factory, choice, WorkDir.of(h), kept)
 
     @property
@@ -215,7 +219,7 @@ def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, run: Run, lineag
         tr = train(cfg, store, run)
     said = [w for w in [zero_norm_warning(tr, run.metric)] if w]
     with t.stage("add"):
-        added, sizes, ranges = add(cfg, store, run)
+        added, sizes, ranges, order = add(cfg, store, run, tr)
     with t.stage("merge"):
         merged = merge_shards(cfg, store, run, added, sizes, ranges, tr["nlist"])
     with t.stage("tune"):
@@ -226,7 +230,8 @@ def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, run: Run, lineag
     with t.stage("baseline"):
         base = baseline(cfg, store, run)
     with t.stage("publish"):
-        m = publish_run(cfg, store, run, trained=tr, ranges=ranges, tuned=best, base=base, timings=dict(t.seconds),
+        m = publish_run(cfg, store, run, trained=tr, ranges=ranges, order=order, tuned=best, base=base,
+                        timings=dict(t.seconds),
                         lineage=lineage or Lineage(),
                         options=options_of(cfg) if options is None else options)
     s = _summary(cfg, m, run.parts, added, merged, tr, t)
@@ -249,11 +254,19 @@ def train(cfg: BuildConfig, store: Store, run: Run) -> dict:
     expect = train_seconds(run.n, run.enc.dim, run.factory, res["num_cpus"], res.get("num_gpus", 0)) if size else None
     return progress.gather([train_task.options(**res).remote(
         store, run.wd, *train_args(drawn), factory=run.factory, d=run.enc.dim, metric=run.metric, seed=cfg.seed,
-        threads=res["num_cpus"], keep=bool(run.kept), t0=t0)], "train", "task", expect=expect)[0]
+        threads=res["num_cpus"], keep=bool(run.kept), t0=t0, groups=_groups(cfg))], "train", "task", expect=expect)[0]
 
 
-def add(cfg: BuildConfig, store: Store, run: Run) -> tuple[list[dict], np.ndarray | None, list[list[int]] | None]:
-    """(each add unit's record, the IVF list sizes and list ranges with --sharding ivf, else None, None)."""
+def _groups(cfg: BuildConfig) -> int:
+    """train_task's groups: the shard count when the lists are grouped into regions (ivf, grouped)."""
+    return cfg.shards if cfg.sharding == "ivf" and cfg.ivf_order == "grouped" and cfg.shards > 1 else 0
+
+
+def add(cfg: BuildConfig, store: Store, run: Run, tr: dict) -> tuple[list[dict], np.ndarray | None, list | None,
+                                                                      str | None]:
+    """(each add unit's record, and with --sharding ivf the IVF list sizes, list ranges and their order
+    (ShardingInfo.order), else None). tr: the train record; grouped lists keep the groups' ranges (a kept
+    quantizer its version's)."""
     rows = add_rows(run.enc.dim, run.n, cluster_cpus(), cfg.add_rows)
     units = add_units(run.sizes, rows)
     names = [f"unit-{i:05d}-{short_hash(u)[:8]}" for i, u in enumerate(units)]
@@ -262,11 +275,12 @@ def add(cfg: BuildConfig, store: Store, run: Run) -> tuple[list[dict], np.ndarra
                                                                  sharding=cfg.sharding, metric=run.metric, k=K)
                              for name, u in zip(names, units)], "add", "units")
     if cfg.sharding != "ivf":
-        return added, None, None
+        return added, None, None, None
     sizes = sum_sizes(store, run.wd, names)
-    ranges = ivf_ranges(sizes, cfg.shards)
-    log(f"add: IVF list ranges per shard {ranges}")
-    return added, sizes, ranges
+    grouped = kept_ranges(run.kept.sharding if run.kept else None, cfg.shards, tr)
+    ranges = grouped or ivf_ranges(sizes, cfg.shards)
+    log(f"add: IVF list ranges per shard {ranges}" + (" (grouped lists)" if grouped else ""))
+    return added, sizes, ranges, "grouped" if grouped else "kmeans"
 
 
 def tune(cfg: BuildConfig, store: Store, run: Run, units: list[str], merged: list[dict]) -> dict:

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from index_builder.shard_math import ivf_ranges
 from index_builder.workdir import WorkDir
 from shards.errors import ConfigError
 from shards.search.router import Router
@@ -75,6 +76,7 @@ def _check_ranges(store, m, r, xq):
     """Each shard holds only its own lists, the ranges are balanced by vectors, and asking only
     the shards that own a query's probed lists gives the answer of asking all of them."""
     ranges, nl = m.sharding.ranges, m.index.nlist
+    assert m.sharding.order == "grouped"
     assert ranges[0][0] == 0 and ranges[-1][1] == nl and len(ranges) == len(m.shards)
     sizes = np.zeros(nl, dtype=np.int64)
     for s, sh in enumerate(r.shards):
@@ -92,6 +94,26 @@ def _check_ranges(store, m, r, xq):
     for q, a in enumerate(asked):
         got = merge_topk([r.shards[s].search(xq[q:q + 1], 10, nprobe) for s in sorted(a)], 10, m.index.metric)
         np.testing.assert_array_equal(got[1][0], want[1][q])
+
+
+def test_kmeans_order_cuts_the_lists_by_vectors(ray_session, corpus, tmp_path):
+    """--ivf-order kmeans: lists stay in k-means' order, ranges are cut at the boundaries nearest equal
+    vector counts (shard_math.ivf_ranges), and the answers are still the monolithic index's."""
+    src, ids, x = corpus
+    root = str(tmp_path / "index")
+    build(ray_session, source=src, index_root=root, vector_column="vector", factory="IVF32,Flat", shards=3,
+          sharding="ivf", ivf_order="kmeans", metric="l2")
+    store = Store(root)
+    m = load_manifest(store, current_version(store))
+    r = Router(root, backend="local")
+    sizes = np.zeros(m.index.nlist, dtype=np.int64)
+    for sh in r.shards:
+        inv = ivf(sh.index).invlists
+        sizes += [inv.list_size(l) for l in range(m.index.nlist)]
+    assert m.sharding.order == "kmeans" and m.sharding.ranges == ivf_ranges(sizes, 3)
+    mono = monolithic(root, ids, x)
+    set_nprobe(mono, 4)
+    assert_same_topk(*r.search_vectors(x[:40], k=10, nprobe=4), *mono.search(x[:40], 10))
 
 
 def test_ivf_sharding_needs_an_ivf_factory(ray_session, corpus, tmp_path):

@@ -310,12 +310,26 @@ def test_reindex_of_an_ivf_sharded_index_merged_on_disk(ray_session, tmp_path):
     assert s.published and not s.retrained and (s.new, s.changed, s.deleted) == (100, 100, 100)
     man = load_manifest(Store(str(root)), s.version)
     assert man.sharding.mode == "ivf" and all(sh.ivfdata for sh in man.shards) and man.lineage.parent == v1.version
+    first = load_manifest(Store(str(root)), v1.version).sharding
+    assert man.sharding.order == first.order == "grouped" and man.sharding.ranges == first.ranges  # the groups stay
     r = Router(str(root), backend="local")
     got = np.concatenate([sh.ids() for sh in r.shards])
     want = np.sort(np.concatenate([np.setdiff1d(ids, m["gone"]), m["new"]]))
     np.testing.assert_array_equal(np.sort(got), want)
     hits = r.search(m["changed_x"][:3], k=1, nprobe=32)
     assert [h[0].id for h in hits] == m["changed"][:3].tolist()
+
+
+def test_another_list_order_retrains(ray_session, tmp_path):
+    """A list's number is fixed by its quantizer: a reindex asked for k-means' order over grouped lists
+    trains a new one, and its ranges are cut by vectors."""
+    src, root = tmp_path / "corpus", tmp_path / "index"
+    write_vector_corpus(str(src), n=N, d=D, files=2, seed=3)
+    build(ray_session, source=str(src), index_root=str(root), vector_column="vector", factory="IVF32,Flat",
+          shards=2, sharding="ivf", part_rows=500)
+    s = reindex(ReindexConfig(source=str(src), index_root=str(root), ivf_order="kmeans"))
+    assert s.retrained and "--ivf-order kmeans" in s.retrain_reason
+    assert load_manifest(Store(str(root)), s.version).sharding.order == "kmeans"
 
 
 def test_the_id_check_reads_unchanged_files_only_where_a_changed_one_meets_their_ids(ray_session, tmp_path):

@@ -167,7 +167,7 @@ def drift_baseline(base: dict, version: str, kept: DriftBaseline | None = None,
 def make_manifest(version: str, cfg: BuildConfig, *, corpus: Corpus, parts: list[PartResult], vectors: list[str],
                   quarantine: str | None, encoder: EncoderInfo, factory: str, auto_reason: str | None,
                   trained: dict, trained_file: FileInfo, shards: list[FileInfo], ranges: list | None,
-                  tuned: dict, drift: DriftBaseline, timings: dict, lineage: Lineage, options: dict,
+                  order: str | None, tuned: dict, drift: DriftBaseline, timings: dict, lineage: Lineage, options: dict,
                   docs: tuple[list[str], list[dict]], extra: list[FileInfo]) -> Manifest:
     """The version's manifest. trained, tuned: what the train and tune tasks returned; vectors: the
     embeddings parts indexed; options: the build options asked for (reindex's defaults); docs:
@@ -181,7 +181,8 @@ def make_manifest(version: str, cfg: BuildConfig, *, corpus: Corpus, parts: list
         index=IndexInfo(factory=factory, metric=encoder.metric, auto_reason=auto_reason,
                         nlist=trained["nlist"], train_vectors=trained["train_vectors"] or 0,
                         train_seconds=round(trained["seconds"], 2), train_device=trained.get("device", "cpu")),
-        sharding=ShardingInfo(mode=cfg.sharding, shards=cfg.shards, ranges=ranges),
+        sharding=ShardingInfo(mode=cfg.sharding, shards=cfg.shards, ranges=ranges,
+                              order=order if cfg.sharding == "ivf" else None),
         trained=trained_file,
         shards=shards,
         docs=DocsInfo(files=docs[0], fields=cfg.stored_fields, id_kind=corpus.id_kind,
@@ -197,7 +198,8 @@ def make_manifest(version: str, cfg: BuildConfig, *, corpus: Corpus, parts: list
         extra=extra)
 
 
-def publish_run(cfg: BuildConfig, store: Store, run, *, trained: dict, ranges: list | None, tuned: dict,
+def publish_run(cfg: BuildConfig, store: Store, run, *, trained: dict, ranges: list | None, order: str | None,
+                tuned: dict,
                 base: dict, timings: dict, lineage: Lineage, options: dict) -> Manifest:
     """Publish the run's version (run.wd.version, claimed before the merge), or a new one referring to
     its files when that one is published already; CURRENT moves to it.
@@ -213,7 +215,7 @@ def publish_run(cfg: BuildConfig, store: Store, run, *, trained: dict, ranges: l
                       auto_reason=kept.auto_reason if kept else run.choice.reason if run.choice else None,
                       trained=trained, trained_file=t.model_copy(update={"ntotal": None}),
                       shards=[located_shard(store, run.wd, s, version) for s in range(cfg.shards)],
-                      ranges=ranges, tuned=tuned,
+                      ranges=ranges, order=order, tuned=tuned,
                       drift=drift_baseline(base, version, kept.drift if kept else None, lists.file if lists else None),
                       timings=timings, lineage=lineage, options=options,
                       docs=docs_files(store, run), extra=[f for f in (q, lists) if f])

@@ -61,8 +61,8 @@ from shards.storage.store import Store
 # (query_prefix only changes queries; dtype changes precision, not the space.)
 SPACE_FIELDS = ("name", "revision", "modules", "dim", "normalize", "document_prefix", "max_seq_length")
 # Build options whose change alone makes a new version worth publishing.
-RESULT_OPTIONS = ("fields", "factory", "memory_budget", "shards", "sharding", "metric", "target_recall",
-                  "query_prefix")
+RESULT_OPTIONS = ("fields", "factory", "memory_budget", "shards", "sharding", "ivf_order", "metric",
+                  "target_recall", "query_prefix")
 
 
 @dataclass
@@ -112,6 +112,8 @@ def space_change(new: EncoderInfo, live: EncoderInfo) -> str | None:
 def effective_config(cfg: ReindexConfig, live: Manifest | None) -> BuildConfig:
     """Build options: the live version's, overridden by the ones given."""
     opts = {k: v for k, v in ((live.options or {}) if live else {}).items() if k in BuildConfig.model_fields}
+    if live and live.sharding.mode == "ivf" and "ivf_order" not in opts:  # a version from before grouped lists
+        opts["ivf_order"] = live.sharding.order or "kmeans"
     return make(BuildConfig, {**opts, **cfg.build_options()}, where="shardex reindex")
 
 
@@ -215,7 +217,7 @@ def _run_config(bcfg: BuildConfig, live: Manifest, dec: Decision) -> tuple[Build
     if dec.retrain:
         return bcfg, None
     kept = Kept(trained=live.path(live.trained.file), auto_reason=live.index.auto_reason, drift=live.drift,
-                parent=live.version)
+                parent=live.version, sharding=live.sharding)
     return bcfg.model_copy(update={"factory": live.index.factory, "metric": live.index.metric}), kept
 
 
@@ -254,8 +256,10 @@ def encode(bcfg: BuildConfig, corpus: Corpus, live: Manifest, store: Store):
 
 
 def _same_options(bcfg: BuildConfig, live: Manifest) -> bool:
-    opts = live.options or {}
-    return all(opts.get(k) == getattr(bcfg, k) for k in RESULT_OPTIONS)
+    opts = dict(live.options or {})
+    if live.sharding.mode == "ivf":
+        opts.setdefault("ivf_order", live.sharding.order or "kmeans")  # a version from before grouped lists
+    return all(opts.get(k) == getattr(bcfg, k) for k in RESULT_OPTIONS if k != "ivf_order" or bcfg.sharding == "ivf")
 
 
 @dataclass
@@ -286,6 +290,9 @@ def _quantizer(cfg: ReindexConfig, bcfg: BuildConfig, store: Store, live: Manife
     if want != live.index.factory:
         what = f"--factory auto picks {want} for {n:,} documents" if bcfg.factory == "auto" else f"--factory {want}"
         return Decision(True, f"{what}; the live index is {live.index.factory}")
+    if bcfg.sharding == "ivf" and (live.sharding.order or "kmeans") != bcfg.ivf_order and bcfg.shards > 1:
+        return Decision(True, f"--ivf-order {bcfg.ivf_order}; the live lists are in {live.sharding.order or 'kmeans'} "
+                              f"order (a list's number is fixed by its quantizer)")
     # from here the live quantizer is kept or measured against (drift tasks read it): it must be the one published
     check_info(store, live.dir_of(live.trained), live.trained)
     b = live.drift

@@ -106,6 +106,9 @@ class ShardingInfo(BaseModel):
     shards: int
     # mode "ivf": shard s owns the IVF lists [ranges[s][0], ranges[s][1]), contiguous, covering 0..nlist
     ranges: list[list[int]] | None = None
+    # mode "ivf": "grouped" when the lists were renumbered so that each range is a compact region of the
+    # space (index_builder/train/groups.py), "kmeans" when they keep k-means' order (None before)
+    order: str | None = None
 
 
 class DocsInfo(BaseModel):
