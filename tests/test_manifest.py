@@ -172,7 +172,7 @@ def test_summary_leaves_out_the_file_list(tmp_path):
     m = _manifest(Store(str(tmp_path)), "v1")
     out = mf.summary(m)
     assert set(out) == {"version", "created", "source", "encoder", "index", "sharding", "search"}
-    assert out["sharding"] == {"mode": "hash", "shards": 2, "ranges": None}
+    assert out["sharding"] == {"mode": "hash", "shards": 2, "ranges": None, "order": None}
 
 
 def test_manifest_lists_and_verifies_ivfdata(tmp_path):
