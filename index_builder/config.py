@@ -63,6 +63,9 @@ class BuildConfig(Config):
     ivf_order: Literal["grouped", "kmeans"] = Field("grouped", description="--sharding ivf: grouped renumbers the "
                                                     "lists so that each shard owns a compact region of the space "
                                                     "(a query reaches few shards); kmeans keeps k-means' order")
+    list_cap: Annotated[float, Field(ge=0)] = Field(4.0, description="IVF lists hold at most this many times "
+                                                    "the mean list size (by the training sample): larger ones are "
+                                                    "split in two and the smallest given up; 0 keeps k-means' lists")
     actors: Annotated[int, at_least(1, hint="; leave it out to size the pool to the cluster")] | None = Field(
         None, description="encoder actors (default: one per GPU, or sized to the CPUs)")
     gpus_per_actor: float | None = Field(None, description="GPUs per encoder actor (default: 1 when the cluster "

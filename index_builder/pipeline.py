@@ -45,7 +45,7 @@ from shards.config import parse_bytes
 from shards.errors import ConfigError, CorpusError, IntegrityError
 from shards.raytools import cluster_cpus, ensure_ray, log, node_cpus
 from shards.storage.lease import hold
-from shards.storage.manifest import DriftBaseline, EncoderInfo, Lineage, Manifest, ShardingInfo
+from shards.storage.manifest import DriftBaseline, EncoderInfo, Lineage, ListsInfo, Manifest, ShardingInfo
 from shards.storage.store import Store, resolve_endpoint
 
 
@@ -155,6 +155,7 @@ class Kept:
     drift: DriftBaseline | None
     parent: str = ""             # the live version the reindex starts from
     sharding: ShardingInfo | None = None  # the live version's: its list ranges, when grouped, stay
+    lists: ListsInfo | None = None        # the live version's: how its lists were capped at training
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ class Run:
         reused = [kept.trained, kept.parent] if kept else []
         order = [cfg.ivf_order] if cfg.sharding == "ivf" else []  # grouped lists are another trained index
         h = short_hash(fp, corpus.fingerprint, factory, enc.metric, cfg.shards, cfg.sharding, cfg.seed, *order,
-                       *reused)
+                       *reused, f"cap{cfg.list_cap:g}")
         return cls(corpus, parts, enc, fp, factory, choice, WorkDir.of(h), kept)
 
     @property
@@ -254,7 +255,8 @@ def train(cfg: BuildConfig, store: Store, run: Run) -> dict:
     expect = train_seconds(run.n, run.enc.dim, run.factory, res["num_cpus"], res.get("num_gpus", 0)) if size else None
     return progress.gather([train_task.options(**res).remote(
         store, run.wd, *train_args(drawn), factory=run.factory, d=run.enc.dim, metric=run.metric, seed=cfg.seed,
-        threads=res["num_cpus"], keep=bool(run.kept), t0=t0, groups=_groups(cfg))], "train", "task", expect=expect)[0]
+        threads=res["num_cpus"], keep=bool(run.kept), t0=t0, groups=_groups(cfg),
+        list_cap=cfg.list_cap)], "train", "task", expect=expect)[0]
 
 
 def _groups(cfg: BuildConfig) -> int:

@@ -90,6 +90,9 @@ def test_eval_cli_writes_json_and_png(index, tmp_path, capsys):
                               "held_out": True}
     assert rep["nprobe_reaching_target"] == next(r["nprobe"] for r in rows if r["recall"] >= 0.95)
     assert len(rep["machine"]["loadavg"]) == 3
+    li = rep["lists"]   # the lists' sizes, from the manifest, and their line
+    assert li["cap"] == 4.0 and li["mean"] == round(N / 32, 1) and li["largest"] >= li["mean"] and li["imbalance"] >= 1
+    assert f"lists        imbalance {li['imbalance']:.3f}, largest {li['largest']:,}" in text
 
 
 def test_eval_plot_is_the_nprobe_curve_and_the_target(index):

@@ -6,6 +6,7 @@ write (shards/storage/store.py, SHARDEX_CRASH_AT), joined to this session's Ray 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -158,6 +159,10 @@ def test_reindex_applies_new_changed_and_deleted(case, capsys):
     r = Router(str(case["root"]), backend="local")
     got = np.concatenate([sh.ids() for sh in r.shards])
     np.testing.assert_array_equal(np.sort(got), want)
+    sizes = np.load(io.BytesIO(store.read_bytes(man.path(man.drift.lists))))   # after the deltas, in the manifest
+    li = man.index.lists
+    assert sizes.sum() == len(want) and (li.largest, li.mean) == (sizes.max(), round(sizes.mean(), 1))
+    assert li.imbalance == pytest.approx(imbalance(sizes)) and li.cap == 4.0
     docs = r.docs.dataset.to_table(columns=["id"]).column("id").to_numpy()
     np.testing.assert_array_equal(np.sort(docs), want)
 

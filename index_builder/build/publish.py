@@ -39,6 +39,7 @@ from shards.storage.manifest import (
     FileInfo,
     IndexInfo,
     Lineage,
+    ListsInfo,
     Manifest,
     SearchDefaults,
     ShardInfo,
@@ -168,7 +169,8 @@ def make_manifest(version: str, cfg: BuildConfig, *, corpus: Corpus, parts: list
                   quarantine: str | None, encoder: EncoderInfo, factory: str, auto_reason: str | None,
                   trained: dict, trained_file: FileInfo, shards: list[FileInfo], ranges: list | None,
                   order: str | None, tuned: dict, drift: DriftBaseline, timings: dict, lineage: Lineage, options: dict,
-                  docs: tuple[list[str], list[dict]], extra: list[FileInfo]) -> Manifest:
+                  docs: tuple[list[str], list[dict]], extra: list[FileInfo], lists: ListsInfo | None = None
+                  ) -> Manifest:
     """The version's manifest. trained, tuned: what the train and tune tasks returned; vectors: the
     embeddings parts indexed; options: the build options asked for (reindex's defaults); docs:
     (names, records) of the docs parts; extra: the version's other files (quarantine, list sizes)."""
@@ -180,7 +182,8 @@ def make_manifest(version: str, cfg: BuildConfig, *, corpus: Corpus, parts: list
         encoder=encoder,
         index=IndexInfo(factory=factory, metric=encoder.metric, auto_reason=auto_reason,
                         nlist=trained["nlist"], train_vectors=trained["train_vectors"] or 0,
-                        train_seconds=round(trained["seconds"], 2), train_device=trained.get("device", "cpu")),
+                        train_seconds=round(trained["seconds"], 2), train_device=trained.get("device", "cpu"),
+                        lists=lists),
         sharding=ShardingInfo(mode=cfg.sharding, shards=cfg.shards, ranges=ranges,
                               order=order if cfg.sharding == "ivf" else None),
         trained=trained_file,
@@ -218,5 +221,17 @@ def publish_run(cfg: BuildConfig, store: Store, run, *, trained: dict, ranges: l
                       ranges=ranges, order=order, tuned=tuned,
                       drift=drift_baseline(base, version, kept.drift if kept else None, lists.file if lists else None),
                       timings=timings, lineage=lineage, options=options,
-                      docs=docs_files(store, run), extra=[f for f in (q, lists) if f])
+                      docs=docs_files(store, run), extra=[f for f in (q, lists) if f],
+                      lists=built_lists(cfg, base, trained, kept))
     return publish(store, m)
+
+
+def built_lists(cfg: BuildConfig, base: dict, trained: dict, kept) -> ListsInfo | None:
+    """The manifest's list sizes: the baseline task measured them; the cap and splits are the training's,
+    or a kept quantizer's (from its version)."""
+    if base.get("imbalance") is None:
+        return None
+    how = (kept.lists.cap, kept.lists.split) if kept and kept.lists else (None, 0) if kept else \
+        (cfg.list_cap, trained.get("balance", {}).get("splits", 0))
+    return ListsInfo(imbalance=base["imbalance"], largest=base.get("largest", 0), mean=round(base.get("mean", 0.0), 1),
+                     cap=how[0], split=how[1])

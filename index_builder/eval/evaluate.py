@@ -161,6 +161,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             "threads": threads, "search": kind, "target_recall": cfg.target_recall,
             "nprobe_reaching_target": best["nprobe"] if best and kind == "ivf" else None,
             "published_nprobe": m.search.nprobe, "results": rows,
+            "lists": m.index.lists.model_dump() if m.index.lists else None,
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg": _loadavg()}}
 
 
@@ -255,6 +256,14 @@ def write_report(report: dict, out: str | None, s3_endpoint: str | None = None) 
     return store.uri("eval.json"), store.uri("eval.png")
 
 
+def lists_line(li: dict) -> str:
+    """The IVF lists' sizes in a line: imbalance (1 = even), the largest against the mean, the cap."""
+    cap = ("" if li.get("cap") is None else "; k-means' lists, uncapped" if not li["cap"] else
+           f"; capped at {li['cap']:g}x the mean at training, {li['split']} split")
+    big = f", {li['largest'] / li['mean']:.1f}x the mean {li['mean']:,.1f}" if li.get("mean") else ""
+    return f"lists        imbalance {li['imbalance']:.3f}, largest {li['largest']:,}{big}{cap}"
+
+
 def lines(report: dict) -> list[str]:
     q, kind, rows = report["queries"], report["search"], report["results"]
     names = [str(r["nprobe"]) if kind == "ivf" else label(r, kind, report["factory"]) for r in rows]
@@ -269,6 +278,8 @@ def lines(report: dict) -> list[str]:
         out.append(f"{n:>{w}} {r['recall']:>10.4f} {r['qps']:>10,.0f} {lat.get('p50', 0):>8.2f} "
                    f"{lat.get('p99', 0):>8.2f}" + (f"  {r['shards_per_query']:>12.2f}" if "shards_per_query" in r
                                                    else ""))
+    if report.get("lists"):
+        out.append(lists_line(report["lists"]))
     if kind == "exact":  # the same search as the truth: what it misses are ties (measures.recall_at_k)
         out.append("exact        a flat scan is exact search: recall under 1.0 is neighbours tied at the "
                    "k-th distance (duplicates)")

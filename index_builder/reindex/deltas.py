@@ -36,7 +36,7 @@ from index_builder.encode.parts import part_rel
 from index_builder.eval.measures import K
 from index_builder.pipeline import Run, Summary, Timer, merge_ram_budget
 from index_builder.plan.factory import fast_scan
-from index_builder.reindex.drift import imbalance, lists_task, load_npy, save_npy
+from index_builder.reindex.drift import imbalance, lists_info, lists_task, load_npy, save_npy
 from index_builder.shard_math import add_rows, add_units, hash_shard
 from shards.errors import IntegrityError
 from shards.raytools import cluster_cpus, log, ray_get
@@ -217,6 +217,14 @@ def _lists(store: Store, live: Manifest, v: str, made: list, gone: list) -> tupl
     return FileInfo(file=LISTS, sha256=w.sha256, bytes=w.bytes), sizes
 
 
+def _index(live: Manifest, sizes: np.ndarray | None):
+    """The live version's index info, with the list sizes after the deltas."""
+    if sizes is None:
+        return live.index
+    was = live.index.lists
+    return live.index.model_copy(update={"lists": lists_info(sizes, was.cap if was else None, was.split if was else 0)})
+
+
 def _manifest(cfg, store, run: Run, live: Manifest, v: str, shards, made, gone, diff, lineage, options,
               timings) -> Manifest:
     rejected = [part_rel(run.fp, p.name, "rejected") for p in run.parts if p.rejected]
@@ -236,7 +244,7 @@ def _manifest(cfg, store, run: Run, live: Manifest, v: str, shards, made, gone, 
         docs=DocsInfo(files=docs[0], fields=cfg.stored_fields, id_kind=run.corpus.id_kind,
                       bytes=[r["bytes"] for r in docs[1]], sha256=[r["sha256"] for r in docs[1]]),
         timings=timings, vectors=run.emb, embeddings=EmbeddingsInfo(parts=run.emb), drift=drift,
-        lineage=lineage, options=options, extra=[f for f in (qi, li) if f]))
+        index=_index(live, sizes), lineage=lineage, options=options, extra=[f for f in (qi, li) if f]))
     if m.ntotal != n:
         raise IntegrityError(f"{store.uri(vdir(v))}: its shards hold {m.ntotal} live vectors, the corpus {n}; "
                              f"delete it and reindex")

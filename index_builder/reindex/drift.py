@@ -27,6 +27,7 @@ from index_builder.encode.parts import read_vectors
 from index_builder.workdir import WorkDir
 from shards.raytools import TASK_RETRIES
 from shards.storage.faissio import faiss, ivf, pretransform, read_index, untransform
+from shards.storage.manifest import ListsInfo
 from shards.storage.store import Store
 
 BASELINE_SAMPLE = 20_000   # vectors the build's error baseline is measured on, and a reindex's new vectors at most
@@ -103,6 +104,13 @@ def imbalance(sizes: np.ndarray) -> float | None:
     return float(len(sizes) * (sizes ** 2).sum() / n ** 2) if n > 0 else None
 
 
+def lists_info(sizes: np.ndarray, cap: float | None, split: int) -> ListsInfo:
+    """The manifest's account of a version's list sizes (cap, split: how its quantizer was trained)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    return ListsInfo(imbalance=imbalance(sizes), largest=int(sizes.max()) if len(sizes) else 0,
+                     mean=round(float(sizes.mean()), 1) if len(sizes) else 0.0, cap=cap, split=split)
+
+
 def list_sizes(index) -> np.ndarray | None:
     iv = ivf(index)
     if iv is None:
@@ -156,7 +164,7 @@ def baseline_task(store: Store, wd: WorkDir, parts: list[tuple[str, int]], *, sh
         rel = wd.shard_sizes(s)
         sizes += load_npy(store, rel) if store.exists(rel) else list_sizes(open_merged(store, wd, s))
     save_npy(store, wd.lists, sizes)
-    out.update(imbalance=imbalance(sizes), lists=wd.lists)
+    out.update(imbalance=imbalance(sizes), lists=wd.lists, largest=int(sizes.max()), mean=float(sizes.mean()))
     return out
 
 

@@ -217,7 +217,7 @@ def _run_config(bcfg: BuildConfig, live: Manifest, dec: Decision) -> tuple[Build
     if dec.retrain:
         return bcfg, None
     kept = Kept(trained=live.path(live.trained.file), auto_reason=live.index.auto_reason, drift=live.drift,
-                parent=live.version, sharding=live.sharding)
+                parent=live.version, sharding=live.sharding, lists=live.index.lists)
     return bcfg.model_copy(update={"factory": live.index.factory, "metric": live.index.metric}), kept
 
 

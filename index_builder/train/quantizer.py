@@ -26,6 +26,7 @@ import numpy as np
 import ray
 
 from index_builder.encode.parts import group_bounds, group_bytes, open_part, read_groups
+from index_builder.train.balance import balance_lists
 from index_builder.train.groups import group_lists
 from index_builder.workdir import WorkDir
 from shards.errors import ConfigError
@@ -340,7 +341,8 @@ def zero_norm_warning(tr: dict, metric: str) -> str | None:
 
 @ray.remote(**TASK_RETRIES)
 def train_task(store: Store, wd: WorkDir, drawn: Drawn | list, *parts, factory: str, d: int, metric: str,
-               seed: int, threads: int, keep: bool = False, t0: float | None = None, groups: int = 0) -> dict:
+               seed: int, threads: int, keep: bool = False, t0: float | None = None, groups: int = 0,
+               list_cap: float = 0) -> dict:
     """Writes wd.trained (the trained index), wd.queries (tune's queries), and wd.train_record (how
     it was trained) last. drawn: sample_parallel's (training rows and tune queries; [] when the
     record exists). The record holds sample_bytes (the sample's float32) beside sample_bytes_read
@@ -351,7 +353,8 @@ def train_task(store: Store, wd: WorkDir, drawn: Drawn | list, *parts, factory: 
     before the task starts, rebuilding any a lost node held; fetched inside the task instead, a lost
     one is rebuilt by a draw task that may find no CPU free while this one waits.
     groups: --sharding ivf with grouped lists, the shard count: the lists are renumbered into that many
-    compact regions (train/groups.py) and the record holds each one's list range."""
+    compact regions (train/groups.py) and the record holds each one's list range.
+    list_cap: no list above this many times the mean, by the sample (train/balance.py); 0: k-means' lists."""
     if store.exists(wd.train_record):
         return {**json.loads(store.read_text(wd.train_record)), "reused": True}
     faiss().omp_set_num_threads(threads)
@@ -367,9 +370,10 @@ def train_task(store: Store, wd: WorkDir, drawn: Drawn | list, *parts, factory: 
     else:
         index = make_index(factory, d, metric)
         device = train_index(index, xt, best_device(), seed)
+        balanced = balance_lists(index, xt, list_cap, seed)
         ranges = group_lists(index, xt, groups, seed) if groups else None
         write_index(store, wd.trained, index)
-    done = {**({"ranges": ranges} if not keep and groups else {}),
+    done = {**({"ranges": ranges} if not keep and groups else {}), **({"balance": balanced} if not keep else {}),
             "train_vectors": len(xt), "seconds": time.time() - t0, "sample_seconds": t1 - t0,
             "device": device, "nlist": nlist(index), "zero_norm": near_zero(xt),
             "sample_bytes": int(xt.nbytes), "sample_bytes_read": s.bytes_read}

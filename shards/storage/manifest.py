@@ -91,6 +91,15 @@ class SourceInfo(BaseModel):
     quarantine: str | None = None   # file in this version holding them, with a reason
 
 
+class ListsInfo(BaseModel):
+    """The IVF lists' sizes in this version (index_builder/train/balance.py caps them when training)."""
+    imbalance: float | None = None  # nlist * sum(n_l^2) / N^2: 1 when even; the scan cost over the even one's
+    largest: int = 0                # vectors in the largest list
+    mean: float = 0.0               # vectors per list
+    cap: float | None = None        # the build's --list-cap (0: k-means' lists; None: not recorded)
+    split: int = 0                  # lists split at training to keep under it
+
+
 class IndexInfo(BaseModel):
     factory: str
     metric: str
@@ -99,6 +108,7 @@ class IndexInfo(BaseModel):
     train_vectors: int = 0
     train_seconds: float = 0.0
     train_device: str = "cpu"       # "cpu", "cuda-torch" (k-means in torch on CUDA), "faiss-gpu", or "reused"
+    lists: ListsInfo | None = None  # IVF only
 
 
 class ShardingInfo(BaseModel):
