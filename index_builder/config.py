@@ -63,6 +63,10 @@ class BuildConfig(Config):
     ivf_order: Literal["grouped", "kmeans"] = Field("grouped", description="--sharding ivf: grouped renumbers the "
                                                     "lists so that each shard owns a compact region of the space "
                                                     "(a query reaches few shards); kmeans keeps k-means' order")
+    route: Literal["ranked", "all"] = Field("ranked", description="--sharding ivf, at the default nprobe: ranked "
+                                            "sends a query only to the shards whose nearest probed list is within "
+                                            "a gap of its nearest (the build tunes the gap and nprobe to "
+                                            "--target-recall); all sends it to every shard it probes")
     list_cap: Annotated[float, Field(ge=0)] = Field(4.0, description="IVF lists hold at most this many times "
                                                     "the mean list size (by the training sample): larger ones are "
                                                     "split in two and the smallest given up; 0 keeps k-means' lists")

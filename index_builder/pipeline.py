@@ -224,7 +224,7 @@ def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, run: Run, lineag
     with t.stage("merge"):
         merged = merge_shards(cfg, store, run, added, sizes, ranges, tr["nlist"])
     with t.stage("tune"):
-        best = tune(cfg, store, run, [a["unit"] for a in added], merged)
+        best = tune(cfg, store, run, [a["unit"] for a in added], merged, ranges)
     said += [w for w in [recall_warning(best, cfg.target_recall)] if w]
     for w in said:
         log(f"warning: {w}")
@@ -285,9 +285,11 @@ def add(cfg: BuildConfig, store: Store, run: Run, tr: dict) -> tuple[list[dict],
     return added, sizes, ranges, "grouped" if grouped else "kmeans"
 
 
-def tune(cfg: BuildConfig, store: Store, run: Run, units: list[str], merged: list[dict]) -> dict:
+def tune(cfg: BuildConfig, store: Store, run: Run, units: list[str], merged: list[dict], ranges) -> dict:
+    """The search defaults; with --sharding ivf and --route ranked, the ranked routing's gap too."""
     return tune_shards(store, run.wd, units, shards=cfg.shards, metric=run.metric, target=cfg.target_recall,
-                       k=K, cpus=cluster_cpus(), node=node_cpus(), shard_bytes=sum(m["bytes"] for m in merged))
+                       k=K, cpus=cluster_cpus(), node=node_cpus(), shard_bytes=sum(m["bytes"] for m in merged),
+                       ranges=ranges if cfg.sharding == "ivf" and cfg.route == "ranked" else None)
 
 
 def baseline(cfg: BuildConfig, store: Store, run: Run) -> dict:

@@ -46,7 +46,8 @@ def test_sharded_and_on_disk_equal_monolithic(ray_session, corpus, tmp_path, fac
     src, ids, x = corpus
     root = str(tmp_path / "index")
     s = build(ray_session, source=src, index_root=root, vector_column="vector", factory=factory, shards=shards,
-              sharding=sharding, merge_ram_budget=ram, merge_task_bytes=task, metric="l2", add_rows=1500)
+              sharding=sharding, merge_ram_budget=ram, merge_task_bytes=task, metric="l2", add_rows=1500,
+              route="all")   # every probed shard at every nprobe: ranked routing has its own tests
     assert s.documents == N
     store = Store(root)
     records = [json.loads(store.read_text(WorkDir(s.work).shard_record(i))) for i in range(shards)]

@@ -89,7 +89,7 @@ async def fan_out(view, xq: np.ndarray, k: int, nprobe: int | None, flt: list | 
     order = scan_order(coarse[1]) if coarse is not None and nq > 1 else None
     if order is not None:  # neighbouring queries probe the same lists: a shard scans each while it is in cache
         xq, coarse = xq[order], (coarse[0][order], coarse[1][order])
-    route = view.route(nq, coarse)
+    route = view.route(nq, coarse, ranked=flt is None)
     heap = faiss().ResultHeap(nq, k, keep_max=view.metric == "ip")
     out = Outcome(heap.D, heap.I, route.sum(1), asked=route)
     q = (xq, coarse)

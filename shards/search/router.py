@@ -50,6 +50,9 @@ class IndexView:
         self.kinds = filterable(self.docs.schema, m.docs.fields, filter_fields) if m.docs.files else {}
         self.mode = m.sharding.mode
         self.ranges = [list(r) for r in m.sharding.ranges] if self.mode == "ivf" else None
+        # ranked routing: (nprobe, gap) it applies at, the version's default nprobe (clipped to nlist) and gap
+        self.ranked = ((min(m.search.nprobe, m.index.nlist or m.search.nprobe), m.search.route_gap)
+                       if self.mode == "ivf" and m.search.route_gap is not None and m.search.nprobe else None)
         self.quantizer = None
         if m.index.nlist and prev is not None and self.keeps_trained(prev):
             self.quantizer = prev.quantizer
@@ -123,12 +126,17 @@ class IndexView:
 
         return coarse_search(self.quantizer, xq, nprobe or self.manifest.search.nprobe or 1)
 
-    def route(self, nq: int, coarse) -> np.ndarray:
-        """bool [nq, S]: the shards each query must reach."""
+    def route(self, nq: int, coarse, ranked: bool = True) -> np.ndarray:
+        """bool [nq, S]: the shards each query must reach. Under ivf sharding, those owning a list it
+        probes; at the default nprobe of a version tuned for ranked routing, only those among them
+        whose nearest probed list is within route_gap of the query's nearest (shard_selection.gap_mask).
+        ranked=False (a filtered search: its matches may lie anywhere it probes) asks every probed shard."""
         if self.mode != "ivf":
             return np.ones((nq, self.nshards), dtype=bool)
-        from shards.search.shard_selection import shard_mask
+        from shards.search.shard_selection import gap_mask, shard_mask
 
+        if ranked and self.ranked is not None and coarse[1].shape[1] == self.ranked[0]:
+            return gap_mask(coarse[0], coarse[1], self.ranges, self.ranked[1], self.metric == "ip")
         return route_mask(shard_mask(coarse[1], self.ranges), nq, self.nshards)
 
     def attach(self, D: np.ndarray, I: np.ndarray, fields: list[str] | None) -> list[list[Hit]]:

@@ -29,6 +29,29 @@ def shard_mask(lists: np.ndarray, ranges: list[list[int]]) -> np.ndarray:
     return mask[:, :-1]
 
 
+def gap_mask(Dq: np.ndarray, lists: np.ndarray, ranges: list[list[int]], gap: float, ip: bool) -> np.ndarray:
+    """Ranked routing: bool [nq, S], shard s asked for a query when it owns one of the query's probed lists
+    (lists [nq, nprobe], coarse distances Dq) no more than gap worse than the query's nearest list. A
+    query's nearest lists lie in one region of the space, and with grouped lists in one or two shards:
+    the far shards a probe reaches hold little of its answer (the build tunes gap to the recall target)."""
+    owner = list_owner(np.atleast_2d(lists), ranges)
+    nq, S = owner.shape[0], len(ranges)
+    d = np.where(owner < 0, -np.inf if ip else np.inf, np.asarray(Dq, dtype=np.float64))
+    best = np.full((nq, S + 1), -np.inf if ip else np.inf)     # the last column takes -1 (no list)
+    (np.maximum if ip else np.minimum).at(best, (np.arange(nq)[:, None], owner), d)
+    best = best[:, :-1]
+    top = best.max(1, keepdims=True) if ip else best.min(1, keepdims=True)
+    return np.isfinite(best) & ((top - best if ip else best - top) <= gap)
+
+
+def scanned(lists: np.ndarray, mask: np.ndarray, ranges: list[list[int]]) -> np.ndarray:
+    """lists [nq, nprobe] with -1 where the list's shard is not asked (mask [nq, S]): what the shards
+    asked scan together, as one index would scan it."""
+    owner = list_owner(np.atleast_2d(lists), ranges)
+    keep = np.take_along_axis(np.c_[mask, np.zeros(len(mask), bool)], np.where(owner < 0, mask.shape[1], owner), 1)
+    return np.where(keep, lists, -1)
+
+
 def shards_for_lists(lists: np.ndarray, ranges: list[list[int]]) -> list[set[int]]:
     """lists [nq, nprobe] (from probed_lists) -> for each query, the set of shard numbers to ask."""
     owner = list_owner(np.atleast_2d(lists), ranges)

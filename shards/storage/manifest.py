@@ -134,6 +134,11 @@ class SearchDefaults(BaseModel):
     recall_at_10: float | None = None
     eval_queries: int = 0
     target_recall: float | None = None  # nprobe is the smallest reaching this recall@10 (when any does)
+    # --sharding ivf, ranked routing: at the default nprobe a query goes only to the shards whose nearest
+    # probed list is within route_gap (coarse distance) of its nearest list (None: every shard it probes)
+    route_gap: float | None = None
+    touched: float | None = None        # ranked: shards per tune query at the defaults
+    exact_touched: float | None = None  # the same, sending each to every shard it probes (at the exact nprobe)
 
 
 class EmbeddingsInfo(BaseModel):
