@@ -64,7 +64,7 @@ def index(ray_session, tmp_path_factory):
     ivf_root = str(tmp / "ivf-index")
     attrs = write_filterable_corpus(str(tmp / "c1"), ids + 1, v1["x"], 1)
     s = build(ray_session, source=str(tmp / "c1"), index_root=ivf_root, vector_column="vector", fields=["title"],
-              factory="IVF32,Flat", shards=4, sharding="ivf", metric="ip")
+              factory="IVF32,Flat", shards=4, sharding="ivf", metric="ip", route="all")
     ivf = {"root": ivf_root, "version": s.version, "ids": ids + 1, "x": v1["x"], "attrs": attrs, "nprobe": s.nprobe}
     return {"root": root, "tmp": tmp, "v1": v1, "v2": v2, "v3": v3, "ivf": ivf}
 
