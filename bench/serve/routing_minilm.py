@@ -133,10 +133,11 @@ def main() -> None:
     from shards.search.router import Router
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
     routers, cases = {}, []
-    for name, kw in BUILDS:
-        root = built(os.path.join(data, "corpus"), f"minilm{a.n}-{name}-{a.factory.replace(',', '_')}-s{a.shards}",
-                     factory=a.factory, shards=a.shards, metric="ip", **kw)
-        routers[name] = r = Router(root)
+    roots = {name: built(os.path.join(data, "corpus"), f"minilm{a.n}-{name}-{a.factory.replace(',', '_')}-s{a.shards}",
+                         factory=a.factory, shards=a.shards, metric="ip", **kw)
+             for name, kw in BUILDS}   # every build first: a router's shard actors hold the CPUs a build needs
+    for name, _ in BUILDS:
+        routers[name] = r = Router(roots[name])
         if name == "ivf-grouped":
             ranked, r.view.ranked = r.view.ranked, None      # first: every shard a query probes
         p, sweep = pick_nprobe(r, xq, gt, a.k, a.batch, a.target)
