@@ -13,7 +13,7 @@ from index_builder.config import env_count
 from index_builder.eval.measures import choose_nprobe, climb, drop_own, recall_at_k
 from index_builder.workdir import WorkDir
 from shards.raytools import TASK_RETRIES, ray_get
-from shards.search.shard_selection import gap_mask, list_owner, scanned, shard_mask
+from shards.search.shard_selection import gap_mask, scanned, shard_gaps, shard_mask
 from shards.search.topk import merge_topk
 from shards.storage.faissio import (
     coarse_search,
@@ -116,13 +116,8 @@ def ranked_routing(trained, ranges, search_lists, xq, own, gt, *, metric: str, t
 
 
 def _gaps(Dq, Iq, ranges, ip: bool) -> np.ndarray:
-    """For every query and every other shard its probe reaches, how much worse that shard's nearest
-    probed list is than the query's nearest: the gaps worth trying."""
-    owner, fill = list_owner(Iq, ranges), -np.inf if ip else np.inf
-    per = [np.where(owner == s, Dq, fill) for s in range(len(ranges))]
-    best = np.stack([d.max(1) if ip else d.min(1) for d in per], 1)
-    top = best.max(1, keepdims=True) if ip else best.min(1, keepdims=True)
-    g = (top - best) if ip else (best - top)
+    """The gaps worth trying: every query's, to each other shard its probe reaches."""
+    g = shard_gaps(Dq, Iq, ranges, ip)
     g = g[np.isfinite(g) & (g > 0)]
     return g if len(g) else np.zeros(1)
 

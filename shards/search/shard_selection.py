@@ -29,11 +29,9 @@ def shard_mask(lists: np.ndarray, ranges: list[list[int]]) -> np.ndarray:
     return mask[:, :-1]
 
 
-def gap_mask(Dq: np.ndarray, lists: np.ndarray, ranges: list[list[int]], gap: float, ip: bool) -> np.ndarray:
-    """Ranked routing: bool [nq, S], shard s asked for a query when it owns one of the query's probed lists
-    (lists [nq, nprobe], coarse distances Dq) no more than gap worse than the query's nearest list. A
-    query's nearest lists lie in one region of the space, and with grouped lists in one or two shards:
-    the far shards a probe reaches hold little of its answer (the build tunes gap to the recall target)."""
+def shard_gaps(Dq: np.ndarray, lists: np.ndarray, ranges: list[list[int]], ip: bool) -> np.ndarray:
+    """float [nq, S]: how much worse each shard's nearest probed list is than the query's nearest
+    (lists [nq, nprobe], coarse distances Dq); inf for a shard the probe does not reach."""
     owner = list_owner(np.atleast_2d(lists), ranges)
     nq, S = owner.shape[0], len(ranges)
     d = np.where(owner < 0, -np.inf if ip else np.inf, np.asarray(Dq, dtype=np.float64))
@@ -41,7 +39,16 @@ def gap_mask(Dq: np.ndarray, lists: np.ndarray, ranges: list[list[int]], gap: fl
     (np.maximum if ip else np.minimum).at(best, (np.arange(nq)[:, None], owner), d)
     best = best[:, :-1]
     top = best.max(1, keepdims=True) if ip else best.min(1, keepdims=True)
-    return np.isfinite(best) & ((top - best if ip else best - top) <= gap)
+    return top - best if ip else best - top
+
+
+def gap_mask(Dq: np.ndarray, lists: np.ndarray, ranges: list[list[int]], gap: float, ip: bool) -> np.ndarray:
+    """Ranked routing: bool [nq, S], shard s asked for a query when it owns one of the query's probed lists
+    no more than gap worse than the query's nearest list (shard_gaps). A query's nearest lists lie in
+    one region of the space, and with grouped lists in one or two shards: the far shards a probe reaches
+    hold little of its answer (the build tunes gap to the recall target)."""
+    g = shard_gaps(Dq, lists, ranges, ip)
+    return np.isfinite(g) & (g <= gap)
 
 
 def scanned(lists: np.ndarray, mask: np.ndarray, ranges: list[list[int]]) -> np.ndarray:
