@@ -137,7 +137,7 @@ def main() -> None:
                          factory=a.factory, shards=a.shards, metric="ip", **kw)
              for name, kw in BUILDS}   # every build first: a router's shard actors hold the CPUs a build needs
     for name, _ in BUILDS:
-        routers[name] = r = Router(roots[name])
+        routers[name] = r = Router(roots[name], cpus=0.05)  # all stay open: each asks 0.4 CPU, not 0.8
         if name == "ivf-grouped":
             ranked, r.view.ranked = r.view.ranked, None      # first: every shard a query probes
         p, sweep = pick_nprobe(r, xq, gt, a.k, a.batch, a.target)
