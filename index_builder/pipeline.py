@@ -18,6 +18,8 @@ import numpy as np
 from index_builder import progress
 from index_builder.build import merge_ranges
 from index_builder.build.add import add_task, sum_sizes
+from index_builder.build.fields import shuffle
+from index_builder.build.fields import spec_of as fields_spec
 from index_builder.build.merge import merge_task, ram_budget_exceeded
 from index_builder.build.publish import claim_version, publish_run
 from index_builder.build.tune import recall_warning
@@ -223,6 +225,8 @@ def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, run: Run, lineag
         added, sizes, ranges, order = add(cfg, store, run, tr)
     with t.stage("merge"):
         merged = merge_shards(cfg, store, run, added, sizes, ranges, tr["nlist"])
+    with t.stage("fields"):
+        stored = shard_fields(cfg, store, run, added, ranges)
     with t.stage("tune"):
         best = tune(cfg, store, run, [a["unit"] for a in added], merged, ranges)
     said += [w for w in [recall_warning(best, cfg.target_recall)] if w]
@@ -231,7 +235,7 @@ def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, run: Run, lineag
     with t.stage("baseline"):
         base = baseline(cfg, store, run)
     with t.stage("publish"):
-        m = publish_run(cfg, store, run, trained=tr, ranges=ranges, order=order, tuned=best, base=base,
+        m = publish_run(cfg, store, run, trained=tr, ranges=ranges, order=order, tuned=best, base=base, stored=stored,
                         timings=dict(t.seconds),
                         lineage=lineage or Lineage(),
                         options=options_of(cfg) if options is None else options)
@@ -283,6 +287,15 @@ def add(cfg: BuildConfig, store: Store, run: Run, tr: dict) -> tuple[list[dict],
     ranges = grouped or ivf_ranges(sizes, cfg.shards)
     log(f"add: IVF list ranges per shard {ranges}" + (" (grouped lists)" if grouped else ""))
     return added, sizes, ranges, "grouped" if grouped else "kmeans"
+
+
+def shard_fields(cfg: BuildConfig, store: Store, run: Run, added: list[dict], ranges) -> list[list] | None:
+    """Each shard's stored fields files (build/fields.py); none when there is nothing to look up (no
+    stored fields, int ids: a hit is its id)."""
+    if not cfg.stored_fields and run.corpus.id_kind != "str":
+        return [[] for _ in range(cfg.shards)]
+    spec = fields_spec(cfg.sharding, cfg.shards, ranges, added[0]["fingerprint"])
+    return shuffle(store, run.wd.root, run.fp, run.live, spec, run.wd.version, 0)
 
 
 def tune(cfg: BuildConfig, store: Store, run: Run, units: list[str], merged: list[dict], ranges) -> dict:

@@ -84,6 +84,29 @@ def test_outcome_unordered_puts_every_row_back():
     np.testing.assert_array_equal(o.touched, [1, 1, 2, 0])
 
 
+def test_outcome_keeps_each_answer_with_its_rows_through_order_slice_and_remerge():
+    """got's rows follow the queries when they are put back in order and when a request is sliced
+    out; remerge without a failed shard is the other shards' merge, owners included."""
+    order = np.array([1, 0, 2])
+    I0 = np.array([[10, 11], [20, 21], [30, 31]])
+    D0 = np.array([[0.1, 0.4], [0.2, 0.5], [0.3, 0.6]], np.float32)
+    I1, D1 = np.array([[12, 13], [22, 23]]), np.array([[0.0, 0.2], [0.1, 0.3]], np.float32)
+    got = [(0, np.arange(3), D0[order], I0[order]), (1, np.array([0, 1]), D1, I1)]  # shard 1: queries 1, 0
+    o = Outcome(np.zeros((3, 2), np.float32), np.zeros((3, 2), np.int64), np.ones(3), {0, 1}, {},
+                np.ones((3, 2), bool), np.zeros((3, 2), np.int64), got).unordered(order)
+    o.failed[0] = "shard-0: gone"
+    o.remerge(keep_max=False)
+    np.testing.assert_array_equal(o.I, [[22, 23], [12, 13], [-1, -1]])
+    np.testing.assert_array_equal(o.owner, [[1, 1], [1, 1], [-1, -1]])
+    del o.failed[0]
+    o.remerge(keep_max=False)
+    np.testing.assert_array_equal(o.I, [[10, 22], [12, 20], [30, 31]])
+    np.testing.assert_array_equal(o.slice(1, 3).owner, [[1, 0], [0, 0]])
+    s = o.slice(1, 3)
+    s.remerge(keep_max=False)
+    np.testing.assert_array_equal(s.I, [[12, 20], [30, 31]])
+
+
 def test_outcome_slice_blames_only_shards_a_request_used():
     asked = np.array([[1, 0, 1], [1, 0, 1], [0, 1, 0]], dtype=bool)
     o = Outcome(np.arange(6, dtype=np.float32).reshape(3, 2), np.arange(6).reshape(3, 2), asked.sum(1),

@@ -20,7 +20,7 @@ from index_builder.workdir import WorkDir
 from shards.errors import IntegrityError
 from shards.raytools import TASK_RETRIES
 from shards.storage import segments
-from shards.storage.faissio import faiss, ivf, load_shard
+from shards.storage.faissio import faiss, index_ids, ivf, load_shard
 from shards.storage.manifest import Manifest, ShardInfo
 from shards.storage.store import Store
 
@@ -75,6 +75,18 @@ def live_entries(store: Store, m: Manifest, s: int, base) -> tuple[np.ndarray, n
         keep = ~np.isin(segments.keys(h["first"], h["n"]), dead)
         parts.append((L[keep], ids[keep], codes[keep]))
     return tuple(np.concatenate(a) for a in zip(*parts))
+
+
+def live_ids(store: Store, m: Manifest, s: int) -> np.ndarray:
+    """The ids of shard s's live entries in m, sorted (its base's ids not dead, its deltas' live ones)."""
+    sh = m.shards[s]
+    dead = segments.read_dead(store, m, sh)
+    ids = index_ids(load_shard(store, m, sh))
+    parts = [ids[~np.isin(ids, dead[dead >= 0])]]
+    for d in sh.deltas:
+        h, _, di, _ = segments.read_delta(store, m, d)
+        parts.append(di[~np.isin(segments.keys(h["first"], h["n"]), dead)])
+    return np.sort(np.concatenate(parts))
 
 
 @ray.remote(**TASK_RETRIES)

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from index_builder import progress
-from index_builder.build import compact
+from index_builder.build import compact, fields
 from index_builder.build.add import add_task
 from index_builder.build.delta import delta_task
 from index_builder.build.merge import ram_budget_exceeded
@@ -29,6 +29,7 @@ from index_builder.build.publish import (
     claim_version,
     docs_files,
     located_shard,
+    named,
     publish,
     quarantine_task,
 )
@@ -150,6 +151,10 @@ def index_deltas(cfg, store: Store, t: Timer, run: Run, live: Manifest, gone, di
             _next_first(live.shards[s]), nlist) for s in range(S)] if names else []
         made = progress.gather(refs, "merge", "shards") if refs else [None] * S
         shards = [_shard(store, live, v, s, made[s], gone[s][0]) for s in range(S)]
+    if live.docs.per_shard:
+        with t.stage("fields"):
+            shards = [sh.model_copy(update={"fields": [*sh.fields, *(named(f, v) for f in new)]})
+                      for sh, new in zip(shards, _fields(cfg, store, run, live, v, fp))]
     due = {s: why for s in range(S) if (why := compact.due(shards[s], *policy))}
     if due:
         with t.stage("compact"):
@@ -172,14 +177,27 @@ def index_deltas(cfg, store: Store, t: Timer, run: Run, live: Manifest, gone, di
 
 def compact_shards(store: Store, wd, m: Manifest, due: dict[int, str], budget: int) -> list[ShardInfo]:
     """m's shards with those in `due` compacted into new bases in m's version (wd: its run, with the
-    trained index in place), in RAM or on disk by the merge's budget."""
+    trained index in place), in RAM or on disk by the merge's budget; their fields files too."""
     c = code_size(from_bytes(store.read_bytes(wd.trained), no_search_flags()))
     for s, why in due.items():
         log(f"compact: shard {s}: {why}")
     refs = [compact.compact_task.options(num_cpus=1).remote(
         store, wd, m, s, ram_budget_exceeded(m.shards[s].live * (c + 8), budget)) for s in due]
     progress.gather(refs, "compact", "shards")
-    return [located_shard(store, wd, s, m.version) if s in due else sh for s, sh in enumerate(m.shards)]
+    stored = fields.compact(store, wd.root, m, [s for s in due if m.shards[s].fields], m.version)
+    return [located_shard(store, wd, s, m.version, stored.get(s)) if s in due else sh
+            for s, sh in enumerate(m.shards)]
+
+
+def _fields(cfg, store: Store, run: Run, live: Manifest, v: str, fp: str) -> list[list]:
+    """Per shard, the fields files of the next generation: every row of the docs parts this run wrote
+    (new, changed and kept rows: a kept row's vector stays where it was, its fields may have changed)."""
+    S = len(live.shards)
+    if not cfg.stored_fields and run.corpus.id_kind != "str":
+        return [[] for _ in range(S)]
+    gen = max((f.gen for sh in live.shards for f in sh.fields), default=-1) + 1
+    spec = fields.spec_of(live.sharding.mode, S, live.sharding.ranges, fp)
+    return fields.shuffle(store, run.wd.root, run.fp, [p for p in run.live if not p.kept], spec, v, gen)
 
 
 def _next_first(sh: ShardInfo) -> int:
@@ -242,7 +260,8 @@ def _manifest(cfg, store, run: Run, live: Manifest, v: str, shards, made, gone, 
                           rejected=sum(p.rejected for p in run.parts), quarantine=QUARANTINE if q else None),
         shards=shards, encoder=run.enc,
         docs=DocsInfo(files=docs[0], fields=cfg.stored_fields, id_kind=run.corpus.id_kind,
-                      bytes=[r["bytes"] for r in docs[1]], sha256=[r["sha256"] for r in docs[1]]),
+                      bytes=[r["bytes"] for r in docs[1]], sha256=[r["sha256"] for r in docs[1]],
+                      per_shard=live.docs.per_shard),
         timings=timings, vectors=run.emb, embeddings=EmbeddingsInfo(parts=run.emb), drift=drift,
         index=_index(live, sizes), lineage=lineage, options=options, extra=[f for f in (qi, li) if f]))
     if m.ntotal != n:

@@ -41,6 +41,8 @@ class Outcome:
     queried: set = field(default_factory=set)             # shard numbers asked at least once
     failed: dict = field(default_factory=dict)            # shard number -> one-line reason
     asked: np.ndarray | None = None                       # bool [nq, S]: which shard got which query
+    owner: np.ndarray | None = None                       # [nq, k] the shard each merged hit came from (-1: none)
+    got: list = field(default_factory=list, repr=False)   # (shard, rows, D, I) of each answer merged
 
     @property
     def answered(self) -> int:
@@ -51,8 +53,10 @@ class Outcome:
         counts against them only if one of them was sent to it."""
         asked = self.asked[a:b]
         mine = {int(s) for s in np.flatnonzero(asked.any(0))}
+        got = [(s, rows[m] - a, D[m], I[m]) for s, rows, D, I in self.got if (m := (rows >= a) & (rows < b)).any()]
         return Outcome(self.D[a:b], self.I[a:b], self.touched[a:b], mine,
-                       {s: r for s, r in self.failed.items() if s in mine}, asked)
+                       {s: r for s, r in self.failed.items() if s in mine}, asked,
+                       None if self.owner is None else self.owner[a:b], got)
 
     def unordered(self, order: np.ndarray) -> Outcome:
         """This outcome of the queries xq[order], put back in the order of xq."""
@@ -61,7 +65,19 @@ class Outcome:
             b[order] = a
             return b
         self.D, self.I, self.touched, self.asked = back(self.D), back(self.I), back(self.touched), back(self.asked)
+        self.owner = None if self.owner is None else back(self.owner)
+        self.got = [(s, order[rows], D, I) for s, rows, D, I in self.got]
         return self
+
+    def remerge(self, keep_max: bool) -> None:
+        """The merge again without the shards in failed (they failed after answering the search)."""
+        heap = faiss().ResultHeap(len(self.I), self.I.shape[1], keep_max=keep_max)
+        for s, rows, D, I in self.got:
+            if s not in self.failed:
+                heap.add_result_subset(rows, D, I)
+        heap.finalize()
+        self.D, self.I = heap.D, heap.I
+        self.owner = owners(self.I, [g for g in self.got if g[0] not in self.failed])
 
     def report(self) -> dict:
         return {"queried": len(self.queried), "answered": self.answered,
@@ -103,7 +119,21 @@ async def fan_out(view, xq: np.ndarray, k: int, nprobe: int | None, flt: list | 
             out.asked = route | more
     heap.finalize()
     out.D, out.I = heap.D, heap.I
+    out.owner = owners(out.I, out.got)
     return out if order is None else out.unordered(order)
+
+
+def owners(I: np.ndarray, got: list[tuple]) -> np.ndarray:
+    """The shard each merged hit of I came from, -1 for none; got: (shard, rows, D, I) of each answer.
+    An id is served by one shard only, so its value finds it."""
+    if not got:
+        return np.full(I.shape, -1, np.int64)
+    ids = np.concatenate([g[3].ravel() for g in got])
+    sh = np.concatenate([np.full(g[3].size, g[0], np.int64) for g in got])
+    o = np.argsort(ids, kind="stable")
+    ids, sh = ids[o], sh[o]
+    pos = np.minimum(np.searchsorted(ids, I), len(ids) - 1)
+    return np.where((I >= 0) & (ids[pos] == I), sh[pos], -1)
 
 
 async def _round(mask, q, k, nprobe, flt, call, timeout, heap, out: Outcome) -> None:
@@ -118,11 +148,12 @@ async def _round(mask, q, k, nprobe, flt, call, timeout, heap, out: Outcome) -> 
             out.failed[s] = one_line(r, ShardFailure)
             continue
         D, I = r
+        D, I = np.ascontiguousarray(D, dtype=np.float32), np.ascontiguousarray(I, dtype=np.int64)
+        out.got.append((s, rows, D, I))
         if len(rows) == len(xq):
             heap.add_result(D, I)
         else:
-            heap.add_result_subset(rows, np.ascontiguousarray(D, dtype=np.float32),
-                                   np.ascontiguousarray(I, dtype=np.int64))
+            heap.add_result_subset(rows, D, I)
 
 
 def _rows(xq, coarse, rows):
@@ -133,21 +164,57 @@ def _rows(xq, coarse, rows):
 
 
 async def _call_one(call, s, xq, coarse, k, nprobe, flt, timeout):
-    """One shard's answer; a replica that died mid-call is retried once on another replica."""
+    return await _ask(lambda: call(s, xq, k, nprobe, flt, coarse), s, timeout)
+
+
+async def _ask(make, s, timeout, what: str = ""):
+    """Shard s's answer to make() (an awaitable); a replica that died mid-call is asked once more
+    (Serve sends it to another replica)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout if timeout else None
     for attempt in (0, 1):
-        aw = call(s, xq, k, nprobe, flt, coarse)
-        left = None if deadline is None else max(deadline - loop.time(), 0.0)
+        aw, left = None, None if deadline is None else max(deadline - loop.time(), 0.0)
         try:
+            aw = make()  # a call may fail before it hands back an awaitable (a local shard's thread)
             return await asyncio.wait_for(as_coroutine(aw), left)
         except asyncio.TimeoutError:
             _cancel(aw)
-            raise ShardFailure(f"{shard_name(s)}: no answer within {timeout:g} s") from None
+            raise ShardFailure(f"{shard_name(s)}: {what}no answer within {timeout:g} s") from None
         except Exception as e:  # noqa: BLE001  (any failure of a shard is reported as its failure)
             if attempt == 0 and _replica_died(e) and (deadline is None or deadline > loop.time()):
                 continue
-            raise ShardFailure(f"{shard_name(s)}: {one_line(e)}") from None
+            raise ShardFailure(f"{shard_name(s)}: {what}{one_line(e)}") from None
+
+
+async def shard_fields(view, out: Outcome, fields: list[str] | None, call, timeout: float | None = None):
+    """The stored fields of out's hits, each read by the shard that returned it: call(s, ids, names) ->
+    awaitable {id: {"id", "fields"}}. None for a version without fields per shard (view.attach then
+    reads its docs files). A shard that fails is recorded in out.failed, like one that failed to search:
+    its hits are left out of the answer, which is then partial."""
+    m = view.manifest
+    if not m.docs.per_shard:
+        return None
+    names = list(m.docs.fields if fields is None else fields)
+    if not names and m.docs.id_kind != "str":
+        return {int(i): {"id": int(i), "fields": {}} for i in np.unique(out.I) if i >= 0}
+    docs: dict = {}
+    asked = np.empty(0, np.int64)
+    while True:  # once a shard fails here, the merge without it brings in hits of others, asked in turn
+        want = (out.owner >= 0) & ~np.isin(out.I, asked)
+        asked = np.union1d(asked, out.I[want])
+        jobs = {int(s): np.unique(out.I[want & (out.owner == s)]) for s in np.unique(out.owner[want])}
+        if not jobs:
+            return docs
+        got = await asyncio.gather(*[_ask(lambda s=s, ids=ids: call(s, ids, names), s, timeout, "fields: ")
+                                     for s, ids in jobs.items()], return_exceptions=True)
+        for s, g in zip(jobs, got):
+            if isinstance(g, BaseException):
+                out.failed[s] = one_line(g, ShardFailure)
+            else:
+                docs.update(g)
+        if any(isinstance(g, BaseException) for g in got):
+            out.remerge(view.metric == "ip")
+
 
 
 def _cancel(aw) -> None:

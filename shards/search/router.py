@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from shards.errors import QueryError, SearchError, ShardexError
 from shards.raytools import ensure_ray, ray_get
-from shards.search.fanout import Outcome, fan_out
+from shards.search.fanout import Outcome, fan_out, shard_fields
 from shards.search.filters import filterable, parse_filter, wire
 from shards.search.searcher import ShardSearcher
 from shards.storage.docstore import DocStore
@@ -46,8 +47,7 @@ class IndexView:
         self.version = version
         self.manifest: Manifest = load_manifest(store, version)
         m = self.manifest
-        self.docs = DocStore(store, m)
-        self.kinds = filterable(self.docs.schema, m.docs.fields, filter_fields) if m.docs.files else {}
+        self.kinds = filterable(self.fields_schema(), m.docs.fields, filter_fields) if m.docs.files else {}
         self.mode = m.sharding.mode
         self.ranges = [list(r) for r in m.sharding.ranges] if self.mode == "ivf" else None
         # ranked routing: (nprobe, gap) it applies at, the version's default nprobe (clipped to nlist) and gap
@@ -60,6 +60,23 @@ class IndexView:
             from shards.storage.faissio import read_verified
 
             self.quantizer = read_verified(store, m.dir_of(m.trained), m.trained)  # checked against the manifest
+
+    @cached_property
+    def docs(self) -> DocStore:
+        """The version's docs files as one dataset (not its rows): lookups in a version without
+        fields per shard, and readers of the whole corpus (eval)."""
+        return DocStore(self.store, self.manifest)
+
+    def fields_schema(self):
+        """The stored fields' schema: one footer, a shard's fields file's when the version has them."""
+        m = self.manifest
+        first = next((f for sh in m.shards for f in sh.fields), None)
+        if first is None:
+            return self.docs.schema
+        import pyarrow.parquet as pq
+
+        with self.store.open(m.path(first.file)) as f:
+            return pq.ParquetFile(f).schema_arrow
 
     def keeps_trained(self, other: IndexView) -> bool:
         """Whether this version's trained index is other's file (same path, same sha256)."""
@@ -139,8 +156,11 @@ class IndexView:
             return gap_mask(coarse[0], coarse[1], self.ranges, self.ranked[1], self.metric == "ip")
         return route_mask(shard_mask(coarse[1], self.ranges), nq, self.nshards)
 
-    def attach(self, D: np.ndarray, I: np.ndarray, fields: list[str] | None) -> list[list[Hit]]:
-        docs = self.docs.lookup(I.ravel(), fields)
+    def attach(self, D: np.ndarray, I: np.ndarray, fields: list[str] | None, docs: dict | None = None
+               ) -> list[list[Hit]]:
+        """Hits with their stored fields: docs as fanout.shard_fields read them, or (None) read here
+        from the version's docs files (a version without fields per shard)."""
+        docs = self.docs.lookup(I.ravel(), fields) if docs is None else docs
         return [[Hit(docs[i]["id"], float(d), docs[i]["fields"]) for d, i in zip(dr, ir) if i in docs]
                 for dr, ir in zip(D, I)]
 
@@ -192,6 +212,9 @@ class LocalShards:
     def call(self, s, xq, k, nprobe, flt, coarse):
         return asyncio.to_thread(self.shards[s].search, xq, k, nprobe, flt, coarse)
 
+    def fields(self, s, ids, names):
+        return asyncio.to_thread(self.shards[s].lookup, ids, names)
+
     def close(self) -> None:
         self.shards = []
 
@@ -237,6 +260,9 @@ class RayShards:
         x, c = self._put(xq, coarse)
         return self.shards[s].search.remote(x, k, nprobe, flt, c)
 
+    def fields(self, s, ids, names):
+        return self.shards[s].lookup.remote(ids, names)
+
     def _put(self, xq, coarse):
         """Shards asked for all the queries share one object-store copy of them and their lists."""
         import ray
@@ -267,7 +293,6 @@ class Router:
         self.version = version or current_version(self.store)
         self.view = IndexView(self.store, self.version, filter_fields)
         self.manifest: Manifest = self.view.manifest
-        self.docs = self.view.docs
         self.backend = backend
         self.timeout = timeout
         client = LocalShards if backend == "local" else RayShards
@@ -278,6 +303,10 @@ class Router:
         self._encoder = None
         self._loop = _Loop()
         self.last: Outcome | None = None
+
+    @property
+    def docs(self) -> DocStore:
+        return self.view.docs
 
     @property
     def shards(self) -> list:
@@ -328,8 +357,11 @@ class Router:
             xq = self.encode(list(queries))
         else:
             xq = queries
-        D, I = self.search_vectors(xq, k, nprobe, filter)
-        return self.view.attach(D, I, fields)
+        out = self.search_outcome(xq, k, nprobe, filter)
+        docs = self._loop.run(shard_fields(self.view, out, fields, self.client.fields, self.timeout))
+        if out.failed:
+            raise SearchError("; ".join(out.failed[s] for s in sorted(out.failed)))
+        return self.view.attach(out.D, out.I, fields, docs)
 
     def close(self) -> None:
         self.client.close()

@@ -11,6 +11,7 @@ from shards.errors import IntegrityError, SearchError
 from shards.search.filters import Attributes, SelectionCache
 from shards.storage import segments
 from shards.storage.faissio import faiss, index_ids, ivf, load_shard
+from shards.storage.fields import ShardFields
 from shards.storage.manifest import FileInfo, Manifest, load_manifest
 from shards.storage.store import Store
 
@@ -29,6 +30,7 @@ class ShardSearcher:
         m = load_manifest(store, version) if isinstance(version, str) else version
         self.index = held.base(store, m, shard) if held else load_shard(store, m, shard)  # checked, mmapped
         self.name = shard.file
+        self.stored = ShardFields(store, m, shard) if m.docs.per_shard else None  # this shard's own fields
         self.seg = None  # a shard with delta segments or a dead set is searched through them
         self.rows, self.attr_bytes = None, 0
         if getattr(shard, "segmented", False):
@@ -59,10 +61,10 @@ class ShardSearcher:
         read: prev's rows of entries still live stay, those files' rows replace them.
         Rows are keyed by entry (an id in a base, negative in a delta), so a filter's
         selection names live entries only."""
-        self.kinds, self.docs, self.docs_read = kinds, set(_docs(m)), 0
+        self.kinds, self.docs, self.docs_read = kinds, set(self._sources(m)), 0
         rows = self._rows_since(store, m, kinds, prev) if prev is not None else None
         if rows is None or len(rows) != self.ntotal():  # prev could not say (none held, or a row short)
-            rows = self._rows(store, m, [f for f, _ in _docs(m)], kinds)
+            rows = self._rows(store, m, [f for f, _ in self._sources(m)], kinds)
         self.rows, self.attrs = rows, Attributes.from_table(rows, kinds)
         if len(self.attrs) != self.ntotal():
             raise IntegrityError(f"{self.name}: {self.ntotal()} vectors but {len(self.attrs)} rows of "
@@ -86,11 +88,22 @@ class ShardSearcher:
 
         if prev.rows is None or prev.kinds != kinds:
             return None
-        new = [f for f, sha in _docs(m) if (f, sha) not in prev.docs]
+        new = [f for f, sha in self._sources(m) if (f, sha) not in prev.docs]
         fresh = self._rows(store, m, new, kinds) if new else prev.rows.schema.empty_table()
         k = prev.rows.column("id").to_numpy()
         keep = np.isin(k, self._live()[0]) & ~np.isin(k, fresh.column("id").to_numpy())
         return pa.concat_tables([prev.rows.filter(pa.array(keep)), fresh.cast(prev.rows.schema)])
+
+    def _sources(self, m: Manifest) -> list[tuple[str, str]]:
+        """(path, sha256) of the files holding this shard's rows: its own fields files (newest first),
+        or, in a version without them, every docs file."""
+        return self.stored.files() if self.stored is not None else _docs(m)
+
+    def lookup(self, ids: np.ndarray, fields: list[str]) -> dict[int, dict]:
+        """The stored fields of ids (hits of this shard), read from its own fields files."""
+        if self.stored is None:
+            raise SearchError(f"{self.name}: this version keeps no fields per shard")
+        return self.stored.lookup(ids, fields)
 
     def _live(self) -> tuple[np.ndarray, np.ndarray]:
         """(keys, ids) of the live entries, sorted by id (a base entry's key is its id)."""
@@ -274,7 +287,9 @@ def _own_rows(store: Store, m: Manifest, ids: np.ndarray, fields: list[str], fil
     if not parts:
         schema = store.read_table(m.path(m.docs.files[0]), columns=["id", *fields]).schema
         return schema.empty_table()
-    return pa.concat_tables(parts)
+    t = pa.concat_tables(parts)
+    _, first = np.unique(t.column("id").to_numpy(), return_index=True)  # files newest first: its row stands
+    return t if len(first) == t.num_rows else t.take(pa.array(np.sort(first)))
 
 
 def scratch_dir() -> str:

@@ -28,7 +28,7 @@ from ray import serve
 from shards.config import ServeConfig
 from shards.errors import QueryError, ShardexError
 from shards.raytools import as_coroutine, one_line
-from shards.search.fanout import shard_name
+from shards.search.fanout import shard_fields, shard_name
 from shards.serve.api import ErrorResponse, SearchRequest, SearchResponse
 from shards.serve.batching import MAX_CONCURRENT_BATCHES, MAX_QUERIES, Job, group, job_size, search_groups
 from shards.serve.swap import Live, Versions
@@ -214,13 +214,16 @@ class RouterDeployment:
         t, self.stats["search_s"] = time.perf_counter(), self.stats["search_s"] + time.perf_counter() - t
         if isinstance(out, BaseException):
             raise out
+        # a shard that answered the search but not for its hits' fields is missing too
+        docs = None if out.failed and self.cfg.require_all_shards else \
+            await shard_fields(live.view, out, req.fields, live.fields, self.cfg.shard_timeout)
         if out.failed:
             self.stats["partial"] += 1
             if self.cfg.require_all_shards:
                 missing = [shard_name(s) for s in sorted(out.failed)]
                 raise ApiError(503, "shards: " + "; ".join(out.failed[s] for s in sorted(out.failed)), "shards",
                                missing=missing, version=live.version)
-        hits = await asyncio.to_thread(live.view.attach, out.D, out.I, req.fields)
+        hits = await asyncio.to_thread(live.view.attach, out.D, out.I, req.fields, docs)
         results = [[h.as_dict() for h in hs] for hs in hits]
         self.stats["fields_s"] += time.perf_counter() - t
         return Json({"version": live.version, "results": results, "shards": out.report(),

@@ -68,6 +68,10 @@ class Live:
         """fan_out's call: shard s of this version, through its Serve handle."""
         return self.shards[s].search.remote(xq, k, nprobe, flt, coarse, self.version)
 
+    def fields(self, s, ids, names):
+        """shard_fields' call: the stored fields of shard s's hits."""
+        return self.shards[s].fields.remote(ids, names, self.version)
+
 
 class Versions:
     """The version the router serves (`live`), the last load error, and the swaps; a swap counts in stats."""

@@ -60,6 +60,10 @@ class ShardDeployment:
                      version: str | None = None):
         return await asyncio.to_thread(self._search, xq, k, nprobe, flt, coarse, version)
 
+    async def fields(self, ids: np.ndarray, names: list[str], version: str | None = None) -> dict:
+        """The stored fields of this shard's hits ids (its own fields files; no lock: no faiss call)."""
+        return await asyncio.to_thread(self.held.get(version or self.version).lookup, ids, names)
+
     async def ping(self, version: str | None = None) -> dict:
         """This replica's shard of `version` (loaded if it is not held) and how its load went."""
         import ray

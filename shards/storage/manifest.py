@@ -56,6 +56,14 @@ class FileInfo(BaseModel):
         return FileInfo(file=self.ivfdata, sha256=self.ivfdata_sha256 or "", bytes=self.ivfdata_bytes or 0)
 
 
+class FieldsInfo(FileInfo):
+    """One file of a shard's stored fields (shards/storage/fields.py): rows sorted by id, ids lo..hi. A
+    build writes generation 0, each delta reindex the next one: a newer row of an id stands."""
+    lo: int = 0
+    hi: int = -1
+    gen: int = 0
+
+
 class DeltaInfo(FileInfo):
     """A delta segment of a shard (shards/storage/segments.py): the codes of vectors a reindex added,
     under the shard's trained index, searched beside its base. Its entries are keyed -(2 + first + row)."""
@@ -69,6 +77,7 @@ class ShardInfo(FileInfo):
     deltas: list[DeltaInfo] = []
     dead: FileInfo | None = None
     dead_count: int = 0
+    fields: list[FieldsInfo] = []       # the stored fields of its documents (DocsInfo.per_shard)
 
     @property
     def live(self) -> int:
@@ -127,6 +136,9 @@ class DocsInfo(BaseModel):
     id_kind: str = "int"            # "int", or "str" when string ids were mapped to int64
     bytes: list[int] = []           # per file, as encode wrote it (format 2; [] before)
     sha256: list[str] = []
+    # True: every shard carries its own documents' fields (ShardInfo.fields), and a request reads
+    # those of the shards holding its hits; False (before): lookups read `files`
+    per_shard: bool = False
 
 
 class SearchDefaults(BaseModel):
@@ -207,7 +219,8 @@ class Manifest(BaseModel):
 
     def files(self) -> list[FileInfo]:
         return [self.trained, *self.shards, *(f for s in self.shards if (f := s.ivfdata_info())),
-                *(f for s in self.shards for f in s.segment_files())]
+                *(f for s in self.shards for f in s.segment_files()),
+                *(f for s in self.shards for f in s.fields)]
 
     def path(self, name: str) -> str:
         """The path under INDEX_ROOT of a file this manifest names (see the module's docstring)."""
@@ -240,6 +253,8 @@ def rebase(m: Manifest, version: str) -> Manifest:
         up = {"file": at(f.file)}
         if f.ivfdata:
             up["ivfdata"] = at(f.ivfdata)
+        if getattr(f, "fields", None):
+            up["fields"] = [file(x) for x in f.fields]
         return f.model_copy(update=up)
 
     shards = [file(sh).model_copy(update={"deltas": [file(d) for d in sh.deltas],
