@@ -226,7 +226,7 @@ def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, run: Run, lineag
     with t.stage("merge"):
         merged = merge_shards(cfg, store, run, added, sizes, ranges, tr["nlist"])
     with t.stage("fields"):
-        stored = shard_fields(cfg, store, run, added, ranges)
+        stored = write_fields(cfg, store, run, added, ranges)
     with t.stage("tune"):
         best = tune(cfg, store, run, [a["unit"] for a in added], merged, ranges)
     said += [w for w in [recall_warning(best, cfg.target_recall)] if w]
@@ -235,8 +235,8 @@ def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, run: Run, lineag
     with t.stage("baseline"):
         base = baseline(cfg, store, run)
     with t.stage("publish"):
-        m = publish_run(cfg, store, run, trained=tr, ranges=ranges, order=order, tuned=best, base=base, stored=stored,
-                        timings=dict(t.seconds),
+        m = publish_run(cfg, store, run, trained=tr, ranges=ranges, order=order, tuned=best, base=base,
+                        stored=stored, timings=dict(t.seconds),
                         lineage=lineage or Lineage(),
                         options=options_of(cfg) if options is None else options)
     s = _summary(cfg, m, run.parts, added, merged, tr, t)
@@ -289,13 +289,11 @@ def add(cfg: BuildConfig, store: Store, run: Run, tr: dict) -> tuple[list[dict],
     return added, sizes, ranges, "grouped" if grouped else "kmeans"
 
 
-def shard_fields(cfg: BuildConfig, store: Store, run: Run, added: list[dict], ranges) -> list[list] | None:
-    """Each shard's stored fields files (build/fields.py); none when there is nothing to look up (no
-    stored fields, int ids: a hit is its id)."""
-    if not cfg.stored_fields and run.corpus.id_kind != "str":
-        return [[] for _ in range(cfg.shards)]
+def write_fields(cfg: BuildConfig, store: Store, run: Run, added: list[dict], ranges) -> list[list]:
+    """Each shard's stored fields files, generation 0 (build/fields.py)."""
     spec = fields_spec(cfg.sharding, cfg.shards, ranges, added[0]["fingerprint"])
-    return shuffle(store, run.wd.root, run.fp, run.live, spec, run.wd.version, 0)
+    return shuffle(store, run.wd.root, run.fp, run.live, spec, run.wd.version, 0, cfg.stored_fields,
+                   run.corpus.id_kind)
 
 
 def tune(cfg: BuildConfig, store: Store, run: Run, units: list[str], merged: list[dict], ranges) -> dict:

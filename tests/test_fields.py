@@ -189,10 +189,10 @@ def test_a_shard_failing_its_fields_is_left_out_and_the_rest_merged_again(ray_se
 
     try:
         out = r.search_outcome(x[:5], 10)
-        assert (out.owner == 1).any()
+        assert (out.owners() == 1).any()
         docs = r._loop.run(shard_fields(r.view, out, ["title"], call))
         assert list(out.failed) == [1] and "fields: " in out.failed[1] and "disk gone" in out.failed[1]
-        assert np.array_equal(out.I, next(I for s, _, _, I in out.got if s == 0)) and (out.owner == 0).all()
+        assert np.array_equal(out.I, next(I for s, _, _, I in out.got if s == 0)) and (out.owners() == 0).all()
         assert {int(i) for i in out.I.ravel()} == set(docs)
         assert out.report()["missing"] == ["shard-1"] and out.report()["answered"] == 1
         r.client.fields = call

@@ -97,11 +97,11 @@ def test_outcome_keeps_each_answer_with_its_rows_through_order_slice_and_remerge
     o.failed[0] = "shard-0: gone"
     o.remerge(keep_max=False)
     np.testing.assert_array_equal(o.I, [[22, 23], [12, 13], [-1, -1]])
-    np.testing.assert_array_equal(o.owner, [[1, 1], [1, 1], [-1, -1]])
+    np.testing.assert_array_equal(o.owners(), [[1, 1], [1, 1], [-1, -1]])
     del o.failed[0]
     o.remerge(keep_max=False)
     np.testing.assert_array_equal(o.I, [[10, 22], [12, 20], [30, 31]])
-    np.testing.assert_array_equal(o.slice(1, 3).owner, [[1, 0], [0, 0]])
+    np.testing.assert_array_equal(o.slice(1, 3).owners(), [[1, 0], [0, 0]])
     s = o.slice(1, 3)
     s.remerge(keep_max=False)
     np.testing.assert_array_equal(s.I, [[12, 20], [30, 31]])

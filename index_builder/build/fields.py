@@ -161,10 +161,13 @@ def spec_of(mode: str, shards: int, ranges: list | None, tfp: str) -> dict:
     return {"mode": mode, "shards": shards, "starts": [r[0] for r in ranges] if ranges else None, "tfp": tfp}
 
 
-def shuffle(store: Store, root: str, fp: str, parts: list, spec: dict, version: str,
-            gen: int) -> list[list[FieldsInfo]]:
+def shuffle(store: Store, root: str, fp: str, parts: list, spec: dict, version: str, gen: int,
+            stored: list[str], id_kind: str) -> list[list[FieldsInfo]]:
     """Per shard, its fields files of generation gen in version, from the docs of `parts` (encode's
-    PartResults under embeddings/<fp>/); root: the run's work dir."""
+    PartResults under embeddings/<fp>/); root: the run's work dir. None are written when there is
+    nothing to look up (no stored fields and int ids: a hit is its id)."""
+    if not stored and id_kind != "str":
+        return [[] for _ in range(spec["shards"])]
     work = f"{root}/fields-{gen}"
     refs = [scatter_task.options(num_cpus=0.5).remote(
         store, part_rel(fp, p.name, "docs"), part_rel(fp, p.name), f"{work}/part-{p.name}.parquet", spec)

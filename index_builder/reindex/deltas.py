@@ -192,12 +192,10 @@ def compact_shards(store: Store, wd, m: Manifest, due: dict[int, str], budget: i
 def _fields(cfg, store: Store, run: Run, live: Manifest, v: str, fp: str) -> list[list]:
     """Per shard, the fields files of the next generation: every row of the docs parts this run wrote
     (new, changed and kept rows: a kept row's vector stays where it was, its fields may have changed)."""
-    S = len(live.shards)
-    if not cfg.stored_fields and run.corpus.id_kind != "str":
-        return [[] for _ in range(S)]
     gen = max((f.gen for sh in live.shards for f in sh.fields), default=-1) + 1
-    spec = fields.spec_of(live.sharding.mode, S, live.sharding.ranges, fp)
-    return fields.shuffle(store, run.wd.root, run.fp, [p for p in run.live if not p.kept], spec, v, gen)
+    spec = fields.spec_of(live.sharding.mode, len(live.shards), live.sharding.ranges, fp)
+    return fields.shuffle(store, run.wd.root, run.fp, [p for p in run.live if not p.kept], spec, v, gen,
+                          cfg.stored_fields, run.corpus.id_kind)
 
 
 def _next_first(sh: ShardInfo) -> int:

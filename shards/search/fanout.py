@@ -41,7 +41,7 @@ class Outcome:
     queried: set = field(default_factory=set)             # shard numbers asked at least once
     failed: dict = field(default_factory=dict)            # shard number -> one-line reason
     asked: np.ndarray | None = None                       # bool [nq, S]: which shard got which query
-    owner: np.ndarray | None = None                       # [nq, k] the shard each merged hit came from (-1: none)
+    owner: np.ndarray | None = None                       # owners(), once asked
     got: list = field(default_factory=list, repr=False)   # (shard, rows, D, I) of each answer merged
 
     @property
@@ -76,8 +76,14 @@ class Outcome:
             if s not in self.failed:
                 heap.add_result_subset(rows, D, I)
         heap.finalize()
-        self.D, self.I = heap.D, heap.I
-        self.owner = owners(self.I, [g for g in self.got if g[0] not in self.failed])
+        self.D, self.I, self.owner = heap.D, heap.I, None
+
+    def owners(self) -> np.ndarray:
+        """[nq, k] the shard each merged hit came from (-1: none): an id is served by one shard only,
+        so its value finds it among the answers. Computed when asked (fields), not per fan-out."""
+        if self.owner is None:
+            self.owner = owners(self.I, [g for g in self.got if g[0] not in self.failed])
+        return self.owner
 
     def report(self) -> dict:
         return {"queried": len(self.queried), "answered": self.answered,
@@ -119,13 +125,11 @@ async def fan_out(view, xq: np.ndarray, k: int, nprobe: int | None, flt: list | 
             out.asked = route | more
     heap.finalize()
     out.D, out.I = heap.D, heap.I
-    out.owner = owners(out.I, out.got)
     return out if order is None else out.unordered(order)
 
 
 def owners(I: np.ndarray, got: list[tuple]) -> np.ndarray:
-    """The shard each merged hit of I came from, -1 for none; got: (shard, rows, D, I) of each answer.
-    An id is served by one shard only, so its value finds it."""
+    """The shard each merged hit of I came from, -1 for none; got: (shard, rows, D, I) of each answer."""
     if not got:
         return np.full(I.shape, -1, np.int64)
     ids = np.concatenate([g[3].ravel() for g in got])
@@ -200,9 +204,10 @@ async def shard_fields(view, out: Outcome, fields: list[str] | None, call, timeo
     docs: dict = {}
     asked = np.empty(0, np.int64)
     while True:  # once a shard fails here, the merge without it brings in hits of others, asked in turn
-        want = (out.owner >= 0) & ~np.isin(out.I, asked)
+        own = out.owners()
+        want = (own >= 0) & ~np.isin(out.I, asked)
         asked = np.union1d(asked, out.I[want])
-        jobs = {int(s): np.unique(out.I[want & (out.owner == s)]) for s in np.unique(out.owner[want])}
+        jobs = {int(s): np.unique(out.I[want & (own == s)]) for s in np.unique(own[want])}
         if not jobs:
             return docs
         got = await asyncio.gather(*[_ask(lambda s=s, ids=ids: call(s, ids, names), s, timeout, "fields: ")
@@ -214,7 +219,6 @@ async def shard_fields(view, out: Outcome, fields: list[str] | None, call, timeo
                 docs.update(g)
         if any(isinstance(g, BaseException) for g in got):
             out.remerge(view.metric == "ip")
-
 
 
 def _cancel(aw) -> None:

@@ -33,11 +33,19 @@ class DocStore:
             return {}
         if not fields and self.id_kind != "str":
             return {i: {"id": i, "fields": {}} for i in want}  # nothing to read
-        cols = ["id"] + (["source_id"] if self.id_kind == "str" else []) + fields
-        t: pa.Table = self.dataset.to_table(columns=cols, filter=ds.field("id").isin(want))
-        out = {}
-        for row in t.to_pylist():
-            key = row.pop("id")
-            public = row.pop("source_id", key)
-            out[key] = {"id": public, "fields": row}
-        return out
+        t: pa.Table = self.dataset.to_table(columns=columns(self.id_kind, fields), filter=ds.field("id").isin(want))
+        return by_id(t)
+
+
+def columns(id_kind: str, fields: list[str]) -> list[str]:
+    """The columns a lookup reads: the id, the public id of a string-id corpus, the fields."""
+    return ["id", *(["source_id"] if id_kind == "str" else []), *fields]
+
+
+def by_id(t: pa.Table) -> dict[int, dict]:
+    """{int id: {"id": public id, "fields": {...}}} of a lookup's rows (columns())."""
+    out = {}
+    for row in t.to_pylist():
+        key = row.pop("id")
+        out[key] = {"id": row.pop("source_id", key), "fields": row}
+    return out

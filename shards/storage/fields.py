@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from shards.errors import IntegrityError
+from shards.storage.docstore import by_id, columns
 from shards.storage.manifest import FieldsInfo, Manifest, ShardInfo
 from shards.storage.store import Store
 
@@ -43,10 +44,6 @@ def write(store: Store, path: str, t: pa.Table, gen: int) -> FieldsInfo:
                       hi=ids[-1].as_py(), gen=gen)
 
 
-def columns(m: Manifest, fields: list[str]) -> list[str]:
-    return ["id", *(["source_id"] if m.docs.id_kind == "str" else []), *fields]
-
-
 class ShardFields:
     """The stored fields of one shard of a version (m.docs.per_shard), read by id."""
 
@@ -65,7 +62,7 @@ class ShardFields:
         """{int id: {"id": public id, "fields": {...}}} for those of ids this shard holds."""
         want = np.unique(np.asarray(ids, np.int64))
         want = want[want >= 0]
-        cols, out = columns(self.m, fields), {}
+        cols, out = columns(self.m.docs.id_kind, fields), {}
         for seg in self.segs:
             found = []
             for path, f in seg:
@@ -73,9 +70,7 @@ class ShardFields:
                 if len(hit):
                     t = self._rows(path, f, hit, cols)
                     found.append(t.column("id").to_numpy())
-                    for row in t.to_pylist():
-                        key = row.pop("id")
-                        out[key] = {"id": row.pop("source_id", key), "fields": row}
+                    out.update(by_id(t))
             if found:
                 want = np.setdiff1d(want, np.concatenate(found))
             if not len(want):
