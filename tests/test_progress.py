@@ -84,8 +84,8 @@ def test_build_logs_progress_and_status_reports_it(ray_session, vector_corpus, t
     assert "merge: 2/2 shards (100%)" in err and re.search(r"publish: (\d+)/\1 files \(100%\)", err)
     st = status(Store(str(root)))
     assert st["state"] == "idle" and st["progress"]["outcome"] == "done"
-    assert list(st["progress"]["stages"]) == ["plan", "encode", "train", "add", "merge", "tune", "baseline",
-                                               "publish"]
+    assert list(st["progress"]["stages"]) == ["plan", "encode", "train", "add", "merge", "fields", "tune",
+                                               "baseline", "publish"]
     out = io.StringIO()
     with redirect_stdout(out):
         assert main(["status", str(root)]) == 0
