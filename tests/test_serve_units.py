@@ -8,7 +8,7 @@ import pytest
 
 from shards.config import ServeConfig, load_yaml, make
 from shards.errors import ConfigError, SearchError
-from shards.resources import Resources, plan_resources
+from shards.resources import PROCESS_BYTES, Resources, plan_resources, replicas_per_node, shard_memory
 from shards.search.fanout import Outcome, ShardFailure, _call_one
 from shards.search.router import route_mask
 from shards.search.shard_selection import scan_order, shard_mask, shards_for_lists
@@ -28,6 +28,27 @@ from shards.serve.lifecycle import settings
 ])
 def test_plan_resources(cluster, node, S, R, E, text, cpus, threads, want):
     assert plan_resources(cluster, node, S, R, E, text, cpus, threads) == want
+
+
+@pytest.mark.parametrize("ram,rows,attrs,want", [
+    (0, 0, 0, PROCESS_BYTES),                                   # an empty shard: the process alone
+    (4 << 30, 0, 0, PROCESS_BYTES + (5 << 30)),                 # a 4 GiB shard in RAM, 25% over
+    (0, 1_000_000, 3, PROCESS_BYTES + 40_000_000),              # on disk: its filter columns and ids
+    (1 << 20, 1000, 1, PROCESS_BYTES + int(1.25 * ((1 << 20) + 16_000))),
+])
+def test_shard_memory(ram, rows, attrs, want):
+    assert shard_memory(ram, rows, attrs) == want
+
+
+@pytest.mark.parametrize("replicas,nodes,want", [
+    (1, 3, None),       # nothing to spread
+    (2, 3, 1),          # apart: a lost node takes one replica
+    (2, 1, 2),          # one node: both there
+    (3, 2, 2),
+    (4, 0, 4),          # no node counted yet
+])
+def test_replicas_per_node(replicas, nodes, want):
+    assert replicas_per_node(replicas, nodes) == want
 
 
 @pytest.mark.parametrize("need,want", [

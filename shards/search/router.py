@@ -243,13 +243,14 @@ class RayShards:
     def __init__(self, store: Store, version: str, shards: list, threads: int | None, cpus: float | None):
         import ray
 
-        from shards.resources import cluster_cpus, plan_resources
+        from shards.resources import cluster_cpus, plan_resources, shard_memory
 
         ensure_ray()
         res = plan_resources(*cluster_cpus(), len(shards), 1, 0, False, cpus, threads)
         self.threads, self.cpus = res.threads, res.shard_cpus
-        actor = ray.remote(ShardActor).options(num_cpus=self.cpus)
-        self.shards = [actor.remote(store, version, sh, self.threads) for sh in shards]
+        actor = ray.remote(ShardActor)
+        self.shards = [actor.options(num_cpus=self.cpus, memory=shard_memory(sh.ram_bytes, sh.live, 0))
+                       .remote(store, version, sh, self.threads) for sh in shards]
         ray_get([a.ready.remote() for a in self.shards])  # a damaged shard: its one-line error, now
         self._last = None
 

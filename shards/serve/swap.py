@@ -23,7 +23,7 @@ from ray import serve
 from shards.config import ServeConfig
 from shards.errors import SearchError, ShardexError
 from shards.raytools import as_coroutine, one_line
-from shards.resources import Resources, cluster_cpus, plan_resources
+from shards.resources import Resources, cluster_cpus, cluster_nodes, plan_resources
 from shards.search.fanout import shard_name
 from shards.search.router import IndexView
 from shards.serve.versions import app_name, delete_app, deploy_version, version_app
@@ -76,8 +76,8 @@ class Live:
 class Versions:
     """The version the router serves (`live`), the last load error, and the swaps; a swap counts in stats."""
 
-    def __init__(self, cfg: ServeConfig, store: Store, stats: dict):
-        self.cfg, self.store, self.stats = cfg, store, stats
+    def __init__(self, cfg: ServeConfig, store: Store, stats: dict, metrics=None):
+        self.cfg, self.store, self.stats, self.metrics = cfg, store, stats, metrics
         self.live: Live | None = None
         self.load_error: str | None = None
         self.failed_version: str | None = None
@@ -115,6 +115,8 @@ class Versions:
             self.load_error, self.failed_version = None, None
             self.stats["swaps"] += old is not None
             self.stats["swaps_in_place"] += old is not None and old.app == new.app
+            if self.metrics is not None:
+                self.metrics.swapped(new.version, old and old.version, old is not None and old.app == new.app)
         if old is not None:
             asyncio.get_running_loop().create_task(self._release(old))
         return True
@@ -135,7 +137,8 @@ class Versions:
         """A new app for view's version, beside the served one; its replicas load it as they start."""
         res, version = self._resources(view), view.version
         name = app_name(self.cfg.name, version)
-        await asyncio.to_thread(deploy_version, version_app(self.cfg, view, res), name, self.cfg.load_timeout)
+        app = version_app(self.cfg, view, res, len(await asyncio.to_thread(cluster_nodes)))
+        await asyncio.to_thread(deploy_version, app, name, self.cfg.load_timeout)
         shards = [serve.get_deployment_handle(shard_name(s), name) for s in range(view.nshards)]
         enc = serve.get_deployment_handle("encoder", name) if view.text else None
         return Live(view, name, shards, enc)

@@ -20,7 +20,7 @@ from ray import serve
 from shards.config import ServeConfig
 from shards.errors import SearchError
 from shards.raytools import last_raised, wait_until
-from shards.resources import Resources
+from shards.resources import Resources, replicas_per_node, shard_memory
 from shards.search.fanout import shard_name
 from shards.search.router import IndexView
 from shards.storage.manifest import load_manifest
@@ -127,11 +127,15 @@ class VersionIngress:
         return self.version
 
 
-def version_app(cfg: ServeConfig, view: IndexView, res: Resources):
+def version_app(cfg: ServeConfig, view: IndexView, res: Resources, nodes: int):
+    """The app of view's version: each shard's replicas ask for its memory (resources.shard_memory) and
+    are spread over the `nodes` the cluster has (resources.replicas_per_node)."""
     v, S = view.version, view.nshards
     common = dict(index_root=cfg.index_root, s3_endpoint=cfg.s3_endpoint, version=v)
-    shards = [ShardDeployment.options(name=shard_name(s), num_replicas=cfg.replicas,
-                                      ray_actor_options={"num_cpus": res.shard_cpus})
+    per_node = replicas_per_node(cfg.replicas, nodes)
+    spread = {"max_replicas_per_node": per_node} if per_node else {}
+    shards = [ShardDeployment.options(name=shard_name(s), num_replicas=cfg.replicas, **spread,
+                                      ray_actor_options={"num_cpus": res.shard_cpus, "memory": _memory(view, s)})
               .bind(s=s, kinds=view.kinds, threads=res.threads, **common) for s in range(S)]
     parts = list(shards)
     if view.text:
@@ -140,6 +144,11 @@ def version_app(cfg: ServeConfig, view: IndexView, res: Resources):
                      .bind(threads=res.encoder_threads, max_batch=cfg.max_queries,
                            batch_wait_s=cfg.batch_wait_ms / 1000, **common))
     return VersionIngress.options(name="version").bind(v, *parts)
+
+
+def _memory(view: IndexView, s: int) -> int:
+    info = view.manifest.shards[s]
+    return shard_memory(info.ram_bytes, info.live, len(view.kinds))
 
 
 def deploy_version(target, name: str, timeout: float) -> None:

@@ -91,6 +91,11 @@ class ShardInfo(FileInfo):
     def segment_files(self) -> list[FileInfo]:
         return [*self.deltas, *([self.dead] if self.dead else [])]
 
+    @property
+    def ram_bytes(self) -> int:
+        """Bytes of its files a replica reads into RAM: every segment's .index (an .ivfdata is mmapped)."""
+        return self.bytes + sum(f.bytes for f in self.segment_files())
+
 
 class SourceInfo(BaseModel):
     uri: str
