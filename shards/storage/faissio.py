@@ -1,15 +1,14 @@
 """faiss indexes on storage, and the few index facts shardex needs (nprobe, ids, metric)."""
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
-import tempfile
 import uuid
 from contextlib import contextmanager
 
 import numpy as np
 
+from shards.storage.cache import download, evict, local_dir
 from shards.storage.store import Store
 
 # OpenBLAS picks its kernels from the CPU model, and the one faiss-cpu's wheels bundle (0.3.15) does
@@ -100,10 +99,32 @@ def ivf(index):
         return None
 
 
+# An HNSW coarse quantizer (IVF{nlist}_HNSW32: what --factory auto picks at large nlist) explores
+# this many candidates per list probed: at nlist 65,536 it finds 0.99 and more of the nprobe nearest
+# lists, tens of times faster than the flat quantizer's scan of every centroid (bench/serve/coarse.py).
+HNSW_EF_PER_PROBE = 2.0
+
+
+def coarse_ef(nprobe: int, ef_per_probe: float = HNSW_EF_PER_PROBE) -> int:
+    return max(16, int(np.ceil(ef_per_probe * nprobe)))
+
+
+def quantizer_params(ivf_index, nprobe: int, ef_per_probe: float = HNSW_EF_PER_PROBE):
+    """Per-call parameters of ivf_index's coarse quantizer for nprobe lists: efSearch for an HNSW
+    one (its default, 16, would find few of 64 lists), None for a flat one."""
+    f = faiss()
+    q = f.downcast_index(ivf_index.quantizer)
+    return f.SearchParametersHNSW(efSearch=coarse_ef(nprobe, ef_per_probe)) if isinstance(q, f.IndexHNSW) else None
+
+
 def set_nprobe(index, nprobe: int | None) -> None:
+    """nprobe on the shared index (eval, tune), and its HNSW quantizer's efSearch to match."""
     i = ivf(index)
     if i is not None and nprobe:
         i.nprobe = int(nprobe)
+        q = faiss().downcast_index(i.quantizer)
+        if isinstance(q, faiss().IndexHNSW):
+            q.hnsw.efSearch = coarse_ef(int(nprobe))
 
 
 def nlist(index) -> int | None:
@@ -167,12 +188,14 @@ def untransform(index, y: np.ndarray) -> np.ndarray:
     return out
 
 
-def coarse_search(trained_index, xq: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+def coarse_search(trained_index, xq: np.ndarray, nprobe: int,
+                  ef_per_probe: float = HNSW_EF_PER_PROBE) -> tuple[np.ndarray, np.ndarray]:
     """(distances, lists) [nq, nprobe]: what the IVF index's own search probes for these queries."""
     i = ivf(trained_index)
     if i is None:
         raise ValueError("coarse_search: the index has no IVF quantizer (a flat index probes nothing)")
-    return i.quantizer.search(pretransform(trained_index, xq), min(int(nprobe), int(i.nlist)))
+    k = min(int(nprobe), int(i.nlist))
+    return i.quantizer.search(pretransform(trained_index, xq), k, params=quantizer_params(i, k, ef_per_probe))
 
 
 def probed_lists(trained_index, xq: np.ndarray, nprobe: int) -> np.ndarray:
@@ -217,13 +240,6 @@ def read_ondisk(index_path: str):
         return f.read_index(index_path, f.IO_FLAG_ONDISK_SAME_DIR | f.IO_FLAG_READ_ONLY)
 
 
-def cache_root() -> str:
-    """Where shards fetched from S3 are kept for mmap: $SHARDEX_CACHE_DIR, else <tmp>/shardex-cache."""
-    d = os.environ.get("SHARDEX_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "shardex-cache")
-    os.makedirs(d, exist_ok=True)
-    return d
-
-
 def fetch_files(store: Store, dir_rel: str, names: list[tuple[str, int | None]], local_dir: str) -> None:
     """Download dir_rel/<name> for each (name, expected size) into local_dir, names kept (so an
     .index finds its .ivfdata); a file already there at its expected size is reused. Work dir files only:
@@ -234,7 +250,8 @@ def fetch_files(store: Store, dir_rel: str, names: list[tuple[str, int | None]],
         if os.path.exists(dst) and (size is None or os.path.getsize(dst) == size):
             continue
         tmp = f"{dst}.tmp-{uuid.uuid4().hex[:8]}"
-        store.fs.get_file(store.path(f"{dir_rel}/{name}"), tmp)
+        rel = f"{dir_rel}/{name}"
+        store.call(lambda _, r=rel, t=tmp: download(store, r, t), store.path(rel))
         os.replace(tmp, dst)
 
 
@@ -248,17 +265,23 @@ def fetch_verified(store: Store, dir_rel: str, fileinfo, local_dir: str) -> None
         fetch_checked(store, f"{dir_rel}/{name}", sha, size, os.path.join(local_dir, name))
 
 
-def read_verified(store: Store, dir_rel: str, fileinfo, io_flags: int = 0):
+def read_verified(store: Store, dir_rel: str, fileinfo, io_flags: int = 0, cache_dir: str | None = None):
     """dir_rel/<fileinfo.file> read into RAM once it matches its manifest entry: a local file is hashed
-    once per process while unchanged, bytes from S3 are hashed before faiss deserializes them.
+    once per process while unchanged; one on S3 is fetched into the node's cache (hashed as it is
+    written, once per cached copy: shards/storage/cache.py), then read from there, so RAM holds
+    the index once, never its bytes beside it.
     dir_rel: the file's directory (Manifest.dir_of for a published one); its name's last part is taken."""
-    from shards.storage.integrity import base, check_bytes, check_path
+    from shards.storage.integrity import base, check_path, fetch_checked
 
-    rel = f"{dir_rel}/{base(fileinfo.file)}"
+    name = base(fileinfo.file)
+    rel = f"{dir_rel}/{name}"
     if store.local:
         check_path(store.path(rel), store.uri(rel), fileinfo.sha256, fileinfo.bytes)
         return faiss().read_index(store.path(rel), io_flags)
-    return from_bytes(check_bytes(store.uri(rel), store.read_bytes(rel), fileinfo.sha256, fileinfo.bytes), io_flags)
+    d = local_dir(store, dir_rel, cache_dir)
+    fetch_checked(store, rel, fileinfo.sha256, fileinfo.bytes, os.path.join(d, name))
+    evict(cache_dir)
+    return faiss().read_index(os.path.join(d, name), io_flags)
 
 
 def open_shard_file(store: Store, dir_rel: str, fileinfo, cache_dir: str | None = None, verified: bool = False):
@@ -280,12 +303,12 @@ def open_shard_file(store: Store, dir_rel: str, fileinfo, cache_dir: str | None 
 
             check_info(store, dir_rel, fileinfo)
         return read_ondisk(store.path(rel))
-    key = hashlib.sha256(store.uri(dir_rel).encode()).hexdigest()[:16]
-    d = os.path.join(cache_dir or cache_root(), key)
+    d = local_dir(store, dir_rel, cache_dir)
     if verified:
         fetch_verified(store, dir_rel, fileinfo, d)
     else:
         fetch_files(store, dir_rel, [(name, fileinfo.bytes), (data, fileinfo.ivfdata_bytes)], d)
+    evict(cache_dir)
     return read_ondisk(os.path.join(d, name))
 
 
@@ -293,7 +316,7 @@ def load_shard(store: Store, version, fileinfo, cache_dir: str | None = None):
     """One published shard, its files checked against the manifest's sha256 before faiss reads them
     (shards/storage/integrity.py), then its ntotal. A shard merged on disk (fileinfo.ivfdata) is
     mmapped: in place on a local store, from a verified local copy under cache_dir (default
-    cache_root()) when on S3. Others are read into RAM. version: its Manifest, or its name (the
+    cache.cache_root()) when on S3. Others are read into RAM. version: its Manifest, or its name (the
     manifest is then read, to find where the shard's files are)."""
     from shards.errors import IntegrityError
     from shards.storage.manifest import load_manifest

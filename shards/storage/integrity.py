@@ -17,6 +17,7 @@ import posixpath
 import uuid
 
 from shards.errors import IntegrityError
+from shards.storage.cache import download
 from shards.storage.store import CHUNK, Store
 
 MARKER = ".verified"            # .<name>.verified beside a cached copy: {"sha256", "size", "mtime_ns", "ino"}
@@ -139,13 +140,8 @@ def _trusted(dst: str, want_sha: str) -> bool:
 
 def _download(store: Store, rel: str, tmp: str) -> tuple[int, str]:
     """(bytes, sha256) of rel, written to tmp as it is hashed: one pass over the object."""
-    h, n = hashlib.sha256(), 0
-    with store.open(rel) as src, open(tmp, "wb") as out:
-        while chunk := src.read(CHUNK):
-            h.update(chunk)
-            out.write(chunk)
-            n += len(chunk)
-    return n, h.hexdigest()
+    h = hashlib.sha256()
+    return download(store, rel, tmp, h), h.hexdigest()
 
 
 def fetch_checked(store: Store, rel: str, want_sha: str, want_size: int | None, dst: str) -> None:
