@@ -196,6 +196,30 @@ def start_app(root: str, **kw):
     return cfg
 
 
+def scrape(prefix: str = "ray_shardex_") -> dict[tuple, float]:
+    """The samples named prefix* that the Ray nodes' metrics agents export now, summed over the
+    processes reporting them: {(name, ((label, value), ...)): value}, labels Ray adds left out."""
+    import urllib.request
+
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ray_labels = {"Component", "NodeAddress", "SessionName", "Version", "WorkerId"}
+    out: dict[tuple, float] = {}
+    for node in ray.nodes():
+        if not node["Alive"]:
+            continue
+        url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        for fam in text_string_to_metric_families(text):
+            for smp in fam.samples:
+                if smp.name.startswith(prefix):
+                    labels = tuple(sorted((k, v) for k, v in smp.labels.items()
+                                          if k not in ray_labels and not k.startswith("otel_")))
+                    out[smp.name, labels] = out.get((smp.name, labels), 0.0) + smp.value
+    return out
+
+
 def as_arrays(res: dict, k: int) -> tuple[np.ndarray, np.ndarray]:
     """A /search answer as faiss's (D, I), padded to k with -inf and -1."""
     D = np.array([[h["score"] for h in hs] + [-np.inf] * (k - len(hs)) for hs in res["results"]], dtype=np.float32)

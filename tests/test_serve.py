@@ -7,6 +7,7 @@ The tests run in file order and share the app; the ones that change what it serv
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -29,6 +30,7 @@ from helpers import (
     clustered,
     free_port,
     monolithic,
+    scrape,
     start_app,
     under_load,
     wait_until,
@@ -178,6 +180,41 @@ def test_concurrent_requests_share_fanouts(app, index):
     assert not errors
     assert after["requests"] - before["requests"] == len(xq)
     assert after["fanouts"] - before["fanouts"] < len(xq)
+
+
+def test_metrics_are_exported_and_charted(app, index):
+    """Searches show in the Prometheus metrics Ray's agent exports (ray_shardex_*), and every series
+    the Grafana dashboard in cluster/ charts is one of them."""
+    import re
+
+    c, name = app["client"], app["cfg"].name
+    xq = index["v1"]["x"][:3]
+    for q in xq:
+        c.search(vectors=[q.tolist()], k=5)
+    assert c.post("/search", {"vectors": [[0.0] * 3], "k": 5}).status_code == 422  # wrong dimension
+
+    def count(metric, **labels):
+        want = {("app", name), *labels.items()}
+        return sum(v for (n, ls), v in seen.items() if n == metric and want <= set(ls))
+
+    seen = {}
+
+    def exported():
+        seen.clear()
+        seen.update(scrape())
+        return (count("ray_shardex_requests_total", code="200") >= 3 and count("ray_shardex_requests_total",
+                code="422") >= 1 and count("ray_shardex_version_served", version=index["v1"]["version"]) == 1)
+
+    wait_until(exported, 60, 1.0, what=lambda: f"metrics exported: {sorted(seen)}")
+    assert count("ray_shardex_queries_total") >= 3
+    assert count("ray_shardex_shards_total", outcome="queried") >= 2 * 3   # two shards a query
+    assert count("ray_shardex_shards_total", outcome="answered") == count("ray_shardex_shards_total",
+                                                                          outcome="queried")
+    assert count("ray_shardex_request_seconds_count") >= 4
+    dash = json.load(open(os.path.join(os.path.dirname(__file__), "..", "cluster", "grafana", "shardex.json")))
+    charted = {m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"ray_shardex_\w+", t["expr"])}
+    names = {n for n, _ in seen} | {"ray_shardex_swaps_total", "ray_shardex_partial_total"}  # none yet: no swap
+    assert charted and charted <= names, charted - names
 
 
 def test_health_version_openapi(app, index):

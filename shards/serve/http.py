@@ -31,6 +31,7 @@ from shards.raytools import as_coroutine, one_line
 from shards.search.fanout import shard_fields, shard_name
 from shards.serve.api import ErrorResponse, SearchRequest, SearchResponse
 from shards.serve.batching import MAX_CONCURRENT_BATCHES, MAX_QUERIES, Job, group, job_size, search_groups
+from shards.serve.metrics import Metrics
 from shards.serve.swap import Live, Versions
 from shards.storage.manifest import current_version, summary
 from shards.storage.store import Store
@@ -173,7 +174,8 @@ class RouterDeployment:
         self.stats = {"requests": 0, "queries": 0, "fanouts": 0, "batches": 0, "partial": 0, "swaps": 0,
                       "swaps_in_place": 0, "last_load": None,
                       "encode_s": 0.0, "search_s": 0.0, "fields_s": 0.0}  # time inside each step, summed
-        self.versions = Versions(self.cfg, self.store, self.stats)
+        self.metrics = Metrics(self.cfg.name)
+        self.versions = Versions(self.cfg, self.store, self.stats, self.metrics)
         self._search_batch.set_max_batch_size(self.cfg.max_queries)
         self._search_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_ms / 1000)
         self._watcher = asyncio.get_running_loop().create_task(self.versions.watch())
@@ -189,12 +191,21 @@ class RouterDeployment:
     @api.post("/search", response_model=SearchResponse, responses=ERRORS, dependencies=TOKEN)
     async def search(self, req: SearchRequest):
         """The top k of each query over every shard it needs, with the stored fields of the hits."""
-        t0 = time.perf_counter()
-        with self._serving().held() as live:
-            try:
-                return await self._search(live, req, t0)
-            except QueryError as e:
-                raise ApiError(422, str(e), e.field) from None
+        t0, code, body = time.perf_counter(), 500, None
+        try:
+            with self._serving().held() as live:
+                try:
+                    body = await self._search(live, req, t0)
+                except QueryError as e:
+                    raise ApiError(422, str(e), e.field) from None
+            code = 200
+            return Json(body)
+        except ApiError as e:
+            code = e.status
+            raise
+        finally:
+            n = len(req.queries if req.queries is not None else req.vectors or [])
+            self.metrics.search(code, n, time.perf_counter() - t0, body and body["shards"])
 
     async def _search(self, live: Live, req: SearchRequest, t0: float):
         if (req.queries is None) == (req.vectors is None):
@@ -226,8 +237,8 @@ class RouterDeployment:
         hits = await asyncio.to_thread(live.view.attach, out.D, out.I, req.fields, docs)
         results = [[h.as_dict() for h in hs] for hs in hits]
         self.stats["fields_s"] += time.perf_counter() - t
-        return Json({"version": live.version, "results": results, "shards": out.report(),
-                     "took_ms": round((time.perf_counter() - t0) * 1000, 3)})
+        return {"version": live.version, "results": results, "shards": out.report(),
+                "took_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
     async def _encode(self, live: Live, texts: list[str]) -> np.ndarray:
         if live.encoder is None:
