@@ -240,6 +240,9 @@ class ServeConfig(Config):
                                 "CPUs over the replicas)")
     name: str = Field("shardex", pattern=r"^[A-Za-z0-9_.-]+$", description="Serve application name (version apps "
                       "are NAME--VERSION)")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field("EveryNode", description="where Serve runs its HTTP "
+                                                             "proxies: on every node (behind a load balancer) or "
+                                                             "on the head only")
     route_prefix: str = Field("/", pattern=r"^/[A-Za-z0-9_./-]*$", description="where the HTTP API is mounted")
     load_timeout: float = Field(600.0, gt=0, description="seconds a version may take to come up")
     detach: bool = Field(False, description="return once serving, leaving the app on the cluster (for "

@@ -230,14 +230,19 @@ def as_arrays(res: dict, k: int) -> tuple[np.ndarray, np.ndarray]:
 @contextmanager
 def under_load(base: str, body: dict, threads: int, pause: float = 0.0):
     """`threads` threads POST body to base/search, each `pause` s after its last answer, until the
-    block ends; yields the list they append (sent, received, status, json) to, one per request."""
+    block ends; yields the list they append (sent, received, status, json) to, one per request
+    (status 0: the connection failed)."""
     out, stop = [], threading.Event()
 
     def loop():
         c = Client(base)
         while not stop.is_set():
             t = time.time()
-            r = c.post("/search", body)
+            try:
+                r = c.post("/search", body)
+            except OSError as e:                # a dropped connection is a lost request: status 0
+                out.append((t, time.time(), 0, {"error": repr(e)}))
+                continue
             try:
                 res = r.json()
             except ValueError:

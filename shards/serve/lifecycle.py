@@ -30,7 +30,7 @@ def router_app(cfg: ServeConfig):
 
 def start(cfg: ServeConfig):
     """Start Serve's HTTP proxy on cfg.host:cfg.port (Ray must be initialised) and deploy the router."""
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location=cfg.proxy_location)
     return serve.run(router_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix)
 
 
