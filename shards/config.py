@@ -234,6 +234,10 @@ class ServeConfig(Config):
     batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long a server batch (search fan-out, text "
                                  "encoder) waits for concurrent requests to join it")
     encoder_replicas: int = Field(1, ge=1, description="replicas of the text encoder deployment")
+    router_replicas: int = Field(1, ge=1, description="replicas of the router (HTTP, coarse search, merge); "
+                                 "one keeper replica beside them deploys the versions")
+    router_cpus: float = Field(0.1, gt=0, description="Ray CPUs reserved per router replica, and its faiss "
+                               "threads (whole CPUs); give 1 or more on a cluster: the coarse search runs there")
     shard_cpus: float | None = Field(None, gt=0, description="Ray CPUs reserved per shard replica (default: room "
                                      "for two versions side by side)")
     threads: int | None = Field(None, ge=1, description="faiss threads per shard replica (default: the cluster's "
@@ -248,7 +252,7 @@ class ServeConfig(Config):
     detach: bool = Field(False, description="return once serving, leaving the app on the cluster (for "
                          "`ray job submit` / RAY_ADDRESS)")
 
-    @field_validator("shard_cpus")
+    @field_validator("shard_cpus", "router_cpus")
     @classmethod
     def _cpus(cls, v):
         if v is not None and v > 1 and v != int(v):

@@ -60,7 +60,7 @@ def test_rayservice_config_serves_and_survives_a_reapply(ray_session, head, tmp_
     port = free_port()
     config["http_options"] = {**config["http_options"], "host": "127.0.0.1", "port": port}
     (app,) = config["applications"]
-    app["args"].update(index_root=str(root), shard_cpus=0.05, threads=1)
+    app["args"].update(index_root=str(root), shard_cpus=0.05, threads=1, router_cpus=0.05)  # a 2-CPU head
     name, address, base = app["name"], head["address"], f"http://127.0.0.1:{port}"
 
     put(address, config)

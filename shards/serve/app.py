@@ -20,7 +20,8 @@ from shards.errors import ConfigError
 
 # Set by the config file itself, not by args: the HTTP proxy's address, the app's route and lifetime.
 NOT_ARGS = {"host": "http_options.host", "port": "http_options.port", "route_prefix": "the app's route_prefix",
-            "detach": "nothing (a config-file app stays until the config drops it)"}
+            "detach": "nothing (a config-file app stays until the config drops it)",
+            "proxy_location": "the file's proxy_location"}
 WHERE = "serve config args"
 
 

@@ -1,9 +1,10 @@
 """The router's HTTP side: the FastAPI app, its JSON responses and errors, the bearer token, the endpoints.
 
-    <name>      the router: a FastAPI ingress (POST /search, GET /health, GET /version,
-                GET /stats, POST /admin/reload, GET /openapi.json, GET /docs), one replica
+    <name>      router: a FastAPI ingress (POST /search, GET /health, GET /version, GET /stats,
+                POST /admin/reload, GET /openapi.json, GET /docs), --router-replicas replicas
+                versions: the keeper of the version served (shards/serve/keeper.py), one replica
 
-It answers each request with the version it holds (shards/serve/swap.py), batches
+Each router replica answers each request with the version it holds (shards/serve/follow.py), batches
 concurrent searches into shared fan-outs (shards/serve/batching.py) and reaches the
 shards and the encoder of that version's app (shards/serve/versions.py).
 """
@@ -26,14 +27,16 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 
 from shards.config import ServeConfig
-from shards.errors import QueryError, ShardexError
+from shards.errors import QueryError
 from shards.raytools import as_coroutine, one_line
 from shards.search.fanout import shard_fields, shard_name
 from shards.serve.api import ErrorResponse, SearchRequest, SearchResponse
 from shards.serve.batching import MAX_CONCURRENT_BATCHES, MAX_QUERIES, Job, group, job_size, search_groups
+from shards.serve.follow import Follower
 from shards.serve.metrics import Metrics
-from shards.serve.swap import Live, Versions
-from shards.storage.manifest import current_version, summary
+from shards.serve.swap import Live
+from shards.storage.faissio import faiss
+from shards.storage.manifest import summary
 from shards.storage.store import Store
 
 ENCODE_TIMEOUT_S = 60.0     # text queries of one server batch may take this long to encode
@@ -166,24 +169,25 @@ async def docs(request: Request):
                   graceful_shutdown_timeout_s=5)
 @serve.ingress(api)
 class RouterDeployment:
-    def __init__(self, settings: dict):
-        token_sha = settings.pop("token_sha256", None)
+    def __init__(self, settings: dict, keeper):
+        settings = dict(settings)
+        self.token_sha = settings.pop("token_sha256", None)
         self.cfg = ServeConfig(**settings)
-        self.token_sha = token_sha
         self.store = Store(self.cfg.index_root, self.cfg.s3_endpoint)
-        self.stats = {"requests": 0, "queries": 0, "fanouts": 0, "batches": 0, "partial": 0, "swaps": 0,
-                      "swaps_in_place": 0, "last_load": None,
+        self.stats = {"requests": 0, "queries": 0, "fanouts": 0, "batches": 0, "partial": 0,
                       "encode_s": 0.0, "search_s": 0.0, "fields_s": 0.0}  # time inside each step, summed
         self.metrics = Metrics(self.cfg.name)
-        self.versions = Versions(self.cfg, self.store, self.stats, self.metrics)
+        self.keeper = keeper
+        self.follower = Follower(keeper, self.store, self.cfg.filter_fields, self.stats)
+        faiss().omp_set_num_threads(max(1, int(self.cfg.router_cpus)))  # the coarse search: this replica's CPUs
         self._search_batch.set_max_batch_size(self.cfg.max_queries)
         self._search_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_ms / 1000)
-        self._watcher = asyncio.get_running_loop().create_task(self.versions.watch())
+        self._watcher = asyncio.get_running_loop().create_task(self.follower.follow())
 
     def _serving(self) -> Live:
-        live = self.versions.live
+        live = self.follower.live
         if live is None:
-            raise ApiError(503, f"version: none loaded yet ({self.versions.load_error or 'loading'})", "version")
+            raise ApiError(503, f"version: none loaded yet ({self.follower.load_error or 'loading'})", "version")
         return live
 
     # -- endpoints ----------------------------------------------------------------------
@@ -263,7 +267,7 @@ class RouterDeployment:
     @api.get("/health", responses={503: {"model": ErrorResponse}})
     async def health(self):
         """200 when every shard of the served version answers; 503 naming the missing ones."""
-        live, load_error = self.versions.live, self.versions.load_error
+        live, load_error = self.follower.live, self.follower.load_error
         if live is None:
             return _error(503, f"version: none loaded yet ({load_error or 'loading'})", "version",
                           status="loading", missing=[])
@@ -274,8 +278,8 @@ class RouterDeployment:
         missing = [n for n, p in zip(names, pings) if isinstance(p, BaseException)]
         body = {"status": "ok" if not missing else "degraded", "version": live.version,
                 "shards": live.view.nshards, "missing": missing}
-        if self.versions.load_error:
-            body["reload_error"] = self.versions.load_error
+        if load_error:
+            body["reload_error"] = load_error
         if missing:
             return _error(503, f"shards: {', '.join(missing)} not answering", "shards", **body)
         return Json(body)
@@ -287,34 +291,36 @@ class RouterDeployment:
         live = self._serving()
         return Json({**summary(live.view.manifest), "serving": {
             "app": live.app, "routing": live.view.mode, "shards": live.view.nshards,
-            "replicas": self.cfg.replicas, "filter_fields": live.view.kinds, "text_queries": live.view.text,
-            "loaded_at": live.loaded_at}})
+            "replicas": self.cfg.replicas, "router_replicas": self.cfg.router_replicas,
+            "filter_fields": live.view.kinds, "text_queries": live.view.text, "loaded_at": live.loaded_at}})
 
     @api.get("/stats", responses={401: {"model": ErrorResponse}}, dependencies=TOKEN)
     async def stats(self):
-        """Counters since start: requests, queries, server batches and fan-outs, partial answers, swaps
-        (and those in place, by the served app's replicas), the seconds requests spent encoding,
-        searching (batch wait included) and reading fields, and how the last version loaded
-        (last_load: in place or not, seconds, bytes its replicas read, segments they reused)."""
-        return Json({**self.stats, "version": self._version()})
+        """Counters since this router replica (`replica`) started: requests, queries, server batches and fan-outs,
+        partial answers, the seconds requests spent encoding, searching (batch wait included) and
+        reading fields; and the app's swaps (and those in place, by the served app's replicas) and
+        how the last version loaded (last_load: in place or not, seconds, bytes its replicas read,
+        segments they reused)."""
+        st = self.follower.state
+        return Json({**self.stats, "swaps": st.get("swaps", 0), "swaps_in_place": st.get("swaps_in_place", 0),
+                     "last_load": st.get("last_load"), "version": self._version(),
+                     "replica": serve.get_replica_context().replica_id.unique_id})
 
     @api.post("/admin/reload", responses=ERRORS, dependencies=TOKEN)
     async def reload(self):
         """Read CURRENT now; if it names another version, load it beside the served one and switch."""
-        try:
-            v = await asyncio.to_thread(current_version, self.store)
-        except ShardexError as e:
-            raise ApiError(503, f"current: {e}", "current") from None
         prev = self._version()
-        try:
-            switched = await self.versions.swap_to(v)
-        except ShardexError as e:
-            raise ApiError(503, f"version: {e}; still serving {prev}", "version") from None
-        return Json({"version": self._version(), "previous": prev, "switched": switched})
+        r = await as_coroutine(self.keeper.reload.remote())
+        await self.follower.refresh()   # this replica serves what it says before it answers; the others within FOLLOW_S
+        if r.get("field") == "current":
+            raise ApiError(503, r["error"], "current")
+        if "error" in r:
+            raise ApiError(503, f"version: {r['error']}; still serving {prev}", "version")
+        return Json({"version": self._version(), "previous": prev, "switched": r["switched"]})
 
     async def status(self) -> dict:
         """For `shardex serve`: which version is served, and the last load error."""
-        return {"version": self._version(), "error": self.versions.load_error}
+        return {"version": self._version(), "error": self.follower.load_error}
 
     def _version(self) -> str | None:
-        return self.versions.live.version if self.versions.live else None
+        return self.follower.live.version if self.follower.live else None

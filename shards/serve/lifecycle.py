@@ -9,6 +9,7 @@ from shards.config import ServeConfig
 from shards.errors import SearchError
 from shards.raytools import wait_until
 from shards.serve.http import RouterDeployment
+from shards.serve.keeper import VersionKeeper
 from shards.serve.versions import APP_SEP, delete_app
 from shards.storage.store import resolve_endpoint
 
@@ -25,7 +26,9 @@ def settings(cfg: ServeConfig) -> dict:
 
 def router_app(cfg: ServeConfig):
     """The router application, bound to its settings (`shardex serve` and the Serve import path)."""
-    return RouterDeployment.options(name="router").bind(settings(cfg))
+    st = settings(cfg)
+    return RouterDeployment.options(name="router", num_replicas=cfg.router_replicas,
+                                    ray_actor_options={"num_cpus": cfg.router_cpus}).bind(st, VersionKeeper.bind(st))
 
 
 def start(cfg: ServeConfig):

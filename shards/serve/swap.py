@@ -1,9 +1,11 @@
-"""The live version swap: which version the router serves, and the switch to the next one.
+"""The live version swap: which version the router app serves, and the switch to the next one.
 
-The router loads a version by deploying its app beside the one being served, waiting
-until every replica is up, and then replacing one reference: a request holds the
-version it started with until it ends, so every response names the version that
-answered it. The old app is deleted once its last request is done.
+One keeper (shards/serve/keeper.py, one replica) loads a version by deploying its app beside
+the one being served and waiting until every replica is up; it then names it current. Each
+router replica (--router-replicas; shards/serve/follow.py) follows the keeper and switches by
+replacing one reference: a request holds the version it started with until it ends, so every
+response names the version that answered it. The old app is deleted once no router replica
+holds it any more.
 
 In place: a version that keeps the served one's trained index, shard count, filterable
 fields and encoder (a reindex that added delta segments) is loaded by the served app's
@@ -31,6 +33,7 @@ from shards.storage.manifest import current_version
 from shards.storage.store import Store
 
 DRAIN_SECONDS = 60.0        # the longest an old version waits for its last requests before it is deleted
+FOLLOW_GRACE_S = 30.0       # beyond that, for a router replica to see the swap (it asks every FOLLOW_S)
 
 
 @dataclass
@@ -74,15 +77,36 @@ class Live:
 
 
 class Versions:
-    """The version the router serves (`live`), the last load error, and the swaps; a swap counts in stats."""
+    """The version the router app serves: the keeper's side (shards/serve/keeper.py, one replica).
+    It deploys and checks each version (`current`), and deletes a replaced app once no router
+    replica holds it: a router acquire()s the app it switches to and release()s it when its last
+    request there is done (or DRAIN_SECONDS after it was replaced, for a router that died)."""
 
-    def __init__(self, cfg: ServeConfig, store: Store, stats: dict, metrics=None):
-        self.cfg, self.store, self.stats, self.metrics = cfg, store, stats, metrics
-        self.live: Live | None = None
+    def __init__(self, cfg: ServeConfig, store: Store, metrics=None):
+        self.cfg, self.store, self.metrics = cfg, store, metrics
+        self.current: Live | None = None
         self.load_error: str | None = None
         self.failed_version: str | None = None
         self.lock = asyncio.Lock()
-        self.apps: dict[str, int] = {}  # app -> Live objects on it not released yet (the served one too)
+        self.holders: dict[str, int] = {}       # app -> router replicas' Live objects on it not released
+        self.replaced: dict[str, float] = {}    # app no longer current -> when it stopped being
+        self.stats = {"swaps": 0, "swaps_in_place": 0, "last_load": None}
+
+    def state(self) -> dict:
+        """What a router replica follows: the version served, its app, the last load error, the swaps."""
+        cur = self.current
+        return {"version": cur and cur.version, "app": cur and cur.app, "loaded_at": cur and cur.loaded_at,
+                "load_error": self.load_error, **self.stats}
+
+    def acquire(self) -> dict:
+        """state(), with the current app held for the router asking until it releases it."""
+        if self.current is not None:
+            self.holders[self.current.app] = self.holders.get(self.current.app, 0) + 1
+        return self.state()
+
+    async def release(self, app: str) -> None:
+        self.holders[app] = max(0, self.holders.get(app, 0) - 1)
+        await self._collect()
 
     async def watch(self) -> None:
         """Load CURRENT, then follow it every poll_seconds (0: only the first load)."""
@@ -95,14 +119,16 @@ class Versions:
             except Exception as e:  # noqa: BLE001 - reported by /health and status(); the old version serves on
                 self.load_error = one_line(e, ShardexError)
                 self.failed_version = v
-            if self.cfg.poll_seconds == 0 and self.live is not None:
-                return
+            await self._collect()
+            while self.cfg.poll_seconds == 0 and self.current is not None:  # loaded: only /admin/reload swaps
+                await asyncio.sleep(5.0)
+                await self._collect()
             await asyncio.sleep(self.cfg.poll_seconds or 5.0)
 
     async def swap_to(self, version: str) -> bool:
         """Serve `version` (loading it beside the served one); False if it is served already."""
         async with self.lock:
-            if self.live is not None and self.live.version == version:
+            if self.current is not None and self.current.version == version:
                 return False
             try:
                 new = await self._load(version)
@@ -110,19 +136,20 @@ class Versions:
                 self.failed_version = version
                 self.load_error = one_line(e, ShardexError)
                 raise SearchError(self.load_error) from None
-            old, self.live = self.live, new  # the switch: one reference, read once by each request
-            self.apps[new.app] = self.apps.get(new.app, 0) + 1
+            old, self.current = self.current, new  # routers follow it: keeper.state()
             self.load_error, self.failed_version = None, None
+            in_place = old is not None and old.app == new.app
             self.stats["swaps"] += old is not None
-            self.stats["swaps_in_place"] += old is not None and old.app == new.app
+            self.stats["swaps_in_place"] += in_place
+            if old is not None and not in_place:
+                self.replaced[old.app] = time.monotonic()
+            self.replaced.pop(new.app, None)
             if self.metrics is not None:
-                self.metrics.swapped(new.version, old and old.version, old is not None and old.app == new.app)
-        if old is not None:
-            asyncio.get_running_loop().create_task(self._release(old))
+                self.metrics.swapped(new.version, old and old.version, in_place)
         return True
 
     async def _load(self, version: str) -> Live:
-        t, old = time.perf_counter(), self.live
+        t, old = time.perf_counter(), self.current
         view = await asyncio.to_thread(IndexView, self.store, version, self.cfg.filter_fields,
                                        old.view if old else None)
         if old is not None and view.fits_app_of(old.view):
@@ -139,9 +166,7 @@ class Versions:
         name = app_name(self.cfg.name, version)
         app = version_app(self.cfg, view, res, len(await asyncio.to_thread(cluster_nodes)))
         await asyncio.to_thread(deploy_version, app, name, self.cfg.load_timeout)
-        shards = [serve.get_deployment_handle(shard_name(s), name) for s in range(view.nshards)]
-        enc = serve.get_deployment_handle("encoder", name) if view.text else None
-        return Live(view, name, shards, enc)
+        return Live(view, name, *handles(name, view))
 
     async def _ready(self, live: Live, per_shard: int, t: float, delete: bool) -> None:
         """Ping each shard of live's version `per_shard` times at once (a replica loads the version if it
@@ -166,13 +191,17 @@ class Versions:
         return plan_resources(*cluster_cpus(), view.nshards, self.cfg.replicas, self.cfg.encoder_replicas,
                               view.text, self.cfg.shard_cpus, self.cfg.threads)
 
-    async def _release(self, old: Live) -> None:
-        """Delete a replaced version once its last request is done (or DRAIN_SECONDS passed)."""
-        try:
-            await asyncio.wait_for(old.idle.wait(), DRAIN_SECONDS)
-        except asyncio.TimeoutError:
-            pass
-        self.apps[old.app] -= 1
-        if not self.apps[old.app]:  # no version on it is served or draining: an app swapped in place stays
-            del self.apps[old.app]
-            await asyncio.to_thread(delete_app, old.app)
+    async def _collect(self) -> None:
+        """Delete each replaced app no router holds (or replaced DRAIN_SECONDS + FOLLOW_GRACE_S ago)."""
+        now = time.monotonic()
+        for app, since in list(self.replaced.items()):
+            if self.holders.get(app, 0) == 0 or now - since > DRAIN_SECONDS + FOLLOW_GRACE_S:
+                del self.replaced[app]
+                self.holders.pop(app, None)
+                await asyncio.to_thread(delete_app, app)
+
+
+def handles(app: str, view: IndexView) -> tuple[list, object | None]:
+    """(shard handles, encoder handle or None) of version app `app`."""
+    shards = [serve.get_deployment_handle(shard_name(s), app) for s in range(view.nshards)]
+    return shards, serve.get_deployment_handle("encoder", app) if view.text else None
