@@ -191,6 +191,20 @@ def test_trained_bytes_is_what_faiss_writes(factory):
     assert trained_bytes(factory, d) <= len(to_bytes(index)) < trained_bytes(factory, d) + KiB
 
 
+@pytest.mark.parametrize("factory", ["IVF1024_HNSW32,Flat", "IVF1024_HNSW16,PQ8"])
+def test_trained_bytes_of_an_hnsw_quantizer(factory):
+    """An HNSW coarse quantizer's graph is counted too: its levels are drawn at random, so within 5%."""
+    import numpy as np
+
+    from index_builder.train.quantizer import make_index
+    from shards.storage.faissio import to_bytes
+
+    d = 32
+    index = make_index(factory, d, "l2")
+    index.train(np.random.default_rng(0).standard_normal((40_000, d)).astype("float32"))
+    assert abs(len(to_bytes(index)) / trained_bytes(factory, d) - 1) < 0.05
+
+
 @pytest.mark.parametrize("n,d,factory,nlist,kw,want", [
     (1_000, 128, "Flat", None, {}, 1_000),                       # never more than N
     (50_000, 128, "Flat", None, {}, 10_000),                     # the 10k floor

@@ -38,6 +38,7 @@ BUILDS = [
     ("IVF32,PQ8x4", 2, "hash", "0", "2G"),
     ("IVF32,PQ8x4", 2, "hash", "0", "5K"),
     ("PCA16,IVF16,Flat", 4, "ivf", "auto", "2G"),
+    ("IVF32_HNSW16,Flat", 2, "ivf", "auto", "2G"),   # an HNSW coarse quantizer: router and shards agree
 ]
 
 

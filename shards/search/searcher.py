@@ -10,7 +10,7 @@ import numpy as np
 from shards.errors import IntegrityError, SearchError
 from shards.search.filters import Attributes, SelectionCache
 from shards.storage import segments
-from shards.storage.faissio import faiss, index_ids, ivf, load_shard
+from shards.storage.faissio import faiss, index_ids, ivf, load_shard, quantizer_params
 from shards.storage.fields import ShardFields
 from shards.storage.manifest import FileInfo, Manifest, load_manifest
 from shards.storage.store import Store
@@ -230,6 +230,9 @@ class ShardSearcher:
         f = faiss()
         if self._ivf is not None:
             p = f.SearchParametersIVF(nprobe=int(nprobe or self._default_nprobe()))
+            qp = quantizer_params(self._ivf, p.nprobe)
+            if qp is not None:
+                p.quantizer_params, p._quantizer = qp, qp  # kept alive as long as p
         elif sel is None:
             return None
         else:
