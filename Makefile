@@ -23,7 +23,7 @@ demo: venv
 	$(BIN)/shardex demo
 
 test: venv lint
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=25
 
 # ruff's rules are in pyproject.toml; make test runs this first.
 lint: venv
