@@ -21,8 +21,8 @@ FOLLOW_S = 0.25             # how often a router replica asks the keeper which v
 class Follower:
     """The Live version one router replica serves (`live`), and what the keeper last said."""
 
-    def __init__(self, keeper, store: Store, filter_fields, stats: dict):
-        self.keeper, self.store, self.filter_fields, self.stats = keeper, store, filter_fields, stats
+    def __init__(self, keeper, store: Store, filter_fields):
+        self.keeper, self.store, self.filter_fields = keeper, store, filter_fields
         self.live: Live | None = None
         self.state: dict = {}
         self.error: str | None = None       # this replica's own failure to follow (the keeper unreachable)

@@ -178,7 +178,7 @@ class RouterDeployment:
                       "encode_s": 0.0, "search_s": 0.0, "fields_s": 0.0}  # time inside each step, summed
         self.metrics = Metrics(self.cfg.name)
         self.keeper = keeper
-        self.follower = Follower(keeper, self.store, self.cfg.filter_fields, self.stats)
+        self.follower = Follower(keeper, self.store, self.cfg.filter_fields)
         faiss().omp_set_num_threads(max(1, int(self.cfg.router_cpus)))  # the coarse search: this replica's CPUs
         self._search_batch.set_max_batch_size(self.cfg.max_queries)
         self._search_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_ms / 1000)

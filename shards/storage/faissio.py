@@ -109,12 +109,18 @@ def coarse_ef(nprobe: int, ef_per_probe: float = HNSW_EF_PER_PROBE) -> int:
     return max(16, int(np.ceil(ef_per_probe * nprobe)))
 
 
+def hnsw_quantizer(ivf_index):
+    """ivf_index's coarse quantizer when it is an HNSW graph, else None."""
+    q = faiss().downcast_index(ivf_index.quantizer)
+    return q if isinstance(q, faiss().IndexHNSW) else None
+
+
 def quantizer_params(ivf_index, nprobe: int, ef_per_probe: float = HNSW_EF_PER_PROBE):
     """Per-call parameters of ivf_index's coarse quantizer for nprobe lists: efSearch for an HNSW
     one (its default, 16, would find few of 64 lists), None for a flat one."""
-    f = faiss()
-    q = f.downcast_index(ivf_index.quantizer)
-    return f.SearchParametersHNSW(efSearch=coarse_ef(nprobe, ef_per_probe)) if isinstance(q, f.IndexHNSW) else None
+    if hnsw_quantizer(ivf_index) is None:
+        return None
+    return faiss().SearchParametersHNSW(efSearch=coarse_ef(nprobe, ef_per_probe))
 
 
 def set_nprobe(index, nprobe: int | None) -> None:
@@ -122,8 +128,7 @@ def set_nprobe(index, nprobe: int | None) -> None:
     i = ivf(index)
     if i is not None and nprobe:
         i.nprobe = int(nprobe)
-        q = faiss().downcast_index(i.quantizer)
-        if isinstance(q, faiss().IndexHNSW):
+        if (q := hnsw_quantizer(i)) is not None:
             q.hnsw.efSearch = coarse_ef(int(nprobe))
 
 
