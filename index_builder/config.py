@@ -87,6 +87,10 @@ class BuildConfig(Config):
                                    "d=768, fewer when that leaves cluster CPUs idle)")
     target_recall: Recall = Field(0.95, description="the default nprobe is the smallest that reaches this "
                                   "recall@10")
+    refine: Literal["none", "fp32", "fp16"] = Field("none", description="keep each shard's vectors at this "
+                                                    "precision on disk (mmapped, apart from the RAM budget): a "
+                                                    "shard reranks its k x refine-factor best codes by exact "
+                                                    "distance, the factor tuned with nprobe to --target-recall")
     seed: int = Field(0, description="seed for sampling")
     merge_task_bytes: Size = Field("2G", description="an on-disk shard with more ids and codes than this is "
                                    "merged by several tasks, each a range of its lists of about this size")

@@ -227,8 +227,12 @@ def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, run: Run, lineag
         merged = merge_shards(cfg, store, run, added, sizes, ranges, tr["nlist"])
     with t.stage("fields"):
         stored = write_fields(cfg, store, run, added, ranges)
+    refine = None
+    if cfg.refine != "none":
+        with t.stage("refine"):
+            refine = write_fields(cfg, store, run, added, ranges, cfg.refine)
     with t.stage("tune"):
-        best = tune(cfg, store, run, [a["unit"] for a in added], merged, ranges)
+        best = tune(cfg, store, run, [a["unit"] for a in added], merged, ranges, refine)
     said += [w for w in [recall_warning(best, cfg.target_recall)] if w]
     for w in said:
         log(f"warning: {w}")
@@ -236,7 +240,7 @@ def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, run: Run, lineag
         base = baseline(cfg, store, run)
     with t.stage("publish"):
         m = publish_run(cfg, store, run, trained=tr, ranges=ranges, order=order, tuned=best, base=base,
-                        stored=stored, timings=dict(t.seconds),
+                        stored=stored, refine=refine, timings=dict(t.seconds),
                         lineage=lineage or Lineage(),
                         options=options_of(cfg) if options is None else options)
     s = _summary(cfg, m, run.parts, added, merged, tr, t)
@@ -289,18 +293,21 @@ def add(cfg: BuildConfig, store: Store, run: Run, tr: dict) -> tuple[list[dict],
     return added, sizes, ranges, "grouped" if grouped else "kmeans"
 
 
-def write_fields(cfg: BuildConfig, store: Store, run: Run, added: list[dict], ranges) -> list[list]:
-    """Each shard's stored fields files, generation 0 (build/fields.py)."""
+def write_fields(cfg: BuildConfig, store: Store, run: Run, added: list[dict], ranges,
+                 refine: str | None = None) -> list[list]:
+    """Each shard's stored fields files, generation 0 (build/fields.py); refine (a dtype): its refine files."""
     spec = fields_spec(cfg.sharding, cfg.shards, ranges, added[0]["fingerprint"])
     return shuffle(store, run.wd.root, run.fp, run.live, spec, run.wd.version, 0, cfg.stored_fields,
-                   run.corpus.id_kind)
+                   run.corpus.id_kind, refine)
 
 
-def tune(cfg: BuildConfig, store: Store, run: Run, units: list[str], merged: list[dict], ranges) -> dict:
-    """The search defaults; with --sharding ivf and --route ranked, the ranked routing's gap too."""
+def tune(cfg: BuildConfig, store: Store, run: Run, units: list[str], merged: list[dict], ranges,
+         refine: list[list] | None = None) -> dict:
+    """The search defaults; with --sharding ivf and --route ranked, the ranked routing's gap too; with
+    refine (each shard's refine files) the refine factor too."""
     return tune_shards(store, run.wd, units, shards=cfg.shards, metric=run.metric, target=cfg.target_recall,
                        k=K, cpus=cluster_cpus(), node=node_cpus(), shard_bytes=sum(m["bytes"] for m in merged),
-                       ranges=ranges if cfg.sharding == "ivf" and cfg.route == "ranked" else None)
+                       ranges=ranges if cfg.sharding == "ivf" and cfg.route == "ranked" else None, refine=refine)
 
 
 def baseline(cfg: BuildConfig, store: Store, run: Run) -> dict:

@@ -1,4 +1,6 @@
-"""fields: the stored fields of each serving shard's documents, shuffled out of encode's docs parts.
+"""fields: the stored fields of each serving shard's documents, shuffled out of encode's docs parts; and,
+the same way, its refine store (its vectors at full precision, shards/storage/refine.py) out of the
+embeddings parts.
 
 Two kinds of Ray task (layout and reader: shards/storage/fields.py):
   scatter, one per docs part: the part's rows with the shard of each (hash: of the id; ivf: of the list
@@ -7,7 +9,9 @@ Two kinds of Ray task (layout and reader: shards/storage/fields.py):
   gather, one per shard: the row groups of its rows in every scattered part, read by their statistics,
     cut into id ranges of about FILE_BYTES (from the row groups' id ranges), each sorted and written as
     one file of versions/<v>/, recorded in work/<run>/fields-<g>/shard-<s>.json (a rerun skips it).
-A range reads only the row groups that overlap it, so each row is read about once. The driver holds
+A refine shuffle scatters the embeddings parts' (id, vector) in row groups of refine.ROW_GROUP_BYTES and
+gathers each range into one refine file. A range reads only the row groups that overlap it, so each row
+is read about once. The driver holds
 the file names and one record per written file: O(P + S) small records. A compaction gathers a shard's
 own generations instead, its newest row of each id that is still live.
 """
@@ -30,6 +34,7 @@ from index_builder.shard_math import hash_shard
 from shards.errors import IntegrityError
 from shards.raytools import TASK_RETRIES
 from shards.storage import fields as layout
+from shards.storage import refine as refine_layout
 from shards.storage.manifest import FieldsInfo, Manifest, vdir
 from shards.storage.store import Store
 
@@ -54,11 +59,12 @@ def shards_of(store: Store, ids: np.ndarray, emb: str, spec: dict) -> np.ndarray
 
 
 @ray.remote(**TASK_RETRIES)
-def scatter_task(store: Store, docs: str, emb: str, out: str, spec: dict) -> str:
-    """Docs part `docs` sorted by (shard, id) into out, one run of row groups per shard."""
+def scatter_task(store: Store, docs: str, emb: str, out: str, spec: dict, refine: str | None = None) -> str:
+    """Docs part `docs` sorted by (shard, id) into out, one run of row groups per shard; refine (a
+    refine store's dtype): embeddings part emb's ids and vectors instead."""
     if store.exists(out):
         return out
-    t = store.read_table(docs)  # encode sorted it by id
+    t = store.read_table(emb, columns=["id", "vector"]) if refine else store.read_table(docs)  # sorted by id
     sh = shards_of(store, t.column("id").to_numpy(), emb, spec)
     o = np.argsort(sh, kind="stable")
     t = t.take(pa.array(o)).add_column(0, SHARD, pa.array(sh[o], pa.int32()))
@@ -67,7 +73,8 @@ def scatter_task(store: Store, docs: str, emb: str, out: str, spec: dict) -> str
         for a, b in zip(bounds[:-1], bounds[1:]):
             if b > a:
                 part = t.slice(a, b - a)
-                w.write_table(part, row_group_size=layout.row_group_rows(part))
+                w.write_table(part, row_group_size=layout.row_group_rows(
+                    part, refine_layout.ROW_GROUP_BYTES if refine else layout.ROW_GROUP_BYTES))
     store.write_bytes(out, buf.getvalue())
     return out
 
@@ -139,19 +146,23 @@ def _range(store: Store, groups: list[tuple], s: int | None, lo: float, hi: floa
 
 @ray.remote(**TASK_RETRIES)
 def gather_task(store: Store, srcs: list[tuple[str, int]], s: int | None, shard: int, version: str, gen: int,
-                record: str, live_of: Manifest | None = None) -> list[dict]:
+                record: str, live_of: Manifest | None = None, refine: str | None = None) -> list[dict]:
     """Shard `shard`'s fields files of generation gen in version, from srcs (path, generation): scattered
-    parts (their rows of shard s), or the shard's own files (s None) of live_of, its live ids' rows only."""
+    parts (their rows of shard s), or the shard's own files (s None) of live_of, its live ids' rows only.
+    refine: its refine files instead, of that dtype."""
     if store.exists(record):
         return json.loads(store.read_text(record))
     live = compact_ids(store, live_of, shard) if live_of is not None else None
     groups = _groups(store, srcs, s)
-    n = max(1, math.ceil(sum(g[6] for g in groups) / layout.FILE_BYTES))
+    n = max(1, math.ceil(sum(g[6] for g in groups) / (refine_layout.FILE_BYTES if refine else layout.FILE_BYTES)))
     edges = [-math.inf, *cuts(groups, n), math.inf]
     out = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         t = _range(store, groups, s, lo, hi, live)
-        if t is not None:
+        if t is not None and refine:
+            rel = refine_layout.rel(vdir(version), shard, gen, len(out))
+            out.append(refine_layout.write(store, rel, t, gen, refine).model_dump())
+        elif t is not None:
             out.append(layout.write(store, layout.rel(vdir(version), shard, gen, len(out)), t, gen).model_dump())
     store.write_text(record, json.dumps(out))
     return out
@@ -162,25 +173,28 @@ def spec_of(mode: str, shards: int, ranges: list | None, tfp: str) -> dict:
 
 
 def shuffle(store: Store, root: str, fp: str, parts: list, spec: dict, version: str, gen: int,
-            stored: list[str], id_kind: str) -> list[list[FieldsInfo]]:
+            stored: list[str], id_kind: str, refine: str | None = None) -> list[list[FieldsInfo]]:
     """Per shard, its fields files of generation gen in version, from the docs of `parts` (encode's
     PartResults under embeddings/<fp>/); root: the run's work dir. None are written when there is
-    nothing to look up (no stored fields and int ids: a hit is its id)."""
-    if not stored and id_kind != "str":
+    nothing to look up (no stored fields and int ids: a hit is its id). refine (a dtype): the shards'
+    refine files instead, from the parts' vectors."""
+    if not refine and not stored and id_kind != "str":
         return [[] for _ in range(spec["shards"])]
-    work = f"{root}/fields-{gen}"
+    what = "refine" if refine else "fields"
+    work = f"{root}/{what}-{gen}"
     refs = [scatter_task.options(num_cpus=0.5).remote(
-        store, part_rel(fp, p.name, "docs"), part_rel(fp, p.name), f"{work}/part-{p.name}.parquet", spec)
+        store, part_rel(fp, p.name, "docs"), part_rel(fp, p.name), f"{work}/part-{p.name}.parquet", spec, refine)
         for p in parts]
-    srcs = [(r, gen) for r in progress.gather(refs, "fields", "parts")]
+    srcs = [(r, gen) for r in progress.gather(refs, what, "parts")]
     S = spec["shards"]
     got = progress.gather([gather_task.options(num_cpus=0.5).remote(
-        store, srcs, s, s, version, gen, f"{work}/shard-{s}.json") for s in range(S)], "fields", "shards")
+        store, srcs, s, s, version, gen, f"{work}/shard-{s}.json", refine=refine) for s in range(S)], what, "shards")
     return [[FieldsInfo(**d) for d in g] for g in got]
 
 
 def compact(store: Store, root: str, m: Manifest, due: list[int], version: str) -> dict[int, list[FieldsInfo]]:
-    """The fields of m's shards in due, each rewritten as one new generation of version (its live rows)."""
+    """The fields of m's shards in due, each rewritten as one new generation of version (its live rows).
+    A compacted shard keeps referring to its refine files: a lookup by a live id finds its newest vector."""
     refs = {}
     for s in due:
         sh = m.shards[s]

@@ -132,16 +132,17 @@ def named(f: FileInfo | None, version: str) -> FileInfo | None:
     return f.model_copy(update={"file": ref(version, f.file)}) if f else None
 
 
-def located_shard(store: Store, wd: WorkDir, s: int, version: str, stored: list[FieldsInfo] | None = None
-                  ) -> ShardInfo:
+def located_shard(store: Store, wd: WorkDir, s: int, version: str, stored: list[FieldsInfo] | None = None,
+                  refine: list[FieldsInfo] | None = None) -> ShardInfo:
     """Shard s's ShardInfo (one base segment) from its merge record, its files named as version's
-    manifest names them; stored: its fields files (build/fields.py), named by their path."""
+    manifest names them; stored, refine: its fields and refine files (build/fields.py), named by their path."""
     i = shard_info(store, wd, s)
     up = {"file": ref(version, wd.shard(s))}
     if i.ivfdata:
         up["ivfdata"] = ref(version, wd.shard_data(s))
     return ShardInfo(**i.model_copy(update=up).model_dump(),
-                     fields=[named(f, version) for f in stored or []])
+                     fields=[named(f, version) for f in stored or []],
+                     refine=[named(f, version) for f in refine or []])
 
 
 def docs_files(store: Store, run) -> tuple[list[str], list[dict]]:
@@ -173,7 +174,7 @@ def make_manifest(version: str, cfg: BuildConfig, *, corpus: Corpus, parts: list
                   trained: dict, trained_file: FileInfo, shards: list[FileInfo], ranges: list | None,
                   order: str | None, tuned: dict, drift: DriftBaseline, timings: dict, lineage: Lineage, options: dict,
                   docs: tuple[list[str], list[dict]], extra: list[FileInfo], lists: ListsInfo | None = None,
-                  per_shard: bool = False) -> Manifest:
+                  per_shard: bool = False, refine: str | None = None) -> Manifest:
     """The version's manifest. trained, tuned: what the train and tune tasks returned; vectors: the
     embeddings parts indexed; options: the build options asked for (reindex's defaults); docs:
     (names, records) of the docs parts; extra: the version's other files (quarantine, list sizes)."""
@@ -186,7 +187,7 @@ def make_manifest(version: str, cfg: BuildConfig, *, corpus: Corpus, parts: list
         index=IndexInfo(factory=factory, metric=encoder.metric, auto_reason=auto_reason,
                         nlist=trained["nlist"], train_vectors=trained["train_vectors"] or 0,
                         train_seconds=round(trained["seconds"], 2), train_device=trained.get("device", "cpu"),
-                        lists=lists),
+                        lists=lists, refine=refine),
         sharding=ShardingInfo(mode=cfg.sharding, shards=cfg.shards, ranges=ranges,
                               order=order if cfg.sharding == "ivf" else None),
         trained=trained_file,
@@ -197,7 +198,8 @@ def make_manifest(version: str, cfg: BuildConfig, *, corpus: Corpus, parts: list
         search=SearchDefaults(nprobe=tuned["nprobe"], recall_at_10=tuned["recall_at_10"],
                               eval_queries=tuned["eval_queries"], target_recall=cfg.target_recall,
                               route_gap=tuned.get("route_gap"), touched=tuned.get("touched"),
-                              exact_touched=tuned.get("exact_touched")),
+                              exact_touched=tuned.get("exact_touched"), refine_factor=tuned.get("refine_factor"),
+                              tuned_on=tuned.get("tuned_on", "held-out")),
         timings=timings,
         vectors=vectors,
         embeddings=EmbeddingsInfo(parts=vectors),
@@ -209,11 +211,12 @@ def make_manifest(version: str, cfg: BuildConfig, *, corpus: Corpus, parts: list
 
 def publish_run(cfg: BuildConfig, store: Store, run, *, trained: dict, ranges: list | None, order: str | None,
                 tuned: dict, base: dict, timings: dict, lineage: Lineage, options: dict,
-                stored: list[list[FieldsInfo]] | None = None) -> Manifest:
+                stored: list[list[FieldsInfo]] | None = None, refine: list[list[FieldsInfo]] | None = None
+                ) -> Manifest:
     """Publish the run's version (run.wd.version, claimed before the merge), or a new one referring to
     its files when that one is published already; CURRENT moves to it.
     run: the pipeline's Run (its work dir, parts, encoder, factory, kept quantizer); stored: each
-    shard's fields files (None: the version's docs files serve lookups)."""
+    shard's fields files (None: the version's docs files serve lookups); refine: its refine files (None: none)."""
     home = run.wd.version
     prev = load_manifest(store, home) if store.exists(f"{vdir(home)}/manifest.json") else None
     version = new_version_name(run.wd.run) if prev else home
@@ -224,13 +227,14 @@ def publish_run(cfg: BuildConfig, store: Store, run, *, trained: dict, ranges: l
                       quarantine=q.file if q else None, encoder=run.enc, factory=run.factory,
                       auto_reason=kept.auto_reason if kept else run.choice.reason if run.choice else None,
                       trained=trained, trained_file=t.model_copy(update={"ntotal": None}),
-                      shards=[located_shard(store, run.wd, s, version, stored[s] if stored else None)
-                              for s in range(cfg.shards)],
+                      shards=[located_shard(store, run.wd, s, version, stored[s] if stored else None,
+                                            refine[s] if refine else None) for s in range(cfg.shards)],
                       ranges=ranges, order=order, tuned=tuned,
                       drift=drift_baseline(base, version, kept.drift if kept else None, lists.file if lists else None),
                       timings=timings, lineage=lineage, options=options,
                       docs=docs_files(store, run), extra=[f for f in (q, lists) if f],
-                      lists=built_lists(cfg, base, trained, kept), per_shard=stored is not None)
+                      lists=built_lists(cfg, base, trained, kept), per_shard=stored is not None,
+                      refine=cfg.refine if refine else None)
     return publish(store, m)
 
 

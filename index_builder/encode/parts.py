@@ -28,6 +28,7 @@ from index_builder.config import BuildConfig
 from index_builder.encode.reuse import CHANGED, HASH, NEW, Reuse, fill, match, origin_column, text_hashes, vector_hashes
 from index_builder.plan.corpus import InputShard, int_ids, open_parquet, read_error
 from shards.errors import CorpusError
+from shards.storage.refine import vectors_of
 from shards.storage.store import Store
 
 
@@ -285,7 +286,7 @@ def group_bytes(md, groups, columns=VECTOR_COLUMNS) -> int:
 
 def read_groups(f, groups) -> tuple[np.ndarray, np.ndarray]:
     """(ids int64, x float32 [n, d]) of the given row groups of an open embeddings part, in file order."""
-    return _matrix(f.read_row_groups(sorted(groups), columns=VECTOR_COLUMNS))
+    return vectors_of(f.read_row_groups(sorted(groups), columns=VECTOR_COLUMNS))
 
 
 def read_vectors(store: Store, rel: str, start: int | None = None,
@@ -308,19 +309,12 @@ def _rows(f, start: int | None, stop: int | None) -> tuple[np.ndarray, np.ndarra
     n = int(b[-1])
     start, stop = max(0, start or 0), n if stop is None else min(stop, n)
     if start == 0 and stop == n:
-        return _matrix(f.read(columns=VECTOR_COLUMNS))
+        return vectors_of(f.read(columns=VECTOR_COLUMNS))
     if start >= stop:  # an empty range: no group to read, but the part's d
         return np.empty(0, np.int64), np.empty((0, f.schema_arrow.field("vector").type.list_size), np.float32)
     g0, g1 = int(np.searchsorted(b, start, "right")) - 1, int(np.searchsorted(b, stop, "left"))
     ids, x = read_groups(f, range(g0, g1))
     return ids[start - b[g0]:stop - b[g0]], x[start - b[g0]:stop - b[g0]]
-
-
-def _matrix(t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    vec = t.column("vector").combine_chunks()
-    d = vec.type.list_size
-    x = vec.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)  # flatten: respects a slice's offset
-    return t.column("id").to_numpy(), np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _docs(good: pa.Table, ids: np.ndarray, cfg: BuildConfig, kind: str) -> pa.Table:

@@ -155,6 +155,10 @@ def index_deltas(cfg, store: Store, t: Timer, run: Run, live: Manifest, gone, di
         with t.stage("fields"):
             shards = [sh.model_copy(update={"fields": [*sh.fields, *(named(f, v) for f in new)]})
                       for sh, new in zip(shards, _fields(cfg, store, run, live, v, fp))]
+    if live.index.refine:
+        with t.stage("refine"):
+            shards = [sh.model_copy(update={"refine": [*sh.refine, *(named(f, v) for f in new)]})
+                      for sh, new in zip(shards, _fields(cfg, store, run, live, v, fp, live.index.refine))]
     due = {s: why for s in range(S) if (why := compact.due(shards[s], *policy))}
     if due:
         with t.stage("compact"):
@@ -185,17 +189,19 @@ def compact_shards(store: Store, wd, m: Manifest, due: dict[int, str], budget: i
         store, wd, m, s, ram_budget_exceeded(m.shards[s].live * (c + 8), budget)) for s in due]
     progress.gather(refs, "compact", "shards")
     stored = fields.compact(store, wd.root, m, [s for s in due if m.shards[s].fields], m.version)
-    return [located_shard(store, wd, s, m.version, stored.get(s)) if s in due else sh
+    return [located_shard(store, wd, s, m.version, stored.get(s), [f.model_copy(update={"file": m.path(f.file)})
+                                                                 for f in m.shards[s].refine]) if s in due else sh
             for s, sh in enumerate(m.shards)]
 
 
-def _fields(cfg, store: Store, run: Run, live: Manifest, v: str, fp: str) -> list[list]:
+def _fields(cfg, store: Store, run: Run, live: Manifest, v: str, fp: str, refine: str | None = None) -> list[list]:
     """Per shard, the fields files of the next generation: every row of the docs parts this run wrote
-    (new, changed and kept rows: a kept row's vector stays where it was, its fields may have changed)."""
-    gen = max((f.gen for sh in live.shards for f in sh.fields), default=-1) + 1
+    (new, changed and kept rows: a kept row's vector stays where it was, its fields may have changed).
+    refine (the live version's refine dtype): the refine files of the next generation, of the same rows."""
+    gen = max((f.gen for sh in live.shards for f in (sh.refine if refine else sh.fields)), default=-1) + 1
     spec = fields.spec_of(live.sharding.mode, len(live.shards), live.sharding.ranges, fp)
     return fields.shuffle(store, run.wd.root, run.fp, [p for p in run.live if not p.kept], spec, v, gen,
-                          cfg.stored_fields, run.corpus.id_kind)
+                          cfg.stored_fields, run.corpus.id_kind, refine)
 
 
 def _next_first(sh: ShardInfo) -> int:

@@ -31,9 +31,9 @@ def rel(version_dir: str, s: int, gen: int, b: int) -> str:
     return f"{version_dir}/shard-{s}.fields-{gen}-{b:05d}.parquet"
 
 
-def row_group_rows(t: pa.Table) -> int:
+def row_group_rows(t: pa.Table, target: int = ROW_GROUP_BYTES) -> int:
     per = max(1, t.nbytes // max(1, t.num_rows))
-    return int(np.clip(ROW_GROUP_BYTES // per, 16, 1 << 16))
+    return int(np.clip(target // per, 16, 1 << 16))
 
 
 def write(store: Store, path: str, t: pa.Table, gen: int) -> FieldsInfo:

@@ -78,6 +78,7 @@ class ShardInfo(FileInfo):
     dead: FileInfo | None = None
     dead_count: int = 0
     fields: list[FieldsInfo] = []       # the stored fields of its documents (DocsInfo.per_shard)
+    refine: list[FieldsInfo] = []       # its vectors at full precision, by id (shards/storage/refine.py)
 
     @property
     def live(self) -> int:
@@ -95,6 +96,11 @@ class ShardInfo(FileInfo):
     def ram_bytes(self) -> int:
         """Bytes of its files a replica reads into RAM: every segment's .index (an .ivfdata is mmapped)."""
         return self.bytes + sum(f.bytes for f in self.segment_files())
+
+    @property
+    def refine_bytes(self) -> int:
+        """Bytes of its refine store: on disk, read by row through mmap, apart from the RAM budget."""
+        return sum(f.bytes for f in self.refine)
 
 
 class SourceInfo(BaseModel):
@@ -123,6 +129,7 @@ class IndexInfo(BaseModel):
     train_seconds: float = 0.0
     train_device: str = "cpu"       # "cpu", "cuda-torch" (k-means in torch on CUDA), "faiss-gpu", or "reused"
     lists: ListsInfo | None = None  # IVF only
+    refine: str | None = None       # the refine store's precision ("fp32", "fp16"); None: no refine store
 
 
 class ShardingInfo(BaseModel):
@@ -156,6 +163,9 @@ class SearchDefaults(BaseModel):
     route_gap: float | None = None
     touched: float | None = None        # ranked: shards per tune query at the defaults
     exact_touched: float | None = None  # the same, sending each to every shard it probes (at the exact nprobe)
+    # with a refine store: each shard reranks its k x refine_factor best by exact distance (0: no rerank)
+    refine_factor: int | None = None
+    tuned_on: str = "held-out"          # what tune measured on: "held-out" documents, or "queries" (--tune-queries)
 
 
 class EmbeddingsInfo(BaseModel):
@@ -225,7 +235,7 @@ class Manifest(BaseModel):
     def files(self) -> list[FileInfo]:
         return [self.trained, *self.shards, *(f for s in self.shards if (f := s.ivfdata_info())),
                 *(f for s in self.shards for f in s.segment_files()),
-                *(f for s in self.shards for f in s.fields)]
+                *(f for s in self.shards for f in [*s.fields, *s.refine])]
 
     def path(self, name: str) -> str:
         """The path under INDEX_ROOT of a file this manifest names (see the module's docstring)."""
@@ -258,8 +268,9 @@ def rebase(m: Manifest, version: str) -> Manifest:
         up = {"file": at(f.file)}
         if f.ivfdata:
             up["ivfdata"] = at(f.ivfdata)
-        if getattr(f, "fields", None):
-            up["fields"] = [file(x) for x in f.fields]
+        for part in ("fields", "refine"):
+            if getattr(f, part, None):
+                up[part] = [file(x) for x in getattr(f, part)]
         return f.model_copy(update=up)
 
     shards = [file(sh).model_copy(update={"deltas": [file(d) for d in sh.deltas],
