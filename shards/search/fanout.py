@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -96,12 +97,13 @@ class ShardFailure(Exception):
 
 
 async def fan_out(view, xq: np.ndarray, k: int, nprobe: int | None, flt: list | None,
-                  call, timeout: float | None = None) -> Outcome:
+                  call, timeout: float | None = None, refine: int | None = None) -> Outcome:
     """Send each query to the shards it needs, concurrently, and merge their top-k exactly.
 
     view is the version's IndexView (shards/search/router.py): its coarse lists, routing and metric.
-    call(s, xq, k, nprobe, flt, coarse) -> awaitable (D, I) of shard s, where coarse is the
-    (Dq, Iq) of those queries (None without IVF). A shard that fails or
+    call(s, xq, k, nprobe, flt, coarse, refine) -> awaitable (D, I) of shard s, where coarse is the
+    (Dq, Iq) of those queries (None without IVF) and refine the refine factor asked (None: the
+    version's). A shard that fails or
     does not answer within `timeout` seconds is recorded in Outcome.failed and left out.
     With a filter under IVF routing, a query still short of k results after its own
     shards is sent to the others as well: a filter may leave its nearest lists empty.
@@ -114,7 +116,7 @@ async def fan_out(view, xq: np.ndarray, k: int, nprobe: int | None, flt: list | 
     route = view.route(nq, coarse, ranked=flt is None)
     heap = faiss().ResultHeap(nq, k, keep_max=view.metric == "ip")
     out = Outcome(heap.D, heap.I, route.sum(1), asked=route)
-    q = (xq, coarse)
+    q, call = (xq, coarse), partial(_with_refine, call, refine)
     await _round(route, q, k, nprobe, flt, call, timeout, heap, out)
     if flt is not None and view.mode == "ivf":
         short = (heap.I >= 0).sum(1) < k
@@ -158,6 +160,10 @@ async def _round(mask, q, k, nprobe, flt, call, timeout, heap, out: Outcome) -> 
             heap.add_result(D, I)
         else:
             heap.add_result_subset(rows, D, I)
+
+
+def _with_refine(call, refine, s, xq, k, nprobe, flt, coarse):
+    return call(s, xq, k, nprobe, flt, coarse, refine)
 
 
 def _rows(xq, coarse, rows):

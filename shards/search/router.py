@@ -135,6 +135,17 @@ class IndexView:
             nprobe = min(nprobe, nl)
         return nprobe, wire(parse_filter(flt, self.kinds))
 
+    def refine(self, factor: int | None) -> int | None:
+        """The refine factor a request asked for, checked (None: the version's default)."""
+        if factor is None:
+            return None
+        if factor < 0:
+            raise QueryError("refine", f"{factor}; give 0 (no rerank) or more")
+        if factor and not self.manifest.index.refine:
+            raise QueryError("refine", f"{factor}, but version {self.version} keeps no refine store; "
+                             f"build it with --refine fp32 or fp16")
+        return factor
+
     def coarse(self, xq: np.ndarray, nprobe: int | None):
         """(Dq, Iq) [nq, nprobe]: the lists each query probes, or None for an index without lists."""
         if self.quantizer is None:
@@ -209,8 +220,8 @@ class LocalShards:
         for s in self.shards:
             s.load_attributes(store, m, kinds)
 
-    def call(self, s, xq, k, nprobe, flt, coarse):
-        return asyncio.to_thread(self.shards[s].search, xq, k, nprobe, flt, coarse)
+    def call(self, s, xq, k, nprobe, flt, coarse, refine=None):
+        return asyncio.to_thread(self.shards[s].search, xq, k, nprobe, flt, coarse, refine)
 
     def fields(self, s, ids, names):
         return asyncio.to_thread(self.shards[s].lookup, ids, names)
@@ -257,9 +268,9 @@ class RayShards:
     def load_attributes(self, store: Store, m: Manifest, kinds: dict) -> None:
         ray_get([s.load_attributes.remote(store, m, kinds) for s in self.shards])
 
-    def call(self, s, xq, k, nprobe, flt, coarse):
+    def call(self, s, xq, k, nprobe, flt, coarse, refine=None):
         x, c = self._put(xq, coarse)
-        return self.shards[s].search.remote(x, k, nprobe, flt, c)
+        return self.shards[s].search.remote(x, k, nprobe, flt, c, refine)
 
     def fields(self, s, ids, names):
         return self.shards[s].lookup.remote(ids, names)
@@ -335,30 +346,34 @@ class Router:
             raise QueryError("queries", "empty; give at least one query")
         return self.encoder().encode_queries(list(queries))
 
-    def search_outcome(self, xq, k: int = 10, nprobe: int | None = None, filter: dict | None = None) -> Outcome:
-        """The fan-out's whole outcome: merged (D, I), shards touched per query, failures."""
+    def search_outcome(self, xq, k: int = 10, nprobe: int | None = None, filter: dict | None = None,
+                       refine: int | None = None) -> Outcome:
+        """The fan-out's whole outcome: merged (D, I), shards touched per query, failures. refine: each
+        shard's rerank factor (None: the version's tuned one; 0: none)."""
         xq = self.view.vectors(xq)
         nprobe, flt = self.view.check(k, nprobe, None, filter)
-        out = self._loop.run(fan_out(self.view, xq, k, nprobe, flt, self.client.call, self.timeout))
+        out = self._loop.run(fan_out(self.view, xq, k, nprobe, flt, self.client.call, self.timeout,
+                                     self.view.refine(refine)))
         self.last = out
         if out.failed:
             raise SearchError("; ".join(out.failed[s] for s in sorted(out.failed)))
         return out
 
-    def search_vectors(self, xq, k: int = 10, nprobe: int | None = None, filter: dict | None = None):
+    def search_vectors(self, xq, k: int = 10, nprobe: int | None = None, filter: dict | None = None,
+                       refine: int | None = None):
         """(D, I): the exact merge of the top-k of every shard each query needs."""
-        out = self.search_outcome(xq, k, nprobe, filter)
+        out = self.search_outcome(xq, k, nprobe, filter, refine)
         return out.D, out.I
 
     def search(self, queries, k: int = 10, nprobe: int | None = None, fields: list[str] | None = None,
-               filter: dict | None = None):
+               filter: dict | None = None, refine: int | None = None):
         """Text queries (list of str) or vectors -> per query, a list of Hit with stored fields."""
         self.view.check(k, nprobe, fields, None)  # a bad field fails before any encoding
         if isinstance(queries, (list, tuple)) and queries and isinstance(queries[0], str):
             xq = self.encode(list(queries))
         else:
             xq = queries
-        out = self.search_outcome(xq, k, nprobe, filter)
+        out = self.search_outcome(xq, k, nprobe, filter, refine)
         docs = self._loop.run(shard_fields(self.view, out, fields, self.client.fields, self.timeout))
         if out.failed:
             raise SearchError("; ".join(out.failed[s] for s in sorted(out.failed)))

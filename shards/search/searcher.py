@@ -13,6 +13,7 @@ from shards.storage import segments
 from shards.storage.faissio import faiss, index_ids, ivf, load_shard, quantizer_params
 from shards.storage.fields import ShardFields
 from shards.storage.manifest import FileInfo, Manifest, load_manifest
+from shards.storage.refine import RefineStore
 from shards.storage.store import Store
 
 NPROBE_GROWTH = 4   # a filtered search that comes back short retries with nprobe this many times larger
@@ -31,6 +32,8 @@ class ShardSearcher:
         self.index = held.base(store, m, shard) if held else load_shard(store, m, shard)  # checked, mmapped
         self.name = shard.file
         self.stored = ShardFields(store, m, shard) if m.docs.per_shard else None  # this shard's own fields
+        self.refine = RefineStore.of(store, m, shard)  # its vectors by id, mmapped: the rerank's
+        self.refine_factor, self.metric = m.search.refine_factor or 0, m.index.metric
         self.seg = None  # a shard with delta segments or a dead set is searched through them
         self.rows, self.attr_bytes = None, 0
         if getattr(shard, "segmented", False):
@@ -113,8 +116,20 @@ class ShardSearcher:
         return ids, ids
 
     def search(self, xq: np.ndarray, k: int, nprobe: int | None = None, flt: list | None = None,
-               coarse: tuple[np.ndarray, np.ndarray] | None = None):
-        """(D, I) of the k best per query.
+               coarse: tuple[np.ndarray, np.ndarray] | None = None, refine: int | None = None):
+        """(D, I) of the k best per query. With a refine store and a refine factor R (refine, or the
+        version's tuned one when None; 0: none), the k x R best by the codes, reranked by exact
+        distance from the stored vectors: the k best of those, with their exact distances."""
+        R = self.refine_factor if refine is None else refine
+        if not R or self.refine is None:
+            return self._search(xq, k, nprobe, flt, coarse)
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        _, I = self._search(xq, k * R, nprobe, flt, coarse)
+        return self.refine.rerank(xq, I, k, self.metric)
+
+    def _search(self, xq: np.ndarray, k: int, nprobe: int | None = None, flt: list | None = None,
+                coarse: tuple[np.ndarray, np.ndarray] | None = None):
+        """(D, I) of the k best per query by the codes.
 
         coarse: the router's (Dq, Iq) for these queries; the shard then scans exactly those
         lists rather than quantizing the queries again. With a filter (the router's wire

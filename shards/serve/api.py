@@ -52,6 +52,8 @@ class SearchRequest(BaseModel):
     k: int = Field(10, ge=1, le=K_MAX, description="results per query")
     nprobe: int | None = Field(None, ge=1, le=1 << 20, description="IVF lists to probe; default: the "
                                "version's tuned nprobe")
+    refine: int | None = Field(None, ge=0, le=1000, description="with a refine store: each shard reranks its k x "
+                               "refine best by exact distance; 0: no rerank; default: the version's tuned factor")
     filter: Filter = None
     fields: list[str] | None = Field(None, description="stored fields to return; default: all of them")
 

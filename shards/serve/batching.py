@@ -27,9 +27,10 @@ class Job:
     k: int
     nprobe: int | None
     flt: list | None
+    refine: int | None = None
 
     def key(self):
-        return (id(self.live), self.k, self.nprobe, json.dumps(self.flt, sort_keys=True))
+        return (id(self.live), self.k, self.nprobe, self.refine, json.dumps(self.flt, sort_keys=True))
 
 
 def job_size(jobs: list[Job]) -> int:
@@ -52,7 +53,7 @@ async def search_groups(jobs: list[Job], groups: list[list[int]], timeout: float
         j0 = jobs[idx[0]]
         xq = j0.xq if len(idx) == 1 else np.concatenate([jobs[i].xq for i in idx])
         try:
-            out = await fan_out(j0.live.view, xq, j0.k, j0.nprobe, j0.flt, j0.live.call, timeout)
+            out = await fan_out(j0.live.view, xq, j0.k, j0.nprobe, j0.flt, j0.live.call, timeout, j0.refine)
         except Exception as e:  # noqa: BLE001 - handed to each waiting request, which raises it
             for i in idx:
                 results[i] = e

@@ -67,9 +67,9 @@ class Live:
             if not self.inflight:
                 self.idle.set()
 
-    def call(self, s, xq, k, nprobe, flt, coarse):
+    def call(self, s, xq, k, nprobe, flt, coarse, refine=None):
         """fan_out's call: shard s of this version, through its Serve handle."""
-        return self.shards[s].search.remote(xq, k, nprobe, flt, coarse, self.version)
+        return self.shards[s].search.remote(xq, k, nprobe, flt, coarse, self.version, refine)
 
     def fields(self, s, ids, names):
         """shard_fields' call: the stored fields of shard s's hits."""

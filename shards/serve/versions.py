@@ -51,14 +51,14 @@ class ShardDeployment:
         self.held.get(self.version)
         self.lock = threading.Lock()
 
-    def _search(self, xq, k, nprobe, flt, coarse, version):
+    def _search(self, xq, k, nprobe, flt, coarse, version, refine):
         sr = self.held.get(version or self.version)
         with self.lock:
-            return sr.search(xq, k, nprobe, flt, coarse)
+            return sr.search(xq, k, nprobe, flt, coarse, refine)
 
     async def search(self, xq: np.ndarray, k: int, nprobe: int | None, flt: list | None, coarse=None,
-                     version: str | None = None):
-        return await asyncio.to_thread(self._search, xq, k, nprobe, flt, coarse, version)
+                     version: str | None = None, refine: int | None = None):
+        return await asyncio.to_thread(self._search, xq, k, nprobe, flt, coarse, version, refine)
 
     async def fields(self, ids: np.ndarray, names: list[str], version: str | None = None) -> dict:
         """The stored fields of this shard's hits ids (its own fields files; no lock: no faiss call)."""
