@@ -60,7 +60,8 @@ def _config_from(args) -> object:
 
 
 def cmd_build(args) -> int:
-    from index_builder.pipeline import as_dict, build
+    from index_builder.pipeline import build
+    from index_builder.summary import as_dict
 
     s = build(_config_from(args))
     print(json.dumps(as_dict(s), indent=2) if args.json else "\n".join(s.lines()))

@@ -11,7 +11,7 @@ import hashlib
 import re
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -40,6 +40,7 @@ from index_builder.plan.factory import (
 )
 from index_builder.reindex.drift import baseline_task
 from index_builder.shard_math import add_rows, add_units, ivf_ranges, sum_digests
+from index_builder.summary import Summary
 from index_builder.train.groups import kept_ranges
 from index_builder.train.quantizer import check_factory, sample_parallel, train_args, train_task, zero_norm_warning
 from index_builder.workdir import WorkDir
@@ -49,38 +50,6 @@ from shards.raytools import cluster_cpus, ensure_ray, log, node_cpus
 from shards.storage.lease import hold
 from shards.storage.manifest import DriftBaseline, EncoderInfo, Lineage, ListsInfo, Manifest, ShardingInfo
 from shards.storage.store import Store, resolve_endpoint
-
-
-@dataclass
-class Summary:
-    version: str
-    index_root: str
-    documents: int
-    rejected: int
-    quarantine: str | None
-    factory: str
-    shards: int
-    index_bytes: int
-    nprobe: int | None
-    recall_at_10: float | None
-    seconds: dict = field(default_factory=dict)
-    rates: dict = field(default_factory=dict)     # vectors/s per stage
-    reused: dict = field(default_factory=dict)    # units of work a previous run had finished
-    work: str | None = None                       # this run's scratch under INDEX_ROOT (safe to delete now)
-    warnings: list[str] = field(default_factory=list)  # what the build did but the user likely did not mean
-
-    def lines(self) -> list[str]:
-        out = [f"version      {self.version}  (CURRENT of {self.index_root})",
-               f"documents    {self.documents:,} indexed, {self.rejected:,} rejected"
-               + (f" -> {self.quarantine}" if self.quarantine else ""),
-               f"index        {self.factory}, {self.shards} shard(s), {self.index_bytes / 2**20:.1f} MiB",
-               f"search       {f'nprobe={self.nprobe}' if self.nprobe else 'no nprobe (flat)'}: "
-               f"recall@10 {self.recall_at_10} vs exact search"]
-        for st, s in self.seconds.items():
-            rate = f"{self.rates[st]:>10,.0f} vectors/s" if st in self.rates else " " * 20
-            re = f"  ({self.reused[st]} reused)" if self.reused.get(st) else ""
-            out.append(f"  {st:<8} {s:7.1f} s {rate}{re}")
-        return out + [f"warning      {w}" for w in self.warnings]
 
 
 class Timer:
@@ -341,7 +310,8 @@ def show_plan(cfg: BuildConfig, n: int, d: int, metric: str | None, trains: bool
         check_trainable(factory, n, d, cfg.shards, cfg.sharding)
     log(f"index: {factory} over {n:,} x {d}" + (f" ({metric})" if metric else "")
         + (f": {choice.reason}" if choice else ""))
-    for line in index_plan(n, d, factory, cfg.shards, merge_ram_budget(cfg)).lines():
+    refine = cfg.refine if cfg.refine != "none" else None
+    for line in index_plan(n, d, factory, cfg.shards, merge_ram_budget(cfg), refine).lines():
         log(line)
     for w in plan_warnings(n, d, factory, cfg.shards):
         log(f"warning: {w}")
@@ -411,9 +381,7 @@ def _summary(cfg, m: Manifest, parts, added, merged, tr, t: Timer) -> Summary:
                    quarantine=f"{cfg.index_root}/{m.path(m.source.quarantine)}" if m.source.quarantine else None,
                    factory=m.index.factory, shards=len(m.shards), index_bytes=sum(s.bytes for s in m.shards),
                    nprobe=m.search.nprobe, recall_at_10=m.search.recall_at_10, seconds=secs,
-                   rates={k: round(v, 1) for k, v in rates.items()}, reused=reused)
+                   rates={k: round(v, 1) for k, v in rates.items()}, reused=reused, refine=m.index.refine,
+                   refine_bytes=sum(s.refine_bytes for s in m.shards), refine_factor=m.search.refine_factor)
 
-
-def as_dict(s: Summary) -> dict:
-    return asdict(s)
 

@@ -120,10 +120,13 @@ def shard_reference(root: str, x_of, xq, nprobe: int, factor: int, metric: str):
 def test_two_step_search_is_exact_where_it_must_be(ray_session, corpus, tmp_path, sharding, ram, dtype):
     src, ids, x = corpus
     root = str(tmp_path / "index")
-    build(ray_session, source=str(src), index_root=root, vector_column="vector", factory="IVF32,PQ4", shards=2,
-          sharding=sharding, merge_ram_budget=ram, metric="l2", route="all", refine=dtype)
+    s = build(ray_session, source=str(src), index_root=root, vector_column="vector", factory="IVF32,PQ4", shards=2,
+              sharding=sharding, merge_ram_budget=ram, metric="l2", route="all", refine=dtype)
     store = Store(root)
     m = load_manifest(store, current_version(store))
+    # the summary says both: RAM for the codes, disk for the refine store, and the tuned pair
+    assert s.refine_bytes == sum(sh.refine_bytes for sh in m.shards) > N * 32 * (2 if dtype == "fp16" else 4)
+    assert f"on disk ({dtype})" in s.lines()[2] and f"refine x{m.search.refine_factor}:" in s.lines()[3]
     verify(store, m)                                     # refine files listed, checked like the rest
     assert m.index.refine == dtype and m.search.refine_factor in (0, 2, 4, 8, 16, 32)
     assert all(sum(f.ntotal for f in sh.refine) == sh.ntotal for sh in m.shards)

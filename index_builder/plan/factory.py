@@ -199,10 +199,16 @@ class Plan:
     train_vectors: int
     embeddings_bytes: int            # the vectors as encoded (embeddings/ parts)
     code_bytes: int | None = None    # one vector's code
+    refine: str | None = None        # the refine store's precision (fp32, fp16): on disk, apart from RAM
 
     @property
     def index_bytes(self) -> int | None:
         return None if self.shard_bytes is None else self.shard_bytes * self.shards
+
+    @property
+    def refine_bytes(self) -> int:
+        """The refine store (id and vector per row), on disk beside the shards: read by row, not held."""
+        return self.n * (ID_BYTES + self.d * (2 if self.refine == "fp16" else 4)) if self.refine else 0
 
     @property
     def train_bytes(self) -> int:
@@ -220,16 +226,20 @@ class Plan:
                      "cache keeps" if self.on_disk else "merged and served in RAM")
             out.append(f"plan: memory per shard {_gb(self.shard_bytes + self.trained_bytes)} x {self.shards} "
                        f"shard(s), {where}")
+        if self.refine:
+            out.append(f"plan: refine store {_gb(self.refine_bytes)} ({self.refine}) on disk, apart from the memory "
+                       f"above: each shard reads its candidates' vectors by row (mmap)")
         work = self.n * (self.code_bytes + 12) if self.code_bytes is not None else None  # list, id, code
         out.append(f"plan: disk {_gb(self.embeddings_bytes)} embeddings"
                    + (f" + {_gb(work)} add payloads in work/ (deletable after publish)" if work is not None else "")
-                   + (f" + {_gb(self.index_bytes)} shards" if self.index_bytes is not None else ""))
+                   + (f" + {_gb(self.index_bytes)} shards" if self.index_bytes is not None else "")
+                   + (f" + {_gb(self.refine_bytes)} refine store (and as much again in work/)" if self.refine else ""))
         out.append(f"plan: training sample {self.train_vectors:,} vectors ({_gb(self.train_bytes)})"
                    + (f", {self.train_vectors / self.nlist:,.0f} per list" if self.nlist else ""))
         return out
 
 
-def index_plan(n: int, d: int, factory: str, shards: int, merge_ram_budget: int) -> Plan:
+def index_plan(n: int, d: int, factory: str, shards: int, merge_ram_budget: int, refine: str | None = None) -> Plan:
     dd, nl, code = factory_shape(factory, d)
     per = (code + ID_BYTES) * LIST_OVERHEAD if code is not None else None
     trained = trained_bytes(factory, d)
@@ -237,7 +247,7 @@ def index_plan(n: int, d: int, factory: str, shards: int, merge_ram_budget: int)
     return Plan(factory=factory, n=n, d=d, shards=shards, nlist=nl, bytes_per_vector=per, trained_bytes=trained,
                 shard_bytes=shard, on_disk=bool(nl) and shard is not None and shard > merge_ram_budget,
                 train_vectors=train_size(n, d, factory, nl), embeddings_bytes=n * (4 * d + ID_BYTES),
-                code_bytes=code)
+                code_bytes=code, refine=refine)
 
 
 # ---------------------------------------------------------------- before any work: trainable, sensible

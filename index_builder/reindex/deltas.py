@@ -35,10 +35,11 @@ from index_builder.build.publish import (
 )
 from index_builder.encode.parts import part_rel
 from index_builder.eval.measures import K
-from index_builder.pipeline import Run, Summary, Timer, merge_ram_budget
+from index_builder.pipeline import Run, Timer, merge_ram_budget
 from index_builder.plan.factory import fast_scan
 from index_builder.reindex.drift import imbalance, lists_info, lists_task, load_npy, save_npy
 from index_builder.shard_math import add_rows, add_units, hash_shard
+from index_builder.summary import Summary
 from shards.errors import IntegrityError
 from shards.raytools import cluster_cpus, log, ray_get
 from shards.storage import segments

@@ -27,7 +27,6 @@ from index_builder.encode.reuse import Reuse
 from index_builder.pipeline import (
     Kept,
     Run,
-    Summary,
     Timer,
     build,
     index_and_publish,
@@ -49,6 +48,7 @@ from index_builder.reindex.drift import (
     list_sizes,
     load_npy,
 )
+from index_builder.summary import Summary
 from shards.errors import ShardexError
 from shards.raytools import ensure_ray, log, ray_get
 from shards.storage.integrity import check_info
