@@ -87,6 +87,9 @@ class BuildConfig(Config):
                                    "d=768, fewer when that leaves cluster CPUs idle)")
     target_recall: Recall = Field(0.95, description="the default nprobe is the smallest that reaches this "
                                   "recall@10")
+    tune_queries: str | None = Field(None, description="a file of real queries to tune the search defaults on "
+                                     "(.npy vectors, .parquet with a 'vector' or 'text' column, or text, one a "
+                                     "line), instead of held-out documents")
     refine: Literal["none", "fp32", "fp16"] = Field("none", description="keep each shard's vectors at this "
                                                     "precision on disk (mmapped, apart from the RAM budget): a "
                                                     "shard reranks its k x refine-factor best codes by exact "
@@ -204,6 +207,12 @@ class EvalConfig(Config):
     latency_queries: Annotated[int, at_least(0)] = Field(200, description="how many queries to time one at a "
                                                          "time for latency")
     target_recall: Recall = Field(0.95, description="report the smallest nprobe reaching this recall@k")
+    refine: Annotated[list[int], BeforeValidator(_nprobes)] | None = Field(
+        None, description="comma-separated refine factors to sweep with each nprobe (default, with a refine "
+        "store: 0,2,4,8,16,32; 0 is the codes alone)")
+    retune: bool = Field(False, description="publish a new CURRENT version whose search defaults are the cheapest "
+                         "(nprobe, refine factor) measured reaching --target-recall on these queries; nothing "
+                         "else is rebuilt")
     out: str | None = Field(None, description="directory (or s3:// prefix) for eval.json and eval.png (default: "
                             "./shardex-eval-<version>)")
     threads: Count | None = Field(None, description="faiss threads (default: all cores)")

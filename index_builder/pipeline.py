@@ -8,6 +8,7 @@ its own encode, with a Run that may keep the live quantizer.
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import time
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from index_builder.config import BuildConfig
 from index_builder.encode.parts import Layout, PartResult, part_rel
 from index_builder.encode.pool import Encoders
 from index_builder.eval.measures import EVAL_QUERIES, K
+from index_builder.eval.queries import digest, tune_file
 from index_builder.plan.capacity import train_seconds
 from index_builder.plan.corpus import Corpus, plan_corpus
 from index_builder.plan.factory import (
@@ -46,7 +48,7 @@ from index_builder.train.quantizer import check_factory, sample_parallel, train_
 from index_builder.workdir import WorkDir
 from shards.config import parse_bytes
 from shards.errors import ConfigError, CorpusError, IntegrityError
-from shards.raytools import cluster_cpus, ensure_ray, log, node_cpus
+from shards.raytools import cluster_cpus, ensure_ray, log, node_cpus, ray_get
 from shards.storage.lease import hold
 from shards.storage.manifest import DriftBaseline, EncoderInfo, Lineage, ListsInfo, Manifest, ShardingInfo
 from shards.storage.store import Store, resolve_endpoint
@@ -154,8 +156,9 @@ class Run:
         # a reused quantizer never shares scratch with a trained one, nor a reindex with another's parent
         reused = [kept.trained, kept.parent] if kept else []
         order = [cfg.ivf_order] if cfg.sharding == "ivf" else []  # grouped lists are another trained index
+        tq = [digest(cfg.tune_queries, cfg.s3_endpoint)] if cfg.tune_queries else []  # their truth is the add's
         h = short_hash(fp, corpus.fingerprint, factory, enc.metric, cfg.shards, cfg.sharding, cfg.seed, *order,
-                       *reused, f"cap{cfg.list_cap:g}")
+                       *reused, f"cap{cfg.list_cap:g}", *tq)
         return cls(corpus, parts, enc, fp, factory, choice, WorkDir.of(h), kept)
 
     @property
@@ -189,6 +192,8 @@ def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, run: Run, lineag
         store.copy(run.kept.trained, run.wd.trained)
     with t.stage("train"):
         tr = train(cfg, store, run)
+        if cfg.tune_queries:
+            put_tune_queries(cfg, store, run)
     said = [w for w in [zero_norm_warning(tr, run.metric)] if w]
     with t.stage("add"):
         added, sizes, ranges, order = add(cfg, store, run, tr)
@@ -234,6 +239,19 @@ def train(cfg: BuildConfig, store: Store, run: Run) -> dict:
         store, run.wd, *train_args(drawn), factory=run.factory, d=run.enc.dim, metric=run.metric, seed=cfg.seed,
         threads=res["num_cpus"], keep=bool(run.kept), t0=t0, groups=_groups(cfg),
         list_cap=cfg.list_cap)], "train", "task", expect=expect)[0]
+
+
+def put_tune_queries(cfg: BuildConfig, store: Store, run: Run) -> None:
+    """--tune-queries, encoded by a task with the run's encoder, in place of the held-out queries the
+    train task drew: the add finds their exact answers, the tune measures on them ("real" marks them)."""
+    import ray
+
+    xq = ray_get(ray.remote(tune_file).options(num_cpus=1).remote(cfg.tune_queries, run.enc, cfg.s3_endpoint,
+                                                                   cfg.seed))
+    buf = io.BytesIO()
+    np.savez(buf, xq=xq, ids=np.full(len(xq), -1, np.int64), real=np.ones(1, bool))
+    store.write_bytes(run.wd.queries, buf.getvalue())
+    log(f"tune: {len(xq):,} queries from {cfg.tune_queries}")
 
 
 def _groups(cfg: BuildConfig) -> int:

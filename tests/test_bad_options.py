@@ -108,7 +108,7 @@ def test_search_vectors_wrong_dimension(ray_session, tmp_path, capsys):
     (b"", "not a readable Parquet file"),
 ])
 def test_eval_queries_bad_parquet(tmp_path, content, expect):
-    from index_builder.eval.evaluate import load_queries
+    from index_builder.eval.queries import load_queries
     from shards.errors import ConfigError
 
     path = tmp_path / "q.parquet"
@@ -119,7 +119,7 @@ def test_eval_queries_bad_parquet(tmp_path, content, expect):
 
 
 def test_eval_queries_bad_npy(tmp_path):
-    from index_builder.eval.evaluate import load_queries
+    from index_builder.eval.queries import load_queries
     from shards.errors import ConfigError
 
     path = _npy_cases(tmp_path)["truncated"]

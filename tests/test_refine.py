@@ -190,3 +190,60 @@ def test_delta_reindex_adds_a_generation_whose_vectors_stand(ray_session, tmp_pa
     np.testing.assert_array_equal(I[:, 0], ch["changed"][:20])
     np.testing.assert_allclose(Dq[:, 0], 0, atol=1e-4)
     r.close()
+
+
+def test_tuned_on_real_queries_and_retuned_by_eval(ray_session, corpus, tmp_path):
+    from index_builder.config import EvalConfig
+    from index_builder.eval.evaluate import evaluate, lines, write_report
+
+    src, ids, x = corpus
+    xq = (x[::40] + clustered(len(x[::40]), D, seed=9) * 0.3).astype(np.float32)   # not stored vectors
+    qf = tmp_path / "queries.npy"
+    np.save(qf, xq)
+    root = str(tmp_path / "index")
+    build(ray_session, source=str(src), index_root=root, vector_column="vector", factory="IVF32,PQ4", shards=2,
+          metric="l2", refine="fp32", tune_queries=str(qf))
+    store = Store(root)
+    m = load_manifest(store, current_version(store))
+    assert m.search.tuned_on == "queries" and m.search.eval_queries == len(xq)
+    # eval on the same file measures what the tune published, at the published pair
+    rep = evaluate(EvalConfig(index_root=root, queries=str(qf), latency_queries=0, nprobe=[m.search.nprobe],
+                              refine=[m.search.refine_factor]))
+    assert rep["results"][0]["recall"] == pytest.approx(m.search.recall_at_10, abs=1e-4)
+    # a sweep of both knobs, re-tuned to a lower target: a new CURRENT referring to the same files
+    rep = evaluate(EvalConfig(index_root=root, queries=str(qf), latency_queries=0, nprobe=[1, 4, 32],
+                              refine=[0, 4], target_recall=0.9, retune=True))
+    assert {(r["nprobe"], r["refine"]) for r in rep["results"]} == {(p, R) for p in (1, 4, 32) for R in (0, 4)}
+    fast = rep["fastest_reaching_target"]
+    assert fast["qps"] == max(r["qps"] for r in rep["results"] if r["recall"] >= 0.9)
+    new = load_manifest(store, current_version(store))
+    assert new.version == rep["retuned"]["version"] != m.version and new.lineage.kind == "retune"
+    assert (new.search.nprobe, new.search.refine_factor) == (fast["nprobe"], fast["refine"])
+    assert new.search.tuned_on == "queries" and new.search.target_recall == 0.9
+    assert [new.path(sh.file) for sh in new.shards] == [m.path(sh.file) for sh in m.shards]
+    assert [new.path(f.file) for sh in new.shards for f in sh.refine] == \
+        [m.path(f.file) for sh in m.shards for f in sh.refine]
+    verify(store, new)
+    assert any(line.startswith("retuned") for line in lines(rep))
+    js, png = write_report(rep, str(tmp_path / "eval"))
+    assert (tmp_path / "eval" / "eval.png").stat().st_size > 0
+    r = Router(root, backend="local")
+    _, I = r.search_vectors(xq[:5], k=K)            # the new defaults serve
+    assert (I >= 0).all()
+    r.close()
+
+
+def test_bad_tune_queries_are_named(ray_session, corpus, tmp_path):
+    from shards.errors import ConfigError
+
+    src, _, _ = corpus
+    qf = tmp_path / "q.npy"
+    np.save(qf, np.ones((5, D + 1), np.float32))
+    with pytest.raises(ConfigError, match=rf"^tune_queries: {qf} holds vectors of dimension {D + 1}, the index "
+                                          rf"has {D}"):
+        build(ray_session, source=str(src), index_root=str(tmp_path / "i"), vector_column="vector",
+              factory="IVF16,Flat", tune_queries=str(qf))
+    (tmp_path / "q.txt").write_text("a query\n")
+    with pytest.raises(ConfigError, match="holds text, but this index was built from precomputed vectors"):
+        build(ray_session, source=str(src), index_root=str(tmp_path / "j"), vector_column="vector",
+              factory="IVF16,Flat", tune_queries=str(tmp_path / "q.txt"))

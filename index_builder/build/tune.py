@@ -14,7 +14,15 @@ import ray
 
 from index_builder.build.merge import open_merged
 from index_builder.config import env_count
-from index_builder.eval.measures import NEAR_BEST, choose_nprobe, climb, drop_own, recall_at_k, timed
+from index_builder.eval.measures import (
+    NEAR_BEST,
+    REFINE_FACTORS,
+    choose_nprobe,
+    climb,
+    drop_own,
+    recall_at_k,
+    timed,
+)
 from index_builder.workdir import WorkDir
 from shards.raytools import TASK_RETRIES, ray_get
 from shards.search.shard_selection import gap_mask, scanned, shard_gaps, shard_mask
@@ -38,7 +46,6 @@ FOLD = 64  # units' exact answers merged at a time
 # actor per shard costs a process start each, which is most of a small build's tune. Above it, one actor
 # per shard, so that no process holds them all. $SHARDEX_TUNE_LOCAL_BYTES moves it (tests, benchmarks).
 LOCAL_BYTES = 1 << 30
-REFINE_FACTORS = (0, 2, 4, 8, 16, 32)  # k x factor candidates reranked per shard; 0: the codes' order
 COST_SECS = 0.1                        # each (nprobe, factor) pair's search is timed over at least this long
 
 
@@ -46,11 +53,11 @@ def truth(store: Store, wd: WorkDir, units: list[str], metric: str, k: int):
     """(query vectors, their ids, exact top-k without themselves) from what each add task found,
     folded FOLD units at a time: memory holds the queries' running top-k, not every unit's."""
     q = np.load(io.BytesIO(store.read_bytes(wd.queries)))
-    best, own = [], q["ids"]
+    best, own = [], None if "real" in q.files else q["ids"]  # real queries are not stored vectors to leave out
     for a in range(0, len(units), FOLD):
         res = [np.load(io.BytesIO(store.read_bytes(wd.unit_gt(u)))) for u in units[a:a + FOLD]]
         best = [merge_topk(best + [(g["D"], g["I"]) for g in res], k + 1, metric)]
-    return q["xq"], own, drop_own(*best[0], own, k)[1]
+    return q["xq"], own, drop_own(*best[0], own, k)[1]  # own None: the first k of the k + 1
 
 
 truth_task = ray.remote(**TASK_RETRIES)(truth)
@@ -119,7 +126,8 @@ def tuned(search_all, nl: int | None, xq, own, gt, *, metric: str, target: float
     best = cheapest(tries, target)
     R = best["refine"]
     out = {"nprobe": best["nprobe"], "recall_at_10": best["recall"], "eval_queries": len(xq),
-           "ladder": best["ladder"], "route_gap": None, "refine_factor": R if len(factors) > 1 else None,
+           "ladder": best["ladder"], "route_gap": None, "tuned_on": "held-out" if own is not None else "queries",
+           "refine_factor": R if len(factors) > 1 else None,
            "refine_tries": [{k_: t[k_] for k_ in ("refine", "nprobe", "recall", "us_per_query") if k_ in t}
                             for t in tries] if len(factors) > 1 else None}
     if ranked is not None and best["nprobe"] and best["recall"] >= target:

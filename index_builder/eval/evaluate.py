@@ -31,6 +31,8 @@ import numpy as np
 from index_builder.config import EvalConfig
 from index_builder.encode.parts import read_vectors
 from index_builder.eval.measures import (
+    REFINE_FACTORS,
+    fastest_reaching,
     merged_search,
     merged_truth,
     nprobe_ladder,
@@ -40,7 +42,7 @@ from index_builder.eval.measures import (
     smallest_reaching,
     sweep,
 )
-from index_builder.plan.corpus import first_line, load_npy
+from index_builder.eval.queries import load_queries
 from shards.errors import ConfigError, StorageError
 from shards.search.searcher import ShardSearcher
 from shards.storage.faissio import faiss, load_shard, nlist, read_verified
@@ -72,62 +74,6 @@ def stored_truth(store: Store, emb_rels: list[str], xq: np.ndarray, k: int, metr
 
 # ---------------------------------------------------------------- shardex eval
 
-def load_queries(path: str, m: Manifest, s3_endpoint: str | None) -> np.ndarray:
-    """Given queries: vectors (.npy, or a Parquet vector column) or texts, encoded by the index's encoder."""
-    if path.endswith(".npy"):
-        xq = load_npy(path, "--queries")
-    elif path.endswith(".parquet"):
-        t = _query_table(path, s3_endpoint)
-        if "vector" in t.column_names:
-            xq = _vector_column(t, path)
-        elif "text" in t.column_names:
-            return _encode(t.column("text").to_pylist(), m, path)
-        else:
-            raise ConfigError(f"queries: {path} has neither a 'vector' nor a 'text' column")
-    else:
-        try:
-            with open(path, encoding="utf-8") as f:
-                return _encode([line.strip() for line in f if line.strip()], m, path)
-        except UnicodeDecodeError:
-            raise ConfigError(f"queries: {path} is not UTF-8 text; give .npy vectors, a .parquet file with a "
-                              f"'vector' or 'text' column, or text with one query a line") from None
-    xq = np.ascontiguousarray(np.atleast_2d(xq), dtype=np.float32)
-    if xq.shape[1] != m.encoder.dim:
-        raise ConfigError(f"queries: {path} holds vectors of dimension {xq.shape[1]}, the index has {m.encoder.dim}")
-    return xq
-
-
-def _query_table(path: str, s3_endpoint: str | None):
-    import pyarrow as pa
-
-    try:
-        return Store(os.path.dirname(path) or ".", s3_endpoint).read_table(os.path.basename(path))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ConfigError(f"queries: {path}: not a readable Parquet file ({first_line(e)}); give a .parquet "
-                          f"file with a 'vector' or 'text' column") from None
-
-
-def _vector_column(t, path: str) -> np.ndarray:
-    """A Parquet 'vector' column of number lists as [n, d] (all rows of one length)."""
-    col = t.column("vector").combine_chunks()
-    try:
-        return col.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), -1)
-    except (AttributeError, ValueError, TypeError):
-        raise ConfigError(f"queries: {path}: its 'vector' column ({col.type}) is not lists of numbers of one "
-                          f"length; write each query as a list<float32> of the index's dimension") from None
-
-
-def _encode(texts: list[str], m: Manifest, path: str) -> np.ndarray:
-    if not texts:
-        raise ConfigError(f"queries: {path} holds no queries")
-    if m.encoder.name == "precomputed":
-        raise ConfigError(f"queries: {path} holds text, but this index was built from precomputed vectors "
-                          f"with no encoder; give a .npy file of query vectors")
-    from shards.encoder import Encoder
-
-    return Encoder.for_index(m.encoder).encode_queries(texts)
-
-
 def evaluate(cfg: EvalConfig) -> dict:
     from shards.raytools import log  # progress on stderr, as every stage logs it (a Ray job's logs show it)
 
@@ -136,33 +82,57 @@ def evaluate(cfg: EvalConfig) -> dict:
     m = _with_vectors(store, version)
     threads = cfg.threads or os.cpu_count() or 1
     faiss().omp_set_num_threads(threads)
-    # a segmented shard (delta segments, a dead set) is searched as serving searches it
-    shards = [ShardSearcher(store, m, f) if f.segmented else load_shard(store, m, f) for f in m.shards]
+    # a segmented shard (delta segments, a dead set) is searched as serving searches it, and so is one
+    # with a refine store (its rerank)
+    shards = [ShardSearcher(store, m, f) if f.segmented or m.index.refine else load_shard(store, m, f)
+              for f in m.shards]
     log(f"eval: {version}: {len(shards)} shard(s), {m.ntotal:,} vectors loaded; {threads} thread(s)")
     metric, k = m.index.metric, cfg.k
     xq, own, source = _queries(cfg, store, m)
     log(f"eval: exact top-{k} of {len(xq):,} queries over {len(m.vectors)} stored part(s)")
     gt = stored_truth(store, m.vectors, xq, k, metric, own)
     top = getattr(shards[0], "index", shards[0])
-    nl, kind = nlist(top), search_kind(top)
-    rows = sweep(merged_search(shards, metric), xq, gt, k, _nprobes(cfg, nl, m.index.factory), own,
-                 latency_queries=min(cfg.latency_queries, len(xq)),
-                 progress=lambda r: log(f"eval: {label(r, kind, m.index.factory)}: recall@{k} {r['recall']:.4f}, "
-                                        f"{r['qps']:,.0f} QPS"))
+    nl, kind, rows = nlist(top), search_kind(top), []
+    for R in _factors(cfg, m):
+        def said(r, R=R):
+            r["refine"] = R
+            log(f"eval: {label(r, kind, m.index.factory)}: recall@{k} {r['recall']:.4f}, {r['qps']:,.0f} QPS")
+        rows += sweep(merged_search(shards, metric, R), xq, gt, k, _nprobes(cfg, nl, m.index.factory), own,
+                      latency_queries=min(cfg.latency_queries, len(xq)), progress=said)
     if m.sharding.mode == "ivf" and m.sharding.ranges:  # the shards each query needs, as the router routes it
         trained = read_verified(store, m.dir_of(m.trained), m.trained)
         for r in rows:
             if r["nprobe"]:
                 r["shards_per_query"] = shards_per_query(trained, m.sharding.ranges, xq, r["nprobe"])
-    best = smallest_reaching(rows, cfg.target_recall)
-    return {"index_root": cfg.index_root, "version": version, "factory": m.index.factory, "metric": metric,
+    best = smallest_reaching([r for r in rows if not r["refine"]], cfg.target_recall)
+    fast = fastest_reaching(rows, cfg.target_recall)
+    report = {"index_root": cfg.index_root, "version": version, "factory": m.index.factory, "metric": metric,
             "nlist": nl, "shards": len(m.shards), "sharding": m.sharding.mode, "vectors": m.ntotal, "k": k,
             "queries": {"source": source, "count": len(xq), "held_out": own is not None},
             "threads": threads, "search": kind, "target_recall": cfg.target_recall,
             "nprobe_reaching_target": best["nprobe"] if best and kind == "ivf" else None,
-            "published_nprobe": m.search.nprobe, "results": rows,
+            "published_nprobe": m.search.nprobe, "results": rows, "refine": m.index.refine,
+            "published_refine": m.search.refine_factor, "fastest_reaching_target": fast,
             "lists": m.index.lists.model_dump() if m.index.lists else None,
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg": _loadavg()}}
+    if cfg.retune:
+        from index_builder.eval.retune import retune
+
+        new = retune(store, m, report)
+        report["retuned"] = {"version": new.version, "nprobe": new.search.nprobe,
+                             "refine": new.search.refine_factor, "recall_at_10": new.search.recall_at_10}
+        log(f"eval: published {new.version} (CURRENT) with nprobe {new.search.nprobe}"
+            + (f", refine x{new.search.refine_factor}" if new.index.refine else ""))
+    return report
+
+
+def _factors(cfg: EvalConfig, m: Manifest) -> list:
+    """The refine factors to sweep: --refine, else every one of REFINE_FACTORS with a refine store; [0]
+    (the codes alone) without one."""
+    if cfg.refine and max(cfg.refine) > 0 and not m.index.refine:
+        raise ConfigError(f"refine: {m.version} keeps no refine store to rerank from; leave --refine out, or "
+                          f"build with --refine fp32")
+    return cfg.refine or (list(REFINE_FACTORS) if m.index.refine else [0])
 
 
 def _nprobes(cfg: EvalConfig, nl: int | None, factory: str) -> list:
@@ -176,10 +146,12 @@ def _nprobes(cfg: EvalConfig, nl: int | None, factory: str) -> list:
 
 
 def label(row: dict, kind: str, factory: str) -> str:
-    """What a row is, in the table, the log and the plot: its nprobe, or the one setting there is."""
+    """What a row is, in the table, the log and the plot: its nprobe, or the one setting there is, and
+    its refine factor when it reranks."""
+    x = f", refine x{row['refine']}" if row.get("refine") else ""
     if kind == "ivf":
-        return f"nprobe {row['nprobe']}"
-    return "exact (brute force)" if kind == "exact" else f"{factory} (no nprobe)"
+        return f"nprobe {row['nprobe']}{x}"
+    return ("exact (brute force)" if kind == "exact" else f"{factory} (no nprobe)") + x
 
 
 def _with_vectors(store: Store, version: str) -> Manifest:
@@ -198,7 +170,7 @@ def _with_vectors(store: Store, version: str) -> Manifest:
 def _queries(cfg: EvalConfig, store: Store, m: Manifest) -> tuple[np.ndarray, np.ndarray | None, str]:
     """(xq, the held-out ids or None, where they come from): the given queries, or stored vectors."""
     if cfg.queries:
-        return load_queries(cfg.queries, m, cfg.s3_endpoint), None, cfg.queries
+        return load_queries(cfg.queries, m.encoder, cfg.s3_endpoint), None, cfg.queries
     xq, own = sample_queries(store, m.vectors, min(cfg.num_queries, m.ntotal), cfg.seed)
     return xq, own, f"{len(xq)} stored vectors, each left out of its own search"
 
@@ -231,10 +203,14 @@ def figure(report: dict):
 
     rows, kind = report["results"], report["search"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.plot([r["qps"] for r in rows], [r["recall"] for r in rows], "o-" if kind == "ivf" else "o")
-    for r in rows:
-        ax.annotate(label(r, kind, report["factory"]), (r["qps"], r["recall"]), fontsize=7, xytext=(4, -10),
-                    textcoords="offset points")
+    factors = sorted({r.get("refine") or 0 for r in rows})
+    for R in factors:  # one line per refine factor, its points labelled by nprobe
+        mine = [r for r in rows if (r.get("refine") or 0) == R]
+        ax.plot([r["qps"] for r in mine], [r["recall"] for r in mine], "o-" if kind == "ivf" else "o",
+                label=(f"refine x{R}" if R else "codes only") if len(factors) > 1 else None)
+        for r in mine:
+            ax.annotate(str(r["nprobe"]) if len(factors) > 1 else label(r, kind, report["factory"]),
+                        (r["qps"], r["recall"]), fontsize=6, xytext=(3, -8), textcoords="offset points")
     if kind == "ivf":
         ax.axhline(report["target_recall"], ls=":", c="grey", label=f"target {report['target_recall']}")
         ax.legend(fontsize=8)
@@ -266,12 +242,14 @@ def lists_line(li: dict) -> str:
 
 def lines(report: dict) -> list[str]:
     q, kind, rows = report["queries"], report["search"], report["results"]
-    names = [str(r["nprobe"]) if kind == "ivf" else label(r, kind, report["factory"]) for r in rows]
+    names = [(str(r["nprobe"]) if kind == "ivf" else label(r, kind, report["factory"]).split(", refine")[0])
+             + (f" x{r['refine']}" if report.get("refine") else "") for r in rows]
     w = max(8, *map(len, names))
     out = [f"version      {report['version']}: {report['factory']}, {report['vectors']:,} vectors, "
            f"{report['shards']} shard(s) ({report['sharding']})",
            f"queries      {q['count']:,}: {q['source']}",
-           f"{'nprobe' if kind == 'ivf' else 'search':>{w}} {'recall@' + str(report['k']):>10} {'QPS':>10} "
+           f"{('nprobe' if kind == 'ivf' else 'search') + (' xrefine' if report.get('refine') else ''):>{w}} "
+           f"{'recall@' + str(report['k']):>10} {'QPS':>10} "
            f"{'p50 ms':>8} {'p99 ms':>8}" + ("  shards/query" if any("shards_per_query" in r for r in rows) else "")]
     for n, r in zip(names, rows, strict=True):
         lat = r.get("latency_ms", {})
@@ -283,10 +261,21 @@ def lines(report: dict) -> list[str]:
     if kind == "exact":  # the same search as the truth: what it misses are ties (measures.recall_at_k)
         out.append("exact        a flat scan is exact search: recall under 1.0 is neighbours tied at the "
                    "k-th distance (duplicates)")
+    if report.get("retuned"):
+        r = report["retuned"]
+        out.append(f"retuned      {r['version']} is CURRENT: nprobe {r['nprobe']}"
+                   + (f", refine x{r['refine']}" if r["refine"] is not None else "")
+                   + f", recall@10 {r['recall_at_10']:.4f} on these queries")
     if kind == "ivf":
         t = report["nprobe_reaching_target"]
         out.append(f"target       recall@{report['k']} >= {report['target_recall']}: "
                    + (f"nprobe {t}" if t else "not reached by any nprobe tried")
-                   + f" (published default: nprobe {report['published_nprobe']})")
+                   + (" without refine" if report.get("refine") else "")
+                   + f" (published default: nprobe {report['published_nprobe']}"
+                   + (f", refine x{report['published_refine']}" if report.get("refine") else "") + ")")
+        f = report.get("fastest_reaching_target")
+        if report.get("refine") and f:
+            out.append(f"fastest      nprobe {f['nprobe']}, refine x{f['refine']}: recall@{report['k']} "
+                       f"{f['recall']:.4f} at {f['qps']:,.0f} QPS")
     return out
 

@@ -24,6 +24,7 @@ PLATEAU = 0.002     # a doubling of nprobe that adds no more recall than this, t
 NEAR_BEST = 0.005   # without the target, the default is the smallest nprobe this close to the best recall
 BLOCK_BYTES = 64 << 20  # the largest query x block distance matrix exact_knn holds
 MIN_SECS = 0.2      # each QPS is measured over at least this long (timed)
+REFINE_FACTORS = (0, 2, 4, 8, 16, 32)  # k x factor candidates a shard reranks from its refine store; 0: none
 
 
 # ---------------------------------------------------------------- ground truth
@@ -123,13 +124,13 @@ def recall_at_k(I: np.ndarray, gt: np.ndarray, k: int) -> float:
 
 # ---------------------------------------------------------------- the sweep
 
-def merged_search(shards: list, metric: str):
+def merged_search(shards: list, metric: str, refine: int | None = None):
     """search(xq, k, nprobe) -> (D, I): every shard in this process, then the exact top-k merge,
     which is what the router answers. shards: faiss indexes, or ShardSearchers (a segmented
-    shard is searched through its segments and dead set)."""
+    shard is searched through its segments and dead set; refine: their rerank factor, 0 none)."""
     def one(s, xq, k, nprobe):
         if hasattr(s, "seg"):
-            return s.search(xq, k, nprobe)
+            return s.search(xq, k, nprobe, refine=refine)
         set_nprobe(s, nprobe)
         return s.search(xq, k)
 
@@ -235,6 +236,12 @@ def plateaued(rows: list[dict]) -> bool:
 
 def smallest_reaching(rows: list[dict], target: float) -> dict | None:
     return next((r for r in rows if r["recall"] >= target), None)
+
+
+def fastest_reaching(rows: list[dict], target: float) -> dict | None:
+    """The row (of a sweep) reaching the target at the highest QPS, or None."""
+    ok = [r for r in rows if r["recall"] >= target]
+    return max(ok, key=lambda r: r["qps"]) if ok else None
 
 
 def choose_nprobe(rows: list[dict], target: float) -> dict:
