@@ -90,10 +90,10 @@ class BuildConfig(Config):
     tune_queries: str | None = Field(None, description="a file of real queries to tune the search defaults on "
                                      "(.npy vectors, .parquet with a 'vector' or 'text' column, or text, one a "
                                      "line), instead of held-out documents")
-    refine: Literal["none", "fp32", "fp16"] = Field("none", description="keep each shard's vectors at this "
-                                                    "precision on disk (mmapped, apart from the RAM budget): a "
-                                                    "shard reranks its k x refine-factor best codes by exact "
-                                                    "distance, the factor tuned with nprobe to --target-recall")
+    refine: Literal["auto", "none", "fp32", "fp16"] = Field(
+        "auto", description="keep each shard's vectors at this precision on disk (mmapped, apart from the RAM "
+        "budget): a shard reranks its k x refine-factor best codes by exact distance, the factor tuned with "
+        "nprobe to --target-recall; auto: when --factory auto picks codes that cap recall under the target")
     seed: int = Field(0, description="seed for sampling")
     merge_task_bytes: Size = Field("2G", description="an on-disk shard with more ids and codes than this is "
                                    "merged by several tasks, each a range of its lists of about this size")
@@ -126,6 +126,10 @@ class BuildConfig(Config):
     @property
     def budget_bytes(self) -> int:
         return parse_bytes(self.memory_budget)
+
+    def refine_dtype(self, auto: str | None) -> str | None:
+        """The refine store's precision, or None for none; auto: what --factory auto chose for --refine auto."""
+        return None if self.refine == "none" else auto if self.refine == "auto" else self.refine
 
     @property
     def stored_fields(self) -> list[str]:

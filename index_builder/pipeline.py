@@ -129,6 +129,7 @@ class Kept:
     parent: str = ""             # the live version the reindex starts from
     sharding: ShardingInfo | None = None  # the live version's: its list ranges, when grouped, stay
     lists: ListsInfo | None = None        # the live version's: how its lists were capped at training
+    refine: str | None = None             # the live version's refine store precision: --refine auto keeps it
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,11 @@ class Run:
         return sum(p.rows for p in self.parts)
 
     @property
+    def auto_refine(self) -> str | None:
+        """What --refine auto means for this run: --factory auto's choice, or a kept quantizer's version's."""
+        return self.choice.refine if self.choice else self.kept.refine if self.kept else None
+
+    @property
     def metric(self) -> str:
         return self.enc.metric
 
@@ -201,10 +207,10 @@ def index_and_publish(cfg: BuildConfig, store: Store, t: Timer, run: Run, lineag
         merged = merge_shards(cfg, store, run, added, sizes, ranges, tr["nlist"])
     with t.stage("fields"):
         stored = write_fields(cfg, store, run, added, ranges)
-    refine = None
-    if cfg.refine != "none":
+    refine, dtype = None, cfg.refine_dtype(run.auto_refine)
+    if dtype:
         with t.stage("refine"):
-            refine = write_fields(cfg, store, run, added, ranges, cfg.refine)
+            refine = write_fields(cfg, store, run, added, ranges, dtype)
     with t.stage("tune"):
         best = tune(cfg, store, run, [a["unit"] for a in added], merged, ranges, refine)
     said += [w for w in [recall_warning(best, cfg.target_recall)] if w]
@@ -309,13 +315,18 @@ def _nlist_of(factory: str) -> int | None:
 
 def _choose(cfg: BuildConfig, n: int, d: int):
     """(the auto Choice or None, the factory string); ivf sharding needs an IVF factory."""
-    choice = (choose_factory(n, d, cfg.budget_bytes, need_ivf=cfg.sharding == "ivf", shards=cfg.shards)
-              if cfg.factory == "auto" else None)
+    choice = auto_choice(cfg, n, d) if cfg.factory == "auto" else None
     factory = choice.factory if choice else cfg.factory
     if cfg.sharding == "ivf" and not _nlist_of(factory):
         raise ConfigError(f"sharding: ivf needs an IVF index, and {factory!r} has no IVF lists; "
                           f"give --sharding hash or an IVF factory")
     return choice, factory
+
+
+def auto_choice(cfg: BuildConfig, n: int, d: int):
+    """--factory auto's Choice for n vectors of d dims; with --refine auto it may add a refine store."""
+    return choose_factory(n, d, cfg.budget_bytes, need_ivf=cfg.sharding == "ivf", shards=cfg.shards,
+                          target=cfg.target_recall if cfg.refine == "auto" else None)
 
 
 def show_plan(cfg: BuildConfig, n: int, d: int, metric: str | None, trains: bool = True) -> tuple[int, str]:
@@ -328,7 +339,7 @@ def show_plan(cfg: BuildConfig, n: int, d: int, metric: str | None, trains: bool
         check_trainable(factory, n, d, cfg.shards, cfg.sharding)
     log(f"index: {factory} over {n:,} x {d}" + (f" ({metric})" if metric else "")
         + (f": {choice.reason}" if choice else ""))
-    refine = cfg.refine if cfg.refine != "none" else None
+    refine = cfg.refine_dtype(choice.refine if choice else None)
     for line in index_plan(n, d, factory, cfg.shards, merge_ram_budget(cfg), refine).lines():
         log(line)
     for w in plan_warnings(n, d, factory, cfg.shards):

@@ -20,6 +20,7 @@ from index_builder.plan.factory import (
     nlist_factor,
     nlist_for,
     plan_warnings,
+    pq_recall_cap,
     train_size,
     trained_bytes,
 )
@@ -384,3 +385,35 @@ def test_fast_scan(factory, fast):
     from index_builder.plan.factory import fast_scan
 
     assert fast_scan(factory) is fast
+
+
+# ---------------------------------------------------------------- --refine auto: codes for two tiers
+
+@pytest.mark.parametrize("code_bytes,dims,cap", [(96, 384, 0.89), (16, 128, 0.66), (64, 128, 1.0), (8, 384, 0.5),
+                                                 (32, 128, 0.89)])
+def test_pq_recall_cap(code_bytes, dims, cap):
+    assert pq_recall_cap(code_bytes, dims) == cap
+
+
+# (N, d, budget, target, factory, refine)
+REFINE_ROWS = [
+    (60_000, 384, "8M", 0.95, "OPQ128_256,IVF1024,PQ128x4fs", "fp32"),  # PQ64's 2 bits a dim cap it near 0.89
+    (60_000, 384, "8M", 0.85, "OPQ64_256,IVF1024,PQ64", None),          # that cap is over this target
+    (60_000, 384, "8M", None, "OPQ64_256,IVF1024,PQ64", None),          # --refine none: codes alone
+    (1_000_000, 128, "40M", 0.95, "IVF4096,PQ32x4fs", "fp32"),           # PQ16: 1 bit a dimension
+    (1_000_000, 128, "100M", 0.95, "IVF4096,PQ64", None),                # PQ64: 4 bits a dimension
+    (1_000_000, 96, "40M", 0.95, "IVF4096,PQ48x4fs", "fp32"),            # 2 x 24 = 48 divides 96 ...
+    (1_000_000, 100, "20M", 0.95, "IVF4096,PQ4", "fp32"),                # ... 8 does not divide 100: plain PQ4
+    (1_000_000, 128, "1G", 0.95, "IVF4096,Flat", None),                  # raw vectors fit: nothing to rerank
+]
+
+
+@pytest.mark.parametrize("n,d,budget,target,factory,refine", REFINE_ROWS)
+def test_choose_factory_with_refine(n, d, budget, target, factory, refine):
+    c = choose_factory(n, d, parse_bytes(budget), target=target)
+    assert (c.factory, c.refine) == (factory, refine), c.reason
+    if refine:
+        assert f"under the target {target}" in c.reason and "refine store" in c.reason
+    faiss = pytest.importorskip("faiss")
+    ivf = faiss.extract_index_ivf(faiss.index_factory(d, c.factory))
+    assert ivf.code_size + ID_BYTES == c.bytes_per_vector      # the same bytes as the plain PQ it replaces

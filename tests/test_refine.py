@@ -247,3 +247,20 @@ def test_bad_tune_queries_are_named(ray_session, corpus, tmp_path):
     with pytest.raises(ConfigError, match="holds text, but this index was built from precomputed vectors"):
         build(ray_session, source=str(src), index_root=str(tmp_path / "j"), vector_column="vector",
               factory="IVF16,Flat", tune_queries=str(tmp_path / "q.txt"))
+
+
+def test_auto_picks_fast_scan_and_refine_and_reaches_the_target(ray_session, tmp_path):
+    """--factory auto at a budget where PQ codes alone cap recall under the target: fast-scan codes in
+    the same bytes, a refine store, and the tuned pair reaches the target."""
+    src = tmp_path / "corpus"
+    write_vector_corpus(str(src), n=60_000, d=D, files=2, seed=8)
+    root = str(tmp_path / "index")
+    s = build(ray_session, source=str(src), index_root=root, vector_column="vector", memory_budget="1M",
+              metric="l2")
+    m = load_manifest(Store(root), current_version(Store(root)))
+    assert m.index.factory.endswith("x4fs") and m.index.refine == "fp32", m.index.auto_reason
+    assert "refine store" in m.index.auto_reason
+    assert m.search.refine_factor and s.recall_at_10 >= 0.95
+    s = build(ray_session, source=str(src), index_root=str(tmp_path / "plain"), vector_column="vector",
+              memory_budget="1M", metric="l2", refine="none")
+    assert "x4fs" not in s.factory and s.refine is None    # --refine none: the codes alone, as before

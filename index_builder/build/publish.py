@@ -234,7 +234,7 @@ def publish_run(cfg: BuildConfig, store: Store, run, *, trained: dict, ranges: l
                       timings=timings, lineage=lineage, options=options,
                       docs=docs_files(store, run), extra=[f for f in (q, lists) if f],
                       lists=built_lists(cfg, base, trained, kept), per_shard=stored is not None,
-                      refine=cfg.refine if refine else None)
+                      refine=cfg.refine_dtype(run.auto_refine) if refine else None)
     return publish(store, m)
 
 

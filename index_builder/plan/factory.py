@@ -8,6 +8,9 @@ The rules, smallest corpus first:
   M the largest that fits the budget.
 - OPQ{M}_{D},IVF{nlist},PQ{M}: as above for d >= OPQ_MIN_DIM, where a learned
   rotation (and reduction to D dims) keeps PQ's error down.
+- With --refine auto and a target recall that such PQ codes cap under (pq_recall_cap), the same bytes
+  as fast-scan PQ{2M}x4fs (4-bit codes, scanned in SIMD registers) pick candidates, and a refine
+  store of the full vectors on disk reranks them (shards/storage/refine.py).
 The coarse quantizer stays flat at every nlist. An HNSW one (give IVF{nlist}_HNSW32,... by hand)
 answers one query at a time 7x faster at 65,536 lists (0.7 against 4.9 ms, 0.996 of the lists),
 but batched, as the router runs it under load, it is no faster at nprobe 64 and 2.8x slower at 256
@@ -38,6 +41,10 @@ OPQ_MIN_DIM = 256
 PQ_M = (128, 96, 64, 48, 32, 24, 16, 12, 8, 4)  # code bytes offered, largest first
 TRAIN_MAX_BYTES = 4 << 30  # the training sample is held by one task: at most this many bytes of float32
 TRAIN_PER_LIST = 100       # training vectors wanted per IVF centroid (faiss uses at most 256)
+# recall@10 that PQ codes alone were measured to top out at, by code bits per (rotated) dimension: 2 bits,
+# 0.894 (MiniLM 60k, OPQ96_384,PQ96) and 0.84 (1M x 128 synthetic, PQ32); 1 bit, 0.66 (SIFT1M, PQ16). Four
+# bits and more are not taken to cap anything.
+PQ_CAPS = ((4.0, 1.0), (2.0, 0.89), (1.0, 0.66), (0.0, 0.5))
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class Choice:
     factory: str
     bytes_per_vector: float
     reason: str
+    refine: str | None = None     # a refine store's precision, when the choice reranks from one
 
 
 def nlist_factor(n: int) -> int:
@@ -66,10 +74,18 @@ def nlist_for(n: int, d: int | None = None) -> int:
     return max(1, k)
 
 
-def choose_factory(n: int, d: int, budget: int, need_ivf: bool = False, shards: int = 1) -> Choice:
+def pq_recall_cap(code_bytes: float, dims: int) -> float:
+    """The recall@10 PQ codes of code_bytes a vector over dims (rotated) dimensions are taken to cap at."""
+    bits = 8 * code_bytes / max(1, dims)
+    return next(c for b, c in PQ_CAPS if bits >= b)
+
+
+def choose_factory(n: int, d: int, budget: int, need_ivf: bool = False, shards: int = 1,
+                   target: float | None = None) -> Choice:
     """need_ivf: --sharding ivf, whose shards are ranges of IVF lists, so never plain Flat. The
     budget holds the codes and ids of all N vectors plus, once per shard, the trained part
-    (centroids, codebooks, rotation) that every shard file carries."""
+    (centroids, codebooks, rotation) that every shard file carries. target: the recall@10 to reach
+    when a refine store may be added (--refine auto); None: codes alone."""
     if n < 1 or d < 1:
         raise ConfigError(f"factory auto: need at least one vector of at least one dimension (N={n}, d={d})")
     flat = d * 4 + ID_BYTES
@@ -98,11 +114,27 @@ def choose_factory(n: int, d: int, budget: int, need_ivf: bool = False, shards: 
     f = ok[0]
     m = _pq_of(f)
     held = f"PQ{m} = {m} bytes/vector + {shards} x {_gb(trained_bytes(f, d))} trained fits it"
+    dd = factory_shape(f, d)[0]
+    why = f"raw vectors ({_gb(n * flat)}) exceed the budget; " + (
+        f"d={d} >= {OPQ_MIN_DIM}: OPQ rotation to {dd} dims, " if opq else "") + held
+    cap = pq_recall_cap(m, dd)
+    if target is None or cap >= target:
+        return Choice(f, m + ID_BYTES, why)
+    fs = fast_scan_factory(m, d, k, opq)
+    return Choice(fs or f, m + ID_BYTES, f"{why}; but {m} bytes over {dd} dims ({8 * m / dd:g} bits a dimension) "
+                  f"cap recall@10 near {cap} by the codes alone, under the target {target}: "
+                  + (f"the same bytes as fast-scan {fs.rsplit(',', 1)[1]} pick candidates, " if fs else "")
+                  + f"reranked by exact distance from a refine store of the vectors on disk "
+                  f"({_gb(n * (4 * d + ID_BYTES))}, apart from the budget)", refine="fp32")
+
+
+def fast_scan_factory(m: int, d: int, nlist: int, opq: bool) -> str | None:
+    """m code bytes as fast-scan PQ{2m}x4fs (two 4-bit codes a byte), under OPQ's rotation to D dims (a
+    multiple of 2m); None when 2m does not divide d without a rotation."""
     if opq:
-        dd = factory_shape(f, d)[0]
-        return Choice(f, m + ID_BYTES, f"raw vectors ({_gb(n * flat)}) exceed the budget; d={d} >= {OPQ_MIN_DIM}: "
-                                       f"OPQ rotation to {dd} dims, {held}")
-    return Choice(f, m + ID_BYTES, f"raw vectors ({_gb(n * flat)}) exceed the budget; {held}")
+        dd = max(2 * m, min(d, 4 * m) // (2 * m) * (2 * m))
+        return f"OPQ{2 * m}_{dd},IVF{nlist},PQ{2 * m}x4fs"
+    return f"IVF{nlist},PQ{2 * m}x4fs" if d % (2 * m) == 0 else None
 
 
 def pq_factory(m: int, d: int, nlist: int, opq: bool) -> str:

@@ -28,6 +28,7 @@ from index_builder.pipeline import (
     Kept,
     Run,
     Timer,
+    auto_choice,
     build,
     index_and_publish,
     options_of,
@@ -36,7 +37,6 @@ from index_builder.pipeline import (
     with_endpoint,
 )
 from index_builder.plan.corpus import Corpus, plan_corpus
-from index_builder.plan.factory import choose_factory
 from index_builder.reindex import deltas
 from index_builder.reindex.diff import Diff, Old, diff
 from index_builder.reindex.drift import (
@@ -217,7 +217,7 @@ def _run_config(bcfg: BuildConfig, live: Manifest, dec: Decision) -> tuple[Build
     if dec.retrain:
         return bcfg, None
     kept = Kept(trained=live.path(live.trained.file), auto_reason=live.index.auto_reason, drift=live.drift,
-                parent=live.version, sharding=live.sharding, lists=live.index.lists)
+                parent=live.version, sharding=live.sharding, lists=live.index.lists, refine=live.index.refine)
     return bcfg.model_copy(update={"factory": live.index.factory, "metric": live.index.metric}), kept
 
 
@@ -285,8 +285,7 @@ def _quantizer(cfg: ReindexConfig, bcfg: BuildConfig, store: Store, live: Manife
         return Decision(True, f"metric changed ({live.index.metric} -> {metric})")
     d = c.diff
     n = d.new + d.changed + d.unchanged
-    want = (choose_factory(n, dim, bcfg.budget_bytes, need_ivf=bcfg.sharding == "ivf", shards=bcfg.shards).factory
-            if bcfg.factory == "auto" else bcfg.factory)  # as the build chose it
+    want = auto_choice(bcfg, n, dim).factory if bcfg.factory == "auto" else bcfg.factory  # as the build chose it
     if want != live.index.factory:
         what = f"--factory auto picks {want} for {n:,} documents" if bcfg.factory == "auto" else f"--factory {want}"
         return Decision(True, f"{what}; the live index is {live.index.factory}")
