@@ -45,7 +45,10 @@ def app(ray_session, versions):
 
 def test_both_router_replicas_answer(app, versions):
     cfg, c = app
-    assert c.get("/version").json()["serving"]["router_replicas"] == 2
+    # /health answered from one replica: the other may still be loading its first version (a 503)
+    r = wait_until(lambda: all(c.get("/version").status_code == 200 for _ in range(6)) and c.get("/version"), 30,
+                   what="/version from both router replicas")
+    assert r.json()["serving"]["router_replicas"] == 2
     seen = wait_until(lambda: len({c.get("/stats").json()["replica"] for _ in range(12)}) == 2, 30,
                       what="/stats from two router replicas")
     assert seen

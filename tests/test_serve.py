@@ -269,6 +269,8 @@ BAD = [
     ({"vectors": [V], "filter": {"title": "doc 1"}}, 422, "filter.title"),
     ({"vectors": [V], "fields": ["nope"]}, 422, "fields"),
     ({"vectors": [V], "nprobe": 0}, 422, "nprobe"),
+    ({"vectors": [V], "refine": -1}, 422, "refine"),
+    ({"vectors": [V], "refine": 4}, 422, "refine"),            # this version keeps no refine store
     ({"vectors": [V], "colour": "red"}, 422, "colour"),
     ({"vectors": [["a"] * D]}, 422, "vectors.0.0"),
 ]

@@ -96,15 +96,18 @@ def faiss_search(index):
 
 
 def shardex_search(root: str):
-    """The published version's shards in this process, merged exactly (what the router answers)."""
+    """The published version's shards in this process, merged exactly (what the router answers); with a
+    refine store, each shard reranks at the version's tuned factor."""
     from index_builder.eval.measures import merged_search
+    from shards.search.searcher import ShardSearcher
     from shards.storage.faissio import load_shard
     from shards.storage.manifest import current_version, load_manifest
     from shards.storage.store import Store
 
     store = Store(root)
     m = load_manifest(store, current_version(store))
-    return merged_search([load_shard(store, m.version, f) for f in m.shards], m.index.metric), m
+    shards = [ShardSearcher(store, m, f) if m.index.refine else load_shard(store, m.version, f) for f in m.shards]
+    return merged_search(shards, m.index.metric), m
 
 
 def run_cli(args: list[str], env: dict | None = None) -> tuple[float, str, str]:

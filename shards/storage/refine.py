@@ -99,7 +99,8 @@ class RefineStore:
         return cls(store, [(m.path(f.file), f) for f in shard.refine], shard.file, cache_dir)
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
-        """float32 [n, d], the stored vector of each of ids (unique, >= 0); every one must be held."""
+        """float32 [n, d], the stored vector of each of ids (>= 0, in any order, repeats allowed); every one
+        must be held."""
         x, found = np.zeros((len(ids), self.d), np.float32), np.zeros(len(ids), bool)
         for starts, opened in self.segs:
             todo = np.flatnonzero(~found)
@@ -119,21 +120,24 @@ class RefineStore:
 
     def rerank(self, xq: np.ndarray, I: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
         """The k best of each query's candidates I (ids, -1 pads) by exact distance: (D, I) [nq, k], -1
-        and the worst distance padding where a query has fewer; l2 distances are squared, as faiss's."""
+        and the worst distance padding where a query has fewer; l2 distances are squared, as faiss's.
+        A block of queries' candidate vectors is gathered once from the mmapped files, then one batched
+        product gives their distances."""
         ip = metric == "ip"
-        uniq, inv = np.unique(I, return_inverse=True)
-        inv = inv.reshape(I.shape)
-        off = int((uniq < 0).sum())  # the -1 pad sorts first in uniq: rows of x start after it
-        x = self.vectors(uniq[off:]) if off < len(uniq) else np.zeros((1, self.d), np.float32)
+        worst = -np.finfo(np.float32).max if ip else np.finfo(np.float32).max  # what faiss pads with
         nq, c = I.shape
         D = np.empty((nq, c), np.float32)
         step = max(1, BLOCK_BYTES // max(1, 4 * c * self.d))
         for a in range(0, nq, step):
-            rows = np.maximum(inv[a:a + step] - off, 0)
-            xc = x[rows]  # [b, c, d]
-            q = xq[a:a + step, None, :]
-            D[a:a + step] = (xc * q).sum(2) if ip else ((xc - q) ** 2).sum(2)
-        worst = -np.finfo(np.float32).max if ip else np.finfo(np.float32).max  # what faiss pads with
+            Ib, q = I[a:a + step], xq[a:a + step]
+            ok = Ib >= 0
+            X = np.zeros((*Ib.shape, self.d), np.float32)
+            X[ok] = self.vectors(Ib[ok])
+            if ip:
+                D[a:a + step] = np.matmul(X, q[:, :, None])[..., 0]
+            else:  # the difference itself: |x|^2 - 2 x.q + |q|^2 loses the digits of near neighbours
+                X -= q[:, None, :]
+                D[a:a + step] = np.einsum("bcd,bcd->bc", X, X)
         D[I < 0] = worst
         o = np.argsort(-D if ip else D, axis=1, kind="stable")[:, :k]
         D, I = np.take_along_axis(D, o, 1), np.take_along_axis(I, o, 1)

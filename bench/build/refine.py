@@ -1,0 +1,203 @@
+"""Two-tier search: compressed codes in RAM pick candidates, each shard reranks them from its refine store.
+
+shardex builds the dataset with `shardex build --factory F --refine fp32 --tune-queries Q` (the tune
+measures on the first half of the dataset's real queries); every measure below is on the other half.
+In this process, one thread, the same shard index is searched:
+  - by shardex's ShardSearcher, rerank factor 0 (codes alone) and each of FACTORS, at each nprobe;
+  - by faiss IndexRefineFlat over the same codes, the full vectors in RAM (the in-memory upper bound),
+    with the same k_factor: QPS compared at equal recall (interpolated on its curve);
+and shardex's tuned (nprobe, factor) is reported against the codes alone at their best recall.
+With the LanceDB venv (bench/.venv-lancedb, see bench/README.md), LanceDB's IVF_PQ on the same vectors
+and code size, with its refine_factor chosen by hand, is swept as well (bench/build/lancedb_run.py),
+one query at a time and in batches.
+
+    flock /tmp/shardex-bench.lock .venv/bin/python bench/build/refine.py --dataset minilm-50000 \\
+        --factory IVF1024,PQ96x4fs --metric ip
+    flock /tmp/shardex-bench.lock .venv/bin/python bench/build/refine.py --dataset synth-1000000 \\
+        --factory IVF4096,PQ16 --metric l2 --factors 10
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import OUT, ROOT, load_vectors, loadavg, machine, run_cli, save, synthetic
+
+LANCE_PY = os.path.join(ROOT, "bench", ".venv-lancedb", "bin", "python")
+NPROBES = (16, 32, 64, 128, 256, 512)
+FACTORS = (2, 4, 10, 20)
+LATENCY_QUERIES = 200
+
+
+def build(path: str, work: str, factory: str, metric: str, tune: str) -> dict:
+    wall, out, _ = run_cli(["build", f"{path}/corpus", f"{work}/index", "--vector-column", "vector", "--factory",
+                            factory, "--refine", "fp32", "--metric", metric, "--tune-queries", tune, "--json"],
+                           env={"RAY_AUTH_MODE": "disabled"})
+    s = json.loads(out)
+    return {"wall": round(wall, 2), "stages": s["seconds"], "factory": s["factory"], "nprobe": s["nprobe"],
+            "refine_factor": s["refine_factor"], "tuned_recall": s["recall_at_10"], "ram_bytes": s["index_bytes"],
+            "refine_bytes": s["refine_bytes"]}
+
+
+def curve(search, xq, gt, nprobes, latency: bool = True) -> list[dict]:
+    """Per nprobe: recall@10 and QPS of the batch (measures.sweep), and the p50 of one query at a time."""
+    from index_builder.eval.measures import sweep
+
+    return sweep(search, xq, gt, 10, list(nprobes), reps=2, latency_queries=LATENCY_QUERIES if latency else 0)
+
+
+def shardex_curves(root: str, xq, gt, nprobes, factors) -> tuple[dict, object]:
+    from index_builder.eval.measures import merged_search
+    from shards.search.searcher import ShardSearcher
+    from shards.storage.manifest import current_version, load_manifest
+    from shards.storage.store import Store
+
+    store = Store(root)
+    m = load_manifest(store, current_version(store))
+    shards = [ShardSearcher(store, m, sh, threads=1) for sh in m.shards]
+    out = {R: curve(merged_search(shards, m.index.metric, R), xq, gt, nprobes) for R in (0, *factors)}
+    return out, m
+
+
+def refine_flat(root: str, m, xb: np.ndarray, xq, gt, nprobes, factors) -> dict:
+    """faiss IndexRefineFlat: the one shard's codes as its base, every vector in an IndexFlat in RAM."""
+    import faiss
+
+    from shards.storage.faissio import load_shard
+    from shards.storage.store import Store
+
+    base = load_shard(Store(root), m, m.shards[0])
+    flat = faiss.IndexFlatIP(xb.shape[1]) if m.index.metric == "ip" else faiss.IndexFlatL2(xb.shape[1])
+    flat.add(xb)  # row i is id i: the dataset's ids are 0..N-1
+    rf = faiss.IndexRefine(base, flat)
+
+    def search(R):
+        def s(q, k, p):
+            params = faiss.IndexRefineSearchParameters(k_factor=R, base_index_params=faiss.SearchParametersIVF(
+                nprobe=p))
+            return rf.search(q, k, params=params)
+        return s
+    return {R: curve(search(R), xq, gt, nprobes) for R in factors}
+
+
+def qps_at_recall(c: list[dict], r: float) -> float | None:
+    """QPS interpolated at recall r on a curve of rising recall (falling QPS); None outside it."""
+    rc, q = np.array([x["recall"] for x in c]), np.log([x["qps"] for x in c])
+    if r < rc.min() or r > rc.max():
+        return None
+    o = np.argsort(rc, kind="stable")
+    return round(float(np.exp(np.interp(r, rc[o], q[o]))), 1)
+
+
+def lancedb(path: str, work: str, xq_file: str, gt_file: str, metric: str, partitions: int, sub: int) -> dict | None:
+    if not os.path.exists(LANCE_PY):
+        return None
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lancedb_run.py")
+    args = [f"{path}/npy", xq_file, gt_file, f"{work}/lance", metric, str(partitions), str(sub)]
+    p = subprocess.run(["taskset", "-c", "0", LANCE_PY, script, *args], capture_output=True, text=True)
+    if p.returncode:
+        raise RuntimeError(p.stderr[-3000:])
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def run(a) -> dict:
+    import faiss
+
+    path = synthetic(int(a.dataset.split("-")[1])) if a.dataset.startswith("synth-") else f"{OUT}/{a.dataset}"
+    work = f"{OUT}/refine-{a.dataset}"
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    xq_all, gt_all = np.load(f"{path}/queries.npy"), np.load(f"{path}/gt.npy")
+    h = len(xq_all) // 2
+    np.save(f"{work}/tune.npy", xq_all[:h])             # the tune's real queries; the rest measure
+    xq, gt = xq_all[h:], gt_all[h:]
+    np.save(f"{work}/eval.npy", xq)
+    np.save(f"{work}/eval-gt.npy", gt)
+    load = [loadavg()]
+    sx = build(path, work, a.factory, a.metric, f"{work}/tune.npy")
+    load.append(loadavg())
+    faiss.omp_set_num_threads(1)
+    factors = tuple(a.factors)
+    if sx["refine_factor"] and sx["refine_factor"] not in factors:
+        factors = tuple(sorted({*factors, sx["refine_factor"]}))
+    curves, m = shardex_curves(f"{work}/index", xq, gt, a.nprobes, factors)
+    res = {"dataset": a.dataset, "vectors": m.ntotal, "dim": m.encoder.dim, "metric": a.metric,
+           "queries": {"tune": h, "measured": len(xq)}, "threads": 1, "shardex": sx,
+           "ram_bytes_per_vector": round(sx["ram_bytes"] / m.ntotal, 1),
+           "curves": {str(R): c for R, c in curves.items()}}
+    best0 = max(curves[0], key=lambda r: (r["recall"], r["qps"]))
+    tuned = next((r for r in curves.get(sx["refine_factor"] or 0, []) if r["nprobe"] == sx["nprobe"]), None)
+    res["codes_alone_best"], res["tuned_measured"] = best0, tuned
+    if tuned:
+        res["tuned_qps_over_codes_best"] = round(tuned["qps"] / best0["qps"], 3)
+    if not a.no_refine_flat:
+        rf = refine_flat(f"{work}/index", m, load_vectors(path), xq, gt, a.nprobes, factors)
+        res["refine_flat"] = {str(R): c for R, c in rf.items()}
+        res["qps_over_refine_flat_at_equal_recall"] = {
+            str(R): [{"recall": r["recall"], "shardex": r["qps"], "refine_flat": qps_at_recall(rf[R], r["recall"]),
+                      "ratio": (round(r["qps"] / q, 3) if (q := qps_at_recall(rf[R], r["recall"])) else None)}
+                     for r in curves[R]] for R in factors}
+    if a.lancedb:
+        res["lancedb"] = lancedb(path, work, f"{work}/eval.npy", f"{work}/eval-gt.npy", a.metric, a.lance_partitions,
+                                 a.lance_sub_vectors)
+    load.append(loadavg())
+    res.update(machine=machine(), loadavg=load, when=time.strftime("%Y-%m-%d %H:%M"))
+    return res
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    for R, c in res["curves"].items():
+        lab = f"shardex refine x{R}" + (" (tuned)" if int(R) == (res["shardex"]["refine_factor"] or 0) else "") \
+            if int(R) else "shardex codes alone"
+        ax.plot([r["qps"] for r in c], [r["recall"] for r in c], "o-", ms=3, label=lab)
+    for R, c in (res.get("refine_flat") or {}).items():
+        ax.plot([r["qps"] for r in c], [r["recall"] for r in c], "x--", ms=4, lw=0.8, label=f"IndexRefineFlat x{R}")
+    for R, c in ((res.get("lancedb") or {}).get("batched") or {}).items():
+        ax.plot([r["qps"] for r in c], [r["recall"] for r in c], "s:", ms=3, lw=0.8, label=f"LanceDB refine {R}")
+    ax.set_xscale("log")
+    ax.set_xlabel("queries per second (1 thread, batched)")
+    ax.set_ylabel("recall@10 (real queries, not the tune's)")
+    ax.set_title(f"{res['dataset']}: {res['shardex']['factory']}, {res['ram_bytes_per_vector']} B/vector in RAM",
+                 fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dataset", default="minilm-50000")
+    ap.add_argument("--factory", default="IVF1024,PQ96x4fs")
+    ap.add_argument("--metric", default="ip", choices=["ip", "l2"])
+    ap.add_argument("--factors", type=int, nargs="+", default=list(FACTORS))
+    ap.add_argument("--nprobes", type=int, nargs="+", default=list(NPROBES))
+    ap.add_argument("--no-refine-flat", action="store_true")
+    ap.add_argument("--lancedb", action="store_true")
+    ap.add_argument("--lance-partitions", type=int, default=1024)
+    ap.add_argument("--lance-sub-vectors", type=int, default=48)
+    a = ap.parse_args()
+    res = run(a)
+    path = save(f"build_refine-{a.dataset}", res)
+    plot(res, path[:-5] + ".png")
+    print(path)
+    print(json.dumps({k: res.get(k) for k in ("shardex", "ram_bytes_per_vector", "codes_alone_best", "tuned_measured",
+                                              "tuned_qps_over_codes_best")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
