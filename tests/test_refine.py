@@ -16,7 +16,7 @@ from shards.storage.faissio import faiss, load_shard, read_index, set_nprobe
 from shards.storage.manifest import FieldsInfo, current_version, load_manifest, verify
 from shards.storage.store import Store
 
-from helpers import assert_same_topk, build, clustered, mutate, write_vector_corpus
+from helpers import assert_same_topk, build, build_config, clustered, mutate, write_vector_corpus
 
 N, D, K = 4000, 32, 10
 
@@ -38,6 +38,20 @@ def test_newest_generation_stands_and_a_missing_id_is_named(tmp_path):
     np.testing.assert_array_equal(rs.vectors(np.array([0, 18, 20, 198])), np.stack([x1[0], x1[9], x0[10], x0[99]]))
     with pytest.raises(IntegrityError, match="shard 0: .* no vector for id 3"):
         rs.vectors(np.array([2, 3]))
+
+
+def test_ranges_are_appended_into_one_file_read_back_by_id(tmp_path):
+    from helpers import vector_table
+
+    st, x = Store(str(tmp_path)), clustered(300, 8, seed=5)
+    ids = np.arange(300, dtype=np.int64) * 3
+    f = refine.write_ranges(st, "v/shard-0.refine-0.vec", (vector_table(ids[a:a + 100], x[a:a + 100])
+                                                           for a in (0, 100, 200)), 0, "fp32")
+    assert (f.ntotal, f.lo, f.hi, f.bytes) == (300, 0, 897, refine.HEAD + 300 * (8 + 8 * 4))
+    assert f.sha256 == st.sha256("v/shard-0.refine-0.vec") and not list((tmp_path / "v").glob(".refine-*"))
+    rs = refine.RefineStore(st, [("v/shard-0.refine-0.vec", f)], "shard 0")
+    np.testing.assert_array_equal(rs.vectors(np.array([897, 3, 3, 450])), x[[299, 1, 1, 150]])
+    assert refine.write_ranges(st, "v/empty.vec", iter([]), 0, "fp32") is None
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])
@@ -148,16 +162,6 @@ def test_two_step_search_is_exact_where_it_must_be(ray_session, corpus, tmp_path
     r.close()
 
 
-def test_refine_asked_of_a_version_without_a_store(ray_session, corpus, tmp_path):
-    src, _, x = corpus
-    root = str(tmp_path / "index")
-    build(ray_session, source=str(src), index_root=root, vector_column="vector", factory="IVF16,PQ4", shards=1)
-    r = Router(root, backend="local")
-    with pytest.raises(QueryError, match="refine: 4, but version .* keeps no refine store"):
-        r.search_vectors(x[:2], k=K, refine=4)
-    r.close()
-
-
 def test_delta_reindex_adds_a_generation_whose_vectors_stand(ray_session, tmp_path):
     from index_builder.config import ReindexConfig
     from index_builder.reindex.compaction import compact_root
@@ -261,6 +265,22 @@ def test_auto_picks_fast_scan_and_refine_and_reaches_the_target(ray_session, tmp
     assert m.index.factory.endswith("x4fs") and m.index.refine == "fp32", m.index.auto_reason
     assert "refine store" in m.index.auto_reason
     assert m.search.refine_factor and s.recall_at_10 >= 0.95
-    s = build(ray_session, source=str(src), index_root=str(tmp_path / "plain"), vector_column="vector",
-              memory_budget="1M", metric="l2", refine="none")
-    assert "x4fs" not in s.factory and s.refine is None    # --refine none: the codes alone, as before
+    r = Router(root, backend="local")
+    _, I = r.search_vectors(clustered(5, D, seed=1), k=K, refine=0)   # 0: the codes alone, no rerank
+    assert (I >= 0).all()
+    r.close()
+    from index_builder.pipeline import auto_choice
+
+    plain = auto_choice(build_config(source=str(src), memory_budget="1M", refine="none"), 60_000, D)
+    assert "x4fs" not in plain.factory and plain.refine is None    # --refine none: the codes alone, as before
+
+
+def test_refine_asked_of_a_version_without_a_store(ray_session, tmp_path):
+    src = tmp_path / "corpus"
+    _, x = write_vector_corpus(str(src), n=1000, d=D, files=1, seed=2)
+    root = str(tmp_path / "index")
+    build(ray_session, source=str(src), index_root=root, vector_column="vector", factory="IVF8,Flat")
+    r = Router(root, backend="local")
+    with pytest.raises(QueryError, match="refine: 4, but version .* keeps no refine store"):
+        r.search_vectors(x[:2], k=K, refine=4)
+    r.close()

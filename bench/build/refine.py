@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import OUT, ROOT, load_vectors, loadavg, machine, run_cli, save, synthetic
+from common import OUT, RESULTS, ROOT, load_vectors, loadavg, machine, run_cli, save, synthetic
 
 LANCE_PY = os.path.join(ROOT, "bench", ".venv-lancedb", "bin", "python")
 NPROBES = (16, 32, 64, 128, 256, 512)
@@ -116,9 +116,10 @@ def run(a) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     xq_all, gt_all = np.load(f"{path}/queries.npy"), np.load(f"{path}/gt.npy")
+    o = np.random.default_rng(0).permutation(len(xq_all))   # the file is in man-page order: split at random
     h = len(xq_all) // 2
-    np.save(f"{work}/tune.npy", xq_all[:h])             # the tune's real queries; the rest measure
-    xq, gt = xq_all[h:], gt_all[h:]
+    np.save(f"{work}/tune.npy", xq_all[o[:h]])          # the tune's real queries; the rest measure
+    xq, gt = xq_all[o[h:]], gt_all[o[h:]]
     np.save(f"{work}/eval.npy", xq)
     np.save(f"{work}/eval-gt.npy", gt)
     load = [loadavg()]
@@ -132,6 +133,8 @@ def run(a) -> dict:
     res = {"dataset": a.dataset, "vectors": m.ntotal, "dim": m.encoder.dim, "metric": a.metric,
            "queries": {"tune": h, "measured": len(xq)}, "threads": 1, "shardex": sx,
            "ram_bytes_per_vector": round(sx["ram_bytes"] / m.ntotal, 1),
+           # codes and ids (fast-scan lists padded to blocks of 32), without the centroids each shard holds
+           "codes_ids_bytes_per_vector": round((sx["ram_bytes"] - len(m.shards) * m.trained.bytes) / m.ntotal, 1),
            "curves": {str(R): c for R, c in curves.items()}}
     best0 = max(curves[0], key=lambda r: (r["recall"], r["qps"]))
     tuned = next((r for r in curves.get(sx["refine_factor"] or 0, []) if r["nprobe"] == sx["nprobe"]), None)
@@ -145,7 +148,10 @@ def run(a) -> dict:
             str(R): [{"recall": r["recall"], "shardex": r["qps"], "refine_flat": qps_at_recall(rf[R], r["recall"]),
                       "ratio": (round(r["qps"] / q, 3) if (q := qps_at_recall(rf[R], r["recall"])) else None)}
                      for r in curves[R]] for R in factors}
-    if a.lancedb:
+    prev = f"{RESULTS}/build_refine-{a.dataset}.json"
+    if a.reuse_lancedb and os.path.exists(prev):  # the same vectors and query split: its numbers stand
+        res["lancedb"] = json.load(open(prev)).get("lancedb")
+    elif a.lancedb:
         res["lancedb"] = lancedb(path, work, f"{work}/eval.npy", f"{work}/eval-gt.npy", a.metric, a.lance_partitions,
                                  a.lance_sub_vectors)
     load.append(loadavg())
@@ -171,7 +177,8 @@ def plot(res: dict, path: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("queries per second (1 thread, batched)")
     ax.set_ylabel("recall@10 (real queries, not the tune's)")
-    ax.set_title(f"{res['dataset']}: {res['shardex']['factory']}, {res['ram_bytes_per_vector']} B/vector in RAM",
+    ax.set_title(f"{res['dataset']}: {res['shardex']['factory']}, {res['codes_ids_bytes_per_vector']} B/vector of "
+                 f"codes and ids in RAM",
                  fontsize=9)
     ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
@@ -188,6 +195,7 @@ def main() -> None:
     ap.add_argument("--nprobes", type=int, nargs="+", default=list(NPROBES))
     ap.add_argument("--no-refine-flat", action="store_true")
     ap.add_argument("--lancedb", action="store_true")
+    ap.add_argument("--reuse-lancedb", action="store_true", help="take LanceDB's from the last results file")
     ap.add_argument("--lance-partitions", type=int, default=1024)
     ap.add_argument("--lance-sub-vectors", type=int, default=48)
     a = ap.parse_args()
@@ -195,8 +203,8 @@ def main() -> None:
     path = save(f"build_refine-{a.dataset}", res)
     plot(res, path[:-5] + ".png")
     print(path)
-    print(json.dumps({k: res.get(k) for k in ("shardex", "ram_bytes_per_vector", "codes_alone_best", "tuned_measured",
-                                              "tuned_qps_over_codes_best")}, indent=1))
+    keys = ("shardex", "codes_ids_bytes_per_vector", "codes_alone_best", "tuned_measured", "tuned_qps_over_codes_best")
+    print(json.dumps({k: res.get(k) for k in keys}, indent=1))
 
 
 if __name__ == "__main__":

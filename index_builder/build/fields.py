@@ -10,9 +10,9 @@ Two kinds of Ray task (layout and reader: shards/storage/fields.py):
     cut into id ranges of about FILE_BYTES (from the row groups' id ranges), each sorted and written as
     one file of versions/<v>/, recorded in work/<run>/fields-<g>/shard-<s>.json (a rerun skips it).
 A refine shuffle scatters the embeddings parts' (id, vector) in row groups of refine.ROW_GROUP_BYTES and
-gathers each range into one refine file. A range reads only the row groups that overlap it, so each row
-is read about once. The driver holds
-the file names and one record per written file: O(P + S) small records. A compaction gathers a shard's
+gathers a shard's ranges, in id order, into one refine file. A range reads only the row groups that
+overlap it, so each row is read about once. The driver holds the file names and one record per
+written file: O(P + S) small records. A compaction gathers a shard's
 own generations instead, its newest row of each id that is still live.
 """
 from __future__ import annotations
@@ -156,14 +156,14 @@ def gather_task(store: Store, srcs: list[tuple[str, int]], s: int | None, shard:
     groups = _groups(store, srcs, s)
     n = max(1, math.ceil(sum(g[6] for g in groups) / (refine_layout.FILE_BYTES if refine else layout.FILE_BYTES)))
     edges = [-math.inf, *cuts(groups, n), math.inf]
-    out = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        t = _range(store, groups, s, lo, hi, live)
-        if t is not None and refine:
-            rel = refine_layout.rel(vdir(version), shard, gen, len(out))
-            out.append(refine_layout.write(store, rel, t, gen, refine).model_dump())
-        elif t is not None:
-            out.append(layout.write(store, layout.rel(vdir(version), shard, gen, len(out)), t, gen).model_dump())
+    ranges = (_range(store, groups, s, lo, hi, live) for lo, hi in zip(edges[:-1], edges[1:]))
+    if refine:  # one file, each range appended as it is sorted
+        f = refine_layout.write_ranges(store, refine_layout.rel(vdir(version), shard, gen),
+                                       (t for t in ranges if t is not None), gen, refine)
+        out = [f.model_dump()] if f else []
+    else:
+        out = [layout.write(store, layout.rel(vdir(version), shard, gen, b), t, gen).model_dump()
+               for b, t in enumerate(t for t in ranges if t is not None)]
     store.write_text(record, json.dumps(out))
     return out
 

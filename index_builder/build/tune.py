@@ -20,6 +20,7 @@ from index_builder.eval.measures import (
     choose_nprobe,
     climb,
     drop_own,
+    reaches,
     recall_at_k,
     timed,
 )
@@ -142,9 +143,9 @@ def tuned(search_all, nl: int | None, xq, own, gt, *, metric: str, target: float
 
 
 def cheapest(tries: list[dict], target: float) -> dict:
-    """The try (recall, us_per_query) that reaches the target at the least cost; when none does, the
-    cheapest within NEAR_BEST of the best recall."""
-    ok = [t for t in tries if t["recall"] >= target]
+    """The try (recall, recall_se, us_per_query) that reaches the target (measures.reaches) at the least
+    cost; when none does, the cheapest within NEAR_BEST of the best recall."""
+    ok = [t for t in tries if reaches(t, target)]
     if not ok:
         top = max(t["recall"] for t in tries)
         ok = [t for t in tries if t["recall"] >= top - NEAR_BEST]

@@ -2,23 +2,27 @@
 id and read by row through mmap, so the shard reranks its candidates by exact distance without holding
 the vectors in RAM (the codes are what RAM holds).
 
-Layout, in versions/<v>/: shard-<s>.refine-<g>-<b>.vec, g the generation (0: the build's; each delta
-reindex writes the next with the vectors it re-read; a compaction writes the live ones as one new
-generation), b numbering a generation's files, each about FILE_BYTES. One file:
+Layout, in versions/<v>/: shard-<s>.refine-<g>.vec, g the generation (0: the build's; each delta reindex
+writes the next with the vectors it re-read). One file:
 
-  magic b"SHXREF01" | uint64 header length | header (JSON: n, d, dtype) | int64 ids[n], sorted | vecs[n, d]
+  magic b"SHXREF02" | uint64 header length | header (JSON: n, d, dtype), padded to HEAD bytes
+  | vecs[n, d] (dtype) | int64 ids[n], sorted
 
-The arrays start 64-aligned. The manifest lists each file (a FieldsInfo: sha256, bytes, ids lo..hi and
-generation, as for stored fields). A lookup finds the file by its id range, the row by binary search of
-the file's ids, newest generation first: a changed document's new vector stands over its old one. On S3
-each file is fetched into the node's cache (shards/storage/cache.py), checked once, and mmapped from
-there. Written by index_builder/build/refine.py.
+Vectors come first so that a gather task appends them range by range as it sorts them (write_ranges),
+the ids after them. The manifest lists each file (a FieldsInfo: sha256, bytes, ids lo..hi, generation,
+as for stored fields). A lookup finds the row by binary search of the ids, newest generation first: a
+changed document's new vector stands over its old one. fp32 distances are taken by faiss's
+fvec_*_by_idx straight from the mmapped rows, so a rerank copies no vector. On S3 each file is fetched
+into the node's cache (shards/storage/cache.py), checked once, and mmapped from there. Written by
+index_builder/build/fields.py.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
+import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -27,32 +31,27 @@ from shards.errors import IntegrityError
 from shards.storage.manifest import FieldsInfo
 from shards.storage.store import Store
 
-MAGIC = b"SHXREF01"
-FILE_BYTES = 256 << 20        # vector bytes per file: what one gather task holds in memory
+MAGIC = b"SHXREF02"
+HEAD = 128                    # bytes before the vectors: magic, length and JSON header, padded
+FILE_BYTES = 256 << 20        # vector bytes a gather task sorts in memory at once (one range of ids)
 ROW_GROUP_BYTES = 4 << 20     # the scattered work parts' row groups (read whole by the gather)
-BLOCK_BYTES = 16 << 20        # candidate vectors a rerank gathers at once
+BLOCK_BYTES = 16 << 20        # fp16 candidate vectors a rerank converts at once
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
 
-def rel(version_dir: str, s: int, gen: int, b: int) -> str:
-    return f"{version_dir}/shard-{s}.refine-{gen}-{b:05d}.vec"
+def rel(version_dir: str, s: int, gen: int) -> str:
+    return f"{version_dir}/shard-{s}.refine-{gen}.vec"
+
+
+def header(n: int, d: int, dtype: str) -> bytes:
+    head = json.dumps({"n": int(n), "d": int(d), "dtype": dtype}).encode()
+    return MAGIC + struct.pack("<Q", len(head)) + head + b" " * (HEAD - 16 - len(head))
 
 
 def to_bytes(ids: np.ndarray, x: np.ndarray, dtype: str) -> bytes:
     """One refine file of ids (sorted) and their vectors x [n, d], stored as dtype."""
-    n, d = x.shape
-    head = json.dumps({"n": int(n), "d": int(d), "dtype": dtype}).encode()
-    head += b" " * (-(len(head) + 16) % 64)
-    return b"".join([MAGIC, struct.pack("<Q", len(head)), head, np.asarray(ids, "<i8").tobytes(),
-                     np.ascontiguousarray(x, DTYPES[dtype]).tobytes()])
-
-
-def write(store: Store, path: str, t: pa.Table, gen: int, dtype: str) -> FieldsInfo:
-    """t (id, vector; sorted by id, at least one row) as one refine file; its FieldsInfo, named by path."""
-    ids, x = vectors_of(t)
-    w = store.write_bytes(path, to_bytes(ids, x, dtype))
-    return FieldsInfo(file=path, sha256=w.sha256, bytes=w.bytes, ntotal=len(ids), lo=int(ids[0]), hi=int(ids[-1]),
-                      gen=gen)
+    return b"".join([header(*x.shape, dtype), np.ascontiguousarray(x, DTYPES[dtype]).tobytes(),
+                     np.asarray(ids, "<i8").tobytes()])
 
 
 def vectors_of(t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -62,33 +61,68 @@ def vectors_of(t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return t.column("id").to_numpy(), np.ascontiguousarray(x, dtype=np.float32)
 
 
+def write_ranges(store: Store, path: str, tables, gen: int, dtype: str) -> FieldsInfo | None:
+    """The tables (id, vector; each sorted by id, each range after the one before) as one refine file at
+    path, written through a local temporary file as they come: memory holds one range. None without rows."""
+    local = os.path.dirname(store.path(path)) if store.local else None
+    if local:
+        os.makedirs(local, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".refine-", dir=local)
+    n, d, lo, hi = 0, 0, None, None
+    try:
+        with os.fdopen(fd, "wb") as f, tempfile.TemporaryFile(dir=local) as idf:
+            f.write(b"\0" * HEAD)
+            for t in tables:
+                ids, x = vectors_of(t)
+                f.write(np.ascontiguousarray(x, DTYPES[dtype]).tobytes())
+                idf.write(np.asarray(ids, "<i8").tobytes())
+                n, d, lo, hi = n + len(ids), x.shape[1], ids[0] if lo is None else lo, ids[-1]
+            idf.seek(0)
+            while chunk := idf.read(8 << 20):
+                f.write(chunk)
+            f.seek(0)
+            f.write(header(n, d, dtype))
+        if not n:
+            return None
+        sha, size = _sha256(tmp), os.path.getsize(tmp)
+        store.put_file(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return FieldsInfo(file=path, sha256=sha, bytes=size, ntotal=n, lo=int(lo), hi=int(hi), gen=gen)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def open_file(path: str, uri: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids, vectors) of a local refine file, both mmapped."""
     with open(path, "rb") as f:
-        raw = f.read(16)
-        if raw[:8] != MAGIC:
-            raise IntegrityError(f"{uri}: not a shardex refine file; the version is damaged")
-        (hl,) = struct.unpack("<Q", raw[8:])
-        h = json.loads(f.read(hl))
-    n, d, at = h["n"], h["d"], 16 + hl
-    if os.path.getsize(path) != at + n * (8 + d * np.dtype(DTYPES[h["dtype"]]).itemsize):
+        raw = f.read(HEAD)
+    if raw[:8] != MAGIC:
+        raise IntegrityError(f"{uri}: not a shardex refine file; the version is damaged")
+    (hl,) = struct.unpack("<Q", raw[8:16])
+    h = json.loads(raw[16:16 + hl])
+    n, d, dt = h["n"], h["d"], np.dtype(DTYPES[h["dtype"]])
+    if os.path.getsize(path) != HEAD + n * (8 + d * dt.itemsize):
         raise IntegrityError(f"{uri}: its size is not that of {n} vectors of {d} {h['dtype']}; the version is damaged")
-    ids = np.memmap(path, "<i8", "r", at, (n,)) if n else np.empty(0, np.int64)
-    x = np.memmap(path, DTYPES[h["dtype"]], "r", at + 8 * n, (n, d)) if n else np.empty((0, d), np.float32)
-    return ids, x
+    return np.memmap(path, "<i8", "r", HEAD + n * d * dt.itemsize, (n,)), np.memmap(path, dt, "r", HEAD, (n, d))
 
 
 class RefineStore:
-    """The refine files of one shard, checked against their manifest entries, read by id."""
+    """The refine files of one shard (one a generation), checked against their manifest entries, read by id."""
 
     def __init__(self, store: Store, files: list[tuple[str, FieldsInfo]], name: str, cache_dir: str | None = None):
         """files: (path under the root, its entry); name: the shard, for errors."""
-        self.name, self.segs = name, []
-        for g in sorted({f.gen for _, f in files}, reverse=True):  # newest first
-            mine = sorted(((p, f) for p, f in files if f.gen == g), key=lambda pf: pf[1].lo)
-            opened = [open_file(_local(store, p, f, cache_dir), store.uri(p)) for p, f in mine]
-            self.segs.append((np.array([f.lo for _, f in mine], np.int64), opened))
-        self.d = next((x.shape[1] for _, op in self.segs for _, x in op), 0)
+        self.name = name
+        mine = sorted(files, key=lambda pf: -pf[1].gen)  # newest first
+        self.segs = [open_file(_local(store, p, f, cache_dir), store.uri(p)) for p, f in mine]
+        self.d = self.segs[0][1].shape[1] if self.segs else 0
         self.bytes = sum(f.bytes for _, f in files)
 
     @classmethod
@@ -98,53 +132,85 @@ class RefineStore:
             return None
         return cls(store, [(m.path(f.file), f) for f in shard.refine], shard.file, cache_dir)
 
-    def vectors(self, ids: np.ndarray) -> np.ndarray:
-        """float32 [n, d], the stored vector of each of ids (>= 0, in any order, repeats allowed); every one
-        must be held."""
-        x, found = np.zeros((len(ids), self.d), np.float32), np.zeros(len(ids), bool)
-        for starts, opened in self.segs:
-            todo = np.flatnonzero(~found)
-            if not len(todo):
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(generation index into segs, row) of each of ids (any shape; -1 pads get -1, -1); every other
+        id must be held."""
+        seg, row = np.full(ids.shape, -1, np.int64), np.full(ids.shape, -1, np.int64)
+        todo = ids >= 0
+        for g, (fid, _) in enumerate(self.segs):
+            if not todo.any():
                 break
-            fi = np.searchsorted(starts, ids[todo], "right") - 1
-            for b in np.unique(fi[fi >= 0]):
-                j = todo[fi == b]
-                fid, fx = opened[b]
-                pos = np.minimum(np.searchsorted(fid, ids[j]), len(fid) - 1)
-                hit = fid[pos] == ids[j]
-                x[j[hit]], found[j[hit]] = fx[pos[hit]], True
-        if not found.all():
-            raise IntegrityError(f"{self.name}: its refine store holds no vector for id {int(ids[~found][0])}; "
+            want = ids[todo]
+            pos = np.minimum(np.searchsorted(fid, want), len(fid) - 1)
+            hit = fid[pos] == want
+            at = tuple(a[hit] for a in np.nonzero(todo))
+            seg[at], row[at] = g, pos[hit]
+            todo[at] = False
+        if todo.any():
+            raise IntegrityError(f"{self.name}: its refine store holds no vector for id {int(ids[todo][0])}; "
                                  f"the version is damaged")
+        return seg, row
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """float32 [n, d], the stored vector of each of ids (>= 0, any order, repeats allowed)."""
+        seg, row = self.locate(np.asarray(ids, np.int64))
+        x = np.empty((len(row), self.d), np.float32)
+        for g, (_, fx) in enumerate(self.segs):
+            m = seg == g
+            x[m] = fx[row[m]]
         return x
 
-    def rerank(self, xq: np.ndarray, I: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-        """The k best of each query's candidates I (ids, -1 pads) by exact distance: (D, I) [nq, k], -1
-        and the worst distance padding where a query has fewer; l2 distances are squared, as faiss's.
-        A block of queries' candidate vectors is gathered once from the mmapped files, then one batched
-        product gives their distances."""
+    def distances(self, xq: np.ndarray, I: np.ndarray, metric: str) -> np.ndarray:
+        """[nq, c] exact distance of each query to each of its candidates I (ids; -1: the worst distance,
+        as faiss pads); l2 distances are squared, as faiss's."""
         ip = metric == "ip"
-        worst = -np.finfo(np.float32).max if ip else np.finfo(np.float32).max  # what faiss pads with
-        nq, c = I.shape
-        D = np.empty((nq, c), np.float32)
-        step = max(1, BLOCK_BYTES // max(1, 4 * c * self.d))
-        for a in range(0, nq, step):
-            Ib, q = I[a:a + step], xq[a:a + step]
-            ok = Ib >= 0
-            X = np.zeros((*Ib.shape, self.d), np.float32)
-            X[ok] = self.vectors(Ib[ok])
-            if ip:
-                D[a:a + step] = np.matmul(X, q[:, :, None])[..., 0]
-            else:  # the difference itself: |x|^2 - 2 x.q + |q|^2 loses the digits of near neighbours
-                X -= q[:, None, :]
-                D[a:a + step] = np.einsum("bcd,bcd->bc", X, X)
-        D[I < 0] = worst
+        worst = -np.finfo(np.float32).max if ip else np.finfo(np.float32).max
+        xq, I = np.ascontiguousarray(xq, np.float32), np.ascontiguousarray(I, np.int64)
+        if len(self.segs) == 1:  # one generation: its rows straight to the kernel, which pads -1 itself
+            D = _by_rows(xq, self.segs[0][1], self.locate(I)[1], ip)
+            D[I < 0] = worst
+            return D
+        seg, row = self.locate(I)
+        D = np.full(I.shape, worst, np.float32)
+        for g, (_, fx) in enumerate(self.segs):
+            mine = np.where(seg == g, row, -1)
+            if (mine >= 0).any():
+                Dg = _by_rows(xq, fx, mine, ip)
+                D = np.where(mine >= 0, Dg, D)
+        return D
+
+    def rerank(self, xq: np.ndarray, I: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """The k best of each query's candidates I (ids, -1 pads) by exact distance: (D, I) [nq, k], -1 and
+        the worst distance padding where a query has fewer."""
+        ip = metric == "ip"
+        D = self.distances(xq, I, metric)
         o = np.argsort(-D if ip else D, axis=1, kind="stable")[:, :k]
         D, I = np.take_along_axis(D, o, 1), np.take_along_axis(I, o, 1)
         if D.shape[1] < k:
             pad = ((0, 0), (0, k - D.shape[1]))
+            worst = -np.finfo(np.float32).max if ip else np.finfo(np.float32).max
             D, I = np.pad(D, pad, constant_values=worst), np.pad(I, pad, constant_values=-1)
         return D, I
+
+
+def _by_rows(xq: np.ndarray, fx: np.ndarray, rows: np.ndarray, ip: bool) -> np.ndarray:
+    """[nq, c] inner products (ip) or squared L2 distances of each query to the rows of fx it names (-1:
+    none). fp32: faiss reads the mmapped rows in place; fp16: converted a block of queries at a time."""
+    from shards.storage.faissio import faiss
+
+    nq, c = rows.shape
+    D = np.empty((nq, c), np.float32)
+    if fx.dtype == np.float32:
+        f = faiss()
+        kernel = f.fvec_inner_products_by_idx if ip else f.fvec_L2sqr_by_idx
+        kernel(f.swig_ptr(D), f.swig_ptr(xq), f.swig_ptr(fx), f.swig_ptr(rows), xq.shape[1], nq, c)
+        return D
+    step = max(1, BLOCK_BYTES // max(1, 4 * c * fx.shape[1]))
+    for a in range(0, nq, step):
+        X = fx[np.maximum(rows[a:a + step], 0)].astype(np.float32)
+        q = xq[a:a + step, None, :]
+        D[a:a + step] = (X * q).sum(2) if ip else ((X - q) ** 2).sum(2)
+    return D
 
 
 def _local(store: Store, path: str, f: FieldsInfo, cache_dir: str | None) -> str:
