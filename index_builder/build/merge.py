@@ -46,6 +46,7 @@ from shards.storage.faissio import (
     to_bytes,
     write_index,
 )
+from shards.storage.integrity import file_sha256
 from shards.storage.manifest import FileInfo
 from shards.storage.store import Store
 
@@ -265,14 +266,6 @@ def _write_hashed(store: Store, rel: str, index) -> tuple[str, int]:
     return hashlib.sha256(data).hexdigest(), len(data)
 
 
-def _local_sha(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_on_disk(store: Store, wd: WorkDir, index, s: int, filler, check) -> tuple[dict, tuple]:
     """filler(index, path) fills the shard into path as its .ivfdata; check(index) verifies it, before
     shard-s.index and .ivfdata are moved into place. Returns (both files' FileInfo fields, digest)."""
@@ -287,8 +280,8 @@ def write_on_disk(store: Store, wd: WorkDir, index, s: int, filler, check) -> tu
         got = check(index)
         with faiss_quiet():
             faiss().write_index(index, index_path)
-        files = {"sha256": _local_sha(index_path), "bytes": os.path.getsize(index_path),
-                 "ivfdata": f"{name}.ivfdata", "ivfdata_sha256": _local_sha(data_path),
+        files = {"sha256": file_sha256(index_path), "bytes": os.path.getsize(index_path),
+                 "ivfdata": f"{name}.ivfdata", "ivfdata_sha256": file_sha256(data_path),
                  "ivfdata_bytes": os.path.getsize(data_path)}
         _move(store, data_path, data_rel)
         _move(store, index_path, out)  # last: the .index names its .ivfdata

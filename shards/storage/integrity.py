@@ -48,11 +48,17 @@ def _count(n: int) -> None:
 
 
 def _hash_path(path: str) -> str:
+    sha = file_sha256(path)
+    _count(os.path.getsize(path))
+    return sha
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 of a local file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
-    _count(os.path.getsize(path))
     return h.hexdigest()
 
 

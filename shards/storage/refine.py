@@ -18,7 +18,6 @@ index_builder/build/fields.py.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -28,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from shards.errors import IntegrityError
+from shards.storage.integrity import file_sha256
 from shards.storage.manifest import FieldsInfo
 from shards.storage.store import Store
 
@@ -84,20 +84,12 @@ def write_ranges(store: Store, path: str, tables, gen: int, dtype: str) -> Field
             f.write(header(n, d, dtype))
         if not n:
             return None
-        sha, size = _sha256(tmp), os.path.getsize(tmp)
+        sha, size = file_sha256(tmp), os.path.getsize(tmp)
         store.put_file(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return FieldsInfo(file=path, sha256=sha, bytes=size, ntotal=n, lo=int(lo), hi=int(hi), gen=gen)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def open_file(path: str, uri: str) -> tuple[np.ndarray, np.ndarray]:
