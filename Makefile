@@ -9,7 +9,7 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test lint test-fast bench bench-autofaiss-venv clean
+.PHONY: venv demo test lint test-fast bench bench-autofaiss-venv bench-lancedb-venv clean
 
 venv: $(STAMP)
 
@@ -46,4 +46,12 @@ bench-autofaiss-venv: bench/.venv-autofaiss/.installed
 bench/.venv-autofaiss/.installed:
 	$(PY) -m venv bench/.venv-autofaiss
 	bench/.venv-autofaiss/bin/pip install -q autofaiss==2.18.0 "pyarrow<16"
+	touch $@
+
+# LanceDB, the baseline of bench/build/refine.py --lancedb, in its own venv too.
+bench-lancedb-venv: bench/.venv-lancedb/.installed
+
+bench/.venv-lancedb/.installed:
+	$(PY) -m venv bench/.venv-lancedb
+	bench/.venv-lancedb/bin/pip install -q lancedb==0.40.0 numpy
 	touch $@

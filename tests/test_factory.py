@@ -397,7 +397,7 @@ def test_pq_recall_cap(code_bytes, dims, cap):
 
 # (N, d, budget, target, factory, refine)
 REFINE_ROWS = [
-    (60_000, 384, "8M", 0.95, "OPQ128_256,IVF1024,PQ128x4fs", "fp32"),  # PQ64's 2 bits a dim cap it near 0.89
+    (60_000, 384, "8M", 0.95, "OPQ64_256,IVF1024,PQ128x4fs", "fp32"),   # PQ64's 2 bits a dim cap it near 0.89
     (60_000, 384, "8M", 0.85, "OPQ64_256,IVF1024,PQ64", None),          # that cap is over this target
     (60_000, 384, "8M", None, "OPQ64_256,IVF1024,PQ64", None),          # --refine none: codes alone
     (1_000_000, 128, "40M", 0.95, "IVF4096,PQ32x4fs", "fp32"),           # PQ16: 1 bit a dimension
