@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import OUT, RESULTS, ROOT, load_vectors, loadavg, machine, run_cli, save, synthetic
+from common import OUT, ROOT, load_vectors, loadavg, machine, run_cli, save, synthetic
 
 LANCE_PY = os.path.join(ROOT, "bench", ".venv-lancedb", "bin", "python")
 NPROBES = (16, 32, 64, 128, 256, 512)
@@ -108,6 +108,34 @@ def lancedb(path: str, work: str, xq_file: str, gt_file: str, metric: str, parti
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def vs_lancedb(res: dict) -> dict | None:
+    """At each LanceDB point (any refine factor, chosen by hand), the best recall shardex's tuned factor
+    reaches at that QPS or more (batched) and at that p50 latency or less (one at a time)."""
+    L = res.get("lancedb")
+    if not L:
+        return None
+    mine = res["curves"][str(res["shardex"]["refine_factor"] or 0)]
+
+    def best(ok):
+        got = [r["recall"] for r in mine if ok(r)]
+        return max(got) if got else None
+
+    out = {"batched": [], "single": []}
+    for R, c in L["batched"].items():
+        for r in c:
+            b = best(lambda x, r=r: x["qps"] >= r["qps"])
+            out["batched"].append({"refine": int(R), "nprobe": r["nprobe"], "qps": r["qps"], "lancedb": r["recall"],
+                                   "shardex": b, "shardex_higher_or_equal": b is not None and b >= r["recall"]})
+    for R, c in L["single"].items():
+        for r in c:
+            b = best(lambda x, r=r: x["latency_ms"]["p50"] <= r["p50_ms"])
+            out["single"].append({"refine": int(R), "nprobe": r["nprobe"], "p50_ms": r["p50_ms"],
+                                  "lancedb": r["recall"], "shardex": b,
+                                  "shardex_higher_or_equal": b is not None and b >= r["recall"]})
+    out["every_point"] = all(x["shardex_higher_or_equal"] for k in ("batched", "single") for x in out[k])
+    return out
+
+
 def run(a) -> dict:
     import faiss
 
@@ -148,12 +176,13 @@ def run(a) -> dict:
             str(R): [{"recall": r["recall"], "shardex": r["qps"], "refine_flat": qps_at_recall(rf[R], r["recall"]),
                       "ratio": (round(r["qps"] / q, 3) if (q := qps_at_recall(rf[R], r["recall"])) else None)}
                      for r in curves[R]] for R in factors}
-    prev = f"{RESULTS}/build_refine-{a.dataset}.json"
+    prev = a.reuse_lancedb
     if a.reuse_lancedb and os.path.exists(prev):  # the same vectors and query split: its numbers stand
         res["lancedb"] = json.load(open(prev)).get("lancedb")
     elif a.lancedb:
         res["lancedb"] = lancedb(path, work, f"{work}/eval.npy", f"{work}/eval-gt.npy", a.metric, a.lance_partitions,
                                  a.lance_sub_vectors)
+    res["vs_lancedb"] = vs_lancedb(res)
     load.append(loadavg())
     res.update(machine=machine(), loadavg=load, when=time.strftime("%Y-%m-%d %H:%M"))
     return res
@@ -195,12 +224,13 @@ def main() -> None:
     ap.add_argument("--nprobes", type=int, nargs="+", default=list(NPROBES))
     ap.add_argument("--no-refine-flat", action="store_true")
     ap.add_argument("--lancedb", action="store_true")
-    ap.add_argument("--reuse-lancedb", action="store_true", help="take LanceDB's from the last results file")
+    ap.add_argument("--reuse-lancedb", help="a results file of this dataset to take LanceDB's numbers from "
+                    "(the same vectors and query split)")
     ap.add_argument("--lance-partitions", type=int, default=1024)
     ap.add_argument("--lance-sub-vectors", type=int, default=48)
     a = ap.parse_args()
     res = run(a)
-    path = save(f"build_refine-{a.dataset}", res)
+    path = save(f"build_refine-{a.dataset}-{a.factory.replace(',', '_')}", res)
     plot(res, path[:-5] + ".png")
     print(path)
     keys = ("shardex", "codes_ids_bytes_per_vector", "codes_alone_best", "tuned_measured", "tuned_qps_over_codes_best")

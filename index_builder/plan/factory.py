@@ -132,7 +132,7 @@ def fast_scan_factory(m: int, d: int, nlist: int, opq: bool) -> str | None:
     """m code bytes as fast-scan PQ{2m}x4fs (two 4-bit codes a byte), under OPQ's rotation to D dims (a
     multiple of 2m); None when 2m does not divide d without a rotation. The rotation is trained for m
     sub-vectors, as the plain PQ{m}'s is: trained for 2m of 2 dims each it took 353 s on MiniLM 50k,
-    against about 60 (bench/README.md)."""
+    against 42 s (bench/README.md)."""
     if opq:
         dd = max(2 * m, min(d, 4 * m) // (2 * m) * (2 * m))
         return f"OPQ{m}_{dd},IVF{nlist},PQ{2 * m}x4fs"
