@@ -271,6 +271,7 @@ BAD = [
     ({"vectors": [V], "nprobe": 0}, 422, "nprobe"),
     ({"vectors": [V], "refine": -1}, 422, "refine"),
     ({"vectors": [V], "refine": 4}, 422, "refine"),            # this version keeps no refine store
+    ({"vectors": [V], "k": 1000, "refine": 101}, 422, "refine"),  # 101,000 candidates a query
     ({"vectors": [V], "colour": "red"}, 422, "colour"),
     ({"vectors": [["a"] * D]}, 422, "vectors.0.0"),
 ]

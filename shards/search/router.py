@@ -24,6 +24,7 @@ from shards.storage.manifest import Manifest, current_version, load_manifest
 from shards.storage.store import Store
 
 K_MAX = 1000
+MAX_CANDIDATES = 100_000  # k x refine factor a shard may rerank for one query (its scan returns that many)
 
 
 @dataclass
@@ -135,12 +136,16 @@ class IndexView:
             nprobe = min(nprobe, nl)
         return nprobe, wire(parse_filter(flt, self.kinds))
 
-    def refine(self, factor: int | None) -> int | None:
-        """The refine factor a request asked for, checked (None: the version's default)."""
+    def refine(self, factor: int | None, k: int = 10) -> int | None:
+        """The refine factor a request asked for, checked (None: the version's default): each shard reranks
+        k x factor candidates a query, at most MAX_CANDIDATES."""
         if factor is None:
             return None
         if factor < 0:
             raise QueryError("refine", f"{factor}; give 0 (no rerank) or more")
+        if k * factor > MAX_CANDIDATES:
+            raise QueryError("refine", f"{factor} x k {k} = {k * factor:,} candidates a query; at most "
+                             f"{MAX_CANDIDATES:,}: give a smaller refine or k")
         if factor and not self.manifest.index.refine:
             raise QueryError("refine", f"{factor}, but version {self.version} keeps no refine store; "
                              f"build it with --refine fp32 or fp16")
@@ -353,7 +358,7 @@ class Router:
         xq = self.view.vectors(xq)
         nprobe, flt = self.view.check(k, nprobe, None, filter)
         out = self._loop.run(fan_out(self.view, xq, k, nprobe, flt, self.client.call, self.timeout,
-                                     self.view.refine(refine)))
+                                     self.view.refine(refine, k)))
         self.last = out
         if out.failed:
             raise SearchError("; ".join(out.failed[s] for s in sorted(out.failed)))

@@ -225,7 +225,7 @@ class RouterDeployment:
         t, self.stats["encode_s"] = time.perf_counter(), self.stats["encode_s"] + time.perf_counter() - t
         self.stats["requests"] += 1
         self.stats["queries"] += n
-        out = await self._search_batch(Job(live, xq, req.k, nprobe, flt, live.view.refine(req.refine)))
+        out = await self._search_batch(Job(live, xq, req.k, nprobe, flt, live.view.refine(req.refine, req.k)))
         t, self.stats["search_s"] = time.perf_counter(), self.stats["search_s"] + time.perf_counter() - t
         if isinstance(out, BaseException):
             raise out
