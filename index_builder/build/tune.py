@@ -74,8 +74,9 @@ def search_shard(index, xq: np.ndarray, k: int, nprobe: int | None, refine: Refi
 
 
 def refine_stores(store: Store, refine: list[list[FieldsInfo]] | None) -> list | None:
-    """Each shard's refine store from its files (named by their path), or None without any."""
-    return [RefineStore(store, [(f.file, f) for f in fs], f"shard {s}") for s, fs in enumerate(refine)] \
+    """Each shard's refine store from its files (named by their path), or None without any. Their gather
+    tasks hashed them as they wrote them: they are not read once more here to be hashed again."""
+    return [RefineStore(store, [(f.file, f) for f in fs], f"shard {s}", checked=False) for s, fs in enumerate(refine)] \
         if refine else None
 
 

@@ -109,11 +109,13 @@ def open_file(path: str, uri: str) -> tuple[np.ndarray, np.ndarray]:
 class RefineStore:
     """The refine files of one shard (one a generation), checked against their manifest entries, read by id."""
 
-    def __init__(self, store: Store, files: list[tuple[str, FieldsInfo]], name: str, cache_dir: str | None = None):
-        """files: (path under the root, its entry); name: the shard, for errors."""
+    def __init__(self, store: Store, files: list[tuple[str, FieldsInfo]], name: str, cache_dir: str | None = None,
+                 checked: bool = True):
+        """files: (path under the root, its entry); name: the shard, for errors. checked=False: a local
+        store's files are taken as their writer hashed them (the build's tune, right after writing them)."""
         self.name = name
         mine = sorted(files, key=lambda pf: -pf[1].gen)  # newest first
-        self.segs = [open_file(_local(store, p, f, cache_dir), store.uri(p)) for p, f in mine]
+        self.segs = [open_file(_local(store, p, f, cache_dir, checked), store.uri(p)) for p, f in mine]
         self.d = self.segs[0][1].shape[1] if self.segs else 0
         self.bytes = sum(f.bytes for _, f in files)
 
@@ -205,14 +207,15 @@ def _by_rows(xq: np.ndarray, fx: np.ndarray, rows: np.ndarray, ip: bool) -> np.n
     return D
 
 
-def _local(store: Store, path: str, f: FieldsInfo, cache_dir: str | None) -> str:
-    """A local path of refine file `path`, checked against its entry: in place on a local store, a
-    verified copy in the node's cache when on S3."""
+def _local(store: Store, path: str, f: FieldsInfo, cache_dir: str | None, checked: bool = True) -> str:
+    """A local path of refine file `path`, checked against its entry (unless not `checked`): in place on a
+    local store, a verified copy in the node's cache when on S3 (hashed as it is fetched)."""
     from shards.storage.cache import evict, local_dir
     from shards.storage.integrity import check_path, fetch_checked
 
     if store.local:
-        check_path(store.path(path), store.uri(path), f.sha256, f.bytes)
+        if checked:
+            check_path(store.path(path), store.uri(path), f.sha256, f.bytes)
         return store.path(path)
     d, name = local_dir(store, path.rsplit("/", 1)[0], cache_dir), path.rsplit("/", 1)[1]
     fetch_checked(store, path, f.sha256, f.bytes, os.path.join(d, name))
