@@ -74,7 +74,13 @@ class BuildConfig(Config):
         None, description="encoder actors (default: one per GPU, or sized to the CPUs)")
     gpus_per_actor: float | None = Field(None, description="GPUs per encoder actor (default: 1 when the cluster "
                                          "has GPUs, else 0)")
-    batch_size: Count = Field(64, description="encoder batch size")
+    batch_size: Count = Field(64, description="encoder batch size at the longest texts; shorter ones make "
+                              "wider batches of the same number of tokens")
+    batch_tokens: Count | None = Field(None, description="padded tokens per encoder batch (default: batch-size "
+                                       "x the model's token limit)")
+    tokenizer_workers: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="tokenizer processes per encoder actor (default: on a GPU node, the actor's share "
+        "of the node's CPUs but one; none on CPU)")
     bad_rows: Literal["error", "skip"] = Field("error", description="error: stop at the first bad row; skip: "
                                                "quarantine it with a reason and go on")
     metric: Literal["ip", "l2"] | None = Field(None, description="ip or l2 (default: ip for normalised encoders, "

@@ -7,15 +7,14 @@ builds and the demo run offline.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
 from shards.errors import ConfigError
 from shards.storage.manifest import EncoderInfo
+from shards.tokens import Batches, FastTokenizer, Padding, cuts, longest_first, padding_of
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -53,86 +52,27 @@ def torch_dtype(dtype: str, device: str):
     return dtype, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
 
-@dataclass
-class Padding:
-    """Tokens a part computed (padded) against the real ones, sorted and as the input came."""
-
-    tokens: int = 0
-    padded: int = 0
-    padded_unsorted: int = 0
-
-    def add(self, o: Padding) -> None:
-        self.tokens += o.tokens
-        self.padded += o.padded
-        self.padded_unsorted += o.padded_unsorted
-
-
 PROBE = ["a", "Read a CSV file.", "word " * 600, "ünïcödé  text\twith\nbreaks", "x" * 50, "  "]
 
 
-class FastTokenizer:
-    """The model's own Rust tokenizer, padded here into tensors. transformers' padding and tensor
-    building cost several times the tokenizing itself, enough to starve a GPU (bench/README.md has
-    the figures). Used only where it gives exactly the
-    features sentence-transformers would (checked on a probe at load); otherwise the model's
-    own preprocessing runs."""
+def checked_fast(enc: Encoder) -> tuple[FastTokenizer | None, dict]:
+    """The Rust tokenizer where it gives exactly the model's own features on PROBE, and the
+    non-tensor entries the model's preprocessing adds (sentence-transformers 6's "modality",
+    a constant passed on with each batch); (None, {}) otherwise."""
+    tok = getattr(enc.model, "tokenizer", None)
+    if not (getattr(tok, "is_fast", False) and enc.model.max_seq_length):
+        return None, {}
+    import torch
 
-    NAMES = ("input_ids", "token_type_ids", "attention_mask")
-
-    def __init__(self, tok, max_len: int):
-        from tokenizers import Tokenizer
-
-        self.bt = Tokenizer.from_str(tok.backend_tokenizer.to_str())  # a copy: settings stay ours
-        self.bt.no_padding()
-        self.bt.enable_truncation(max_len)
-        self.pad, self.left = tok.pad_token_id or 0, tok.padding_side == "left"
-        self.names = [k for k in tok.model_input_names if k in self.NAMES]
-        self.extra: dict = {}
-
-    @classmethod
-    def checked(cls, enc: Encoder) -> FastTokenizer | None:
-        tok = getattr(enc.model, "tokenizer", None)
-        if not (getattr(tok, "is_fast", False) and enc.model.max_seq_length):
-            return None
-        import torch
-
-        try:
-            fast = cls(tok, enc.model.max_seq_length)
-            a, b = fast(PROBE), enc._preprocess(PROBE)
-            # Non-tensor entries (sentence-transformers 6 adds "modality") are constants: pass them on.
-            fast.extra = {k: v for k, v in b.items() if not torch.is_tensor(v)}
-            same = set(a) == {k for k in b if k not in fast.extra} and all(
-                a[k].shape == b[k].shape and bool((a[k] == b[k]).all()) for k in a)
-        except Exception:  # noqa: BLE001 (any tokenizer this path does not understand: the model's own way)
-            return None
-        return fast if same else None
-
-    def __call__(self, texts: list[str]) -> dict:
-        import torch
-
-        enc = self.bt.encode_batch(texts)
-        ids = [e.ids for e in enc]
-        n, lens = len(ids), np.fromiter(map(len, ids), np.int64, len(ids))
-        L, total = (int(lens.max()), int(lens.sum())) if n else (0, 0)
-        # One boolean mask fills every row at once (row-major order = token order): a Python loop
-        # over rows cost as much as the tokenizing itself.
-        col = np.arange(L)
-        mask = col >= (L - lens)[:, None] if self.left else col < lens[:, None]
-        out = {"input_ids": np.full((n, L), self.pad, np.int64), "token_type_ids": np.zeros((n, L), np.int64),
-               "attention_mask": mask.astype(np.int64)}
-        out["input_ids"][mask] = np.fromiter(itertools.chain.from_iterable(ids), np.int64, total)
-        if "token_type_ids" in self.names:
-            out["token_type_ids"][mask] = np.fromiter(
-                itertools.chain.from_iterable(e.type_ids for e in enc), np.int64, total)
-        return {**{k: torch.from_numpy(out[k]) for k in self.names}, **self.extra}
-
-
-def padding_of(lens: np.ndarray, order: np.ndarray, bs: int) -> Padding:
-    """Tokens computed when batches of bs are cut in `order` (each padded to its longest) and in input order."""
-    def padded(ls):
-        return sum(int(ls[i:i + bs].max()) * len(ls[i:i + bs]) for i in range(0, len(ls), bs))
-
-    return Padding(tokens=int(lens.sum()), padded=padded(lens[order]), padded_unsorted=padded(lens))
+    try:
+        fast = FastTokenizer.of(tok, enc.model.max_seq_length)
+        a, b = fast(PROBE), enc._preprocess(PROBE)
+        extra = {k: v for k, v in b.items() if not torch.is_tensor(v)}
+        same = set(a) == {k for k in b if k not in extra} and all(
+            a[k].shape == tuple(b[k].shape) and bool((a[k] == b[k].numpy()).all()) for k in a)
+    except Exception:  # noqa: BLE001 (any tokenizer this path does not understand: the model's own way)
+        return None, {}
+    return (fast, extra) if same else (None, {})
 
 
 class Encoder:
@@ -140,7 +80,8 @@ class Encoder:
 
     def __init__(self, model: str | None = None, device: str | None = None, threads: int | None = None,
                  query_prefix: str | None = None, document_prefix: str | None = None, batch_size: int = 64,
-                 metric: str | None = None, max_seq_length: int | None = None, dtype: str = "auto"):
+                 metric: str | None = None, max_seq_length: int | None = None, dtype: str = "auto",
+                 batch_tokens: int | None = None):
         import torch
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as hf_logging
@@ -165,13 +106,15 @@ class Encoder:
         self.query_prefix = _prompt(self.model, ("query",)) if query_prefix is None else query_prefix
         self.document_prefix = (_prompt(self.model, ("document", "passage", "corpus"))
                                 if document_prefix is None else document_prefix)
-        self.batch_size = batch_size
+        # A batch holds batch_size texts of the longest length, more of shorter ones: the same memory.
+        self.batch_tokens = batch_tokens or batch_size * (self.model.max_seq_length or 512)
         self.normalize = any(type(m).__name__ == "Normalize" for m in self.model)
         # INSTRUCTOR-style pooling leaves the prompt's tokens out; it needs to know how many there are.
         self.prompt_pooled = all(getattr(m, "include_prompt", True) for m in self.model)
         self.metric = metric or ("ip" if self.normalize else "l2")
         self.padding = Padding()  # totals over every call, for the stage's report
-        self.fast = FastTokenizer.checked(self)
+        self.fast, self.extra = checked_fast(self)
+        self._side = None  # the CUDA stream host-to-device copies run on, made at first use
 
     def _preprocess(self, texts: list[str]) -> dict:
         prep = getattr(self.model, "preprocess", None) or self.model.tokenize  # renamed in sentence-transformers 6
@@ -190,51 +133,100 @@ class Encoder:
                            document_prefix=self.document_prefix,
                            max_seq_length=getattr(self.model, "max_seq_length", None), dtype=self.dtype)
 
-    def tokenize(self, texts: list[str], prefix: str = "") -> tuple[dict, np.ndarray]:
-        """Features for all texts at once, padded to the longest, and the order that sorts them
-        longest first. Kept apart from run() so a caller can tokenize one part while the device
-        encodes another."""
+    def tokenize(self, texts: list[str], prefix: str = "") -> Batches:
+        """Token-budget batches of texts, longest first. Kept apart from run() so a caller can
+        tokenize one part while the device encodes another (or hand it to tokenizer processes,
+        index_builder/encode/feed.py)."""
         if prefix and not self.prompt_pooled:
             feats = self.model.preprocess(list(texts), prompt=prefix)  # adds prompt_length for pooling
         else:
             texts = [prefix + t for t in texts] if prefix else list(texts)
-            feats = self.fast(texts) if self.fast else self._preprocess(texts)
-        lens = feats["attention_mask"].sum(1).numpy()
-        return feats, np.argsort(-lens, kind="stable")
+            if self.fast:
+                return self.fast.batches(texts, self.batch_tokens)
+            feats = self._preprocess(texts)
+        # the model's own preprocessing pads to the longest text: each batch is cut down to its own
+        mask = feats["attention_mask"]
+        n, left, lens = len(mask), self.model.tokenizer.padding_side == "left", mask.sum(1).numpy()
+        order = longest_first(lens)
+        items = []
+        for a, b in cuts(lens[order], self.batch_tokens):
+            idx, L = order[a:b], int(lens[order[a]])
+            items.append((idx, {k: _rows(v, idx, L, n, left) for k, v in feats.items()}))
+        return Batches(items, lens)
 
-    def run(self, feats: dict, order: np.ndarray) -> tuple[np.ndarray, Padding]:
-        """Encode tokenized texts in batches of similar length; rows come back in input order,
-        with the padding those batches computed."""
+    def host(self, b: Batches) -> Batches:
+        """Features as tensors, in pinned memory on CUDA (so the copy to the device is asynchronous):
+        done before the device is taken, by the thread that tokenized."""
         import torch
 
-        mask = feats["attention_mask"]
-        n, left = len(mask), self.model.tokenizer.padding_side == "left"
-        lens = mask.sum(1).numpy()
-        out = np.empty((n, self.dim), dtype=np.float32)
+        cuda = self.device.startswith("cuda")
+
+        def t(v):
+            v = torch.as_tensor(v) if isinstance(v, np.ndarray) else v
+            return v.pin_memory() if cuda and torch.is_tensor(v) else v
+
+        return Batches([(t(idx), {k: t(v) for k, v in f.items()}) for idx, f in b.items], b.lens)
+
+    def run(self, b: Batches) -> tuple[np.ndarray, Padding]:
+        """Encode batches on the device; rows come back in input order, with the padding those
+        batches computed."""
+        import torch
+
+        b = self.host(b) if b.items and not torch.is_tensor(b.items[0][0]) else b
         with torch.inference_mode():
-            for i in range(0, n, self.batch_size):
-                idx = order[i:i + self.batch_size]
-                L = int(lens[idx].max())  # trim the part-wide padding to this batch's longest
-                batch = {k: _rows(v, idx, L, n, left) for k, v in feats.items()}
-                batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
-                         for k, v in batch.items()}
-                emb = self.model(batch)["sentence_embedding"]
-                out[idx] = emb.float().cpu().numpy()
-        pad = padding_of(lens, order, self.batch_size)
+            out = self._run_cuda(b) if self.device.startswith("cuda") else self._run_here(b)
+        pad = padding_of(b.lens, longest_first(b.lens), self.batch_tokens)
         self.padding.add(pad)
         return out, pad
 
-    def encode_part(self, texts: list[str], device_lock) -> tuple[np.ndarray, Padding]:
+    def _run_here(self, b: Batches) -> np.ndarray:
+        out = np.empty((b.n, self.dim), dtype=np.float32)
+        for idx, f in b.items:
+            out[idx.numpy()] = self.model({**f, **self.extra})["sentence_embedding"].float().numpy()
+        return out
+
+    def _run_cuda(self, b: Batches) -> np.ndarray:
+        """Batch j+1 is copied to the device on a side stream while batch j computes, and the
+        vectors stay on the device until the part is done: one copy back and no per-batch wait,
+        so this thread only launches kernels."""
+        import torch
+
+        dev, main = torch.device(self.device), torch.cuda.current_stream()
+        side = self._side = self._side or torch.cuda.Stream(dev)
+        out = torch.empty((b.n, self.dim), dtype=torch.float32, device=dev)
+
+        def send(item):
+            idx, f = item
+            with torch.cuda.stream(side):
+                g = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in f.items()}
+                i = idx.to(dev, non_blocking=True)
+            return i, g, side.record_event()
+
+        nxt = send(b.items[0]) if b.items else None
+        for j in range(len(b.items)):
+            i, g, ev = nxt
+            main.wait_event(ev)
+            for v in (i, *g.values()):
+                if torch.is_tensor(v):
+                    v.record_stream(main)  # made on the side stream, used on this one
+            if j + 1 < len(b.items):
+                nxt = send(b.items[j + 1])
+            out.index_copy_(0, i, self.model({**g, **self.extra})["sentence_embedding"].float())
+        return out.cpu().numpy()
+
+    def encode_part(self, texts: list[str], device_lock, feed=None) -> tuple[np.ndarray, Padding]:
         """Documents, with only the device work under device_lock: threads that share one encoder
-        tokenize (and read and write) while another thread's part holds the device."""
-        feats, order = self.tokenize(texts, self.document_prefix)
+        tokenize (and read and write) while another thread's part holds the device. feed: a
+        tokenizer pool (index_builder/encode/feed.py) that does the tokenizing in other processes."""
+        b = feed(texts, self.document_prefix) if feed else self.tokenize(texts, self.document_prefix)
+        b = self.host(b)
         with device_lock:
-            return self.run(feats, order)
+            return self.run(b)
 
     def _encode(self, texts: list[str], prefix: str) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return self.run(*self.tokenize(texts, prefix))[0]
+        return self.run(self.tokenize(texts, prefix))[0]
 
     def encode_documents(self, texts: list[str]) -> np.ndarray:
         return self._encode(texts, self.document_prefix)

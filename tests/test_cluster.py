@@ -252,22 +252,21 @@ def test_every_ray_cluster_spec_is_the_same_and_gpu_groups_ask_for_gpus():
 
 def fits(cfg, nodes: dict[str, tuple[float, float, int]]) -> list[str]:
     """What is wrong with the encoder pool cfg asks for on these node types {name: (cpus, gpus, max)},
-    sized by the pipeline's own rule (index_builder.encode.pool.shape) for the cluster at full size."""
-    from index_builder.encode.pool import shape
+    sized by the pipeline's own rule (index_builder.encode.sizing.slots) for the cluster at full size."""
+    from index_builder.encode.sizing import Node, slots
 
-    total_cpu = sum(c * n for c, _, n in nodes.values())
-    total_gpu = sum(g * n for _, g, n in nodes.values())
-    node_cpus = int(max(c for c, _, _ in nodes.values()))
-    gpa = cfg.gpus_per_actor or 0.0
-    actors, threads, gpa = shape(int(total_cpu), node_cpus, total_gpu, gpa, cfg.actors)
-    gpu_nodes = [(c, g) for c, g, _ in nodes.values() if g > 0]
+    full = [Node(f"{name}-{i}", int(c), g) for name, (c, g, n) in nodes.items() for i in range(n)]
+    gpus = sum(n.gpus for n in full)
+    pool = slots(full, cfg.gpus_per_actor or 0.0, cfg.actors, cfg.tokenizer_workers)
     bad = []
-    if gpa == 0:
+    if any(s.gpus == 0 for s in pool):
         bad.append("the encoder actors would run on CPUs: give gpus_per_actor")
-    if not any(threads <= c and gpa <= g for c, g in gpu_nodes):
-        bad.append(f"an encoder actor ({threads} CPU, {gpa} GPU) fits no GPU node {gpu_nodes}")
-    if actors * gpa > total_gpu:
-        bad.append(f"{actors} actors x {gpa} GPU > {total_gpu} GPUs at full size")
+    by_id = {n.id: n for n in full}
+    for s in pool:
+        if s.node and (s.cpus > by_id[s.node].cpus or s.gpus > by_id[s.node].gpus):
+            bad.append(f"an encoder actor ({s.cpus} CPU, {s.gpus} GPU) does not fit node {by_id[s.node]}")
+    if any(s.node is None for s in pool):
+        bad.append(f"{len(pool)} actors x {pool[0].gpus} GPU: more than the {gpus} GPUs at full size hold")
     return bad
 
 
@@ -284,7 +283,7 @@ def test_encoder_actors_fit_the_gpu_group():
     assert checked >= 3
     # the check can fail: more actors than the group can hold
     cfg = validated("python -m jobs.build_index --config /config/build.yaml").model_copy(update={"actors": 9})
-    assert fits(cfg, nodes) and "actors" in fits(cfg, nodes)[-1]
+    assert fits(cfg, nodes) and "more than the" in fits(cfg, nodes)[-1]
 
 
 def test_launcher_node_types_fit_the_jobs():

@@ -13,9 +13,10 @@ import pytest
 
 from index_builder.config import BuildConfig
 from index_builder.demo.textcorpus import stdlib_docstrings, write_corpus
-from shards.encoder import Encoder, padding_of
+from shards.encoder import Encoder
 from shards.errors import ConfigError
 from shards.search.router import Router
+from shards.tokens import cuts, padding_of
 
 from helpers import build, wait_until
 
@@ -63,23 +64,40 @@ def test_half_precision_needs_a_gpu():
         Encoder(device="cpu", dtype="fp16")
 
 
-@pytest.mark.parametrize("lens,bs,tokens,padded,unsorted", [
-    ([5], 4, 5, 5, 5),
-    ([1, 9, 1, 9], 2, 20, 20, 36),         # sorted: (9,9)(1,1); input order: (1,9)(1,9)
-    ([3, 3, 3], 2, 9, 9, 9),
-    ([10, 1, 2, 3, 4, 5], 3, 25, 10 * 3 + 3 * 3, 10 * 3 + 5 * 3),
+# (lengths in input order, token budget) -> the batches cut longest first, and the padding
+@pytest.mark.parametrize("lens,budget,spans,tokens,padded,unsorted", [
+    ([5], 20, [(0, 1)], 5, 5, 5),
+    ([1, 9, 1, 9], 18, [(0, 2), (2, 4)], 20, 20, 36),   # sorted: (9,9)(1,1); input order: (1,9)(1,9)
+    ([3, 3, 3], 6, [(0, 2), (2, 3)], 9, 9, 9),
+    ([10, 1, 2, 3, 4, 5], 30, [(0, 3), (3, 6)], 25, 10 * 3 + 3 * 3, 10 * 3 + 5 * 3),
+    ([300, 5, 5], 256, [(0, 1), (1, 3)], 310, 310, 300 + 10),  # longer than the budget: alone
+    ([40] * 10 + [4] * 40, 400, [(0, 10), (10, 50)], 560, 560, 560),  # short texts: wider batches
+    ([], 64, [], 0, 0, 0),
 ])
-def test_padding_of(lens, bs, tokens, padded, unsorted):
-    lens = np.array(lens)
-    p = padding_of(lens, np.argsort(-lens, kind="stable"), bs)
+def test_token_budget_batches(lens, budget, spans, tokens, padded, unsorted):
+    lens = np.array(lens, dtype=np.int64)
+    order = np.argsort(-lens, kind="stable")
+    assert cuts(lens[order], budget) == spans
+    for a, b in spans:
+        assert (b - a) * lens[order][a:b].max() <= budget or b - a == 1
+    p = padding_of(lens, order, budget)
     assert (p.tokens, p.padded, p.padded_unsorted) == (tokens, padded, unsorted)
 
 
 def test_length_sorting_saves_padding_on_real_docstrings(enc):
     texts = [r["text"] for r in stdlib_docstrings(limit=300)]
-    feats, order = enc.tokenize(texts)
-    p = padding_of(feats["attention_mask"].sum(1).numpy(), order, 64)
+    b = enc.tokenize(texts)
+    assert sorted(np.concatenate([idx for idx, _ in b.items]).tolist()) == list(range(len(texts)))
+    assert all(f["input_ids"].size <= enc.batch_tokens or len(idx) == 1 for idx, f in b.items)
+    assert len({len(idx) for idx, _ in b.items}) > 1  # shorter texts, wider batches
+    p = padding_of(b.lens, np.argsort(-b.lens, kind="stable"), enc.batch_tokens)
     assert p.tokens <= p.padded < p.padded_unsorted
+
+
+@pytest.mark.parametrize("budget", [1, 300, 5000])
+def test_any_token_budget_gives_the_same_vectors(enc, budget):
+    e = Encoder(threads=2, batch_tokens=budget)
+    np.testing.assert_allclose(e.encode_documents(TEXTS), enc.encode_documents(TEXTS), atol=2e-5)
 
 
 def test_refuses_an_index_whose_encoder_it_cannot_load(enc):
@@ -186,6 +204,21 @@ def test_encode_writes_parts_build_takes(ray_session, docs, tmp_path, enc):
     assert r.manifest.encoder.revision == enc.revision
 
 
+def test_encode_with_tokenizer_processes(ray_session, docs, tmp_path, enc, capfd):
+    """The actor hands its tokenizing to processes of its own (as on a GPU node): the same vectors."""
+    from index_builder.encode.encode_only import encode
+
+    src, rows = docs
+    out = str(tmp_path / "emb")
+    s = encode(BuildConfig(source=src, index_root=out, part_rows=120, tokenizer_workers=1, batch_tokens=2000))
+    assert s.documents == len(rows)
+    assert "1 thread(s) + 1 tokenizer process(es) on CPU" in capfd.readouterr().err
+    t = ds.dataset(out).to_table(columns=["id", "vector"]).to_pylist()
+    by_id = {r["id"]: r["text"] for r in rows}
+    np.testing.assert_allclose(np.array([r["vector"] for r in t]),
+                               enc.encode_documents([by_id[r["id"]] for r in t]), atol=2e-5)
+
+
 def test_encode_refuses_a_directory_of_other_embeddings(ray_session, docs, tmp_path):
     from index_builder.encode.encode_only import encode
 
@@ -239,4 +272,4 @@ def test_fast_tokenizer_gives_the_models_own_features(enc):
     assert enc.fast is not None
     a, b = enc.fast(texts), enc._preprocess(texts)
     for k in enc.fast.names:
-        assert a[k].shape == b[k].shape and bool((a[k] == b[k]).all()), k
+        assert a[k].shape == tuple(b[k].shape) and bool((a[k] == b[k].numpy()).all()), k

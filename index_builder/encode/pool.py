@@ -1,7 +1,8 @@
 """The encode stage on Ray: a pool of encoder actors (one per GPU, or CPU threads) fed one queue of parts.
 
-Sizing on CPU: actors x torch threads = the CPUs of a node, never more, so
-the pool does not oversubscribe the cores. Actors restart when they die and
+Sizing (encode/sizing.py) is per node: one actor per GPU with that node's CPUs shared among its
+GPUs (tokenizer processes, encode/feed.py), or on CPU actors x torch threads = the node's CPUs,
+never more. Each actor is placed on the node it was sized for. Actors restart when they die and
 their in-flight part is retried; parts commit atomically, so a retried part is
 written once.
 
@@ -23,10 +24,11 @@ import ray
 from index_builder.config import BuildConfig
 from index_builder.encode.parts import Layout, PartResult, prepare
 from index_builder.encode.reuse import Reuse
+from index_builder.encode.sizing import Node, Slot, describe, slots
 from index_builder.plan.corpus import Corpus, InputShard
 from index_builder.progress import Progress
 from shards.errors import ShardexError
-from shards.raytools import TASK_RETRIES, log, node_cpus, ray_get
+from shards.raytools import TASK_RETRIES, log, ray_get
 from shards.storage.manifest import EncoderInfo
 
 ACTOR_PREFIX = "shardex-encoder-"
@@ -38,14 +40,23 @@ MAX_IN_FLIGHT = 2  # parts queued per actor: one running, one ready, so the acto
 # keeps the device to one part at a time, and the driver's MAX_IN_FLIGHT bounds memory.
 @ray.remote(max_restarts=-1, max_task_retries=3, max_concurrency=MAX_IN_FLIGHT)
 class EncoderActor:
-    def __init__(self, cfg: BuildConfig, threads: int, device: str | None):
+    def __init__(self, cfg: BuildConfig, slot: Slot):
         from shards.encoder import Encoder
 
         self.cfg = cfg
-        self.enc = Encoder(cfg.model, device=device, threads=threads, query_prefix=cfg.query_prefix,
-                           document_prefix=cfg.document_prefix, batch_size=cfg.batch_size, metric=cfg.metric,
+        self.enc = Encoder(cfg.model, device="cuda" if slot.gpus else "cpu", threads=slot.threads,
+                           query_prefix=cfg.query_prefix, document_prefix=cfg.document_prefix,
+                           batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, metric=cfg.metric,
                            max_seq_length=cfg.max_seq_length, dtype=cfg.dtype)
         self.lock = threading.Lock()
+        self.feed = None
+        if slot.feeders and self.enc.fast:
+            from index_builder.encode.feed import Feeder
+
+            self.feed = Feeder(self.enc.fast, self.enc.batch_tokens, slot.feeders)
+        elif slot.feeders:
+            log(f"encode: {self.enc.name}'s tokenizer is not the Rust one shardex pads itself; it runs in "
+                "the actor, not in tokenizer processes")
 
     def info(self):
         return self.enc.info()
@@ -54,7 +65,7 @@ class EncoderActor:
         pads, given = [], []  # padding stats, and how many texts the encoder got
 
         def encode(texts):
-            x, pad = self.enc.encode_part(texts, self.lock)
+            x, pad = self.enc.encode_part(texts, self.lock, self.feed)
             pads.append(pad)
             given.append(len(texts))
             return x
@@ -72,33 +83,25 @@ def prepare_vectors(shard: InputShard, cfg: BuildConfig, layout: Layout, dim: in
     return prepare(shard, cfg, layout, dim, kind, reuse=reuse)
 
 
-def pool_shape(cfg: BuildConfig) -> tuple[int, int, float]:
-    """(actors, torch threads per actor, GPUs per actor) for the cluster Ray is connected to."""
-    res = ray.cluster_resources()
-    gpus = res.get("GPU", 0)
+def pool_slots(cfg: BuildConfig) -> list[Slot]:
+    """The encoder actors for the cluster Ray is connected to, node by node."""
+    nodes = [Node(n["NodeID"], int(n["Resources"].get("CPU", 0)), n["Resources"].get("GPU", 0.0))
+             for n in ray.nodes() if n["Alive"]]
+    gpus = sum(n.gpus for n in nodes)
     gpa = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus else 0.0)
-    return shape(int(res.get("CPU", 1)), node_cpus(), gpus, gpa, cfg.actors)
-
-
-def shape(total_cpus: int, node_cpus: int, gpus: float, gpa: float, actors: int | None):
-    """Pure sizing rule. GPU: one actor per GPU share, a few CPU threads each for tokenising.
-    CPU: 4 torch threads per actor (more scale poorly), fewer when a node has fewer cores."""
-    if gpa > 0:
-        n = actors or max(1, int(gpus // gpa))
-        return n, max(1, min(4, node_cpus // max(1, n))), gpa
-    if actors:
-        return actors, max(1, min(node_cpus, total_cpus // actors)), 0.0
-    threads = min(node_cpus, 4)
-    return max(1, total_cpus // threads), threads, 0.0
+    return slots(nodes, gpa, cfg.actors, cfg.tokenizer_workers)
 
 
 def start_pool(cfg: BuildConfig) -> list:
-    actors, threads, gpa = pool_shape(cfg)
-    device = "cuda" if gpa > 0 else "cpu"
-    log(f"encode: {actors} actor(s) x {threads} thread(s)" + (f", {gpa} GPU each" if gpa else " on CPU"))
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    pool = pool_slots(cfg)
+    log(f"encode: {describe(pool)}")
     tag = uuid.uuid4().hex[:8]  # named, so an operator (or a test) can find and kill one
-    return [EncoderActor.options(name=f"{ACTOR_PREFIX}{tag}-{i}", num_cpus=threads, num_gpus=gpa)
-            .remote(cfg, threads, device) for i in range(actors)]
+    # soft: an actor whose node is lost restarts on another
+    return [EncoderActor.options(name=f"{ACTOR_PREFIX}{tag}-{i}", num_cpus=s.cpus, num_gpus=s.gpus,
+                                 scheduling_strategy=NodeAffinitySchedulingStrategy(s.node, soft=True)
+                                 if s.node else "DEFAULT").remote(cfg, s) for i, s in enumerate(pool)]
 
 
 def run_parts(submit, shards: list[InputShard], workers: int, slots: int, what: str) -> list[PartResult]:
