@@ -57,7 +57,8 @@ def _measured() -> dict[str, float]:
             "merge_bytes": merge["bytes"] / merge["seconds"],   # a 522 MB shard: bandwidth, not task overhead
             "copy_bytes": FIT * d * 4 / (HERE.cores * secs["encode"]),
             "encode_gpu": _load("encode_gpu.json")["docs_per_s"]["shardex_fp16_two_threads"],
-            "encode_cpu": _load("encode_cpu.json")["shardex_docs_per_s"] / 2}
+            "encode_cpu": _load("encode_cpu.json")["shardex_docs_per_s"] / 2,
+            "feed_core": _load("encode_feed.json")["corpora"]["docstrings"]["feeder_2"]["docs_per_s_per_process"]}
 
 
 def test_every_measured_rate_is_its_results_file():
@@ -133,6 +134,30 @@ def test_gpu_hours_are_n_over_the_rate(n, model, rate, gpus):
     assert c.stages["encode"].seconds == pytest.approx(max(n / (2 * gpus * per_gpu),
                                                            c.stages["encode"].written / 2e9), rel=1e-12)
     assert capacity(n, 128, vectors=True).gpu_hours is None
+
+
+FEED = costs.RATES["feed_core"].value
+FWD = costs.RATES["forward_gpu"].value
+
+
+# (CPUs, GPUs a node, docs/s a GPU) -> CPUs a GPU gets, cores its rate needs, and whether it is CPU-bound
+@pytest.mark.parametrize("cpus, gpus, rate, have, need, bound", [
+    (8, 1, 5654.6, 8, math.ceil(5654.6 / FEED) + 1, False),
+    (96, 8, 5654.6, 12, math.ceil(5654.6 / FEED) + 1, False),
+    (8, 8, 5654.6, 1, math.ceil(5654.6 / FEED) + 1, True),      # one CPU a GPU tokenizes at one core's rate
+    (16, 4, 4 * FEED, 4, 5, True),                               # 3 tokenizer cores for 4 cores' worth
+    (16, 2, FWD, 8, math.ceil(FWD / FEED) + 1, False),
+])
+def test_the_plan_says_how_many_cores_feed_a_gpu(cpus, gpus, rate, have, need, bound):
+    from index_builder.plan.capacity import feed_cores, feed_line
+
+    line = feed_line(Cluster(4, cpus, gpus, 256 * GiB), rate)
+    assert feed_cores(rate) == need and line.startswith(f"feed: {have} CPU(s) a GPU")
+    assert f"needs {need} cores (one launches, the rest tokenize), at the forward pass alone ({FWD:,.0f}) " \
+        f"{feed_cores(FWD)};" in line
+    assert ("CPU-bound" in line) == bound
+    c = capacity(10**9, model="all-MiniLM-L6-v2", cluster=Cluster(4, cpus, gpus, 256 * GiB), encode_rate=rate)
+    assert line in c.lines()
 
 
 @pytest.mark.parametrize("n, d, factory, shards, code, trained", [

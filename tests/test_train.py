@@ -115,23 +115,6 @@ def test_best_device_here():
     assert best_device() == ("cuda-torch" if torch.cuda.is_available() else "cpu")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_torch_kmeans_on_cuda(metric):
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    x = _data(metric, n=100_000, d=64)
-    got = kmeans(x, 1024, niter=10, metric=metric, device="cuda")
-    km = faiss().Kmeans(64, 1024, niter=10, spherical=metric == "ip", seed=1234)
-    km.train(x)
-    a, b = _objective(x, got.centroids, metric), _objective(x, km.centroids, metric)
-    assert (a <= b * 1.02) if metric == "l2" else (a >= b * 0.98)
-    index = make_index("OPQ16_64,IVF1024,PQ16", 64, metric)
-    assert train_index(index, x, "cuda-torch") == "cuda-torch"
-    assert ivf(index).quantizer.ntotal == 1024
-
-
 def test_a_row_group_sample_trains_as_well_as_a_row_sample(tmp_path):
     """Whole row groups (what the build reads) against rows drawn one by one: about the same
     recall@10 (mean over 3 seeds; one seed's k-means varies by about 0.02)."""

@@ -32,6 +32,7 @@ _tok: FastTokenizer | None = None
 
 def _start(fast: FastTokenizer, parent: int) -> None:
     global _tok
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core each: the workers are the parallelism
     _tok = fast
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
 

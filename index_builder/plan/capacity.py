@@ -223,6 +223,7 @@ class Capacity:
                    f"{size(sum(s.read for s in st.values())):>11} {size(sum(s.written for s in st.values())):>11}")
         if self.gpu_hours is not None:
             out.append(f"encode: {self.gpu_hours:,.1f} GPU-hours (N / {self.encode_rate:,.0f} docs/s a GPU / 3600)")
+            out.append(feed_line(cl, self.encode_rate))
         out.append("costs (index_builder/plan/costs.py):")
         out += [f"  {r.line(k)}" for k, r in R.items()]
         out += ["assumed:"] + [f"  {a}" for a in self.assumptions]
@@ -352,6 +353,23 @@ def _check_shards(p, cl: Cluster) -> str:
         raise ConfigError(f"--shards: {p.shards} shard(s) of {size(ram)} each do not fit a node's "
                           f"{size(cl.node_memory)} (--node-memory); give --shards {need} or more")
     return "given (--shards)" + (": over half a node, merged into on-disk lists and mmapped" if p.on_disk else "")
+
+
+def feed_cores(rate: float) -> int:
+    """Tokenizer cores that keep one GPU at `rate` docs/s (encode/feed.py), plus the one that
+    launches its kernels."""
+    return math.ceil(rate / R["feed_core"].value) + 1
+
+
+def feed_line(cl: Cluster, rate: float) -> str:
+    """What feeds a GPU on these nodes: the cores a GPU gets (encode/sizing.py: its node's CPUs
+    over its GPUs) against the cores its rate and the forward pass alone need."""
+    have, fwd = cl.cpus_per_node // max(1, cl.gpus_per_node), R["forward_gpu"].value
+    fed = (have - 1) * R["feed_core"].value if have > 1 else R["feed_core"].value
+    return (f"feed: {have} CPU(s) a GPU; at {R['feed_core'].value:,.0f} docs/s a tokenizer core, a GPU at "
+            f"{rate:,.0f} docs/s needs {feed_cores(rate)} cores (one launches, the rest tokenize), at the "
+            f"forward pass alone ({fwd:,.0f}) {feed_cores(fwd)}; these nodes tokenize up to {fed:,.0f} docs/s a "
+            "GPU" + (" (fewer than the GPU's rate: CPU-bound)" if fed < rate else ""))
 
 
 def _assumed() -> list[str]:

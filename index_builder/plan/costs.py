@@ -64,6 +64,15 @@ RATES: dict[str, Rate] = {
     "encode_cpu": Rate(35.905, "docs/s per core (all-MiniLM-L6-v2, fp32)",
                        "bench/results/encode_cpu.json: shardex_docs_per_s / 2 cores",
                        f"{HERE}, 2026-11-23; docstrings, many at the 256-token limit"),
+    # the host side of a GPU encoder: Rust tokenizer, padding, token-budget batches in tokenizer
+    # processes (encode/feed.py), 2 processes on the 2 cores; the launching process spends 2.4 ms a 1k docs
+    "feed_core": Rate(5056.4, "docs/s per tokenizer core (all-MiniLM-L6-v2's tokenizer, 256-token limit)",
+                      "bench/results/encode_feed.json: corpora.docstrings.feeder_2.docs_per_s_per_process",
+                      f"{HERE}, 2026-12-06; standard-library docstrings, 77 tokens a doc"),
+    "forward_gpu": Rate(22_800.0, "docs/s per GPU, the forward pass alone (all-MiniLM-L6-v2, fp16)",
+                        "assumed",
+                        "not measured in a results file: one H100 run (2026-11-22) measured it and kept it "
+                        "in bench/README.md only; bench/encode/gpu.py now records it as forward_only_fp16"),
     "kmeans_gpu_unit": Rate(8.0e-14, "GPU-s per distance unit (k-means on one GPU)",
                             "assumed",
                             "not measured: the GPU k-means has not run on a GPU yet; 25 TFLOP/s "
