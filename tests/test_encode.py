@@ -204,27 +204,20 @@ def test_encode_writes_parts_build_takes(ray_session, docs, tmp_path, enc):
     assert r.manifest.encoder.revision == enc.revision
 
 
-def test_encode_with_tokenizer_processes(ray_session, docs, tmp_path, enc, capfd):
-    """The actor hands its tokenizing to processes of its own (as on a GPU node): the same vectors."""
+def test_encode_refuses_a_directory_of_other_embeddings(ray_session, docs, tmp_path, enc, capfd):
+    """(Its first encode hands the tokenizing to a process of the actor's own, as on a GPU node:
+    the same vectors.) A second encode with another prefix is refused."""
     from index_builder.encode.encode_only import encode
 
     src, rows = docs
     out = str(tmp_path / "emb")
-    s = encode(BuildConfig(source=src, index_root=out, part_rows=120, tokenizer_workers=1, batch_tokens=2000))
-    assert s.documents == len(rows)
+    encode(BuildConfig(source=src, index_root=out, fields=["title"], part_rows=120, tokenizer_workers=1,
+                       batch_tokens=2000))
     assert "1 thread(s) + 1 tokenizer process(es) on CPU" in capfd.readouterr().err
-    t = ds.dataset(out).to_table(columns=["id", "vector"]).to_pylist()
+    t = ds.dataset(out).to_table(columns=["id", "vector"]).slice(0, 30).to_pylist()
     by_id = {r["id"]: r["text"] for r in rows}
     np.testing.assert_allclose(np.array([r["vector"] for r in t]),
                                enc.encode_documents([by_id[r["id"]] for r in t]), atol=2e-5)
-
-
-def test_encode_refuses_a_directory_of_other_embeddings(ray_session, docs, tmp_path):
-    from index_builder.encode.encode_only import encode
-
-    src, _ = docs
-    out = str(tmp_path / "emb")
-    encode(BuildConfig(source=src, index_root=out, fields=["title"], part_rows=120))
     with pytest.raises(ConfigError, match="holds embeddings of another"):
         encode(BuildConfig(source=src, index_root=out, fields=["title"], part_rows=120, document_prefix="p: "))
 
