@@ -6,7 +6,8 @@ In this process, one thread, the same shard index is searched:
   - by shardex's ShardSearcher, rerank factor 0 (codes alone) and each of FACTORS, at each nprobe;
   - by faiss IndexRefineFlat over the same codes, the full vectors in RAM (the in-memory upper bound),
     with the same k_factor: QPS compared at equal recall (interpolated on its curve);
-and shardex's tuned (nprobe, factor) is reported against the codes alone at their best recall.
+and shardex's tuned (nprobe, factor) is reported against the codes alone at their best recall. The
+ratio to IndexRefineFlat is timed in pairs, back to back at each (factor, nprobe), best of 3 rounds.
 With the LanceDB venv (bench/.venv-lancedb, see bench/README.md), LanceDB's IVF_PQ on the same vectors
 and code size, with its refine_factor chosen by hand, is swept as well (bench/build/lancedb_run.py),
 one query at a time and in batches.
@@ -54,7 +55,8 @@ def curve(search, xq, gt, nprobes, latency: bool = True) -> list[dict]:
     return sweep(search, xq, gt, 10, list(nprobes), reps=2, latency_queries=LATENCY_QUERIES if latency else 0)
 
 
-def shardex_curves(root: str, xq, gt, nprobes, factors) -> tuple[dict, object]:
+def shardex_search(root: str) -> tuple[object, object]:
+    """(R -> search(q, k, nprobe), the manifest): the version's shards searched as served, one thread."""
     from index_builder.eval.measures import merged_search
     from shards.search.searcher import ShardSearcher
     from shards.storage.manifest import current_version, load_manifest
@@ -63,12 +65,12 @@ def shardex_curves(root: str, xq, gt, nprobes, factors) -> tuple[dict, object]:
     store = Store(root)
     m = load_manifest(store, current_version(store))
     shards = [ShardSearcher(store, m, sh, threads=1) for sh in m.shards]
-    out = {R: curve(merged_search(shards, m.index.metric, R), xq, gt, nprobes) for R in (0, *factors)}
-    return out, m
+    return (lambda R: merged_search(shards, m.index.metric, R)), m
 
 
-def refine_flat(root: str, m, xb: np.ndarray, xq, gt, nprobes, factors) -> dict:
-    """faiss IndexRefineFlat: the one shard's codes as its base, every vector in an IndexFlat in RAM."""
+def refine_flat(root: str, m, xb: np.ndarray):
+    """R -> search(q, k, nprobe) of faiss IndexRefineFlat: the one shard's codes as its base, every vector
+    in an IndexFlat in RAM."""
     import faiss
 
     from shards.storage.faissio import load_shard
@@ -85,16 +87,31 @@ def refine_flat(root: str, m, xb: np.ndarray, xq, gt, nprobes, factors) -> dict:
                 nprobe=p))
             return rf.search(q, k, params=params)
         return s
-    return {R: curve(search(R), xq, gt, nprobes) for R in factors}
+    return search
 
 
-def qps_at_recall(c: list[dict], r: float) -> float | None:
-    """QPS interpolated at recall r on a curve of rising recall (falling QPS); None outside it."""
-    rc, q = np.array([x["recall"] for x in c]), np.log([x["qps"] for x in c])
-    if r < rc.min() or r > rc.max():
-        return None
-    o = np.argsort(rc, kind="stable")
-    return round(float(np.exp(np.interp(r, rc[o], q[o]))), 1)
+def paired(mine, theirs, xq, gt, nprobes, factors, rounds: int = 3) -> dict:
+    """shardex against IndexRefineFlat at each (factor, nprobe): the same codes and candidates, so the same
+    recall (checked). Timed back to back, `rounds` times in turn, each side's best QPS kept, so the
+    machine's drift over minutes falls on both."""
+    from index_builder.eval.measures import recall_hits, timed
+
+    out = {}
+    for R in factors:
+        rows = []
+        for p in nprobes:
+            qps = {"shardex": [], "refine_flat": []}
+            for _ in range(rounds):
+                for name, f in (("shardex", mine(R)), ("refine_flat", theirs(R))):
+                    (_, I), runs, secs = timed(lambda f=f, p=p: f(xq, 10, p))
+                    qps[name].append(round(len(xq) * runs / secs, 1))
+                    rec = round(float(recall_hits(I, gt, 10).mean()), 4)
+                    qps.setdefault(f"recall_{name}", rec)
+            a, b = max(qps["shardex"]), max(qps["refine_flat"])
+            rows.append({"nprobe": p, "recall": qps["recall_shardex"], "recall_refine_flat": qps["recall_refine_flat"],
+                         "shardex": a, "refine_flat": b, "ratio": round(a / b, 3), "runs": qps})
+        out[str(R)] = rows
+    return out
 
 
 def lancedb(path: str, work: str, xq_file: str, gt_file: str, metric: str, partitions: int, sub: int) -> dict | None:
@@ -157,7 +174,8 @@ def run(a) -> dict:
     factors = tuple(a.factors)
     if sx["refine_factor"] and sx["refine_factor"] not in factors:
         factors = tuple(sorted({*factors, sx["refine_factor"]}))
-    curves, m = shardex_curves(f"{work}/index", xq, gt, a.nprobes, factors)
+    mine, m = shardex_search(f"{work}/index")
+    curves = {R: curve(mine(R), xq, gt, a.nprobes) for R in (0, *factors)}
     res = {"dataset": a.dataset, "vectors": m.ntotal, "dim": m.encoder.dim, "metric": a.metric,
            "queries": {"tune": h, "measured": len(xq)}, "threads": 1, "shardex": sx,
            "ram_bytes_per_vector": round(sx["ram_bytes"] / m.ntotal, 1),
@@ -170,12 +188,11 @@ def run(a) -> dict:
     if tuned:
         res["tuned_qps_over_codes_best"] = round(tuned["qps"] / best0["qps"], 3)
     if not a.no_refine_flat:
-        rf = refine_flat(f"{work}/index", m, load_vectors(path), xq, gt, a.nprobes, factors)
-        res["refine_flat"] = {str(R): c for R, c in rf.items()}
-        res["qps_over_refine_flat_at_equal_recall"] = {
-            str(R): [{"recall": r["recall"], "shardex": r["qps"], "refine_flat": qps_at_recall(rf[R], r["recall"]),
-                      "ratio": (round(r["qps"] / q, 3) if (q := qps_at_recall(rf[R], r["recall"])) else None)}
-                     for r in curves[R]] for R in factors}
+        theirs = refine_flat(f"{work}/index", m, load_vectors(path))
+        res["refine_flat"] = {str(R): curve(theirs(R), xq, gt, a.nprobes) for R in factors}
+        res["qps_over_refine_flat_at_equal_recall"] = pv = paired(mine, theirs, xq, gt, a.nprobes, factors)
+        rows = [r for c in pv.values() for r in c]
+        res["refine_flat_points_at_or_over_0_8x"] = [sum(r["ratio"] >= 0.8 for r in rows), len(rows)]
     prev = a.reuse_lancedb
     if a.reuse_lancedb and os.path.exists(prev):  # the same vectors and query split: its numbers stand
         res["lancedb"] = json.load(open(prev)).get("lancedb")

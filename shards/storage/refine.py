@@ -135,7 +135,7 @@ class RefineStore:
             if not todo.any():
                 break
             want = ids[todo]
-            pos = np.minimum(np.searchsorted(fid, want), len(fid) - 1)
+            pos = np.minimum(_find(fid, want), len(fid) - 1)
             hit = fid[pos] == want
             at = tuple(a[hit] for a in np.nonzero(todo))
             seg[at], row[at] = g, pos[hit]
@@ -185,6 +185,15 @@ class RefineStore:
             worst = -np.finfo(np.float32).max if ip else np.finfo(np.float32).max
             D, I = np.pad(D, pad, constant_values=worst), np.pad(I, pad, constant_values=-1)
         return D, I
+
+
+def _find(fid: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """np.searchsorted(fid, want), searched in sorted order: consecutive searches then share their path
+    through fid, which more than pays for the sort (1M ids, 160k wanted: 15 ms against 32)."""
+    o = np.argsort(want)
+    pos = np.empty(len(want), np.int64)
+    pos[o] = np.searchsorted(fid, want[o])
+    return pos
 
 
 def _by_rows(xq: np.ndarray, fx: np.ndarray, rows: np.ndarray, ip: bool) -> np.ndarray:
