@@ -107,6 +107,7 @@ class Encoder:
         self.document_prefix = (_prompt(self.model, ("document", "passage", "corpus"))
                                 if document_prefix is None else document_prefix)
         # A batch holds batch_size texts of the longest length, more of shorter ones: the same memory.
+        self.batch_size = batch_size
         self.batch_tokens = batch_tokens or batch_size * (self.model.max_seq_length or 512)
         self.normalize = any(type(m).__name__ == "Normalize" for m in self.model)
         # INSTRUCTOR-style pooling leaves the prompt's tokens out; it needs to know how many there are.
